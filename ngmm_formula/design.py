@@ -1,0 +1,727 @@
+"""Design layer: :class:`ParsedFormula` + DataFrame -> :class:`Design`.
+
+The design holds everything the engine needs as arrays, in lme4's notation:
+
+* ``y`` (the response; for binomial models the proportion of successes), ``weights`` (prior
+  weights; for ``cbind`` responses the number of trials), ``offset``;
+* ``X`` (n x p fixed-effects model matrix, full column rank, with lme4-like column names);
+* ``re_terms``: one :class:`ReTerm` per random-effects term in lme4's order (terms sorted by
+  decreasing number of levels), each with its grouping index ``group_index`` (n,), its raw
+  model matrix ``Zraw`` (n x q) and the names ``cnms``; the sparse ``Zt`` of lme4 is
+  assembled from them (:meth:`Design.Zt`) and never stored densely;
+* the layout of the covariance parameters ``theta`` (lower-triangular relative Cholesky
+  factor of each term, column-major, as lme4's ``theta``/``Lind``);
+* ``nets``: the standardised input matrix of every ``nn()`` term with its encoding state.
+
+``formulaic`` is imported only here. Its ``ModelSpec`` objects, the grouping-factor levels and
+the standardisation of network inputs are kept in :class:`DesignSpec` so that
+:meth:`DesignSpec.new_data` encodes new data exactly as the training data were encoded;
+unseen grouping levels are flagged with index ``-1``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from formulaic import Formula
+
+from ngmm_formula.errors import DataError, FormulaError
+from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula
+
+__all__ = [
+    "Design",
+    "DesignSpec",
+    "NetEncoding",
+    "NetInput",
+    "NewData",
+    "ReTerm",
+    "build_design",
+]
+
+NaAction = Literal["omit", "raise"]
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+# --------------------------------------------------------------------------------------------
+# value types
+
+
+@dataclass(frozen=True)
+class ReTerm:
+    """One random-effects term ``(expr | group)`` evaluated on the data.
+
+    Attributes
+    ----------
+    name : str
+        Label of the term's grouping factor in tables: the factor name, made unique as lme4's
+        ``VarCorr`` does when two terms share a factor (``Subject``, ``Subject.1``).
+    group : str
+        Grouping factor (``"BROOD:LOCATION"`` for a nested term).
+    expr : str
+        The term's formula.
+    correlated : bool
+        False for the terms of a ``||`` expansion.
+    cnms : tuple of str
+        Names of the term's q columns, lme4's ``cnms`` (``("(Intercept)", "Days")``).
+    levels : tuple of str
+        The grouping factor's levels (lme4's order).
+    group_index : ndarray of int64, shape (n,)
+        Level of each observation.
+    Zraw : ndarray, shape (n, q)
+        Values of the term's columns for each observation.
+    """
+
+    name: str
+    group: str
+    expr: str
+    correlated: bool
+    cnms: tuple[str, ...]
+    levels: tuple[str, ...]
+    group_index: np.ndarray
+    Zraw: np.ndarray
+
+    @property
+    def q(self) -> int:
+        """Number of random-effect columns."""
+        return len(self.cnms)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def n_theta(self) -> int:
+        """Number of covariance parameters: q(q+1)/2 (lower triangle of Lambda's block)."""
+        return self.q * (self.q + 1) // 2
+
+    def theta_names(self) -> list[str]:
+        """lme4's names, lower triangle column by column (``Subject.Days.(Intercept)``)."""
+        out = []
+        for j in range(self.q):
+            for i in range(j, self.q):
+                if i == j:
+                    out.append(f"{self.group}.{self.cnms[i]}")
+                else:
+                    out.append(f"{self.group}.{self.cnms[i]}.{self.cnms[j]}")
+        return out
+
+
+@dataclass(frozen=True)
+class NetEncoding:
+    """How one ``nn()`` input variable is encoded (learnt on the training data).
+
+    Numeric variables are standardised, ``(x - center) / scale``; categorical ones are
+    one-hot encoded over ``levels`` (all levels, no reference level).
+    """
+
+    variable: str
+    kind: Literal["numeric", "categorical"]
+    center: float = 0.0
+    scale: float = 1.0
+    levels: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> list[str]:
+        if self.kind == "numeric":
+            return [self.variable]
+        return [f"{self.variable}[{lv}]" for lv in self.levels]
+
+    def encode(self, values: pd.Series) -> np.ndarray:
+        if self.kind == "numeric":
+            x = np.asarray(values, dtype=float)
+            return ((x - self.center) / self.scale)[:, None]
+        codes = pd.Categorical(values.astype(str), categories=list(self.levels)).codes
+        if (codes < 0).any():
+            bad = sorted(set(values.astype(str)[codes < 0]))[:5]
+            raise DataError(f"nn() input '{self.variable}' has levels not seen in the "
+                            f"training data: {bad}")
+        out = np.zeros((len(values), len(self.levels)))
+        out[np.arange(len(values)), codes] = 1.0
+        return out
+
+
+@dataclass(frozen=True)
+class NetInput:
+    """Input matrix of one ``nn()`` term: standardised numeric and one-hot columns."""
+
+    term: NNTerm
+    encodings: tuple[NetEncoding, ...]
+    X: np.ndarray
+
+    @property
+    def columns(self) -> list[str]:
+        return [c for e in self.encodings for c in e.columns]
+
+
+@dataclass(frozen=True)
+class NewData:
+    """New data encoded with a training :class:`DesignSpec` (for prediction).
+
+    ``group_index`` holds -1 for levels that the training data did not have (``new_levels``
+    says which term saw them); prediction gives those a zero random effect or raises.
+    """
+
+    X: np.ndarray
+    offset: np.ndarray
+    Zraw: tuple[np.ndarray, ...]
+    group_index: tuple[np.ndarray, ...]
+    net_X: tuple[np.ndarray, ...]
+    new_levels: tuple[bool, ...]
+    y: np.ndarray | None
+    weights: np.ndarray
+    row_index: pd.Index
+
+
+@dataclass(frozen=True)
+class DesignSpec:
+    """What was learnt from the training data, to encode new data the same way.
+
+    Holds formulaic's ``ModelSpec`` of the fixed part and of each term's columns, the levels of
+    the grouping factors, the network input encodings and the fixed-effect columns kept after
+    the rank check.
+    """
+
+    formula: ParsedFormula
+    fixed_spec: Any
+    fixed_columns: tuple[str, ...]
+    kept_columns: tuple[int, ...]
+    re_specs: tuple[Any, ...]
+    re_terms: tuple[tuple[BarTerm, tuple[str, ...]], ...]
+    net_encodings: tuple[tuple[NetEncoding, ...], ...]
+    binomial_levels: tuple[str, str] | None
+
+    def new_data(self, data: pd.DataFrame, *, with_response: bool = False,
+                 allow_new_levels: bool = True) -> NewData:
+        """Encode ``data`` as the training data were encoded.
+
+        Parameters
+        ----------
+        data : DataFrame
+            Must hold every column the formula uses (the response only if
+            ``with_response``). Rows with missing values are an error here: predictions are
+            returned row for row.
+        with_response : bool
+            Also evaluate the response (for held-out log-likelihoods).
+        allow_new_levels : bool
+            If False, a grouping level absent from the training data raises DataError.
+        """
+        _check_frame(data, "newdata")
+        needed = _required_columns(self.formula, with_response=with_response)
+        missing = [v for v in needed if v not in data.columns]
+        if missing:
+            raise DataError(f"newdata is missing the column(s) {missing} used by the formula "
+                            f"'{self.formula.formula}'")
+        na = _na_rows(data, needed)
+        if na.any():
+            cols = [c for c in needed if data[c].isna().any()]
+            raise DataError(f"newdata has missing values in {cols} ({int(na.sum())} rows); "
+                            "drop or impute them before predicting")
+        X_full = np.asarray(self.fixed_spec.get_model_matrix(data, na_action="raise"),
+                            dtype=float)
+        X = X_full[:, list(self.kept_columns)]
+        zs, gis, flags = [], [], []
+        for (bar, levels), spec in zip(self.re_terms, self.re_specs):
+            zs.append(np.asarray(spec.get_model_matrix(data, na_action="raise"), dtype=float))
+            labels = _group_labels(data, bar)
+            idx = pd.Categorical(labels, categories=list(levels)).codes.astype(np.int64)
+            new = bool((idx < 0).any())
+            if new and not allow_new_levels:
+                unseen = sorted(set(np.asarray(labels)[idx < 0]))[:5]
+                raise DataError(f"grouping factor '{bar.group}' has levels not in the training "
+                                f"data: {unseen}; use allow_new_levels=True to predict them "
+                                "with a zero random effect")
+            gis.append(idx)
+            flags.append(new)
+        nets = tuple(
+            np.hstack([e.encode(data[e.variable]) for e in encs]) for encs in self.net_encodings
+        )
+        offset = _offset_terms(self.formula, data, None)
+        y, w = (None, np.ones(len(data)))
+        if with_response:
+            y, w = _response(self.formula, data, self.binomial_levels is not None,
+                             self.binomial_levels)
+        return NewData(X=X, offset=offset, Zraw=tuple(zs), group_index=tuple(gis),
+                       net_X=nets, new_levels=tuple(flags), y=y, weights=w,
+                       row_index=data.index)
+
+
+@dataclass(frozen=True)
+class Design:
+    """Everything the engine needs, as arrays (see the module docstring).
+
+    Attributes
+    ----------
+    formula : ParsedFormula
+    y, weights, offset : ndarray, shape (n,)
+    X : ndarray, shape (n, p)
+    fixed_names : tuple of str
+        lme4-like column names of ``X`` (``(Intercept)``, ``period2``).
+    dropped_columns : tuple of str
+        Aliased fixed-effect columns removed by the rank check (as lme4 does).
+    re_terms : tuple of ReTerm
+        In lme4's order: by decreasing number of levels.
+    nets : tuple of NetInput
+    n_dropped_na : int
+        Rows removed because of missing values (na.omit).
+    row_index : pandas.Index
+        Labels of the rows used, in the caller's DataFrame.
+    response_name : str
+    spec : DesignSpec
+    """
+
+    formula: ParsedFormula
+    y: np.ndarray
+    weights: np.ndarray
+    offset: np.ndarray
+    X: np.ndarray
+    fixed_names: tuple[str, ...]
+    dropped_columns: tuple[str, ...]
+    re_terms: tuple[ReTerm, ...]
+    nets: tuple[NetInput, ...]
+    n_dropped_na: int
+    row_index: pd.Index
+    response_name: str
+    spec: DesignSpec
+
+    @property
+    def nobs(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def theta_lower(self) -> np.ndarray:
+        """Lower bounds of theta: 0 for diagonal entries, -inf off the diagonal (lme4)."""
+        out = []
+        for t in self.re_terms:
+            for j in range(t.q):
+                for i in range(j, t.q):
+                    out.append(0.0 if i == j else -np.inf)
+        return np.array(out)
+
+    @property
+    def theta_start(self) -> np.ndarray:
+        """lme4's starting value: identity relative covariance."""
+        return np.where(np.isfinite(self.theta_lower), 1.0, 0.0)
+
+    @property
+    def theta_names(self) -> list[str]:
+        return [n for t in self.re_terms for n in t.theta_names()]
+
+    @property
+    def grouping_factors(self) -> tuple[str, ...]:
+        """Distinct grouping factors, in term order (lme4's ``flist``)."""
+        seen: dict[str, None] = {}
+        for t in self.re_terms:
+            seen.setdefault(t.group, None)
+        return tuple(seen)
+
+    def Zt(self) -> sp.csc_matrix:
+        """lme4's sparse transposed random-effects model matrix.
+
+        Rows are grouped by term, and within a term by level then column:
+        row ``offset_k + level * q_k + j`` of term ``k`` (lme4's ``Gp`` offsets).
+        """
+        rows, cols, vals = [], [], []
+        n = self.nobs
+        offset = 0
+        for t in self.re_terms:
+            for j in range(t.q):
+                rows.append(offset + t.group_index * t.q + j)
+                cols.append(np.arange(n))
+                vals.append(t.Zraw[:, j])
+            offset += t.q * t.n_levels
+        if not rows:
+            return sp.csc_matrix((0, n))
+        return sp.csc_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(offset, n),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_frame(data: Any, what: str) -> None:
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"{what} must be a pandas DataFrame, got {type(data).__name__}")
+    if len(data) == 0:
+        raise DataError(f"{what} has no rows")
+
+
+def _formulaic_names(expr: str) -> set[str]:
+    try:
+        return {str(v) for v in Formula(expr).required_variables}
+    except Exception as exc:  # formulaic's own parser errors
+        raise FormulaError(f"cannot read the expression '{expr}': {exc}", None) from None
+
+
+def _required_columns(formula: ParsedFormula, *, with_response: bool) -> list[str]:
+    names: list[str] = []
+
+    def add(ns: set[str] | tuple[str, ...]) -> None:
+        for v in sorted(ns) if isinstance(ns, set) else ns:
+            if v not in names:
+                names.append(v)
+
+    if with_response:
+        if formula.response_cbind is not None:
+            for e in formula.response_cbind:
+                add(_formulaic_names(f"I({e})"))
+        elif formula.response is not None:
+            add(_formulaic_names(formula.response))
+    add(_formulaic_names(formula.fixed))
+    for o in formula.offsets:
+        add(_formulaic_names(f"I({o})"))
+    for b in formula.bars:
+        add(_formulaic_names(b.expr))
+        add(b.group_factors)
+    for t in formula.nn_terms:
+        add(t.variables)
+    return names
+
+
+def _na_rows(data: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    if not columns:
+        return np.zeros(len(data), dtype=bool)
+    return np.asarray(data[columns].isna().any(axis=1))
+
+
+def _evaluate(expr: str, data: pd.DataFrame) -> np.ndarray:
+    """Evaluate one R/formulaic expression (``log(t)``, ``size - incidence``) to a vector."""
+    mm = Formula(f"0 + I({expr})").get_model_matrix(data, na_action="ignore")
+    return np.asarray(mm, dtype=float)[:, 0]
+
+
+def _offset_terms(formula: ParsedFormula, data: pd.DataFrame,
+                  offset: np.ndarray | None) -> np.ndarray:
+    total = np.zeros(len(data)) if offset is None else np.asarray(offset, dtype=float).copy()
+    for o in formula.offsets:
+        total += _evaluate(o, data)
+    return total
+
+
+def _response(formula: ParsedFormula, data: pd.DataFrame, binomial: bool,
+              binomial_levels: tuple[str, str] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Return (y, weights multiplier): cbind -> proportion and trials; factor -> 0/1."""
+    n = len(data)
+    if formula.response_cbind is not None:
+        s_expr, f_expr = formula.response_cbind
+        if not binomial:
+            raise DataError("a cbind(successes, failures) response needs family='binomial'")
+        s, f = _evaluate(s_expr, data), _evaluate(f_expr, data)
+        if (f < 0).any():
+            raise DataError(f"binomial response cbind({s_expr}, {f_expr}): failure count "
+                            f"'{f_expr}' is below zero in {int((f < 0).sum())} rows")
+        if (s < 0).any():
+            raise DataError(f"binomial response cbind({s_expr}, {f_expr}): success count "
+                            f"'{s_expr}' is below zero in {int((s < 0).sum())} rows")
+        m = s + f
+        with np.errstate(invalid="ignore", divide="ignore"):
+            y = np.where(m > 0, s / np.where(m > 0, m, 1.0), 0.0)
+        return y, m
+    assert formula.response is not None
+    name = formula.response
+    col = data[name] if name in data.columns else None
+    if col is not None and not pd.api.types.is_numeric_dtype(col) or (
+        col is not None and isinstance(col.dtype, pd.CategoricalDtype)
+    ):
+        assert col is not None
+        if not binomial:
+            raise DataError(f"response '{name}' is not numeric ({col.dtype}); a numeric "
+                            "family needs a numeric response")
+        if pd.api.types.is_bool_dtype(col):
+            return col.to_numpy(dtype=float), np.ones(n)
+        cat = col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype("category")
+        levels = binomial_levels or tuple(str(c) for c in cat.cat.categories)
+        if len(levels) != 2:
+            raise DataError(f"binomial response '{name}' is a factor with {len(levels)} "
+                            f"levels {list(levels)[:5]}; it needs exactly two (the second "
+                            "counts as success, as in R)")
+        y = (np.asarray(cat.astype(str)) == levels[1]).astype(float)
+        return y, np.ones(n)
+    y = _evaluate(name, data) if col is None else np.asarray(col, dtype=float)
+    return y, np.ones(n)
+
+
+def _group_labels(data: pd.DataFrame, bar: BarTerm) -> np.ndarray:
+    factors = bar.group_factors
+    if len(factors) == 1:
+        return np.asarray(data[factors[0]].astype(str))
+    parts = [np.asarray(data[f].astype(str)) for f in factors]
+    out = parts[0].astype(object)
+    for p in parts[1:]:
+        out = out + ":" + p.astype(object)
+    return out
+
+
+def _factor_levels(col: pd.Series) -> list[str]:
+    """Levels as R's ``factor()`` gives them: factor order (unused dropped) or sorted values."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        present = set(col.dropna().astype(str))
+        return [str(c) for c in col.cat.categories if str(c) in present]
+    values = col.dropna().unique()
+    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        return [str(v) for v in sorted(values)]
+    return sorted(str(v) for v in values)
+
+
+def _interaction_levels(data: pd.DataFrame, bar: BarTerm) -> list[str]:
+    """Levels of ``a:b`` as R's ``factor(a:b)``: first factor varying fastest, unused dropped."""
+    factors = bar.group_factors
+    per = [_factor_levels(data[f]) for f in factors]
+    if len(per) == 1:
+        return per[0]
+    # R's `:` on factors: as.vector(outer(l1, l2, paste)) -> the first factor varies fastest
+    combos = per[0]
+    for lv in per[1:]:
+        combos = [f"{a}:{b}" for b in lv for a in combos]
+    present = set(_group_labels(data, bar))
+    return [c for c in combos if c in present]
+
+
+_T_LEVEL = re.compile(r"\[T\.([^\]]*)\]")
+_LEVEL = re.compile(r"\[([^\]]*)\]")
+
+
+def lme4_name(name: str) -> str:
+    """Translate formulaic's column names to R's: ``Intercept`` -> ``(Intercept)``,
+    ``period[T.2]`` -> ``period2``, ``f[a]`` -> ``fa``, ``I(x ** 2)`` -> ``I(x^2)``."""
+    if name == "Intercept":
+        return "(Intercept)"
+    name = _T_LEVEL.sub(lambda m: m.group(1), name)
+    name = _LEVEL.sub(lambda m: m.group(1), name)
+    return name.replace(" ** ", "^").replace("**", "^")
+
+
+def _full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> list[int]:
+    """Columns kept by R's pivoting QR (dqrdc2): a column is dropped when, after projecting
+    out the kept columns before it, less than ``tol`` of its norm remains."""
+    kept: list[int] = []
+    Q = np.zeros((X.shape[0], 0))
+    for j in range(X.shape[1]):
+        x = X[:, j]
+        norm = np.linalg.norm(x)
+        if norm == 0:
+            continue
+        r = x - Q @ (Q.T @ x)
+        r = r - Q @ (Q.T @ r)  # re-orthogonalise for stability
+        rn = np.linalg.norm(r)
+        if rn > tol * norm:
+            kept.append(j)
+            Q = np.column_stack([Q, r / rn])
+    return kept
+
+
+def _encode_net(term: NNTerm, data: pd.DataFrame) -> NetInput:
+    encs = []
+    for v in term.variables:
+        col = data[v]
+        if pd.api.types.is_bool_dtype(col) or (
+            pd.api.types.is_numeric_dtype(col) and not isinstance(col.dtype, pd.CategoricalDtype)
+        ):
+            x = np.asarray(col, dtype=float)
+            if not np.isfinite(x).all():
+                raise DataError(f"nn() input '{v}' has infinite values")
+            sd = float(x.std())
+            encs.append(NetEncoding(v, "numeric", float(x.mean()), sd if sd > 0 else 1.0))
+        else:
+            encs.append(NetEncoding(v, "categorical", levels=tuple(_factor_levels(col))))
+    X = np.hstack([e.encode(data[e.variable]) for e in encs])
+    return NetInput(term, tuple(encs), _frozen(X))
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_design(
+    formula: ParsedFormula,
+    data: pd.DataFrame,
+    *,
+    binomial: bool = False,
+    weights: np.ndarray | pd.Series | str | None = None,
+    offset: np.ndarray | pd.Series | str | None = None,
+    na_action: NaAction = "omit",
+) -> Design:
+    """Evaluate a parsed formula on a data frame.
+
+    Parameters
+    ----------
+    formula : ParsedFormula
+    data : DataFrame
+        Never modified.
+    binomial : bool
+        Whether the family is binomial: allows ``cbind`` and two-level factor responses (the
+        second level is a success, as in R), and makes ``weights`` the number of trials.
+    weights, offset : array, Series, column name or None
+        Prior weights and an offset added to the linear predictor (besides ``offset()``
+        terms of the formula).
+    na_action : {"omit", "raise"}
+        Drop rows with missing values in any variable the model uses (and report how many, as
+        R's ``na.omit``), or raise.
+
+    Returns
+    -------
+    Design
+    """
+    _check_frame(data, "data")
+    if na_action not in ("omit", "raise"):
+        raise DataError(f"na_action must be 'omit' or 'raise', got {na_action!r}")
+    needed = _required_columns(formula, with_response=True)
+    missing = [v for v in needed if v not in data.columns]
+    if missing:
+        raise DataError(f"variable(s) {missing} in the formula '{formula.formula}' are not "
+                        f"columns of the data (columns: {list(data.columns)[:12]})")
+
+    n_all = len(data)
+    w_user = _vector_arg(weights, data, "weights")
+    o_user = _vector_arg(offset, data, "offset")
+    na = _na_rows(data, needed)
+    for name, v in (("weights", w_user), ("offset", o_user)):
+        if v is not None:
+            na |= ~np.isfinite(v)
+            if na_action == "raise" and (~np.isfinite(v)).any():
+                raise DataError(f"{name} has missing or infinite values")
+    if na.any():
+        if na_action == "raise":
+            cols = [c for c in needed if data[c].isna().any()]
+            raise DataError(f"missing values in column(s) {cols} ({int(na.sum())} rows); "
+                            "use na_action='omit' to drop them")
+        frame = data.loc[~na]
+        if len(frame) == 0:
+            raise DataError("no rows left after removing rows with missing values")
+        w_user = None if w_user is None else w_user[~na]
+        o_user = None if o_user is None else o_user[~na]
+    else:
+        frame = data
+    n = len(frame)
+
+    # response
+    response_name = formula.lhs
+    y, trials = _response(formula, frame, binomial)
+    if not np.isfinite(y).all():
+        raise DataError(f"response '{response_name}' has infinite values")
+    w = trials if w_user is None else trials * w_user
+    if (w < 0).any():
+        raise DataError("weights must be non-negative")
+    binomial_levels = None
+    if binomial and formula.response is not None and formula.response in frame.columns:
+        col = frame[formula.response]
+        if isinstance(col.dtype, pd.CategoricalDtype) or not (
+            pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
+        ):
+            cats = col.astype("category").cat.categories
+            binomial_levels = (str(cats[0]), str(cats[1]))
+
+    # fixed part
+    for col in _formulaic_names(formula.fixed):
+        _check_finite_numeric(frame[col], col)
+    try:
+        mm = Formula(formula.fixed).get_model_matrix(frame, na_action="raise",
+                                                     ensure_full_rank=True)
+    except FormulaError:
+        raise
+    except Exception as exc:
+        raise FormulaError(f"formulaic could not build the fixed part '{formula.fixed}': "
+                           f"{exc}", formula.formula) from None
+    X_full = np.asarray(mm, dtype=float)
+    names_full = [lme4_name(c) for c in mm.columns]
+    kept = _full_rank_columns(X_full) if X_full.shape[1] else []
+    dropped = tuple(names_full[j] for j in range(len(names_full)) if j not in kept)
+    X = X_full[:, kept]
+
+    # random-effects terms
+    raw_terms = []
+    for bar in formula.bars:
+        for f in bar.group_factors:
+            if frame[f].nunique() < 1:
+                raise DataError(f"grouping factor '{f}' has no levels")
+        levels = _interaction_levels(frame, bar)
+        if len(levels) < 2:
+            raise DataError(f"grouping factor '{bar.group}' in ({bar.expr} | {bar.group}) has "
+                            f"{len(levels)} level; a random effect needs at least 2")
+        labels = _group_labels(frame, bar)
+        gidx = pd.Categorical(labels, categories=levels).codes.astype(np.int64)
+        for col in _formulaic_names(bar.expr):
+            _check_finite_numeric(frame[col], col)
+        term_mm = Formula(bar.expr).get_model_matrix(frame, na_action="raise")
+        cnms = tuple(lme4_name(c) for c in term_mm.columns)
+        if not cnms:
+            raise DataError(f"random-effects term ({bar.expr} | {bar.group}) has no columns")
+        raw_terms.append((bar, tuple(levels), gidx, np.asarray(term_mm, dtype=float), cnms,
+                          term_mm.model_spec))
+    # lme4: terms ordered by decreasing number of levels (stable for ties)
+    order = sorted(range(len(raw_terms)), key=lambda k: -len(raw_terms[k][1]))
+    raw_terms = [raw_terms[k] for k in order]
+    re_terms = []
+    used: dict[str, int] = {}
+    for bar, levels, gidx, Zraw, cnms, _ in raw_terms:
+        count = used.get(bar.group, 0)
+        used[bar.group] = count + 1
+        name = bar.group if count == 0 else f"{bar.group}.{count}"
+        re_terms.append(ReTerm(name, bar.group, bar.expr, bar.correlated, cnms, levels,
+                               _frozen(gidx), _frozen(Zraw)))
+
+    # neural terms
+    nets = tuple(_encode_net(t, frame) for t in formula.nn_terms)
+
+    spec = DesignSpec(
+        formula=formula,
+        fixed_spec=mm.model_spec,
+        fixed_columns=tuple(names_full),
+        kept_columns=tuple(kept),
+        re_specs=tuple(rt[5] for rt in raw_terms),
+        re_terms=tuple((rt[0], rt[1]) for rt in raw_terms),
+        net_encodings=tuple(ni.encodings for ni in nets),
+        binomial_levels=binomial_levels,
+    )
+    off = _offset_terms(formula, frame, o_user)
+    if not np.isfinite(off).all():
+        raise DataError("the offset has infinite values")
+    return Design(
+        formula=formula,
+        y=_frozen(y),
+        weights=_frozen(np.asarray(w, dtype=float)),
+        offset=_frozen(off),
+        X=_frozen(X),
+        fixed_names=tuple(names_full[j] for j in kept),
+        dropped_columns=dropped,
+        re_terms=tuple(re_terms),
+        nets=nets,
+        n_dropped_na=n_all - n,
+        row_index=frame.index,
+        response_name=response_name,
+        spec=spec,
+    )
+
+
+def _check_finite_numeric(col: pd.Series, name: str) -> None:
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        values = np.asarray(col, dtype=float)
+        if np.isinf(values).any():
+            raise DataError(f"column '{name}' has infinite values")
+
+
+def _vector_arg(value: Any, data: pd.DataFrame, what: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in data.columns:
+            raise DataError(f"{what}='{value}' is not a column of the data")
+        value = data[value]
+    arr = np.asarray(value, dtype=float)
+    if arr.shape != (len(data),):
+        raise DataError(f"{what} must have one value per row of data ({len(data)}), got shape "
+                        f"{arr.shape}")
+    return arr
