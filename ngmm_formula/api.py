@@ -1,0 +1,351 @@
+"""The entry point :func:`ngmm`: a short composition of the stage functions.
+
+``parse_formula`` (formula) -> ``build_design`` (design) -> ``choose_approximation`` ->
+``build_problem`` (model) -> :class:`~ngmm_formula.fit.Objective` -> ``optimise`` (fit) ->
+``make_result`` (results). Each stage can be called alone; :func:`objective_at` evaluates the
+objective at given parameters (lme4's ``devFunOnly = TRUE``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ngmm_formula.approx import Approximation, choose_approximation
+from ngmm_formula.design import Design, build_design
+from ngmm_formula.errors import (
+    ConvergenceWarning,
+    DataError,
+    NGMMError,
+    RankDeficiencyWarning,
+    SingularFitWarning,
+)
+from ngmm_formula.families import Family, get_family
+from ngmm_formula.fit import Objective, Optimum, glm_start, optimise
+from ngmm_formula.formula import parse_formula
+from ngmm_formula.model import LinearPredictor, Problem, build_problem, lambda_blocks
+from ngmm_formula.results import Diagnostics, NGMMResult
+
+__all__ = ["Control", "ngmm", "objective_at", "prepare"]
+
+
+@dataclass(frozen=True)
+class Control:
+    """Options of the optimiser.
+
+    Attributes
+    ----------
+    max_iter : int
+        L-BFGS iterations.
+    gtol : float
+        Target max |gradient| of the log-likelihood for the Newton polishing steps.
+    singular_tol : float
+        A relative standard deviation (lme4's theta diagonal) below this is a singular fit
+        (lme4's ``isSingular`` tolerance, 1e-4).
+    na_action : {"omit", "raise"}
+    """
+
+    max_iter: int = 2000
+    gtol: float = 1e-6
+    singular_tol: float = 1e-4
+    na_action: str = "omit"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything up to the objective: the stages before optimisation."""
+
+    design: Design
+    family: Family
+    approximation: Approximation
+    problem: Problem
+
+
+def prepare(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
+            approx: str = "auto", nagq: int | None = None, truncation: float | None = None,
+            points: int | None = None, weights: Any = None, offset: Any = None,
+            reml: bool | None = None, control: Control | None = None,
+            device: str = "cpu") -> Prepared:
+    """Parse, build the design, validate it against the family and lay out the blocks."""
+    control = control or Control()
+    fam = get_family(family)
+    parsed = parse_formula(formula)
+    if not parsed.bars:
+        raise DataError(f"no random-effects terms in the formula '{formula}': add one such "
+                        "as (1 | group)")
+    design = build_design(parsed, data, binomial=fam.name == "binomial", weights=weights,
+                          offset=offset, na_action=control.na_action)  # type: ignore[arg-type]
+    fam.validate_response(design.y, design.weights, design.response_name)
+    for col, name in zip(design.X.T, design.fixed_names):
+        if not np.isfinite(col).all():
+            raise DataError(f"fixed-effect column '{name}' has NaN or infinite values")
+    n_groups = len(design.grouping_factors)
+    block_dim = sum(t.q for t in design.re_terms)
+    gauss_id = fam.name == "gaussian" and fam.link.name == "identity"
+    approximation = choose_approximation(
+        approx, nagq=nagq, truncation=truncation, points=points, reml=reml,
+        n_grouping_factors=n_groups, block_dim=block_dim, gaussian_identity=gauss_id,
+        has_networks=bool(design.nets))
+    problem = build_problem(design, approximation, device=device)
+    return Prepared(design, fam, approximation, problem)
+
+
+def objective_at(prepared: Prepared, fixef: np.ndarray | None, theta: np.ndarray,
+                 sigma: float | None = None) -> float:
+    """The approximate marginal log-likelihood at user-scale parameters.
+
+    ``theta`` in lme4's convention (relative to sigma for Gaussian identity models);
+    ``fixef`` on the user's scale (ignored under REML, where beta is integrated out).
+    ``-2 *`` this value is lme4's deviance function at the same parameters.
+    """
+    module = _module(prepared)
+    with torch.no_grad():
+        if fixef is not None and not prepared.problem.reml:
+            beta_s = np.linalg.solve(prepared.problem.standardisation.A, np.asarray(fixef))
+            module.beta.copy_(torch.as_tensor(beta_s))
+        scale = sigma if prepared.approximation.kind == "exact" and sigma else 1.0
+        module.theta.copy_(torch.as_tensor(np.asarray(theta, dtype=float) * scale))
+        if module.log_sigma is not None:
+            if sigma is None:
+                raise NGMMError(f"family {prepared.family.name} needs sigma")
+            module.log_sigma.fill_(float(np.log(sigma)))
+    obj = Objective(prepared.problem, prepared.family, prepared.approximation, module)
+    with torch.no_grad():
+        return float(obj())
+
+
+def _module(prepared: Prepared) -> LinearPredictor:
+    return LinearPredictor(prepared.problem, prepared.family.has_dispersion)
+
+
+def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
+         approx: str = "auto", nagq: int | None = None, truncation: float | None = None,
+         points: int | None = None, weights: Any = None, offset: Any = None,
+         reml: bool | None = None, control: Control | None = None, seed: int = 0,
+         device: str = "cpu") -> NGMMResult:
+    """Fit a (neural) generalized linear mixed model.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 formula, e.g. ``"use ~ age + urban + (1 + urban | district)"``; ``nn(...)``
+        terms add neural networks to the linear predictor.
+    data : DataFrame
+        Never modified.
+    family : str or Family
+        "gaussian", "binomial", "poisson", "negative_binomial", "gamma", or a Family object
+        (e.g. ``get_family("binomial", "probit")``).
+    approx : {"auto", "laplace", "agq", "truncated", "variational"}
+        How the random effects are integrated out (see :mod:`ngmm_formula.approx`).
+    nagq : int, optional
+        Gauss--Hermite nodes per dimension for ``approx="agq"`` (lme4's nAGQ).
+    truncation, points : float, int, optional
+        ``M`` and ``K`` of the truncated rule.
+    weights, offset : array, column name or None
+    reml : bool, optional
+        REML for linear Gaussian models (default True there, as lmer).
+    control : Control
+    seed : int
+        Seeds torch for anything random in the fit.
+    device : str
+        Torch device.
+
+    Returns
+    -------
+    NGMMResult
+    """
+    torch.manual_seed(seed)
+    control = control or Control()
+    data_name = getattr(data, "attrs", {}).get("name") if isinstance(data, pd.DataFrame) else None
+    prepared = prepare(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
+                       points=points, weights=weights, offset=offset, reml=reml,
+                       control=control, device=device)
+    if prepared.design.nets:
+        raise NGMMError("nn() terms need the neural engine, which is not in this version")
+    module = _module(prepared)
+    pr, fam = prepared.problem, prepared.family
+    glm_start(pr, fam, module)
+    if prepared.approximation.kind == "exact" and module.log_sigma is not None:
+        with torch.no_grad():  # lme4 starts at relative theta = 1, i.e. absolute sigma
+            module.theta.mul_(module.log_sigma.exp())
+    obj = Objective(pr, fam, prepared.approximation, module)
+    opt = optimise(obj, max_iter=control.max_iter, gtol=control.gtol)
+
+    def refit(**kw: Any) -> NGMMResult:
+        args = dict(approx=approx, nagq=nagq, truncation=truncation, points=points,
+                    weights=weights, offset=offset, reml=reml, control=control, seed=seed,
+                    device=device)
+        args.update(kw)
+        return ngmm(formula, data, family, **args)  # type: ignore[arg-type]
+
+    return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
+                       refit=refit)
+
+
+def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Control, *,
+                formula: str, data_name: str | None, refit: Any) -> NGMMResult:
+    """Turn the optimum into an :class:`NGMMResult` on the user's scale (warns once)."""
+    design, fam, approx, pr = (prepared.design, prepared.family, prepared.approximation,
+                               prepared.problem)
+    module = obj.module
+    A = pr.standardisation.A
+    with torch.no_grad():
+        ll_blocks = obj.per_block(warm=True)
+    mode = obj.mode
+    assert mode is not None
+    sigma = float(module.log_sigma.detach().exp()) if module.log_sigma is not None else 1.0
+    exact = approx.kind == "exact"
+
+    # fixed effects and their covariance
+    k_beta = 0 if pr.reml else pr.p
+    H = opt.hessian
+    H_mode_inv = torch.cholesky_inverse(mode.chol).numpy()  # (blocks, D, D)
+    if pr.reml:
+        beta_s = mode.v[0, -pr.p:].numpy()
+        cov_s = H_mode_inv[0, -pr.p:, -pr.p:]
+    else:
+        beta_s = module.beta.detach().numpy().copy()
+        if exact:
+            cov_s = _inv(-H[:k_beta, :k_beta])
+        else:
+            cov_s = _inv(-H)[:k_beta, :k_beta]
+    beta = A @ beta_s
+    cov = A @ cov_s @ A.T
+    names = list(design.fixed_names)
+    fixef = pd.Series(beta, index=names, name="Estimate")
+    vcov = pd.DataFrame(cov, index=names, columns=names)
+
+    # covariance parameters: canonical signs, lme4's relative scale for Gaussian models
+    theta_abs = module.theta.detach().clone()
+    Ls = [L.numpy() for L in lambda_blocks(theta_abs, pr.q)]
+    Ls = [L * np.where(np.diag(L) < 0, -1.0, 1.0)[None, :] for L in Ls]
+    rel = sigma if exact else 1.0
+    theta_vals = [L[i, j] / rel for L in Ls for j in range(L.shape[0])
+                  for i in range(j, L.shape[0])]
+    theta = pd.Series(theta_vals, index=design.theta_names, name="theta")
+
+    varcorr = _varcorr(design, Ls, sigma if fam.name == "gaussian" else None)
+    ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), H_mode_inv, Ls)
+
+    eta = design.offset + design.X @ beta
+    for t, b in zip(design.re_terms, coefs):
+        eta = eta + (t.Zraw * b[t.group_index]).sum(1)
+
+    # diagnostics: recorded on the result, one warning per outcome
+    singular = any(abs(L[i, i]) / rel < control.singular_tol for L in Ls
+                   for i in range(L.shape[0]))
+    for L in Ls:
+        S = L @ L.T
+        d = np.sqrt(np.clip(np.diag(S), 1e-300, None))
+        corr = S / np.outer(d, d)
+        if L.shape[0] > 1 and np.any(np.abs(corr[np.tril_indices(L.shape[0], -1)]) > 1 - 1e-6):
+            singular = True
+    grad = opt.gradient
+    scaled = np.abs(grad)
+    if opt.hessian_pd and grad.size:
+        scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), grad))
+    max_grad = float(np.max(np.minimum(scaled, np.abs(grad)))) if grad.size else 0.0
+    messages = []
+    if design.dropped_columns:
+        msg = (f"fixed-effect model matrix is rank deficient so dropping "
+               f"{len(design.dropped_columns)} column / coefficient: "
+               f"{', '.join(design.dropped_columns)}")
+        messages.append(msg)
+        warnings.warn(msg, RankDeficiencyWarning, stacklevel=3)
+    if singular:
+        msg = "boundary (singular) fit: see help('isSingular')"
+        messages.append(msg)
+        warnings.warn(msg, SingularFitWarning, stacklevel=3)
+    if not opt.converged:
+        msg = f"Model failed to converge with max|grad| = {max_grad:.6g} (tol = 0.002)"
+        messages.append(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    elif not opt.hessian_pd and not singular:
+        msg = "Model is nearly unidentifiable: the Hessian is not positive definite"
+        messages.append(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    if design.n_dropped_na:
+        messages.append(f"{design.n_dropped_na} observations deleted due to missingness")
+    diagnostics = Diagnostics(
+        converged=opt.converged, max_grad=max_grad, hessian_pd=opt.hessian_pd,
+        singular=singular, iterations=opt.iterations, evaluations=opt.evaluations,
+        optimizer_message=opt.message, messages=tuple(messages))
+    npar = pr.p + pr.n_theta + (1 if fam.has_dispersion else 0)
+    return NGMMResult(
+        formula=formula, family=fam, approximation=approx, design=design, fixef=fixef,
+        vcov=vcov, theta=theta, sigma=sigma, loglik=float(ll_blocks.sum()), npar=npar,
+        varcorr=varcorr, ranef=ranef, eta=eta, diagnostics=diagnostics, data_name=data_name,
+        random_coef=tuple(coefs), refit=refit,
+    )
+
+
+def _inv(M: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.inv(M)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(M)
+
+
+def _varcorr(design: Design, Ls: list[np.ndarray], residual_sd: float | None) -> pd.DataFrame:
+    """R's ``as.data.frame(VarCorr(fit))``: variances, then covariances, per term."""
+    rows = []
+    for t, L in zip(design.re_terms, Ls):
+        S = L @ L.T
+        sd = np.sqrt(np.diag(S))
+        for i in range(t.q):
+            rows.append((t.name, t.cnms[i], None, S[i, i], sd[i]))
+        for j in range(t.q):
+            for i in range(j + 1, t.q):
+                corr = S[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else np.nan
+                rows.append((t.name, t.cnms[j], t.cnms[i], S[i, j], corr))
+    if residual_sd is not None:
+        rows.append(("Residual", None, None, residual_sd**2, residual_sd))
+    return pd.DataFrame(rows, columns=["group", "var1", "var2", "vcov", "sdcor"])
+
+
+def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
+           H_inv: np.ndarray, Ls: list[np.ndarray]
+           ) -> tuple[dict[str, pd.DataFrame], list[np.ndarray]]:
+    """Conditional modes b = Lambda u and variances Lambda H^{-1} Lambda' per grouping factor."""
+    coefs: list[np.ndarray] = []
+    condvar: list[np.ndarray] = []
+    start = 0
+    for t, L in zip(design.re_terms, Ls):
+        if approx.joint:
+            sl = slice(start, start + t.n_levels * t.q)
+            u = v[0, sl].reshape(t.n_levels, t.q)
+            Hb = H_inv[0, sl, sl]
+            idx = np.arange(t.n_levels)[:, None] * t.q + np.arange(t.q)[None, :]
+            Vu = Hb[idx[:, :, None], idx[:, None, :]]  # (levels, q, q)
+            start += t.n_levels * t.q
+        else:
+            sl = slice(start, start + t.q)
+            u = v[:, sl]
+            Vu = H_inv[:, sl, sl]
+            start += t.q
+        coefs.append(u @ L.T)
+        condvar.append(np.einsum("ij,gjk,lk->gil", L, Vu, L))
+    ranef: dict[str, pd.DataFrame] = {}
+    postvar: dict[str, list[np.ndarray]] = {}
+    for t, b, V in zip(design.re_terms, coefs, condvar):
+        frame = pd.DataFrame(b, index=pd.Index(t.levels, name=t.group), columns=list(t.cnms))
+        if t.group in ranef:
+            ranef[t.group] = pd.concat([ranef[t.group], frame], axis=1)
+        else:
+            ranef[t.group] = frame
+        postvar.setdefault(t.group, []).append(V)
+    for g, Vs in postvar.items():
+        q = sum(V.shape[1] for V in Vs)
+        P = np.zeros((q, q, Vs[0].shape[0]))
+        k = 0
+        for V in Vs:
+            m = V.shape[1]
+            P[k:k + m, k:k + m, :] = np.transpose(V, (1, 2, 0))
+            k += m
+        ranef[g].attrs["postVar"] = P
+    return ranef, coefs

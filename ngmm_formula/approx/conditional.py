@@ -1,0 +1,178 @@
+r"""The conditional distribution of the spherical random effects, shared by every approximation.
+
+With :math:`b = \Lambda(\theta) u`, :math:`u \sim N(0, I)`, the linear predictor is
+
+.. math::
+
+    \eta_i = \eta^{\text{fixed}}_i + \sum_s C_{is}\, v_{\text{block}(i), \text{pos}(i, s)},
+    \qquad C_{i\cdot} = z_i^\top \Lambda \;\text{(per term)},
+
+where :math:`v` collects the integrated coordinates in independent *blocks*: one block per
+level of the grouping factor when every term shares one factor (the integral factorises by
+group, each block has dimension :math:`D = \sum_k q_k`), otherwise a single block holding all
+:math:`u` (crossed or nested factors, lme4's ``Zt`` order) and, for REML, the fixed effects
+:math:`\beta` with a flat prior. Each observation touches ``S`` *slots*.
+
+For each block the log-integrand is
+
+.. math::
+
+    h(v) = \sum_{i \in \text{block}} w_i \log p(y_i \mid \eta_i)
+           - \tfrac12 \sum_d \pi_d v_d^2 - \tfrac{\sum_d \pi_d}{2} \log 2\pi,
+
+with prior precisions :math:`\pi_d \in \{0, 1\}` (0 for the flat REML coordinates). This
+module finds the mode :math:`\hat v` of every block by batched Newton steps (Fisher-scoring
+directions with step halving, so every step increases :math:`h`), and evaluates :math:`h`, its
+gradient and its negative Hessian :math:`H = C^\top W C + \operatorname{diag}(\pi)` -- all by
+scatter-adds over observations, never with a dense observations x levels matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ngmm_formula.families import Family
+
+__all__ = ["Blocks", "ConditionalMode", "block_sum", "find_mode", "log_integrand",
+           "neg_hessian", "gradient"]
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Layout of the integrated coordinates.
+
+    Attributes
+    ----------
+    n_blocks : int
+        Number of independent blocks (groups, or 1).
+    dim : int
+        Dimension ``D`` of every block.
+    block_of_obs : LongTensor, shape (n,)
+    slot_pos : LongTensor, shape (n, S)
+        Coordinate inside the block of each slot of each observation.
+    prior_precision : Tensor, shape (D,)
+        1 for a random effect, 0 for a flat (REML) coordinate.
+    """
+
+    n_blocks: int
+    dim: int
+    block_of_obs: torch.Tensor
+    slot_pos: torch.Tensor
+    prior_precision: torch.Tensor
+
+    @property
+    def n_prior(self) -> float:
+        return float(self.prior_precision.sum())
+
+    def flat_index(self) -> torch.Tensor:
+        """Index of each slot in the flattened (n_blocks * D) coordinate vector."""
+        return self.block_of_obs[:, None] * self.dim + self.slot_pos
+
+
+def block_sum(values: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """Sum per-observation values (n, ...) into blocks (n_blocks, ...)."""
+    out = values.new_zeros((blocks.n_blocks, *values.shape[1:]))
+    return out.index_add(0, blocks.block_of_obs, values)
+
+
+def random_part(C: torch.Tensor, v: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """:math:`\\sum_s C_{is} v_{b(i), pos(i,s)}` for v of shape (n_blocks, D) -> (n,)."""
+    return (C * v.reshape(-1)[blocks.flat_index()]).sum(-1)
+
+
+def log_integrand(family: Family, y: torch.Tensor, w: torch.Tensor, eta: torch.Tensor,
+                  log_sigma: torch.Tensor | None, v: torch.Tensor, blocks: Blocks
+                  ) -> torch.Tensor:
+    """:math:`h` per block, shape (n_blocks,), at the linear predictor ``eta`` (n,)."""
+    loglik = block_sum(family.log_prob(y, eta, log_sigma, w), blocks)
+    prior = -0.5 * (blocks.prior_precision * v * v).sum(-1) - 0.5 * blocks.n_prior * LOG_2PI
+    return loglik + prior
+
+
+def gradient(d1: torch.Tensor, C: torch.Tensor, v: torch.Tensor, blocks: Blocks
+             ) -> torch.Tensor:
+    """:math:`\\nabla h = C^\\top d_1 - \\pi v`, shape (n_blocks, D)."""
+    flat = v.new_zeros(blocks.n_blocks * blocks.dim)
+    flat = flat.index_add(0, blocks.flat_index().reshape(-1), (d1[:, None] * C).reshape(-1))
+    return flat.reshape(blocks.n_blocks, blocks.dim) - blocks.prior_precision * v
+
+
+def neg_hessian(W: torch.Tensor, C: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """:math:`H = C^\\top \\operatorname{diag}(W) C + \\operatorname{diag}(\\pi)`, (n_blocks, D, D)."""
+    D = blocks.dim
+    pos = blocks.slot_pos
+    idx = (blocks.block_of_obs[:, None, None] * D * D + pos[:, :, None] * D + pos[:, None, :])
+    vals = W[:, None, None] * C[:, :, None] * C[:, None, :]
+    flat = C.new_zeros(blocks.n_blocks * D * D).index_add(0, idx.reshape(-1), vals.reshape(-1))
+    return flat.reshape(blocks.n_blocks, D, D) + torch.diag(blocks.prior_precision)
+
+
+@dataclass
+class ConditionalMode:
+    """The mode of every block and the Cholesky factor of H there (both detached)."""
+
+    v: torch.Tensor
+    chol: torch.Tensor
+    iterations: int
+    converged: bool
+
+
+def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch.Tensor,
+              log_sigma: torch.Tensor | None, C: torch.Tensor, blocks: Blocks,
+              start: torch.Tensor | None = None, *, tol: float = 1e-10, max_iter: int = 200
+              ) -> ConditionalMode:
+    """Batched Newton (Fisher-scoring direction, step halving) for the mode of each block.
+
+    Everything here is detached: the mode is a fixed point, and the approximations make it
+    differentiable with one Newton step (see :mod:`ngmm_formula.approx.laplace`).
+    """
+    with torch.no_grad():
+        eta_fixed = eta_fixed.detach()
+        C = C.detach()
+        ls = None if log_sigma is None else log_sigma.detach()
+        v = (torch.zeros(blocks.n_blocks, blocks.dim, dtype=C.dtype, device=C.device)
+             if start is None else start.detach().clone())
+        eta = eta_fixed + random_part(C, v, blocks)
+        h = log_integrand(family, y, w, eta, ls, v, blocks)
+        converged = False
+        it = 0
+        for it in range(1, max_iter + 1):  # noqa: B007
+            d1 = family.dlogp(y, eta, ls, w)
+            W = family.fisher_weight(eta, ls, w)
+            H = neg_hessian(W, C, blocks)
+            g = gradient(d1, C, v, blocks)
+            L, info = torch.linalg.cholesky_ex(H)
+            if bool((info != 0).any()):
+                eye = torch.eye(blocks.dim, dtype=H.dtype, device=H.device)
+                L = torch.linalg.cholesky(H + 1e-8 * eye)
+            step = torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+            scale = torch.ones(blocks.n_blocks, 1, dtype=v.dtype, device=v.device)
+            for _ in range(40):
+                v_new = v + scale * step
+                eta_new = eta_fixed + random_part(C, v_new, blocks)
+                h_new = log_integrand(family, y, w, eta_new, ls, v_new, blocks)
+                worse = ~(h_new >= h - 1e-12 * h.abs().clamp_min(1.0))
+                if not bool(worse.any()):
+                    break
+                scale = torch.where(worse[:, None], scale * 0.5, scale)
+            accept = ~worse
+            v = torch.where(accept[:, None], v_new, v)
+            h = torch.where(accept, h_new, h)
+            eta = eta_fixed + random_part(C, v, blocks)
+            scale = torch.where(accept[:, None], scale, torch.zeros_like(scale))
+            if float((scale * step).abs().max()) < tol * max(1.0, float(v.abs().max())):
+                converged = True
+                break
+        # Final negative Hessian: the observed one (true Laplace), Fisher weights as fallback.
+        d2 = family.d2logp(y, eta, ls, w)
+        H = neg_hessian(-d2, C, blocks)
+        L, info = torch.linalg.cholesky_ex(H)
+        if bool((info != 0).any()):
+            H = neg_hessian(family.fisher_weight(eta, ls, w), C, blocks)
+            L = torch.linalg.cholesky(H)
+    return ConditionalMode(v=v, chol=L, iterations=it, converged=converged)

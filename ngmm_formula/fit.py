@@ -1,0 +1,233 @@
+r"""Fit layer: the objective at fixed parameters and the optimiser loop.
+
+:class:`Objective` evaluates the approximate marginal log-likelihood
+:math:`\ell(\psi) = \sum_b \log \int e^{h_b(v; \psi)} dv` at the parameters of a
+:class:`~ngmm_formula.model.LinearPredictor` (this is lme4's ``devFunOnly = TRUE`` path:
+``-2 * objective()`` is the deviance), keeping the conditional modes of the last evaluation
+as the warm start of the next.
+
+:func:`optimise` fits a linear GLMM: all parameters jointly (``beta`` on the standardised
+scale, ``theta``, ``log_sigma``) in float64, started from a GLM fit; L-BFGS (scipy's
+L-BFGS-B, whose line search satisfies the strong Wolfe conditions) until the gradient is small,
+then Newton steps with the Hessian from central differences of the exact gradient, which is
+also the Hessian used for standard errors (as lme4 does for ``glmer``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from ngmm_formula.approx import Approximation
+from ngmm_formula.approx.adaptive import log_marginal
+from ngmm_formula.approx.conditional import ConditionalMode, find_mode
+from ngmm_formula.families import Family
+from ngmm_formula.model import LinearPredictor, Problem
+
+__all__ = ["Objective", "Optimum", "optimise"]
+
+
+class Objective:
+    """The approximate marginal log-likelihood of ``module``'s current parameters.
+
+    Parameters
+    ----------
+    problem : Problem
+    family : Family
+    approx : Approximation
+    module : LinearPredictor
+    """
+
+    def __init__(self, problem: Problem, family: Family, approx: Approximation,
+                 module: LinearPredictor):
+        self.problem = problem
+        self.family = family
+        self.approx = approx
+        self.module = module
+        self.rule = approx.rule(problem.blocks.dim)
+        self.mode: ConditionalMode | None = None
+
+    def per_block(self, *, warm: bool = True) -> torch.Tensor:
+        """Log marginal likelihood of every block (differentiable)."""
+        pr, m = self.problem, self.module
+        eta_fixed = m.eta_fixed(pr)
+        C = m.slot_values(pr)
+        start = self.mode.v if (warm and self.mode is not None) else None
+        self.mode = find_mode(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
+                              start)
+        ll = log_marginal(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
+                          self.mode, self.rule)
+        if pr.reml:
+            # beta was integrated on the standardised scale: d beta = |det A| d beta_s
+            ll = ll + pr.standardisation.log_abs_det
+        return ll
+
+    def __call__(self) -> torch.Tensor:
+        return self.per_block().sum()
+
+
+# --------------------------------------------------------------------------------------------
+# flat parameter vector <-> module
+
+
+def _params(module: LinearPredictor) -> list[torch.nn.Parameter]:
+    ps = [] if module.reml else [module.beta]
+    ps.append(module.theta)
+    if module.log_sigma is not None:
+        ps.append(module.log_sigma)
+    return ps
+
+
+def _get(module: LinearPredictor) -> np.ndarray:
+    return np.concatenate([p.detach().cpu().numpy().ravel() for p in _params(module)])
+
+
+def _set(module: LinearPredictor, x: np.ndarray) -> None:
+    i = 0
+    with torch.no_grad():
+        for p in _params(module):
+            k = p.numel()
+            p.copy_(torch.as_tensor(x[i:i + k], dtype=p.dtype).reshape(p.shape))
+            i += k
+
+
+def _value_and_grad(obj: Objective, x: np.ndarray) -> tuple[float, np.ndarray]:
+    _set(obj.module, x)
+    ps = _params(obj.module)
+    ll = obj()
+    grads = torch.autograd.grad(ll, ps, allow_unused=True)
+    g = np.concatenate([(gr if gr is not None else torch.zeros_like(p)).detach().cpu().numpy()
+                        .ravel() for gr, p in zip(grads, ps)])
+    return float(ll.detach()), g
+
+
+def fd_hessian(obj: Objective, x: np.ndarray, rel_step: float = 1e-4) -> np.ndarray:
+    """Hessian of the log-likelihood by central differences of the exact gradient."""
+    k = x.size
+    H = np.empty((k, k))
+    for j in range(k):
+        h = rel_step * max(1.0, abs(x[j]))
+        xp, xm = x.copy(), x.copy()
+        xp[j] += h
+        xm[j] -= h
+        H[:, j] = (_value_and_grad(obj, xp)[1] - _value_and_grad(obj, xm)[1]) / (2 * h)
+    _set(obj.module, x)
+    return 0.5 * (H + H.T)
+
+
+# --------------------------------------------------------------------------------------------
+# optimiser
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """What the optimiser found (flat vectors follow :func:`_params`' order)."""
+
+    x: np.ndarray
+    loglik: float
+    gradient: np.ndarray
+    hessian: np.ndarray
+    iterations: int
+    evaluations: int
+    message: str
+    converged: bool
+    hessian_pd: bool
+
+
+def glm_start(problem: Problem, family: Family, module: LinearPredictor) -> None:
+    """Set beta (and log_sigma) to the fixed-effects-only GLM fit: lme4's start for glmer."""
+    y, w = problem.y, problem.w
+    eta0 = torch.as_tensor(family.initial_eta(y.cpu().numpy(), w.cpu().numpy()),
+                           dtype=y.dtype)
+    Xs = problem.Xs
+    with torch.no_grad():
+        if problem.p:
+            beta = torch.linalg.lstsq(Xs, (eta0 - problem.offset).unsqueeze(-1)).solution
+            module.beta.copy_(beta.squeeze(-1))
+        if module.log_sigma is not None:
+            mu = family.mean(problem.offset + Xs @ module.beta)
+            module.log_sigma.fill_(family.initial_log_sigma(y.numpy(), mu.numpy(), w.numpy()))
+    if problem.p == 0 and module.log_sigma is None:
+        return
+    params = ([module.beta] if problem.p else []) + (
+        [module.log_sigma] if module.log_sigma is not None else [])
+
+    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+        i = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.as_tensor(x[i:i + p.numel()], dtype=p.dtype).reshape(p.shape))
+                i += p.numel()
+        eta = problem.offset + Xs @ module.beta
+        ll = family.log_prob(y, eta, module.log_sigma, w).sum()
+        g = torch.autograd.grad(-ll, params)
+        return float(-ll.detach()), np.concatenate([gi.detach().numpy().ravel() for gi in g])
+
+    x0 = np.concatenate([p.detach().numpy().ravel() for p in params])
+    res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B",
+                                  options={"maxiter": 500})
+    f(res.x)
+
+
+def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
+             newton_steps: int = 8) -> Optimum:
+    """Maximise the objective over beta, theta and log_sigma (float64)."""
+    x0 = _get(obj.module)
+    n_eval = 0
+
+    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+        nonlocal n_eval
+        n_eval += 1
+        v, g = _value_and_grad(obj, x)
+        if not math.isfinite(v):
+            return 1e300, np.zeros_like(x)
+        return -v, -g
+
+    res = scipy.optimize.minimize(
+        f, x0, jac=True, method="L-BFGS-B",
+        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-9,
+                 "maxls": 50},
+    )
+    x = res.x
+    value, grad = _value_and_grad(obj, x)
+    H = fd_hessian(obj, x)
+    # Newton polishing with the finite-difference Hessian (a few steps, each must improve)
+    for _ in range(newton_steps):
+        if np.abs(grad).max() < gtol:
+            break
+        try:
+            step = np.linalg.solve(-H, grad)
+        except np.linalg.LinAlgError:
+            break
+        t = 1.0
+        improved = False
+        for _ in range(20):
+            v_new, g_new = _value_and_grad(obj, x + t * step)
+            n_eval += 1
+            if v_new >= value - 1e-12 * abs(value):
+                x, value, grad = x + t * step, v_new, g_new
+                improved = True
+                break
+            t *= 0.5
+        if not improved:
+            break
+        H = fd_hessian(obj, x)
+    _set(obj.module, x)
+    value, grad = _value_and_grad(obj, x)
+    eig = np.linalg.eigvalsh(-H) if H.size else np.array([1.0])
+    hessian_pd = bool(eig.min() > 0)
+    # lme4's check.conv.grad: the gradient scaled by the Cholesky factor of the Hessian,
+    # max(min(|scaled|, |raw|)) < 0.002
+    scaled = np.abs(grad)
+    if hessian_pd:
+        scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), grad))
+    max_grad = float(np.max(np.minimum(scaled, np.abs(grad)))) if grad.size else 0.0
+    return Optimum(
+        x=x, loglik=value, gradient=grad, hessian=H, iterations=int(res.nit),
+        evaluations=n_eval, message=str(res.message), converged=max_grad < 0.002,
+        hessian_pd=hessian_pd,
+    )

@@ -1,0 +1,198 @@
+r"""Model layer: the one place that combines the linear, network and random parts of
+
+.. math::
+
+    \eta = \text{offset} + X\beta + \sum_k f_k(x^{(k)}; w_k) + Z \Lambda(\theta) u .
+
+:class:`Problem` holds the design as tensors (with the fixed-effects columns standardised
+internally, :class:`Standardisation`) and the block layout of the integrated coordinates;
+:class:`LinearPredictor` holds the parameters -- ``beta`` (standardised scale), ``theta``
+(lme4's relative Cholesky factors, column-major lower triangles; unconstrained: the likelihood
+is even in the sign of each column of :math:`\Lambda`, and signs are made positive when the fit
+is reported), ``log_sigma`` and the networks -- and computes :math:`\eta^{\text{fixed}}` and
+the slot values :math:`C = [Z_k \Lambda_k]_k` of
+:mod:`~ngmm_formula.approx.conditional`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ngmm_formula.approx import Approximation
+from ngmm_formula.approx.conditional import Blocks
+from ngmm_formula.design import Design
+
+__all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "lambda_blocks"]
+
+
+@dataclass(frozen=True)
+class Standardisation:
+    r"""Internal scaling of the fixed-effects columns, :math:`X_s = X A`.
+
+    Non-constant columns are centred (when the model has an intercept) and scaled to unit
+    standard deviation; :math:`\beta = A \beta_s`.
+    """
+
+    A: np.ndarray
+
+    @classmethod
+    def of(cls, X: np.ndarray) -> Standardisation:
+        p = X.shape[1]
+        A = np.eye(p)
+        if p == 0:
+            return cls(A)
+        sd = X.std(axis=0)
+        const = sd < 1e-12 * np.maximum(1.0, np.abs(X).max(axis=0))
+        intercept = [j for j in range(p) if const[j] and np.allclose(X[:, j], 1.0)]
+        mean = X.mean(axis=0)
+        for j in range(p):
+            if const[j]:
+                continue
+            A[j, j] = 1.0 / sd[j]
+            if intercept:
+                A[intercept[0], j] = -mean[j] / sd[j]
+        return cls(A)
+
+    @property
+    def log_abs_det(self) -> float:
+        return float(np.linalg.slogdet(self.A)[1])
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The design as tensors, ready for the engine (float64 unless stated)."""
+
+    y: torch.Tensor
+    w: torch.Tensor
+    offset: torch.Tensor
+    Xs: torch.Tensor
+    Z: tuple[torch.Tensor, ...]
+    q: tuple[int, ...]
+    n_levels: tuple[int, ...]
+    blocks: Blocks
+    standardisation: Standardisation
+    reml: bool
+    net_X: tuple[torch.Tensor, ...]
+
+    @property
+    def n_theta(self) -> int:
+        return sum(k * (k + 1) // 2 for k in self.q)
+
+    @property
+    def p(self) -> int:
+        return int(self.Xs.shape[1])
+
+    @property
+    def n_random(self) -> int:
+        """Number of random-effect coordinates per block (excluding REML's beta)."""
+        return self.blocks.dim - (self.p if self.reml else 0)
+
+
+def build_problem(design: Design, approx: Approximation, *,
+                  dtype: torch.dtype = torch.float64, device: str = "cpu") -> Problem:
+    """Tensors and block layout for ``design`` under ``approx``."""
+    std = Standardisation.of(design.X)
+    Xs = design.X @ std.A
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.tensor(np.asarray(a), dtype=dtype, device=device)
+
+    terms = design.re_terms
+    n = design.nobs
+    q = tuple(tm.q for tm in terms)
+    if approx.joint:
+        # lme4's Zt order: term offset + level * q + column
+        cols, offset = [], 0
+        for tm in terms:
+            cols.append(offset + tm.group_index[:, None] * tm.q + np.arange(tm.q)[None, :])
+            offset += tm.q * tm.n_levels
+        slot_pos = np.hstack(cols) if cols else np.zeros((n, 0), dtype=np.int64)
+        prior = np.ones(offset)
+        if approx.reml:
+            slot_pos = np.hstack([slot_pos, offset + np.arange(Xs.shape[1])[None, :]
+                                  .repeat(n, axis=0)])
+            prior = np.concatenate([prior, np.zeros(Xs.shape[1])])
+        block_of_obs = np.zeros(n, dtype=np.int64)
+        n_blocks, dim = 1, prior.shape[0]
+    else:
+        groups = {tm.group for tm in terms}
+        assert len(groups) == 1, "per-group blocks need a single grouping factor"
+        block_of_obs = terms[0].group_index
+        starts = np.cumsum([0, *q[:-1]])
+        slot_pos = np.hstack([s + np.arange(k)[None, :].repeat(n, axis=0)
+                              for s, k in zip(starts, q)])
+        n_blocks, dim = terms[0].n_levels, int(sum(q))
+        prior = np.ones(dim)
+    blocks = Blocks(
+        n_blocks=n_blocks,
+        dim=dim,
+        block_of_obs=torch.as_tensor(block_of_obs, dtype=torch.long, device=device),
+        slot_pos=torch.as_tensor(slot_pos, dtype=torch.long, device=device),
+        prior_precision=t(prior),
+    )
+    return Problem(
+        y=t(design.y), w=t(design.weights), offset=t(design.offset), Xs=t(Xs),
+        Z=tuple(t(tm.Zraw) for tm in terms), q=q,
+        n_levels=tuple(tm.n_levels for tm in terms), blocks=blocks, standardisation=std,
+        reml=approx.reml, net_X=tuple(t(ni.X) for ni in design.nets),
+    )
+
+
+def lambda_blocks(theta: torch.Tensor, q: tuple[int, ...]) -> list[torch.Tensor]:
+    r"""The lower-triangular blocks :math:`\Lambda_k` from ``theta`` (column-major, as lme4)."""
+    out, start = [], 0
+    for k in q:
+        rows, cols = [], []
+        for j in range(k):
+            for i in range(j, k):
+                rows.append(i)
+                cols.append(j)
+        m = theta.new_zeros(k, k)
+        m = m.index_put((torch.tensor(rows), torch.tensor(cols)), theta[start:start + len(rows)])
+        out.append(m)
+        start += len(rows)
+    return out
+
+
+class LinearPredictor(torch.nn.Module):
+    """Parameters of an NGMM and the computation of the linear predictor.
+
+    Parameters
+    ----------
+    problem : Problem
+    has_dispersion : bool
+    nets : sequence of torch.nn.Module
+        One network per ``nn()`` term (mapping its input matrix to one column).
+    """
+
+    def __init__(self, problem: Problem, has_dispersion: bool,
+                 nets: tuple[torch.nn.Module, ...] = ()):
+        super().__init__()
+        dtype = problem.Xs.dtype
+        self.q = problem.q
+        self.reml = problem.reml
+        self.beta = torch.nn.Parameter(torch.zeros(problem.p, dtype=dtype))
+        start = [1.0 if i == j else 0.0 for k in problem.q for j in range(k) for i in range(j, k)]
+        self.theta = torch.nn.Parameter(torch.tensor(start, dtype=dtype))
+        self.log_sigma = (torch.nn.Parameter(torch.zeros((), dtype=dtype))
+                          if has_dispersion else None)
+        self.nets = torch.nn.ModuleList(nets)
+
+    def eta_fixed(self, problem: Problem) -> torch.Tensor:
+        """offset + X beta + sum of networks (X beta left out under REML: beta is integrated)."""
+        eta = problem.offset
+        if not self.reml and problem.p:
+            eta = eta + problem.Xs @ self.beta
+        for net, x in zip(self.nets, problem.net_X):
+            eta = eta + net(x).squeeze(-1)
+        return eta
+
+    def slot_values(self, problem: Problem) -> torch.Tensor:
+        """:math:`C = [Z_1 \\Lambda_1, \\dots, Z_K \\Lambda_K (, X_s)]`, shape (n, S)."""
+        parts = [Z @ L for Z, L in zip(problem.Z, lambda_blocks(self.theta, self.q))]
+        if self.reml:
+            parts.append(problem.Xs)
+        return torch.cat(parts, dim=1)

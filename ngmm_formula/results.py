@@ -1,0 +1,257 @@
+r"""Results layer: :class:`NGMMResult`, built in one constructor call and never mutated.
+
+Parameters are reported on the user's scale and in lme4's conventions:
+
+* ``fixef`` -- :math:`\beta = A \beta_s` (undoing the internal standardisation);
+* ``theta`` -- lme4's relative Cholesky factors (relative to :math:`\sigma` for Gaussian
+  identity models, as ``lmer``), with each column's sign made positive;
+* ``varcorr`` -- R's ``as.data.frame(VarCorr(fit))``;
+* ``ranef`` -- conditional modes :math:`\hat b = \Lambda \hat u` with conditional variances
+  :math:`\Lambda H^{-1} \Lambda^\top` (lme4's ``postVar``);
+* ``vcov`` -- for Gaussian identity models the covariance of :math:`\hat\beta` given the
+  variance parameters (``lmer``: :math:`\sigma^2 (X^\top V^{-1} X)^{-1}`); otherwise the
+  :math:`\beta` block of the inverse Hessian of the approximate marginal log-likelihood over
+  all parameters (``glmer``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ngmm_formula.approx import Approximation
+from ngmm_formula.design import Design
+from ngmm_formula.errors import DataError, NGMMError
+from ngmm_formula.families import Family
+
+__all__ = ["NGMMResult", "Diagnostics"]
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """Convergence and singular-fit diagnostics of a fit (data, not just warnings)."""
+
+    converged: bool
+    max_grad: float
+    hessian_pd: bool
+    singular: bool
+    iterations: int
+    evaluations: int
+    optimizer_message: str
+    messages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NGMMResult:
+    """A fitted (neural) generalized linear mixed model.
+
+    Build it with :func:`ngmm_formula.ngmm`; every attribute is computed once at
+    construction.
+    """
+
+    formula: str
+    family: Family
+    approximation: Approximation
+    design: Design = field(repr=False)
+    fixef: pd.Series
+    vcov: pd.DataFrame = field(repr=False)
+    theta: pd.Series = field(repr=False)
+    sigma: float
+    loglik: float
+    npar: int
+    varcorr: pd.DataFrame = field(repr=False)
+    ranef: dict[str, pd.DataFrame] = field(repr=False)
+    eta: np.ndarray = field(repr=False)
+    diagnostics: Diagnostics = field(repr=False)
+    data_name: str | None = None
+    name: str | None = None
+    random_coef: tuple[np.ndarray, ...] = field(repr=False, default=())
+    nets: Any = field(repr=False, default=None)
+    refit: Any = field(repr=False, default=None)
+
+    # ---------------------------------------------------------------- fit statistics
+    @property
+    def reml(self) -> bool:
+        return self.approximation.reml
+
+    @property
+    def title(self) -> str:
+        return self.approximation.title
+
+    @property
+    def nobs(self) -> int:
+        return self.design.nobs
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.npar
+
+    @property
+    def bic(self) -> float:
+        return -2.0 * self.loglik + math.log(self.nobs) * self.npar
+
+    @property
+    def deviance(self) -> float:
+        """-2 log-likelihood (the REML criterion for REML fits), as lme4's summary prints."""
+        return -2.0 * self.loglik
+
+    @property
+    def df_resid(self) -> int:
+        return self.nobs - self.npar
+
+    @property
+    def t_stat(self) -> bool:
+        """Whether fixed effects are reported with t values (Gaussian identity, as lmer)."""
+        return self.approximation.kind == "exact"
+
+    @property
+    def ngroups(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.design.re_terms:
+            out.setdefault(t.group, t.n_levels)
+        return out
+
+    @property
+    def warnings_text(self) -> list[str]:
+        return list(self.diagnostics.messages)
+
+    @property
+    def nn_terms(self) -> list[dict[str, Any]]:
+        return []
+
+    # ---------------------------------------------------------------- fitted values
+    @property
+    def fitted(self) -> np.ndarray:
+        """Fitted means :math:`g^{-1}(\\eta)` including the random effects."""
+        return self._mean(self.eta)
+
+    def _mean(self, eta: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.family.mean(torch.as_tensor(eta)).numpy()
+
+    def residuals(self, type: Literal["response", "pearson", "deviance", "working"] = "response"
+                  ) -> np.ndarray:
+        """Residuals as R's ``residuals(fit, type=)``; lme4's summary scales Pearson
+        residuals by sigma for Gaussian models."""
+        y, w, mu = self.design.y, self.design.weights, self.fitted
+        sig = self.sigma if self.family.has_dispersion else None
+        if type == "response":
+            return y - mu
+        if type == "pearson":
+            r = np.asarray(self.family.pearson_residuals(y, mu, sig, w))
+            return r
+        if type == "deviance":
+            return np.asarray(self.family.deviance_residuals(y, mu, sig, w))
+        if type == "working":
+            with torch.no_grad():
+                mu_eta = self.family.link.mu_eta(torch.as_tensor(self.eta)).numpy()
+            return (y - mu) / mu_eta
+        raise NGMMError(f"residual type must be response, pearson, deviance or working; "
+                        f"got {type!r}")
+
+    # ---------------------------------------------------------------- prediction
+    def predict(self, newdata: pd.DataFrame | None = None, type: str = "response",
+                re_form: str | None = None, allow_new_levels: bool = True) -> np.ndarray:
+        """Predictions as lme4's ``predict.merMod``.
+
+        Parameters
+        ----------
+        newdata : DataFrame or None
+            None predicts the training data.
+        type : {"response", "link"}
+        re_form : None or "~0"
+            None includes every random effect (conditional prediction); ``"~0"`` (or
+            ``"~ 0"``, ``NA``-like) sets them to zero (population prediction).
+        allow_new_levels : bool
+            Levels not in the training data get a zero random effect (True) or raise.
+        """
+        if type not in ("response", "link"):
+            raise NGMMError(f"type must be 'response' or 'link', got {type!r}")
+        if re_form is not None and re_form.replace(" ", "") not in ("~0", "NA"):
+            raise NGMMError(f"re_form must be None or '~0', got {re_form!r}")
+        use_re = re_form is None
+        if newdata is None:
+            eta = self.eta if use_re else self._eta_fixed_train()
+        else:
+            nd = self.design.spec.new_data(newdata, allow_new_levels=allow_new_levels)
+            eta = nd.offset + nd.X @ self.fixef.to_numpy()
+            eta = eta + self._net_part(nd.net_X)
+            if use_re:
+                for t, Z, gi, b in zip(self.design.re_terms, nd.Zraw, nd.group_index,
+                                       self.random_coef):
+                    known = gi >= 0
+                    contrib = np.zeros(len(gi))
+                    contrib[known] = (Z[known] * b[gi[known]]).sum(1)
+                    eta = eta + contrib
+        return eta if type == "link" else self._mean(eta)
+
+    def _net_part(self, net_X: tuple[np.ndarray, ...]) -> np.ndarray | float:
+        if not net_X:
+            return 0.0
+        raise NGMMError("networks are not supported by this result")
+
+    def _eta_fixed_train(self) -> np.ndarray:
+        d = self.design
+        return d.offset + d.X @ self.fixef.to_numpy()
+
+    # ---------------------------------------------------------------- simulation
+    def simulate(self, nsim: int = 1, seed: int | None = 0, re_form: str | None = None
+                 ) -> pd.DataFrame:
+        """Simulate responses from the fitted model (new random effects unless
+        ``re_form=None`` conditions on the fitted ones, as lme4's default ``re.form = NA``
+        draws new ones; here ``re_form="~0"`` draws new random effects)."""
+        rng = np.random.default_rng(seed)
+        d = self.design
+        sig = self.sigma if self.family.has_dispersion else None
+        out = {}
+        for s in range(nsim):
+            if re_form is None:
+                eta = self.eta
+            else:
+                eta = self._eta_fixed_train().copy()
+                for t, L in zip(d.re_terms, self._lambda_abs()):
+                    u = rng.standard_normal((t.n_levels, t.q))
+                    b = u @ L.T
+                    eta = eta + (t.Zraw * b[t.group_index]).sum(1)
+            mu = self._mean(eta)
+            out[f"sim_{s + 1}"] = self.family.simulate(mu, sig, d.weights, rng)
+        return pd.DataFrame(out, index=d.row_index)
+
+    def _lambda_abs(self) -> list[np.ndarray]:
+        """Absolute-scale Cholesky factors of each term's covariance."""
+        out = []
+        start = 0
+        scale = self.sigma if self.t_stat else 1.0
+        for t in self.design.re_terms:
+            k = t.n_theta
+            L = np.zeros((t.q, t.q))
+            idx = [(i, j) for j in range(t.q) for i in range(j, t.q)]
+            for (i, j), v in zip(idx, self.theta.to_numpy()[start:start + k]):
+                L[i, j] = v * scale
+            out.append(L)
+            start += k
+        return out
+
+    # ---------------------------------------------------------------- model comparison
+    def refit_ml(self) -> NGMMResult:
+        """The same model fitted by maximum likelihood (for anova of REML fits)."""
+        if not self.reml:
+            return self
+        if self.refit is None:
+            raise DataError("this result cannot be refitted")
+        return self.refit(reml=False)
+
+    def summary(self) -> Any:
+        """lme4-style summary; ``print(fit.summary())``."""
+        from ngmm_formula.summary import summarize
+
+        return summarize(self)
+
+    def __repr__(self) -> str:
+        return (f"<NGMMResult {self.formula!r} family={self.family.name} "
+                f"logLik={self.loglik:.4f} nobs={self.nobs}>")
