@@ -22,6 +22,7 @@ unseen grouping levels are flagged with index ``-1``.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from formulaic import Formula
+from formulaic.errors import DataMismatchWarning
 
 from ngmm_formula.errors import DataError, FormulaError
 from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula
@@ -140,7 +142,7 @@ class NetEncoding:
         if self.kind == "numeric":
             x = np.asarray(values, dtype=float)
             return ((x - self.center) / self.scale)[:, None]
-        codes = pd.Categorical(values.astype(str), categories=list(self.levels)).codes
+        codes = pd.Index(list(self.levels)).get_indexer(values.astype(str))  # -1: unseen
         if (codes < 0).any():
             bad = sorted(set(values.astype(str)[codes < 0]))[:5]
             raise DataError(f"nn() input '{self.variable}' has levels not seen in the "
@@ -226,14 +228,13 @@ class DesignSpec:
             cols = [c for c in needed if data[c].isna().any()]
             raise DataError(f"newdata has missing values in {cols} ({int(na.sum())} rows); "
                             "drop or impute them before predicting")
-        X_full = np.asarray(self.fixed_spec.get_model_matrix(data, na_action="raise"),
-                            dtype=float)
+        X_full = _reapply(self.fixed_spec, data)
         X = X_full[:, list(self.kept_columns)]
         zs, gis, flags = [], [], []
-        for (bar, levels), spec in zip(self.re_terms, self.re_specs):
-            zs.append(np.asarray(spec.get_model_matrix(data, na_action="raise"), dtype=float))
+        for (bar, levels), spec in zip(self.re_terms, self.re_specs, strict=True):
+            zs.append(_reapply(spec, data))
             labels = _group_labels(data, bar)
-            idx = pd.Categorical(labels, categories=list(levels)).codes.astype(np.int64)
+            idx = pd.Index(list(levels)).get_indexer(labels).astype(np.int64)  # -1: unseen
             new = bool((idx < 0).any())
             if new and not allow_new_levels:
                 unseen = sorted(set(np.asarray(labels)[idx < 0]))[:5]
@@ -341,14 +342,35 @@ class Design:
             offset += t.q * t.n_levels
         if not rows:
             return sp.csc_matrix((0, n))
-        return sp.csc_matrix(
+        Zt = sp.csc_matrix(
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
             shape=(offset, n),
         )
+        Zt.eliminate_zeros()  # as lme4's Zt: zero values (e.g. Days = 0) are not stored
+        return Zt
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def _reapply(spec: Any, data: pd.DataFrame) -> np.ndarray:
+    """Apply a training ModelSpec to new data. A factor level that the training data did not
+    have is an error: formulaic only warns and encodes such rows as the reference level."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataMismatchWarning)
+        try:
+            return np.asarray(spec.get_model_matrix(data, na_action="raise"), dtype=float)
+        except DataMismatchWarning as exc:
+            mismatch = str(exc)
+    bad = []
+    for var, (_, state) in spec.encoder_state.items():
+        if var in data.columns and isinstance(state, dict) and "categories" in state:
+            unseen = sorted(set(data[var].astype(str)) - {str(c) for c in state["categories"]})
+            if unseen:
+                bad.append(f"'{var}' {unseen[:5]}")
+    raise DataError("newdata has factor levels not seen in the training data: "
+                    f"{'; '.join(bad) or mismatch}")
 
 
 def _check_frame(data: Any, what: str) -> None:
@@ -393,7 +415,8 @@ def _required_columns(formula: ParsedFormula, *, with_response: bool) -> list[st
 def _na_rows(data: pd.DataFrame, columns: list[str]) -> np.ndarray:
     if not columns:
         return np.zeros(len(data), dtype=bool)
-    return np.asarray(data[columns].isna().any(axis=1))
+    # a writable copy: with pandas' copy-on-write, np.asarray gives a read-only view
+    return np.array(data[columns].isna().any(axis=1), dtype=bool)
 
 
 def _evaluate(expr: str, data: pd.DataFrame) -> np.ndarray:
@@ -477,15 +500,15 @@ def _factor_levels(col: pd.Series) -> list[str]:
 
 
 def _interaction_levels(data: pd.DataFrame, bar: BarTerm) -> list[str]:
-    """Levels of ``a:b`` as R's ``factor(a:b)``: first factor varying fastest, unused dropped."""
+    """Levels of ``a:b`` as R's ``factor(a:b)``: first factor varying slowest, unused dropped."""
     factors = bar.group_factors
     per = [_factor_levels(data[f]) for f in factors]
     if len(per) == 1:
         return per[0]
-    # R's `:` on factors: as.vector(outer(l1, l2, paste)) -> the first factor varies fastest
+    # R's `:` on factors gives levels "a1:b1", "a1:b2", ...: the first factor varies slowest
     combos = per[0]
     for lv in per[1:]:
-        combos = [f"{a}:{b}" for b in lv for a in combos]
+        combos = [f"{a}:{b}" for a in combos for b in lv]
     present = set(_group_labels(data, bar))
     return [c for c in combos if c in present]
 
@@ -666,11 +689,11 @@ def build_design(
     raw_terms = [raw_terms[k] for k in order]
     re_terms = []
     used: dict[str, int] = {}
-    for bar, levels, gidx, Zraw, cnms, _ in raw_terms:
+    for bar, term_levels, gidx, Zraw, cnms, _ in raw_terms:
         count = used.get(bar.group, 0)
         used[bar.group] = count + 1
         name = bar.group if count == 0 else f"{bar.group}.{count}"
-        re_terms.append(ReTerm(name, bar.group, bar.expr, bar.correlated, cnms, levels,
+        re_terms.append(ReTerm(name, bar.group, bar.expr, bar.correlated, cnms, term_levels,
                                _frozen(gidx), _frozen(Zraw)))
 
     # neural terms

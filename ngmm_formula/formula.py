@@ -372,34 +372,38 @@ def _parse_nn(inner: str, pos: int, formula: str) -> NNTerm:
                         pos + max(0, arg.col_offset - 3))
     if not variables:
         raise _fail("nn() needs at least one variable, as in nn(x1, x2)", formula, pos - 3)
-    if len(set(variables)) != len(variables):
-        raise _fail("a variable appears twice in nn()", formula, pos)
+    for k, arg in enumerate(call.args):
+        if variables.index(variables[k]) < k:
+            raise _fail(f"the variable '{variables[k]}' appears twice in nn()", formula,
+                        pos + arg.col_offset - 3)
     opts: dict[str, object] = dict(_NN_DEFAULTS)
+    opt_pos: dict[str, int] = {}  # where each option's value starts, for the caret
     for kw in call.keywords:
         kpos = pos + max(0, kw.value.col_offset - 3)
         if kw.arg not in _NN_DEFAULTS:
             raise _fail(f"unknown nn() option '{kw.arg}'; allowed: "
-                        f"{', '.join(_NN_DEFAULTS)}", formula, kpos)
+                        f"{', '.join(_NN_DEFAULTS)}", formula, pos + max(0, kw.col_offset - 3))
         try:
             value = ast.literal_eval(kw.value)
         except ValueError:
             raise _fail(f"nn() option '{kw.arg}' must be a literal", formula, kpos) from None
         opts[kw.arg] = value
+        opt_pos[kw.arg] = kpos
     hidden = opts["hidden"]
     if isinstance(hidden, int) and not isinstance(hidden, bool):
         hidden = (hidden,)
     if (not isinstance(hidden, (tuple, list))
             or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)):
         raise _fail(f"nn() option 'hidden' must be a tuple of positive integers, got {hidden!r}",
-                    formula, pos)
+                    formula, opt_pos.get("hidden", pos))
     act = opts["activation"]
     if act not in ACTIVATIONS:
         raise _fail(f"nn() activation {act!r} is not one of {', '.join(ACTIVATIONS)}",
-                    formula, pos)
+                    formula, opt_pos.get("activation", pos))
     drop = opts["dropout"]
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
         raise _fail(f"nn() option 'dropout' must be a number in [0, 1), got {drop!r}",
-                    formula, pos)
+                    formula, opt_pos.get("dropout", pos))
     return NNTerm(tuple(variables), tuple(hidden), str(act), float(drop))
 
 
@@ -461,6 +465,7 @@ def parse_formula(formula: str) -> ParsedFormula:
         raise _fail("nothing on the right of '~'", formula, len(formula))
 
     bars: list[BarTerm] = []
+    bar_pos: list[int] = []  # start of the written term each bar came from (for the caret)
     nns: list[NNTerm] = []
     offsets: list[str] = []
     fixed: list[str] = []
@@ -479,7 +484,9 @@ def parse_formula(formula: str) -> ParsedFormula:
             if len(_split_top(body, "|")) > 1:
                 if sep == "-":
                     raise _fail("a random-effects term cannot be subtracted", formula, pos)
-                bars.extend(_expand_bar(body, pos + 1, formula))
+                expanded = _expand_bar(body, pos + 1, formula)
+                bars.extend(expanded)
+                bar_pos.extend([pos] * len(expanded))
                 continue
         nn_inner = _call_parts(text, "nn")
         if nn_inner is not None:
@@ -510,11 +517,11 @@ def parse_formula(formula: str) -> ParsedFormula:
         raise _fail("'|' outside a parenthesised random-effects term", formula,
                     rhs_start + rhs_text.find("|"))
     seen: set[tuple[str, str]] = set()
-    for b in bars:
+    for b, bpos in zip(bars, bar_pos, strict=True):
         key = (b.expr, b.group)
         if key in seen:
             raise _fail(f"the random-effects term ({b.expr} | {b.group}) appears twice",
-                        formula, None)
+                        formula, bpos)
         seen.add(key)
     return ParsedFormula(
         formula=formula,
