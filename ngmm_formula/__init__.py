@@ -1,7 +1,15 @@
-"""ngmm_formula: neural generalized mixed-effects models with lme4's formula language."""
+"""ngmm_formula: neural generalized mixed-effects models with lme4's formula language.
+
+>>> from ngmm_formula import ngmm, datasets
+>>> fit = ngmm("cbind(incidence, size - incidence) ~ period + (1 | herd)",
+...            datasets.load("cbpp"), family="binomial")           # doctest: +SKIP
+>>> print(fit.summary())                                             # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
+from ngmm_formula import datasets
+from ngmm_formula.api import Control, ngmm
 from ngmm_formula.errors import (
     ConvergenceWarning,
     DataError,
@@ -10,15 +18,34 @@ from ngmm_formula.errors import (
     RankDeficiencyWarning,
     SingularFitWarning,
 )
+from ngmm_formula.families import Family, get_family
+from ngmm_formula.formula import parse_formula
+from ngmm_formula.results import NGMMResult
 
 __version__ = "0.1.0"
 
+
+def anova(*fits: NGMMResult):  # type: ignore[no-untyped-def]
+    """Likelihood-ratio table of nested fits, as lme4's ``anova(m1, m2)``."""
+    from ngmm_formula.summary import anova as _anova
+
+    return _anova(*fits)
+
+
 __all__ = [
+    "Control",
     "ConvergenceWarning",
     "DataError",
+    "Family",
     "FormulaError",
     "NGMMError",
+    "NGMMResult",
     "RankDeficiencyWarning",
     "SingularFitWarning",
     "__version__",
+    "anova",
+    "datasets",
+    "get_family",
+    "ngmm",
+    "parse_formula",
 ]

@@ -293,7 +293,7 @@ def _inv(M: np.ndarray) -> np.ndarray:
 
 def _varcorr(design: Design, Ls: list[np.ndarray], residual_sd: float | None) -> pd.DataFrame:
     """R's ``as.data.frame(VarCorr(fit))``: variances, then covariances, per term."""
-    rows = []
+    rows: list[tuple[str, str | None, str | None, float, float]] = []
     for t, L in zip(design.re_terms, Ls):
         S = L @ L.T
         sd = np.sqrt(np.diag(S))

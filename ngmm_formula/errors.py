@@ -47,7 +47,7 @@ class ConvergenceWarning(NGMMWarning):
 
 
 class SingularFitWarning(NGMMWarning):
-    """A variance estimate is at zero or a correlation at +/-1 (lme4's 'boundary (singular) fit')."""
+    """A variance at zero or a correlation at +/-1 (lme4's 'boundary (singular) fit')."""
 
 
 class RankDeficiencyWarning(NGMMWarning):

@@ -182,7 +182,7 @@ class NGMMResult:
             eta = nd.offset + nd.X @ self.fixef.to_numpy()
             eta = eta + self._net_part(nd.net_X)
             if use_re:
-                for t, Z, gi, b in zip(self.design.re_terms, nd.Zraw, nd.group_index,
+                for _t, Z, gi, b in zip(self.design.re_terms, nd.Zraw, nd.group_index,
                                        self.random_coef):
                     known = gi >= 0
                     contrib = np.zeros(len(gi))

@@ -103,7 +103,10 @@ def gradient(d1: torch.Tensor, C: torch.Tensor, v: torch.Tensor, blocks: Blocks
 
 
 def neg_hessian(W: torch.Tensor, C: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """:math:`H = C^\\top \\operatorname{diag}(W) C + \\operatorname{diag}(\\pi)`, (n_blocks, D, D)."""
+    """:math:`H = C^\\top \\operatorname{diag}(W) C + \\operatorname{diag}(\\pi)`.
+
+    Shape (n_blocks, D, D).
+    """
     D = blocks.dim
     pos = blocks.slot_pos
     idx = (blocks.block_of_obs[:, None, None] * D * D + pos[:, :, None] * D + pos[:, None, :])
