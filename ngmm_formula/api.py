@@ -26,7 +26,7 @@ from ngmm_formula.errors import (
     SingularFitWarning,
 )
 from ngmm_formula.families import Family, get_family
-from ngmm_formula.fit import Objective, Optimum, glm_start, optimise
+from ngmm_formula.fit import Objective, Optimum, glm_start, optimise, theta_start
 from ngmm_formula.formula import parse_formula
 from ngmm_formula.model import LinearPredictor, Problem, build_problem, lambda_blocks
 from ngmm_formula.results import Diagnostics, NGMMResult
@@ -174,6 +174,7 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
         with torch.no_grad():  # lme4 starts at relative theta = 1, i.e. absolute sigma
             module.theta.mul_(module.log_sigma.exp())
     obj = Objective(pr, fam, prepared.approximation, module)
+    theta_start(obj)
     opt = optimise(obj, max_iter=control.max_iter, gtol=control.gtol)
 
     def refit(**kw: Any) -> NGMMResult:

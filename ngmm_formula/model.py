@@ -141,19 +141,23 @@ def build_problem(design: Design, approx: Approximation, *,
     )
 
 
+def _tril_index(q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each theta entry of a q x q block (lower triangle, column-major)."""
+    pairs = [(i, j) for j in range(q) for i in range(j, q)]
+    return (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs]))
+
+
+_TRIL = {q: _tril_index(q) for q in range(1, 9)}
+
+
 def lambda_blocks(theta: torch.Tensor, q: tuple[int, ...]) -> list[torch.Tensor]:
     r"""The lower-triangular blocks :math:`\Lambda_k` from ``theta`` (column-major, as lme4)."""
     out, start = [], 0
     for k in q:
-        rows, cols = [], []
-        for j in range(k):
-            for i in range(j, k):
-                rows.append(i)
-                cols.append(j)
-        m = theta.new_zeros(k, k)
-        m = m.index_put((torch.tensor(rows), torch.tensor(cols)), theta[start:start + len(rows)])
+        rows, cols = _TRIL[k] if k in _TRIL else _tril_index(k)
+        m = theta.new_zeros(k, k).index_put((rows, cols), theta[start:start + rows.numel()])
         out.append(m)
-        start += len(rows)
+        start += rows.numel()
     return out
 
 
