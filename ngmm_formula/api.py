@@ -26,34 +26,22 @@ from ngmm_formula.errors import (
     SingularFitWarning,
 )
 from ngmm_formula.families import Family, get_family
-from ngmm_formula.fit import Objective, Optimum, glm_start, optimise, theta_start
+from ngmm_formula.fit import (
+    Control,
+    Objective,
+    Optimum,
+    glm_start,
+    optimise,
+    theta_start,
+    torch_threads,
+)
 from ngmm_formula.formula import parse_formula
 from ngmm_formula.model import LinearPredictor, Problem, build_problem, lambda_blocks
+from ngmm_formula.networks import MLP, make_network
 from ngmm_formula.results import Diagnostics, NGMMResult
+from ngmm_formula.train import TrainingHistory, train_networks
 
 __all__ = ["Control", "ngmm", "objective_at", "prepare"]
-
-
-@dataclass(frozen=True)
-class Control:
-    """Options of the optimiser.
-
-    Attributes
-    ----------
-    max_iter : int
-        L-BFGS iterations.
-    gtol : float
-        Target max |gradient| of the log-likelihood for the Newton polishing steps.
-    singular_tol : float
-        A relative standard deviation (lme4's theta diagonal) below this is a singular fit
-        (lme4's ``isSingular`` tolerance, 1e-4).
-    na_action : {"omit", "raise"}
-    """
-
-    max_iter: int = 2000
-    gtol: float = 1e-6
-    singular_tol: float = 1e-4
-    na_action: str = "omit"
 
 
 @dataclass(frozen=True)
@@ -119,8 +107,13 @@ def objective_at(prepared: Prepared, fixef: np.ndarray | None, theta: np.ndarray
         return float(obj())
 
 
+def _nets(module: LinearPredictor) -> tuple[MLP, ...]:
+    return tuple(n for n in module.nets if isinstance(n, MLP))
+
+
 def _module(prepared: Prepared) -> LinearPredictor:
-    return LinearPredictor(prepared.problem, prepared.family.has_dispersion)
+    nets = tuple(make_network(ni.term, ni.X.shape[1]) for ni in prepared.design.nets)
+    return LinearPredictor(prepared.problem, prepared.family.has_dispersion, nets)
 
 
 def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
@@ -165,8 +158,6 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
     prepared = prepare(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                        points=points, weights=weights, offset=offset, reml=reml,
                        control=control, device=device)
-    if prepared.design.nets:
-        raise NGMMError("nn() terms need the neural engine, which is not in this version")
     module = _module(prepared)
     pr, fam = prepared.problem, prepared.family
     glm_start(pr, fam, module)
@@ -175,7 +166,12 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
             module.theta.mul_(module.log_sigma.exp())
     obj = Objective(pr, fam, prepared.approximation, module)
     theta_start(obj)
-    opt = optimise(obj, max_iter=control.max_iter, gtol=control.gtol)
+    history = None
+    net_offset = None
+    if module.nets:
+        history, obj = _train(prepared, module, control, seed)
+        net_offset = obj.problem.offset - pr.offset
+    opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)
 
     def refit(**kw: Any) -> NGMMResult:
         args = dict(approx=approx, nagq=nagq, truncation=truncation, points=points,
@@ -185,11 +181,46 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
         return ngmm(formula, data, family, **args)  # type: ignore[arg-type]
 
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
-                       refit=refit)
+                       refit=refit, nets=_nets(module), net_offset=net_offset,
+                       history=history)
+
+
+def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: int
+           ) -> tuple[TrainingHistory, Objective]:
+    """Train the networks, centre them, and return the objective of the linear refit.
+
+    The refit's problem carries the frozen networks' outputs as an offset, so the L-BFGS
+    refit and the Hessian concern beta, theta and sigma only (conditional on the networks).
+    """
+    pr, design, approx = prepared.problem, prepared.design, prepared.approximation
+    split = (design.re_terms[0].group_index if approx.joint
+             else pr.blocks.block_of_obs.cpu().numpy())
+    with torch_threads(int(pr.y.shape[0]) * sum(int(x.shape[1]) * 64 for x in pr.net_X)):
+        history = train_networks(pr, prepared.family, approx, module, np.asarray(split),
+                                 control, seed)
+    intercept = [j for j, n in enumerate(design.fixed_names) if n == "(Intercept)"]
+    with torch.no_grad():
+        for net, x in zip(_nets(module), pr.net_X):
+            if intercept:  # centre on the training data; the intercept absorbs the shift
+                shift = net.centre(x)
+                module.beta[intercept[0]] += shift
+        net_out = sum((net(x) for net, x in zip(module.nets, pr.net_X)),
+                      torch.zeros_like(pr.y))
+    module.nets.requires_grad_(False)
+    linear = pr.with_offset(net_out)
+    lin_module = LinearPredictor(linear, prepared.family.has_dispersion)
+    with torch.no_grad():
+        lin_module.beta.copy_(module.beta)
+        lin_module.theta.copy_(module.theta)
+        if module.log_sigma is not None and lin_module.log_sigma is not None:
+            lin_module.log_sigma.copy_(module.log_sigma)
+    return history, Objective(linear, prepared.family, approx, lin_module)
 
 
 def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Control, *,
-                formula: str, data_name: str | None, refit: Any) -> NGMMResult:
+                formula: str, data_name: str | None, refit: Any,
+                nets: tuple[MLP, ...] = (), net_offset: torch.Tensor | None = None,
+                history: TrainingHistory | None = None) -> NGMMResult:
     """Turn the optimum into an :class:`NGMMResult` on the user's scale (warns once)."""
     design, fam, approx, pr = (prepared.design, prepared.family, prepared.approximation,
                                prepared.problem)
@@ -234,6 +265,8 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), H_mode_inv, Ls)
 
     eta = design.offset + design.X @ beta
+    if net_offset is not None:
+        eta = eta + net_offset.cpu().numpy()
     for t, b in zip(design.re_terms, coefs):
         eta = eta + (t.Zraw * b[t.group_index]).sum(1)
 
@@ -276,12 +309,13 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
         converged=opt.converged, max_grad=max_grad, hessian_pd=opt.hessian_pd,
         singular=singular, iterations=opt.iterations, evaluations=opt.evaluations,
         optimizer_message=opt.message, messages=tuple(messages))
-    npar = pr.p + pr.n_theta + (1 if fam.has_dispersion else 0)
+    npar = (pr.p + pr.n_theta + (1 if fam.has_dispersion else 0)
+            + sum(net.n_weights for net in nets))
     return NGMMResult(
         formula=formula, family=fam, approximation=approx, design=design, fixef=fixef,
         vcov=vcov, theta=theta, sigma=sigma, loglik=float(ll_blocks.sum()), npar=npar,
         varcorr=varcorr, ranef=ranef, eta=eta, diagnostics=diagnostics, data_name=data_name,
-        random_coef=tuple(coefs), refit=refit,
+        random_coef=tuple(coefs), refit=refit, nets=nets, history=history,
     )
 
 

@@ -30,7 +30,75 @@ from ngmm_formula.approx.conditional import ConditionalMode, find_mode
 from ngmm_formula.families import Family
 from ngmm_formula.model import LinearPredictor, Problem
 
-__all__ = ["Objective", "Optimum", "optimise"]
+__all__ = ["Control", "Objective", "Optimum", "optimise"]
+
+
+@dataclass(frozen=True)
+class Control:
+    """Options of the fit; the defaults need no tuning on the bundled examples.
+
+    Attributes
+    ----------
+    max_iter : int
+        L-BFGS iterations (linear models, and the final refit of neural ones).
+    gtol : float
+        Target max |gradient| of the log-likelihood for the Newton polishing steps.
+    singular_tol : float
+        A relative standard deviation (lme4's theta diagonal) below this is a singular fit
+        (lme4's ``isSingular`` tolerance, 1e-4).
+    na_action : {"omit", "raise"}
+        Missing values: drop the rows (and report how many) or raise.
+    epochs : int
+        Maximum number of passes over the training groups (neural models).
+    lr : float
+        AdamW learning rate.
+    weight_decay : float
+        Decoupled weight decay on the network weights.
+    batch_size : int
+        Target observations per minibatch (rounded to whole groups).
+    batch_groups : int or None
+        Groups per minibatch; overrides ``batch_size``.
+    validation : float
+        Fraction of groups held out for early stopping (0 disables early stopping).
+    patience : int
+        Epochs without improvement of the validation score before stopping.
+    min_delta : float
+        Relative improvement that counts.
+    refit : bool
+        Refit the linear and variance parameters by L-BFGS after training.
+    progress : bool or None
+        Progress bar (tqdm); None shows it when standard error is a terminal.
+    """
+
+    max_iter: int = 2000
+    gtol: float = 1e-6
+    singular_tol: float = 1e-4
+    na_action: str = "omit"
+    epochs: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 4096
+    batch_groups: int | None = None
+    validation: float = 0.1
+    patience: int = 15
+    min_delta: float = 1e-5
+    refit: bool = True
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        from ngmm_formula.errors import NGMMError
+
+        checks = [
+            ("max_iter", self.max_iter >= 1), ("epochs", self.epochs >= 1),
+            ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
+            ("batch_size", self.batch_size >= 1),
+            ("batch_groups", self.batch_groups is None or self.batch_groups >= 1),
+            ("validation", 0 <= self.validation < 1), ("patience", self.patience >= 1),
+            ("na_action", self.na_action in ("omit", "raise")),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise NGMMError(f"Control: invalid {name}={getattr(self, name)!r}")
 
 
 class Objective:
@@ -53,12 +121,18 @@ class Objective:
         self.rule = approx.rule(problem.blocks.dim)
         self.mode: ConditionalMode | None = None
 
-    def per_block(self, *, warm: bool = True) -> torch.Tensor:
-        """Log marginal likelihood of every block (differentiable)."""
+    def per_block(self, *, warm: bool = True, start: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Log marginal likelihood of every block (differentiable).
+
+        The mode search starts from ``start`` if given, else from the last evaluation's modes
+        (``warm``), else from 0.
+        """
         pr, m = self.problem, self.module
         eta_fixed = m.eta_fixed(pr)
         C = m.slot_values(pr)
-        start = self.mode.v if (warm and self.mode is not None) else None
+        if start is None and warm and self.mode is not None:
+            start = self.mode.v
         self.mode = find_mode(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
                               start)
         ll = log_marginal(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,

@@ -85,6 +85,39 @@ class Problem:
     def p(self) -> int:
         return int(self.Xs.shape[1])
 
+    def subset(self, rows: torch.Tensor, blocks: torch.Tensor | None = None) -> Problem:
+        """The problem restricted to ``rows``.
+
+        With ``blocks`` (sorted block ids that contain every row, for per-group layouts) the
+        blocks are renumbered 0..len(blocks)-1, so the cost scales with the subset; without,
+        every block is kept (a block without rows integrates to exactly 1).
+        """
+        b = self.blocks
+        block_of_obs = b.block_of_obs[rows]
+        n_blocks = b.n_blocks
+        if blocks is not None:
+            lookup = torch.full((b.n_blocks,), -1, dtype=torch.long, device=rows.device)
+            lookup[blocks] = torch.arange(blocks.numel(), device=rows.device)
+            block_of_obs = lookup[block_of_obs]
+            n_blocks = int(blocks.numel())
+        sub_blocks = Blocks(n_blocks=n_blocks, dim=b.dim, block_of_obs=block_of_obs,
+                            slot_pos=b.slot_pos[rows], prior_precision=b.prior_precision)
+        return Problem(
+            y=self.y[rows], w=self.w[rows], offset=self.offset[rows], Xs=self.Xs[rows],
+            Z=tuple(z[rows] for z in self.Z), q=self.q, n_levels=self.n_levels,
+            blocks=sub_blocks, standardisation=self.standardisation, reml=self.reml,
+            net_X=tuple(x[rows] for x in self.net_X),
+        )
+
+    def with_offset(self, extra: torch.Tensor) -> Problem:
+        """The same problem with ``extra`` added to the offset and no network inputs
+        (networks frozen after training enter as a known offset)."""
+        return Problem(
+            y=self.y, w=self.w, offset=self.offset + extra, Xs=self.Xs, Z=self.Z, q=self.q,
+            n_levels=self.n_levels, blocks=self.blocks, standardisation=self.standardisation,
+            reml=self.reml, net_X=(),
+        )
+
     @property
     def n_random(self) -> int:
         """Number of random-effect coordinates per block (excluding REML's beta)."""
@@ -191,7 +224,7 @@ class LinearPredictor(torch.nn.Module):
         if not self.reml and problem.p:
             eta = eta + problem.Xs @ self.beta
         for net, x in zip(self.nets, problem.net_X):
-            eta = eta + net(x).squeeze(-1)
+            eta = eta + net(x)
         return eta
 
     def slot_values(self, problem: Problem) -> torch.Tensor:

@@ -71,7 +71,8 @@ class NGMMResult:
     data_name: str | None = None
     name: str | None = None
     random_coef: tuple[np.ndarray, ...] = field(repr=False, default=())
-    nets: Any = field(repr=False, default=None)
+    nets: tuple[Any, ...] = field(repr=False, default=())
+    history: Any = field(repr=False, default=None)
     refit: Any = field(repr=False, default=None)
 
     # ---------------------------------------------------------------- fit statistics
@@ -122,7 +123,101 @@ class NGMMResult:
 
     @property
     def nn_terms(self) -> list[dict[str, Any]]:
-        return []
+        """One record per ``nn()`` term: label, inputs, architecture, number of weights and the
+        share of the linear predictor's variance (on the training data) the term explains."""
+        out = []
+        var_eta = float(np.var(self.eta))
+        for ni, net, f in zip(self.design.nets, self.nets, self._net_outputs(
+                tuple(ni.X for ni in self.design.nets))):
+            arch = " -> ".join([str(ni.X.shape[1]), *map(str, ni.term.hidden), "1"])
+            out.append({
+                "label": ni.term.label, "inputs": ", ".join(ni.term.variables),
+                "architecture": f"{arch} ({ni.term.activation})",
+                "n_weights": int(net.n_weights),
+                "variance_share": float(np.var(f)) / var_eta if var_eta > 0 else float("nan"),
+            })
+        return out
+
+    def _net_outputs(self, net_X: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [net(torch.as_tensor(x, dtype=torch.float64)).numpy()
+                    for net, x in zip(self.nets, net_X)]
+
+    def partial_dependence(self, term: int | str = 0, var: str | None = None,
+                           grid: int | np.ndarray = 50) -> pd.DataFrame:
+        """Partial dependence of one ``nn()`` term on one of its inputs.
+
+        The network's output averaged over the training data with ``var`` set to each grid
+        value (Friedman's partial dependence), on the linear-predictor scale.
+
+        Parameters
+        ----------
+        term : int or str
+            Index of the ``nn()`` term or its label (``"nn(age, livch)"``).
+        var : str
+            Input variable (default: the term's first).
+        grid : int or array
+            Number of grid points between the 1st and 99th percentiles, or the values.
+        """
+        if not self.nets:
+            raise NGMMError("this model has no nn() terms")
+        labels = [ni.term.label for ni in self.design.nets]
+        k = labels.index(term) if isinstance(term, str) and term in labels else term
+        if not isinstance(k, int) or not 0 <= k < len(labels):
+            raise NGMMError(f"term must be one of {labels} or an index, got {term!r}")
+        ni, net = self.design.nets[k], self.nets[k]
+        var = var or ni.term.variables[0]
+        if var not in ni.term.variables:
+            raise NGMMError(f"{var!r} is not an input of {ni.term.label}")
+        pos = ni.term.variables.index(var)
+        enc = ni.encodings[pos]
+        start = sum(len(e.columns) for e in ni.encodings[:pos])
+        width = len(enc.columns)
+        if enc.kind == "numeric":
+            if isinstance(grid, int):
+                raw = ni.X[:, start] * enc.scale + enc.center
+                lo, hi = np.percentile(raw, [1, 99])
+                values = np.linspace(float(lo), float(hi), grid)
+            else:
+                values = np.asarray(grid, dtype=float)
+            codes = [np.array([(v - enc.center) / enc.scale]) for v in values]
+        else:
+            values = np.array(enc.levels, dtype=object)
+            codes = [np.eye(width)[j] for j in range(width)]
+        effects = []
+        with torch.no_grad():
+            for c in codes:
+                X = ni.X.copy()
+                X[:, start:start + width] = c
+                effects.append(float(net(torch.as_tensor(X)).mean()))
+        return pd.DataFrame({var: values, "effect": effects})
+
+    def plot_partial_dependence(self, term: int | str = 0, var: str | None = None,
+                                ax: Any = None) -> Any:
+        """Draw :meth:`partial_dependence` with a rug of the data; returns the Figure."""
+        import matplotlib.pyplot as plt
+
+        pdp = self.partial_dependence(term, var)
+        var = pdp.columns[0]
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+        else:
+            fig = ax.figure
+        if pdp[var].dtype == object:
+            ax.plot(range(len(pdp)), pdp["effect"], "o-")
+            ax.set_xticks(range(len(pdp)), pdp[var].astype(str))
+        else:
+            ax.plot(pdp[var], pdp["effect"], "-")
+            ni = next(n for n in self.design.nets if var in n.term.variables)
+            enc = ni.encodings[ni.term.variables.index(var)]
+            start = sum(len(e.columns) for e in ni.encodings[:ni.term.variables.index(var)])
+            raw = ni.X[:, start] * enc.scale + enc.center
+            ax.plot(raw, np.full_like(raw, ax.get_ylim()[0]), "|", color="k", alpha=0.2)
+        ax.set_xlabel(var)
+        ax.set_ylabel("partial effect (link scale)")
+        ax.set_title(self.design.nets[0].term.label if isinstance(term, int) and term == 0
+                     else str(term))
+        return fig
 
     # ---------------------------------------------------------------- fitted values
     @property
@@ -193,11 +288,12 @@ class NGMMResult:
     def _net_part(self, net_X: tuple[np.ndarray, ...]) -> np.ndarray | float:
         if not net_X:
             return 0.0
-        raise NGMMError("networks are not supported by this result")
+        return np.sum(self._net_outputs(net_X), axis=0)
 
     def _eta_fixed_train(self) -> np.ndarray:
         d = self.design
-        return d.offset + d.X @ self.fixef.to_numpy()
+        return (d.offset + d.X @ self.fixef.to_numpy()
+                + self._net_part(tuple(ni.X for ni in d.nets)))
 
     # ---------------------------------------------------------------- simulation
     def simulate(self, nsim: int = 1, seed: int | None = 0, re_form: str | None = None

@@ -1,0 +1,87 @@
+r"""Networks of the ``nn()`` terms.
+
+Each ``nn(x1, ..., hidden=(h_1, ..., h_L), activation=a, dropout=p)`` term becomes a
+multilayer perceptron on its standardised input matrix (numeric inputs standardised, factors
+one-hot encoded, see :class:`~ngmm_formula.design.NetInput`):
+
+.. math::
+
+    f(x; w) = W_{L+1}\, a(\cdots a(W_1 x + c_1) \cdots) - \bar f,
+
+with no bias in the output layer and :math:`\bar f` the mean of the network's output over the
+training data, so that the intercept lives in the linear part :math:`X\beta`. During training
+:math:`\bar f` is absorbed by the intercept; when training ends the network is centred once
+(:meth:`MLP.centre`) and the intercept shifted by the same amount, leaving every prediction
+unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ngmm_formula.formula import NNTerm
+
+__all__ = ["MLP", "make_network"]
+
+_ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
+    "relu": torch.nn.ReLU,
+    "tanh": torch.nn.Tanh,
+    "gelu": torch.nn.GELU,
+    "silu": torch.nn.SiLU,
+    "elu": torch.nn.ELU,
+    "sigmoid": torch.nn.Sigmoid,
+    "softplus": torch.nn.Softplus,
+}
+
+
+class MLP(torch.nn.Module):
+    """Multilayer perceptron without output bias, with a stored centring constant.
+
+    Parameters
+    ----------
+    in_features : int
+    hidden : tuple of int
+    activation : str
+    dropout : float
+    dtype : torch.dtype
+    """
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str,
+                 dropout: float, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers.append(torch.nn.Linear(width, h, dtype=dtype))
+            layers.append(_ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(torch.nn.Dropout(dropout))
+            width = h
+        out = torch.nn.Linear(width, 1, bias=False, dtype=dtype)
+        torch.nn.init.zeros_(out.weight)  # start at f = 0: the GLMM
+        layers.append(out)
+        self.body = torch.nn.Sequential(*layers)
+        self.centre_value: torch.Tensor
+        self.register_buffer("centre_value", torch.zeros((), dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).squeeze(-1) - self.centre_value
+
+    @torch.no_grad()
+    def centre(self, x: torch.Tensor) -> float:
+        """Centre the output on ``x`` (the training inputs); returns the shift applied."""
+        was = self.training
+        self.eval()
+        shift = float(self.forward(x).mean())
+        self.centre_value.add_(shift)
+        self.train(was)
+        return shift
+
+    @property
+    def n_weights(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64) -> MLP:
+    """The network of one ``nn()`` term."""
+    return MLP(in_features, term.hidden, term.activation, term.dropout, dtype)

@@ -1,0 +1,193 @@
+r"""Training of models with ``nn()`` terms (the fit layer's stochastic half).
+
+The objective is the same approximate marginal log-likelihood as for linear GLMMs
+(:class:`~ngmm_formula.fit.Objective`), now differentiable in the networks' weights too. It is
+a sum over groups, so it is maximised with AdamW on minibatches made of **whole groups** (a
+group's integral is never split):
+
+.. math::
+
+    \text{loss}_B = -\frac{1}{n_B} \sum_{g \in B} \log \int p(y_g \mid u; \psi)\,
+    N(u; 0, I)\, du ,
+
+with decoupled weight decay on the network weights only, a learning rate halved when the
+validation score stalls (``ReduceLROnPlateau``), and early stopping on **held-out groups**:
+a fraction ``Control.validation`` of the levels of the (largest) grouping factor is set
+aside, and training stops when their marginal log-likelihood per observation has not improved
+for ``Control.patience`` epochs; the best weights are restored. The conditional modes of
+every group are kept between minibatches as warm starts of the Newton search.
+
+When training ends the networks are centred on the training data (the intercept absorbs the
+shift) and frozen, and the linear and variance parameters are refitted on all the data by
+L-BFGS with the networks' outputs as a known offset (:func:`~ngmm_formula.fit.optimise`),
+which also gives their standard errors -- conditional on the networks.
+
+Reproducibility: all randomness (initial weights, the validation split, the order of
+minibatches, dropout) comes from ``seed``; on the CPU the same seed gives the same fit bit for
+bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ngmm_formula.approx import Approximation
+from ngmm_formula.families import Family
+from ngmm_formula.fit import Control, Objective
+from ngmm_formula.model import LinearPredictor, Problem
+
+__all__ = ["TrainingHistory", "train_networks"]
+
+
+@dataclass(frozen=True)
+class TrainingHistory:
+    """The training curve: objective per observation on training and validation groups."""
+
+    train: tuple[float, ...]
+    validation: tuple[float, ...]
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+    n_validation_groups: int
+    lr: tuple[float, ...] = field(default=())
+
+
+def _split_groups(groups: np.ndarray, n_groups: int, fraction: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask over groups: True for the held-out (validation) ones."""
+    held = np.zeros(n_groups, dtype=bool)
+    present = np.unique(groups)
+    k = int(round(fraction * present.size))
+    if fraction > 0 and present.size >= 10 and k >= 1:
+        held[rng.choice(present, size=k, replace=False)] = True
+    return held
+
+
+def train_networks(problem: Problem, family: Family, approx: Approximation,
+                   module: LinearPredictor, split_groups: np.ndarray, control: Control,
+                   seed: int) -> TrainingHistory:
+    """Train ``module`` (networks, beta, theta, log_sigma) in place; see the module docs.
+
+    Parameters
+    ----------
+    problem : Problem
+    family : Family
+    approx : Approximation
+    module : LinearPredictor
+        With its networks; modified in place (best validation state restored).
+    split_groups : ndarray of int, shape (n,)
+        Group of every observation used for minibatches and the validation split (the
+        blocks' groups when the integral factorises, else the largest grouping factor).
+    control : Control
+    seed : int
+    """
+    import time
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    per_group_blocks = not approx.joint
+    n_groups = int(split_groups.max()) + 1
+    held = _split_groups(split_groups, n_groups, control.validation, rng)
+    groups_t = torch.as_tensor(split_groups, dtype=torch.long)
+    train_groups = np.flatnonzero(~held & np.isin(np.arange(n_groups), split_groups))
+    val_groups = np.flatnonzero(held)
+
+    rows_per_group = problem.y.shape[0] / max(1, np.unique(split_groups).size)
+    batch_groups = control.batch_groups or max(1, int(round(control.batch_size
+                                                            / rows_per_group)))
+    net_params = [p for net in module.nets for p in net.parameters()]
+    other = [module.beta, module.theta] + (
+        [module.log_sigma] if module.log_sigma is not None else [])
+    opt = torch.optim.AdamW([
+        {"params": net_params, "weight_decay": control.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ], lr=control.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
+    cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype)
+
+    def evaluate(groups: np.ndarray, *, grad: bool) -> tuple[torch.Tensor, int]:
+        gs = torch.as_tensor(np.sort(groups), dtype=torch.long)
+        mask = torch.zeros(n_groups, dtype=torch.bool)
+        mask[gs] = True
+        rows = torch.nonzero(mask[groups_t]).squeeze(-1)
+        if per_group_blocks:
+            sub = problem.subset(rows, gs)
+            start = cache[gs]
+        else:
+            sub = problem.subset(rows)
+            start = None
+        obj = Objective(sub, family, approx, module)
+        with torch.set_grad_enabled(grad):
+            ll = obj.per_block(start=start).sum()
+        if per_group_blocks and obj.mode is not None:
+            cache[gs] = obj.mode.v
+        return ll, int(rows.numel())
+
+    progress = _progress(control)
+    train_curve: list[float] = []
+    val_curve: list[float] = []
+    lrs: list[float] = []
+    best_score, best_epoch, best_state, wait = -math.inf, 0, None, 0
+    stopped = False
+    for epoch in range(1, control.epochs + 1):
+        module.train()
+        order = rng.permutation(train_groups)
+        total, n_rows = 0.0, 0
+        for start in range(0, order.size, batch_groups):
+            batch = order[start:start + batch_groups]
+            ll, n_b = evaluate(batch, grad=True)
+            loss = -ll / n_b
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(ll.detach())
+            n_rows += n_b
+        train_curve.append(total / max(1, n_rows))
+        module.eval()
+        if val_groups.size:
+            with torch.no_grad():
+                vll, n_v = evaluate(val_groups, grad=False)
+            score = float(vll) / n_v
+            val_curve.append(score)
+        else:
+            score = train_curve[-1]
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step(score)
+        if best_state is None or score > best_score + control.min_delta * max(1.0,
+                                                                             abs(best_score)):
+            best_score, best_epoch, wait = score, epoch, 0
+            best_state = copy.deepcopy(module.state_dict())
+        else:
+            wait += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(train=f"{train_curve[-1]:.4f}",
+                                 valid=f"{val_curve[-1]:.4f}" if val_curve else "-")
+        if wait >= control.patience:
+            stopped = True
+            break
+    if progress is not None:
+        progress.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return TrainingHistory(train=tuple(train_curve), validation=tuple(val_curve),
+                           best_epoch=best_epoch, stopped_early=stopped,
+                           seconds=time.perf_counter() - t0,
+                           n_validation_groups=int(val_groups.size), lr=tuple(lrs))
+
+
+def _progress(control: Control):  # type: ignore[no-untyped-def]
+    show = control.progress if control.progress is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=control.epochs, desc="ngmm", unit="epoch", leave=False)
