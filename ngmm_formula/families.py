@@ -148,9 +148,13 @@ class Link(ABC):
     ----------
     name : str
         R's name of the link (``"logit"``, ``"log"``, ...).
+    positive_range : bool
+        Whether :math:`g^{-1}(\eta) > 0` for every real :math:`\eta` (log and probability
+        links); families with a positive mean mark other :math:`\eta` as outside the support.
     """
 
     name: ClassVar[str]
+    positive_range: ClassVar[bool] = False
     __slots__ = ()
 
     @abstractmethod
@@ -173,7 +177,8 @@ class Link(ABC):
         r""":math:`\log \mu(\eta)`, computed stably where the link allows it.
 
         Only meaningful for positive means; a non-positive mean (possible with the identity
-        and inverse links) is clamped to the smallest positive normal number.
+        and inverse links) is clamped to the smallest positive normal number, consistently with
+        the families' ``mean``.
         """
         return torch.log(_positive(self.inverse(eta)))
 
@@ -217,6 +222,7 @@ class LogLink(Link):
     """
 
     name = "log"
+    positive_range = True
     __slots__ = ()
 
     def link(self, mu: Tensor) -> Tensor:
@@ -258,9 +264,6 @@ class InverseLink(Link):
     def mu_eta2(self, eta: Tensor) -> Tensor:
         return 2.0 * torch.reciprocal(eta * eta * eta)
 
-    def log_inverse(self, eta: Tensor) -> Tensor:
-        return -torch.log(_positive(eta))
-
 
 class ProbabilityLink(Link):
     r"""A link for a probability :math:`p = \mu \in (0, 1)` (binomial family).
@@ -274,6 +277,7 @@ class ProbabilityLink(Link):
         \mathcal I(\eta) = \frac{\mu'(\eta)^2}{p(1-p)} .
     """
 
+    positive_range = True
     __slots__ = ()
 
     @abstractmethod
@@ -707,6 +711,17 @@ class Family(ABC):
     def _log_mean(self, eta: Tensor) -> Tensor:
         return self.link.log_inverse(eta)
 
+    def valid_eta(self, eta: Tensor) -> Tensor:
+        r"""Boolean mask of the :math:`\eta` inside the family's support.
+
+        R's ``family$valideta`` and ``validmu`` together: :math:`\eta` must be finite, and for
+        the Poisson, negative binomial and gamma families with a link whose range is not
+        positive (identity, inverse) a finite :math:`g^{-1}(\eta) > 0`. :meth:`log_prob` is
+        :math:`-\infty` outside; optimisers should halve steps that leave the support, as
+        R's ``glm`` does ("step size truncated: out of bounds").
+        """
+        return torch.isfinite(eta)
+
     @abstractmethod
     def _variance_terms(self, mu: Tensor, log_sigma: Tensor | None) -> tuple[Tensor, Tensor]:
         r"""The variance function :math:`V(\mu)` (without :math:`\phi`) and :math:`V'(\mu)`."""
@@ -970,6 +985,53 @@ class Family(ABC):
 
     @abstractmethod
     def _statsmodels_family(self, smf: Any, link: Any, sigma: float | None) -> Any: ...
+
+
+class _PositiveMeanFamily(Family):
+    r"""A family whose mean must be positive (Poisson, negative binomial, gamma).
+
+    With a link whose range is not positive (identity, inverse), :math:`\eta` with
+    :math:`g^{-1}(\eta) \le 0` lies outside the support: :meth:`log_prob` is :math:`-\infty`
+    there (with a zero, not NaN, gradient), so that line searches and step-halving reject such
+    steps, as R's ``glm`` does ("step size truncated: out of bounds"). :meth:`mean` clamps to
+    the smallest positive normal number.
+    """
+
+    __slots__ = ()
+
+    def mean(self, eta: Tensor) -> Tensor:
+        return _positive(self.link.inverse(eta))
+
+    def valid_eta(self, eta: Tensor) -> Tensor:
+        valid = torch.isfinite(eta)
+        if self.link.positive_range:
+            return valid
+        mu = self.link.inverse(eta)
+        return valid & (mu > 0) & torch.isfinite(mu)
+
+    @abstractmethod
+    def _log_prob_in_support(
+        self, y: Tensor, eta: Tensor, log_sigma: Tensor | float | None, w: Tensor
+    ) -> Tensor:
+        """The log-likelihood contributions for eta inside the support."""
+
+    def log_prob(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        w = _weights_like(weights, eta)
+        if self.link.positive_range:
+            return self._log_prob_in_support(y, eta, log_sigma, w)
+        # a NaN eta stays NaN (a bug upstream should not look like a rejected step)
+        mu = self.link.inverse(eta)
+        valid = ~((mu <= 0) | torch.isinf(mu))
+        # evaluate at a harmless eta (mean 1) outside the support, so gradients stay finite
+        eta_safe = torch.where(valid, eta, self.link.link(torch.ones_like(eta)))
+        lp = self._log_prob_in_support(y, eta_safe, log_sigma, w)
+        return torch.where(valid, lp, torch.full_like(lp, -math.inf))
 
 
 class Gaussian(Family):
@@ -1246,7 +1308,7 @@ class Binomial(Family):
         return smf.Binomial(link=link)
 
 
-class Poisson(Family):
+class Poisson(_PositiveMeanFamily):
     r"""Poisson counts.
 
     .. math::
@@ -1267,9 +1329,6 @@ class Poisson(Family):
     sigma_label = "none (fixed at 1)"
     __slots__ = ()
 
-    def mean(self, eta: Tensor) -> Tensor:
-        return _positive(self.link.inverse(eta))
-
     def _variance_terms(self, mu: Tensor, log_sigma: Tensor | None) -> tuple[Tensor, Tensor]:
         return mu, torch.ones_like(mu)
 
@@ -1277,14 +1336,13 @@ class Poisson(Family):
         r""":math:`\mu`."""
         return mu.clone()
 
-    def log_prob(
+    def _log_prob_in_support(
         self,
         y: Tensor,
         eta: Tensor,
-        log_sigma: Tensor | float | None = None,
-        weights: Tensor | None = None,
+        log_sigma: Tensor | float | None,
+        w: Tensor,
     ) -> Tensor:
-        w = _weights_like(weights, eta)
         return w * (y * self._log_mean(eta) - self.mean(eta) - torch.lgamma(y + 1.0))
 
     def _validate_support(self, y: np.ndarray, w: np.ndarray, name: str) -> None:
@@ -1334,7 +1392,7 @@ def _validate_counts(family: str, y: np.ndarray, name: str) -> None:
         )
 
 
-class NegativeBinomial(Family):
+class NegativeBinomial(_PositiveMeanFamily):
     r"""Negative binomial counts, quadratic parameterisation (NB2).
 
     ``sigma`` is the size :math:`k` (glmmTMB's ``nbinom2`` ``sigma()``, ``glmer.nb``'s and
@@ -1369,9 +1427,6 @@ class NegativeBinomial(Family):
     sigma_label = "size k (NB2: Var = mu + mu^2/k)"
     __slots__ = ()
 
-    def mean(self, eta: Tensor) -> Tensor:
-        return _positive(self.link.inverse(eta))
-
     def _variance_terms(self, mu: Tensor, log_sigma: Tensor | None) -> tuple[Tensor, Tensor]:
         assert log_sigma is not None
         inv_k = torch.exp(-log_sigma)
@@ -1399,15 +1454,14 @@ class NegativeBinomial(Family):
         one_minus_s = torch.sigmoid(log_sigma - log_mu)
         return mu, mu, one_minus_s, -s * one_minus_s
 
-    def log_prob(
+    def _log_prob_in_support(
         self,
         y: Tensor,
         eta: Tensor,
-        log_sigma: Tensor | float | None = None,
-        weights: Tensor | None = None,
+        log_sigma: Tensor | float | None,
+        w: Tensor,
     ) -> Tensor:
         ls = self._log_sigma(log_sigma, eta)
-        w = _weights_like(weights, eta)
         k = torch.exp(ls)
         log_mu = self._log_mean(eta)
         zero = torch.zeros_like(log_mu)
@@ -1480,7 +1534,7 @@ class NegativeBinomial(Family):
         return smf.NegativeBinomial(link=link, alpha=alpha)
 
 
-class Gamma(Family):
+class Gamma(_PositiveMeanFamily):
     r"""Gamma response; ``sigma`` is the coefficient of variation :math:`1/\sqrt{\text{shape}}`.
 
     With shape :math:`a = 1/\sigma^2` and scale :math:`\mu\sigma^2` (glmmTMB's ``Gamma``
@@ -1510,9 +1564,6 @@ class Gamma(Family):
     sigma_label = "coefficient of variation (1/sqrt(shape))"
     __slots__ = ()
 
-    def mean(self, eta: Tensor) -> Tensor:
-        return _positive(self.link.inverse(eta))
-
     def _phi(self, log_sigma: Tensor | float | None, like: Tensor) -> Tensor | float:
         return torch.exp(2.0 * self._log_sigma(log_sigma, like))
 
@@ -1523,15 +1574,14 @@ class Gamma(Family):
         r""":math:`\sigma^2\mu^2`."""
         return torch.exp(2.0 * self._log_sigma(log_sigma, mu)) * mu * mu
 
-    def log_prob(
+    def _log_prob_in_support(
         self,
         y: Tensor,
         eta: Tensor,
-        log_sigma: Tensor | float | None = None,
-        weights: Tensor | None = None,
+        log_sigma: Tensor | float | None,
+        w: Tensor,
     ) -> Tensor:
         ls = self._log_sigma(log_sigma, eta)
-        w = _weights_like(weights, eta)
         a = torch.exp(-2.0 * ls)
         log_a = -2.0 * ls
         log_mu = self._log_mean(eta)

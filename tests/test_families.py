@@ -726,3 +726,42 @@ def test_sigma_reporting():
     assert Gaussian().sigma(np.log(2.0)) == pytest.approx(2.0)
     assert NegativeBinomial().sigma(t64(np.log(3.0))) == pytest.approx(3.0)
     assert Binomial().sigma(None) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("family", "link", "bad_eta"),
+    [
+        ("poisson", "identity", -0.5),
+        ("gamma", "identity", 0.0),
+        ("gamma", "inverse", -0.3),
+        ("gamma", "inverse", 0.0),
+    ],
+)
+def test_eta_outside_the_support_gives_minus_inf_with_finite_gradient(family, link, bad_eta):
+    # R's glm halves such steps ("step size truncated: out of bounds"); -inf lets line searches
+    # and the mode finder's step halving do the same.
+    fam = get_family(family, link)
+    ls = t64(-0.3) if fam.has_dispersion else None
+    eta = t64([bad_eta, 1.0]).requires_grad_(True)
+    lp = fam.log_prob(t64([2.0, 2.0]), eta, ls, None)
+    assert lp[0].item() == -np.inf and np.isfinite(lp[1].item())
+    (g,) = torch.autograd.grad(lp[1] + torch.where(torch.isfinite(lp[0]), lp[0], 0.0), eta)
+    assert torch.all(torch.isfinite(g))
+    assert fam.mean(eta)[0].item() > 0
+
+
+def test_valid_eta():
+    eta = t64([-1.0, 0.0, 0.5, np.inf, np.nan])
+    table = {
+        ("gaussian", "identity"): [True, True, True, False, False],
+        ("binomial", "logit"): [True, True, True, False, False],
+        ("poisson", "log"): [True, True, True, False, False],
+        ("poisson", "identity"): [False, False, True, False, False],
+        ("gamma", "inverse"): [False, False, True, False, False],
+        ("gamma", "identity"): [False, False, True, False, False],
+    }
+    for (family, link), want in table.items():
+        got = get_family(family, link).valid_eta(eta)
+        assert got.dtype == torch.bool and got.tolist() == want, (family, link)
+    lp = Gamma("inverse").log_prob(t64([1.0]), t64([np.nan]), t64(0.0))
+    assert torch.isnan(lp).all()  # a NaN eta is a bug upstream, not a rejected step
