@@ -79,7 +79,7 @@ def prepare(formula: str, data: pd.DataFrame, family: str | Family = "gaussian",
         approx, nagq=nagq, truncation=truncation, points=points, reml=reml,
         n_grouping_factors=n_groups, block_dim=block_dim, gaussian_identity=gauss_id,
         has_networks=bool(design.nets))
-    problem = build_problem(design, approximation, device=device)
+    problem = build_problem(design, fam, approximation, device=device)
     return Prepared(design, fam, approximation, problem)
 
 
@@ -261,7 +261,9 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
                   for i in range(j, L.shape[0])]
     theta = pd.Series(theta_vals, index=design.theta_names, name="theta")
 
-    varcorr = _varcorr(design, Ls, sigma if fam.name == "gaussian" else None)
+    # lme4 shows a Residual row for families with a scale parameter in VarCorr: gaussian and
+    # Gamma (whose sigma is the coefficient of variation); not for the NB size
+    varcorr = _varcorr(design, Ls, sigma if fam.name in ("gaussian", "gamma") else None)
     ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), H_mode_inv, Ls)
 
     eta = design.offset + design.X @ beta

@@ -732,6 +732,22 @@ class Family(ABC):
 
     # -- log-likelihood and its derivatives ------------------------------------------------------
 
+    def data_constant(self, y: Tensor, weights: Tensor | None = None) -> Tensor:
+        r"""The part of :meth:`log_prob` that depends on the data only (not on eta or sigma),
+        e.g. :math:`\log\binom{m}{my}` for the binomial. The engine adds it once per
+        evaluation instead of at every quadrature node. Zero unless a family overrides it."""
+        return torch.zeros_like(y)
+
+    def log_kernel(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        """:meth:`log_prob` minus :meth:`data_constant` (same shape as ``eta``)."""
+        return self.log_prob(y, eta, log_sigma, weights) - self.data_constant(y, weights)
+
     @abstractmethod
     def log_prob(
         self,
@@ -1015,6 +1031,21 @@ class _PositiveMeanFamily(Family):
     ) -> Tensor:
         """The log-likelihood contributions for eta inside the support."""
 
+    def _log_kernel_in_support(
+        self, y: Tensor, eta: Tensor, log_sigma: Tensor | float | None, w: Tensor
+    ) -> Tensor:
+        """:meth:`_log_prob_in_support` minus the data constant (override to save work)."""
+        return self._log_prob_in_support(y, eta, log_sigma, w) - self.data_constant(y, w)
+
+    def log_kernel(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        return self._in_support(self._log_kernel_in_support, y, eta, log_sigma, weights)
+
     def log_prob(
         self,
         y: Tensor,
@@ -1022,15 +1053,25 @@ class _PositiveMeanFamily(Family):
         log_sigma: Tensor | float | None = None,
         weights: Tensor | None = None,
     ) -> Tensor:
+        return self._in_support(self._log_prob_in_support, y, eta, log_sigma, weights)
+
+    def _in_support(
+        self,
+        fn: Any,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None,
+        weights: Tensor | None,
+    ) -> Tensor:
         w = _weights_like(weights, eta)
         if self.link.positive_range:
-            return self._log_prob_in_support(y, eta, log_sigma, w)
+            return fn(y, eta, log_sigma, w)
         # a NaN eta stays NaN (a bug upstream should not look like a rejected step)
         mu = self.link.inverse(eta)
         valid = ~((mu <= 0) | torch.isinf(mu))
         # evaluate at a harmless eta (mean 1) outside the support, so gradients stay finite
         eta_safe = torch.where(valid, eta, self.link.link(torch.ones_like(eta)))
-        lp = self._log_prob_in_support(y, eta_safe, log_sigma, w)
+        lp = fn(y, eta_safe, log_sigma, w)
         return torch.where(valid, lp, torch.full_like(lp, -math.inf))
 
 
@@ -1177,11 +1218,25 @@ class Binomial(Family):
         log_sigma: Tensor | float | None = None,
         weights: Tensor | None = None,
     ) -> Tensor:
+        return self.log_kernel(y, eta, log_sigma, weights) + self.data_constant(y, weights)
+
+    def data_constant(self, y: Tensor, weights: Tensor | None = None) -> Tensor:
+        r""":math:`\log\binom{m}{my}` (zero for 0/1 data)."""
+        m = _weights_like(weights, y)
+        k = m * y
+        return torch.lgamma(m + 1.0) - torch.lgamma(k + 1.0) - torch.lgamma(m - k + 1.0)
+
+    def log_kernel(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
         m = _weights_like(weights, eta)
         k = m * y
-        log_choose = torch.lgamma(m + 1.0) - torch.lgamma(k + 1.0) - torch.lgamma(m - k + 1.0)
         link = self.plink
-        return log_choose + k * link.log_p(eta) + (m - k) * link.log_q(eta)
+        return k * link.log_p(eta) + (m - k) * link.log_q(eta)
 
     def dlogp(
         self,
@@ -1343,7 +1398,16 @@ class Poisson(_PositiveMeanFamily):
         log_sigma: Tensor | float | None,
         w: Tensor,
     ) -> Tensor:
-        return w * (y * self._log_mean(eta) - self.mean(eta) - torch.lgamma(y + 1.0))
+        return self._log_kernel_in_support(y, eta, log_sigma, w) + self.data_constant(y, w)
+
+    def data_constant(self, y: Tensor, weights: Tensor | None = None) -> Tensor:
+        r""":math:`-w \log y!`."""
+        return -_weights_like(weights, y) * torch.lgamma(y + 1.0)
+
+    def _log_kernel_in_support(
+        self, y: Tensor, eta: Tensor, log_sigma: Tensor | float | None, w: Tensor
+    ) -> Tensor:
+        return w * (y * self._log_mean(eta) - self.mean(eta))
 
     def _validate_support(self, y: np.ndarray, w: np.ndarray, name: str) -> None:
         _validate_counts(self.name, y, name)

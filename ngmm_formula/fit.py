@@ -110,16 +110,21 @@ class Objective:
     family : Family
     approx : Approximation
     module : LinearPredictor
+    mode_tol : float
+        Convergence tolerance of the Newton search for the conditional modes (the one-step
+        correction of :mod:`~ngmm_formula.approx.adaptive` makes the value accurate to the
+        square of this; training uses a looser one than the final fit).
     """
 
     def __init__(self, problem: Problem, family: Family, approx: Approximation,
-                 module: LinearPredictor):
+                 module: LinearPredictor, *, mode_tol: float = 1e-10):
         self.problem = problem
         self.family = family
         self.approx = approx
         self.module = module
         self.rule = approx.rule(problem.blocks.dim)
         self.mode: ConditionalMode | None = None
+        self.mode_tol = mode_tol
 
     def per_block(self, *, warm: bool = True, start: torch.Tensor | None = None
                   ) -> torch.Tensor:
@@ -134,9 +139,9 @@ class Objective:
         if start is None and warm and self.mode is not None:
             start = self.mode.v
         self.mode = find_mode(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
-                              start)
+                              start, tol=self.mode_tol)
         ll = log_marginal(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
-                          self.mode, self.rule)
+                          self.mode, self.rule, pr.log_const)
         if pr.reml:
             # beta was integrated on the standardised scale: d beta = |det A| d beta_s
             ll = ll + pr.standardisation.log_abs_det

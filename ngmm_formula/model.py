@@ -24,6 +24,7 @@ import torch
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.conditional import Blocks
 from ngmm_formula.design import Design
+from ngmm_formula.families import Family
 
 __all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "lambda_blocks"]
 
@@ -76,6 +77,7 @@ class Problem:
     standardisation: Standardisation
     reml: bool
     net_X: tuple[torch.Tensor, ...]
+    log_const: torch.Tensor
 
     @property
     def n_theta(self) -> int:
@@ -106,7 +108,7 @@ class Problem:
             y=self.y[rows], w=self.w[rows], offset=self.offset[rows], Xs=self.Xs[rows],
             Z=tuple(z[rows] for z in self.Z), q=self.q, n_levels=self.n_levels,
             blocks=sub_blocks, standardisation=self.standardisation, reml=self.reml,
-            net_X=tuple(x[rows] for x in self.net_X),
+            net_X=tuple(x[rows] for x in self.net_X), log_const=self.log_const[rows],
         )
 
     def with_offset(self, extra: torch.Tensor) -> Problem:
@@ -115,7 +117,7 @@ class Problem:
         return Problem(
             y=self.y, w=self.w, offset=self.offset + extra, Xs=self.Xs, Z=self.Z, q=self.q,
             n_levels=self.n_levels, blocks=self.blocks, standardisation=self.standardisation,
-            reml=self.reml, net_X=(),
+            reml=self.reml, net_X=(), log_const=self.log_const,
         )
 
     @property
@@ -124,7 +126,7 @@ class Problem:
         return self.blocks.dim - (self.p if self.reml else 0)
 
 
-def build_problem(design: Design, approx: Approximation, *,
+def build_problem(design: Design, family: Family, approx: Approximation, *,
                   dtype: torch.dtype = torch.float64, device: str = "cpu") -> Problem:
     """Tensors and block layout for ``design`` under ``approx``."""
     std = Standardisation.of(design.X)
@@ -171,6 +173,7 @@ def build_problem(design: Design, approx: Approximation, *,
         Z=tuple(t(tm.Zraw) for tm in terms), q=q,
         n_levels=tuple(tm.n_levels for tm in terms), blocks=blocks, standardisation=std,
         reml=approx.reml, net_X=tuple(t(ni.X) for ni in design.nets),
+        log_const=family.data_constant(t(design.y), t(design.weights)),
     )
 
 

@@ -94,7 +94,6 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
     per_group_blocks = not approx.joint
     n_groups = int(split_groups.max()) + 1
     held = _split_groups(split_groups, n_groups, control.validation, rng)
-    groups_t = torch.as_tensor(split_groups, dtype=torch.long)
     train_groups = np.flatnonzero(~held & np.isin(np.arange(n_groups), split_groups))
     val_groups = np.flatnonzero(held)
 
@@ -112,18 +111,27 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
     cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype)
 
+    # rows sorted by group once; a batch's rows are gathered from contiguous ranges
+    rows_by_group = np.argsort(split_groups, kind="stable")
+    sizes = np.bincount(split_groups, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def rows_of(gs: np.ndarray) -> np.ndarray:
+        counts = sizes[gs]
+        offsets = np.repeat(starts[gs] - np.cumsum(counts) + counts, counts)
+        return rows_by_group[offsets + np.arange(counts.sum())]
+
     def evaluate(groups: np.ndarray, *, grad: bool) -> tuple[torch.Tensor, int]:
-        gs = torch.as_tensor(np.sort(groups), dtype=torch.long)
-        mask = torch.zeros(n_groups, dtype=torch.bool)
-        mask[gs] = True
-        rows = torch.nonzero(mask[groups_t]).squeeze(-1)
+        gs_np = np.sort(groups)
+        gs = torch.as_tensor(gs_np, dtype=torch.long)
+        rows = torch.as_tensor(rows_of(gs_np), dtype=torch.long)
         if per_group_blocks:
             sub = problem.subset(rows, gs)
             start = cache[gs]
         else:
             sub = problem.subset(rows)
             start = None
-        obj = Objective(sub, family, approx, module)
+        obj = Objective(sub, family, approx, module, mode_tol=1e-7)
         with torch.set_grad_enabled(grad):
             ll = obj.per_block(start=start).sum()
         if per_group_blocks and obj.mode is not None:

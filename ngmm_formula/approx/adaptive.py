@@ -39,6 +39,7 @@ from ngmm_formula.approx.conditional import (
     Blocks,
     ConditionalMode,
     block_sum,
+    cholesky,
     gradient,
     log_integrand,
     neg_hessian,
@@ -52,12 +53,15 @@ __all__ = ["log_marginal"]
 
 def log_marginal(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch.Tensor,
                  log_sigma: torch.Tensor | None, C: torch.Tensor, blocks: Blocks,
-                 mode: ConditionalMode, rule: Rule) -> torch.Tensor:
+                 mode: ConditionalMode, rule: Rule, log_const: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Approximate :math:`\\log \\int e^{h(v)} dv` of every block, shape (n_blocks,).
 
     ``mode`` comes from :func:`~ngmm_formula.approx.conditional.find_mode` at the same
     parameters (detached); the result is differentiable in ``eta_fixed``, ``C`` and
-    ``log_sigma``.
+    ``log_sigma``. ``log_const`` is the family's data constant per observation
+    (:meth:`~ngmm_formula.families.Family.data_constant`), added once per block rather than
+    at every node.
     """
     v0 = mode.v
     # one differentiable Newton step: v* == v0 in value, implicit-function derivative
@@ -67,8 +71,8 @@ def log_marginal(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
     v_star = v0 + step
     eta_star = eta_fixed + random_part(C, v_star, blocks)
     H = neg_hessian(-family.d2logp(y, eta_star, log_sigma, w), C, blocks)
-    R, info = torch.linalg.cholesky_ex(H)
-    if bool((info != 0).any()):
+    R, ok = cholesky(H)
+    if not ok:
         # observed curvature not positive definite (non-log-concave family far from the
         # data): use the expected curvature, as PIRLS does
         H = neg_hessian(family.fisher_weight(eta_star, log_sigma, w), C, blocks)
@@ -76,8 +80,10 @@ def log_marginal(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
     log_det_L = -torch.log(torch.diagonal(R, dim1=-2, dim2=-1)).sum(-1)
     const = log_det_L + 0.5 * blocks.dim * LOG_2PI
     if rule.n_nodes == 1 and not rule.nodes.any():
-        h = log_integrand(family, y, w, eta_star, log_sigma, v_star, blocks)
+        h = log_integrand(family, y, w, eta_star, log_sigma, v_star, blocks, log_const)
         return const + h + float(rule.log_weights[0])
+    if log_const is not None:
+        const = const + block_sum(log_const, blocks)
     t, logw = rule.tensors(C.dtype, C.device)  # (K, D), (K,)
     # L t_k = R^{-T} t_k for every block: (n_blocks, D, K)
     Lt = torch.linalg.solve_triangular(R.transpose(-1, -2), t.T.expand(blocks.n_blocks, -1, -1),
@@ -87,7 +93,7 @@ def log_marginal(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
     Lt_obs = Lt[blocks.block_of_obs.unsqueeze(-1), blocks.slot_pos]  # (n, S, K)
     eta_nodes = eta_star.unsqueeze(-1) + (C.unsqueeze(-1) * Lt_obs).sum(1)  # (n, K)
     y_, w_ = y.unsqueeze(-1), w.unsqueeze(-1)
-    ll = block_sum(family.log_prob(y_, eta_nodes, log_sigma, w_), blocks)  # (n_blocks, K)
+    ll = block_sum(family.log_kernel(y_, eta_nodes, log_sigma, w_), blocks)  # (n_blocks, K)
     prior = (-0.5 * (blocks.prior_precision[:, None] * nodes * nodes).sum(1)
              - 0.5 * blocks.n_prior * LOG_2PI)
     terms = logw + ll + prior + 0.5 * (t * t).sum(-1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -71,6 +72,10 @@ class Blocks:
 
     def flat_index(self) -> torch.Tensor:
         """Index of each slot in the flattened (n_blocks * D) coordinate vector."""
+        return self._flat_index
+
+    @cached_property
+    def _flat_index(self) -> torch.Tensor:
         return self.block_of_obs[:, None] * self.dim + self.slot_pos
 
 
@@ -80,16 +85,33 @@ def block_sum(values: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     return out.index_add(0, blocks.block_of_obs, values)
 
 
+def cholesky(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Batched lower Cholesky factor of (n_blocks, D, D) and whether every block is positive
+    definite; a square root for D = 1 (far cheaper than LAPACK's batched call)."""
+    if H.shape[-1] == 1:
+        ok = bool((H > 0).all())
+        return torch.sqrt(H.clamp_min(1e-300)), ok
+    L, info = torch.linalg.cholesky_ex(H)
+    return L, bool((info == 0).all())
+
+
 def random_part(C: torch.Tensor, v: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """:math:`\\sum_s C_{is} v_{b(i), pos(i,s)}` for v of shape (n_blocks, D) -> (n,)."""
     return (C * v.reshape(-1)[blocks.flat_index()]).sum(-1)
 
 
 def log_integrand(family: Family, y: torch.Tensor, w: torch.Tensor, eta: torch.Tensor,
-                  log_sigma: torch.Tensor | None, v: torch.Tensor, blocks: Blocks
-                  ) -> torch.Tensor:
-    """:math:`h` per block, shape (n_blocks,), at the linear predictor ``eta`` (n,)."""
-    loglik = block_sum(family.log_prob(y, eta, log_sigma, w), blocks)
+                  log_sigma: torch.Tensor | None, v: torch.Tensor, blocks: Blocks,
+                  log_const: torch.Tensor | None = None) -> torch.Tensor:
+    """:math:`h` per block, shape (n_blocks,), at the linear predictor ``eta`` (n,).
+
+    ``log_const`` is the family's data constant per observation; left out (None) it gives
+    :math:`h` up to a per-block constant, which is all the mode search needs.
+    """
+    ll = family.log_kernel(y, eta, log_sigma, w)
+    if log_const is not None:
+        ll = ll + log_const
+    loglik = block_sum(ll, blocks)
     prior = -0.5 * (blocks.prior_precision * v * v).sum(-1) - 0.5 * blocks.n_prior * LOG_2PI
     return loglik + prior
 
@@ -149,8 +171,8 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
             W = family.fisher_weight(eta, ls, w)
             H = neg_hessian(W, C, blocks)
             g = gradient(d1, C, v, blocks)
-            L, info = torch.linalg.cholesky_ex(H)
-            if bool((info != 0).any()):
+            L, ok = cholesky(H)
+            if not ok:
                 eye = torch.eye(blocks.dim, dtype=H.dtype, device=H.device)
                 L = torch.linalg.cholesky(H + 1e-8 * eye)
             step = torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
@@ -174,8 +196,8 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
         # Final negative Hessian: the observed one (true Laplace), Fisher weights as fallback.
         d2 = family.d2logp(y, eta, ls, w)
         H = neg_hessian(-d2, C, blocks)
-        L, info = torch.linalg.cholesky_ex(H)
-        if bool((info != 0).any()):
+        L, ok = cholesky(H)
+        if not ok:
             H = neg_hessian(family.fisher_weight(eta, ls, w), C, blocks)
             L = torch.linalg.cholesky(H)
     return ConditionalMode(v=v, chol=L, iterations=it, converged=converged)
