@@ -610,6 +610,13 @@ def build_design(
     n_all = len(data)
     w_user = _vector_arg(weights, data, "weights")
     o_user = _vector_arg(offset, data, "offset")
+    for term in formula.nn_terms:
+        for v in term.variables:
+            n_na = int(data[v].isna().sum())
+            if n_na:
+                raise DataError(f"{term.label}: input '{v}' has {n_na} missing values; a "
+                                "network needs complete inputs: drop or impute those rows "
+                                f"first (e.g. data.dropna(subset=['{v}']))")
     na = _na_rows(data, needed)
     for name, v in (("weights", w_user), ("offset", o_user)):
         if v is not None:
@@ -622,6 +629,7 @@ def build_design(
             raise DataError(f"missing values in column(s) {cols} ({int(na.sum())} rows); "
                             "use na_action='omit' to drop them")
         frame = data.loc[~na]
+        _check_groups_survive(formula, data, frame, needed)
         if len(frame) == 0:
             raise DataError("no rows left after removing rows with missing values")
         w_user = None if w_user is None else w_user[~na]
@@ -727,6 +735,20 @@ def build_design(
         response_name=response_name,
         spec=spec,
     )
+
+
+def _check_groups_survive(formula: ParsedFormula, before: pd.DataFrame, after: pd.DataFrame,
+                          needed: list[str]) -> None:
+    """A grouping level that had rows before NA removal but none after is an error: its
+    random effect would silently vanish from the model."""
+    for bar in formula.bars:
+        lost = sorted(set(_group_labels(before.dropna(subset=list(bar.group_factors)), bar))
+                      - set(_group_labels(after, bar)))
+        if lost:
+            cols = [c for c in needed if before[c].isna().any()]
+            raise DataError(f"grouping factor '{bar.group}': level(s) {lost[:5]} have no rows "
+                            f"left after removing rows with missing values in {cols}; drop "
+                            "those levels or impute the missing values")
 
 
 def _check_finite_numeric(col: pd.Series, name: str) -> None:

@@ -164,8 +164,8 @@ def build_problem(design: Design, family: Family, approx: Approximation, *,
     blocks = Blocks(
         n_blocks=n_blocks,
         dim=dim,
-        block_of_obs=torch.as_tensor(block_of_obs, dtype=torch.long, device=device),
-        slot_pos=torch.as_tensor(slot_pos, dtype=torch.long, device=device),
+        block_of_obs=torch.tensor(np.asarray(block_of_obs), dtype=torch.long, device=device),
+        slot_pos=torch.tensor(np.asarray(slot_pos), dtype=torch.long, device=device),
         prior_precision=t(prior),
     )
     return Problem(

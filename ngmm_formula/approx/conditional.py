@@ -164,6 +164,12 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
              if start is None else start.detach().clone())
         eta = eta_fixed + random_part(C, v, blocks)
         h = log_integrand(family, y, w, eta, ls, v, blocks)
+        if start is not None and not bool(torch.isfinite(h).all()):
+            # a warm start outside the family's support (e.g. eta <= 0 for an inverse link):
+            # restart those blocks from u = 0
+            v = torch.where(torch.isfinite(h)[:, None], v, torch.zeros_like(v))
+            eta = eta_fixed + random_part(C, v, blocks)
+            h = log_integrand(family, y, w, eta, ls, v, blocks)
         converged = False
         it = 0
         for it in range(1, max_iter + 1):  # noqa: B007

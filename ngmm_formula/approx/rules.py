@@ -8,21 +8,31 @@ r"""Integration rules for the standard normal, :math:`\int f(t)\, N(t; 0, I_D)\,
 * :func:`truncated_rule` -- the truncated rule of Slavutsky, Salazar and Blei (2026): a uniform
   (trapezoid) grid of ``K`` points per axis on :math:`[-M, M]^D`.
 
-Error of the truncated rule. In the posterior-standardised coordinates the integrand is
-:math:`f(t) N(t; 0, I)` with :math:`f` smooth and close to constant (exactly constant for a
-Gaussian response). The rule's error has two parts:
+Error of the truncated rule. In the posterior-standardised coordinates :math:`t` (mode at 0,
+unit curvature there) write the integrand as :math:`e^{g(t)}`, :math:`g(0) = 0`. The rule's
+error has two parts, the mass outside :math:`[-M, M]^D` and the trapezoid error inside.
+
+*Tail.* When :math:`h` is log-concave (Gaussian, binomial with logit, Poisson with log link:
+the likelihood is concave in :math:`\eta` and the prior contributes :math:`-\|u\|^2/2`), its
+curvature is at least that of the prior, so in :math:`t` (scalar case)
+:math:`g(t) \le -t^2 / (2H)` with :math:`H \ge 1` the curvature at the mode in the prior's
+units, and
 
 .. math::
 
-    |E| \le \underbrace{\int_{\|t\|_\infty > M} f N}_{\text{tail}}
-        + \underbrace{|E_{\text{grid}}|}_{\text{trapezoid}},
-    \qquad \text{tail} \lesssim \sup f \cdot 2D\,\Phi(-M)
-        \le \sup f \cdot D \sqrt{2/\pi}\, e^{-M^2/2} / M,
+    \text{tail} = \int_{|t| > M} e^{g(t)} dt \le 2 \sqrt{2\pi H}\, \Phi(-M/\sqrt{H})
+    \le \sqrt{2 H / \pi}\, \frac{\sqrt H}{M} e^{-M^2/(2H)},
 
-the Gaussian-tail rate in the user's :math:`M`, and the trapezoid error, which for an
-integrand analytic in a strip decays geometrically in :math:`K` (like
-:math:`e^{-c (K-1)^2 / M^2}` for the Gaussian factor). ``tests/approx/test_rules.py`` measures
-both against ``scipy.integrate.quad``.
+the Gaussian-tail rate in the user's :math:`M` (:func:`truncation_bound`). For a Gaussian
+response :math:`g(t) = -t^2/2` exactly and the tail is the standard normal's,
+:math:`1 - (1 - 2\Phi(-M))^D` (:func:`tail_bound`).
+
+*Grid.* Inside :math:`[-M, M]` the trapezoid rule on an integrand analytic in a strip
+converges geometrically in ``K`` (like :math:`e^{-c (K-1)^2/M^2}` for the Gaussian factor),
+so with :math:`K \gtrsim 4M` the tail dominates.
+
+``tests/approx/test_rules.py`` and ``tests/test_neural.py`` measure both against
+``scipy.integrate.quad``.
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Rule", "laplace_rule", "gauss_hermite_rule", "truncated_rule", "tail_bound"]
+__all__ = ["Rule", "gauss_hermite_rule", "laplace_rule", "tail_bound", "truncated_rule",
+           "truncation_bound"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +108,17 @@ def tail_bound(dim: int, truncation: float) -> float:
 
     inside = 1.0 - 2.0 * float(ndtr(-truncation))
     return 1.0 - inside**dim
+
+
+def truncation_bound(truncation: float, curvature: float = 1.0) -> float:
+    r"""Bound on the mass a scalar log-concave integrand has outside :math:`[-M, M]`.
+
+    In posterior-standardised coordinates, relative to the integrand's value at the mode:
+    :math:`2\sqrt{2\pi H}\,\Phi(-M/\sqrt H)`, with :math:`H \ge 1` the curvature of
+    :math:`h` at the mode in the prior's units (see the module docstring). The relative error
+    of the log marginal likelihood is at most this divided by the rule's value.
+    """
+    from scipy.special import ndtr
+
+    H = max(1.0, float(curvature))
+    return 2.0 * math.sqrt(2.0 * math.pi * H) * float(ndtr(-truncation / math.sqrt(H)))
