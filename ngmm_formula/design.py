@@ -611,12 +611,12 @@ def build_design(
     w_user = _vector_arg(weights, data, "weights")
     o_user = _vector_arg(offset, data, "offset")
     for term in formula.nn_terms:
-        for v in term.variables:
-            n_na = int(data[v].isna().sum())
+        for var in term.variables:
+            n_na = int(data[var].isna().sum())
             if n_na:
-                raise DataError(f"{term.label}: input '{v}' has {n_na} missing values; a "
+                raise DataError(f"{term.label}: input '{var}' has {n_na} missing values; a "
                                 "network needs complete inputs: drop or impute those rows "
-                                f"first (e.g. data.dropna(subset=['{v}']))")
+                                f"first (e.g. data.dropna(subset=['{var}']))")
     na = _na_rows(data, needed)
     for name, v in (("weights", w_user), ("offset", o_user)):
         if v is not None:

@@ -136,8 +136,8 @@ def _exact_group_logliks(fit, data: pd.DataFrame, groups: list[str]) -> np.ndarr
                          + scipy.stats.norm.logpdf(b, scale=sd))
         grid = np.linspace(-8 * sd, 8 * sd, 2001)
         peak = max(logf(b) for b in grid)
-        val, _ = scipy.integrate.quad(lambda b: np.exp(logf(b) - peak), -12 * sd, 12 * sd,
-                                      epsabs=0, epsrel=1e-13, limit=400)
+        val, _ = scipy.integrate.quad(lambda b, p=peak, f=logf: np.exp(f(b) - p), -12 * sd,
+                                      12 * sd, epsabs=0, epsrel=1e-13, limit=400)
         out.append(np.log(val) + peak)
     return np.array(out)
 
