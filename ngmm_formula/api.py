@@ -152,8 +152,18 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
     -------
     NGMMResult
     """
-    torch.manual_seed(seed)
     control = control or Control()
+    with torch_threads(control.threads):
+        return _ngmm(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
+                     points=points, weights=weights, offset=offset, reml=reml, control=control,
+                     seed=seed, device=device)
+
+
+def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str,
+          nagq: int | None, truncation: float | None, points: int | None, weights: Any,
+          offset: Any, reml: bool | None, control: Control, seed: int, device: str
+          ) -> NGMMResult:
+    torch.manual_seed(seed)
     data_name = getattr(data, "attrs", {}).get("name") if isinstance(data, pd.DataFrame) else None
     prepared = prepare(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                        points=points, weights=weights, offset=offset, reml=reml,
@@ -195,9 +205,8 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
     pr, design, approx = prepared.problem, prepared.design, prepared.approximation
     split = (design.re_terms[0].group_index if approx.joint
              else pr.blocks.block_of_obs.cpu().numpy())
-    with torch_threads(int(pr.y.shape[0]) * sum(int(x.shape[1]) * 64 for x in pr.net_X)):
-        history = train_networks(pr, prepared.family, approx, module, np.asarray(split),
-                                 control, seed)
+    history = train_networks(pr, prepared.family, approx, module, np.asarray(split),
+                             control, seed)
     intercept = [j for j, n in enumerate(design.fixed_names) if n == "(Intercept)"]
     with torch.no_grad():
         for net, x in zip(_nets(module), pr.net_X):
@@ -264,7 +273,14 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     # lme4 shows a Residual row for families with a scale parameter in VarCorr: gaussian and
     # Gamma (whose sigma is the coefficient of variation); not for the NB size
     varcorr = _varcorr(design, Ls, sigma if fam.name in ("gaussian", "gamma") else None)
-    ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), H_mode_inv, Ls)
+    if pr.reml:
+        # lme4's postVar is conditional on beta-hat: invert the u-block of H, not the u-block
+        # of the joint (u, beta) inverse (which would add the uncertainty of beta)
+        H_joint = (mode.chol @ mode.chol.transpose(-1, -2)).numpy()
+        H_u_inv = np.linalg.inv(H_joint[:, :-pr.p, :-pr.p] if pr.p else H_joint)
+    else:
+        H_u_inv = H_mode_inv
+    ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), H_u_inv, Ls)
 
     eta = design.offset + design.X @ beta
     if net_offset is not None:

@@ -68,6 +68,8 @@ class Control:
         Refit the linear and variance parameters by L-BFGS after training.
     progress : bool or None
         Progress bar (tqdm); None shows it when standard error is a terminal.
+    threads : int or None
+        torch intra-op threads during the fit (None: one, see :func:`torch_threads`).
     """
 
     max_iter: int = 2000
@@ -84,6 +86,7 @@ class Control:
     min_delta: float = 1e-5
     refit: bool = True
     progress: bool | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         from ngmm_formula.errors import NGMMError
@@ -95,6 +98,7 @@ class Control:
             ("batch_groups", self.batch_groups is None or self.batch_groups >= 1),
             ("validation", 0 <= self.validation < 1), ("patience", self.patience >= 1),
             ("na_action", self.na_action in ("omit", "raise")),
+            ("threads", self.threads is None or self.threads >= 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -255,16 +259,16 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor) -> None
 
 
 @contextlib.contextmanager
-def torch_threads(work: int, small: int = 2_000_000) -> Iterator[None]:
-    """Run small problems on one thread.
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a fit with ``threads`` intra-op threads (default 1), restoring the setting after.
 
-    Below ``small`` scalar operations per evaluation, torch's per-operation parallelism costs
-    more than it gains, and on a loaded machine its spinning threads slow a fit down by an
-    order of magnitude; the previous setting is restored afterwards.
+    torch's intra-op threads spin while they wait: on a machine whose cores are shared with
+    other work, two threads made fits here 4-20x slower than one, while on an idle 2-core
+    machine they gain at most 2x on the largest operations. One thread is the robust
+    default; ``Control(threads=...)`` asks for more.
     """
     before = torch.get_num_threads()
-    if work < small and before > 1:
-        torch.set_num_threads(1)
+    torch.set_num_threads(threads or 1)
     try:
         yield
     finally:
@@ -296,14 +300,6 @@ def theta_start(obj: Objective, scales: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03
 def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
              newton_steps: int = 8) -> Optimum:
     """Maximise the objective over beta, theta and log_sigma (float64)."""
-    pr = obj.problem
-    work = int(pr.y.shape[0]) * max(1, int(pr.blocks.slot_pos.shape[1])) ** 2 * obj.rule.n_nodes
-    work += pr.blocks.n_blocks * pr.blocks.dim ** 3
-    with torch_threads(work):
-        return _optimise(obj, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps)
-
-
-def _optimise(obj: Objective, *, max_iter: int, gtol: float, newton_steps: int) -> Optimum:
     x0 = _get(obj.module)
     n_eval = 0
 
