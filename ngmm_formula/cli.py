@@ -72,10 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         fit = ngmm(args.formula, data, family, approx=args.approx, nagq=args.nagq,
                    truncation=args.truncation, points=args.points, reml=reml)
     except NGMMError as exc:
-        print(f"ngmm: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        for line in str(exc).splitlines()[1:]:
-            print(f"  {line.strip() if not line.strip().startswith('^') else line}",
-                  file=sys.stderr)
+        # one line of message; a formula error adds the formula with a caret under the
+        # offending position
+        print(f"ngmm: error: {exc}", file=sys.stderr)
         return 2
     print(fit.summary())
     return 0
