@@ -212,6 +212,7 @@ def load(name: str) -> pd.DataFrame:
                 raise DataError(f"{spec.file}: column {col.name!r} has values {bad} that "
                                 "are not among its levels in levels.csv")
             frame[col.name] = cat
+    frame.attrs["name"] = spec.name  # shown as "Data:" in summaries
     return frame
 
 
