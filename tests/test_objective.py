@@ -1,0 +1,470 @@
+"""The objective at fixed parameters (lme4's ``devFunOnly = TRUE``) and its gradients.
+
+Values: ``-2 * objective_at(prepare(...), fixef, theta, sigma)`` against the deviance
+functions recorded by ``tests/reference/make_refs.R`` at each fit's optimum and at a perturbed
+point (``tests/reference/README.md``, "Objective at fixed parameters"), to 1e-6 relative: both
+sides evaluate the same closed-form or Laplace expression, so anything larger than round-off
+and the inner mode searches' tolerance is a convention error (a missing constant, the wrong
+curvature, a scale mix-up).
+
+* lmer: ``devfun(theta)`` profiles out beta and sigma. It is evaluated here at the recorded
+  ``beta_hat(theta)`` and ``sigma_hat(theta)``. Under REML ``devfun`` is the REML criterion,
+  -2 x the restricted log-likelihood (beta integrated out with a flat prior) at
+  ``sigma_hat_REML(theta)``; this package's REML objective is the same function of
+  (theta, sigma), so ``fixef`` is not an argument there.
+* glmer, Laplace (nAGQ = 1): ``devfun(c(theta, beta))`` is -2 log L with all constants. For
+  non-canonical links lme4's Laplace uses the expected curvature, this package (and glmmTMB)
+  the observed one: those are compared with glmmTMB's ``obj$fn`` and with the independent R
+  value ``laplace_observed``.
+* glmer, nAGQ > 1: ``devfun`` omits the saturated constant; ``m2ll_full = value +
+  saturated_m2ll`` is compared.
+* glmmTMB: ``obj$fn(par) = -log L``; ``par`` holds log-SDs (and, for 2 x 2 terms, the
+  correlation parameter rho / sqrt(1 - rho^2)) and ``betad``, whose scale depends on the family
+  (checked here: Gaussian ``log(sigma^2)``, Gamma ``log(1/sigma^2)`` = log shape, nbinom2
+  ``log(size)``).
+
+Gradients: :func:`torch.autograd.gradcheck` in float64 of the objective as a function of the
+raw parameters (beta on the internal standardised scale, theta, log_sigma) on small simulated
+data, for every rule and block layout. The objective runs a Newton mode search at every call
+(to a step of 1e-10), so finite differences see the implicit dependence of the mode on the
+parameters; the analytic gradient gets it from the one differentiable Newton step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ngmm_formula.api import Prepared, objective_at, prepare
+from ngmm_formula.datasets import load
+from ngmm_formula.families import get_family
+from ngmm_formula.fit import Objective
+from ngmm_formula.model import LinearPredictor
+
+REF_DIR = Path(__file__).parent / "reference"
+REFS: dict[str, dict[str, Any]] = {
+    f["id"]: f for f in json.loads((REF_DIR / "lme4_refs.json").read_text())["fits"]
+}
+RTOL = 1e-6
+POINTS = ("optimum", "perturbed")
+
+
+def gamma_sim() -> pd.DataFrame:
+    d = pd.read_csv(REF_DIR / "gamma_sim.csv")
+    d["g"] = d["g"].astype("category")
+    return d
+
+
+def dataset(name: str) -> pd.DataFrame:
+    return gamma_sim() if name == "gamma_sim" else load(name)
+
+
+def values(named: dict[str, float]) -> np.ndarray:
+    return np.array(list(named.values()), dtype=float)
+
+
+_PREPARED: dict[tuple[Any, ...], Prepared] = {}
+
+
+def prepared(data: str, formula: str, family: tuple[str, str | None], **kw: Any) -> Prepared:
+    key = (data, formula, family, tuple(sorted(kw.items())))
+    if key not in _PREPARED:
+        _PREPARED[key] = prepare(formula, dataset(data), get_family(*family), **kw)
+    return _PREPARED[key]
+
+
+# ------------------------------------------------------------------------------------------
+# lmer: devfun(theta) with beta and sigma profiled out
+
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+LMER = [
+    # lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = TRUE)
+    ("sleep_reml", "sleepstudy", SLEEP, True),
+    # lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = FALSE)
+    ("sleep_ml", "sleepstudy", SLEEP, False),
+    # lmer(Reaction ~ Days + (Days || Subject), sleepstudy, REML = FALSE)
+    ("sleep_uncorr_ml", "sleepstudy", "Reaction ~ Days + (Days || Subject)", False),
+    # lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = TRUE)
+    ("penicillin_reml", "Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True),
+    # lmer(strength ~ 1 + (1 | batch/cask), Pastes, REML = TRUE)
+    ("pastes_reml", "Pastes", "strength ~ 1 + (1 | batch/cask)", True),
+    # lmer(Yield ~ 1 + (1 | Batch), Dyestuff, REML = TRUE) and REML = FALSE
+    ("dyestuff_reml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", True),
+    ("dyestuff_ml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", False),
+]
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(("ref_id", "data", "formula", "reml"), LMER,
+                         ids=[c[0] for c in LMER])
+def test_lmer_devfun(ref_id: str, data: str, formula: str, reml: bool, point: str) -> None:
+    rec = REFS[ref_id]["devfun"][point]
+    p = prepared(data, formula, ("gaussian", None), reml=reml)
+    fixef = None if reml else values(rec["beta_hat"])
+    # R: dd <- update(fit, devFunOnly = TRUE); dd(theta)
+    ours = -2 * objective_at(p, fixef, values(rec["theta"]), rec["sigma_hat"])
+    assert ours == pytest.approx(rec["value"], rel=RTOL)
+    assert ours == pytest.approx(rec["dense_check"], rel=RTOL)
+
+
+@pytest.mark.parametrize(("ref_id", "data", "formula", "reml"), LMER,
+                         ids=[c[0] for c in LMER])
+def test_lmer_profiled_parameters_are_stationary(ref_id: str, data: str, formula: str,
+                                                 reml: bool) -> None:
+    """lme4's beta_hat(theta), sigma_hat(theta) maximise our objective at fixed theta: the
+    derivatives in beta (ML) and sigma vanish there (perturbed theta, not the optimum)."""
+    rec = REFS[ref_id]["devfun"]["perturbed"]
+    p = prepared(data, formula, ("gaussian", None), reml=reml)
+    module = LinearPredictor(p.problem, True)
+    with torch.no_grad():
+        module.beta.copy_(torch.as_tensor(np.linalg.solve(p.problem.standardisation.A,
+                                                          values(rec["beta_hat"]))))
+        module.theta.copy_(torch.as_tensor(values(rec["theta"]) * rec["sigma_hat"]))
+        module.log_sigma.fill_(float(np.log(rec["sigma_hat"])))
+    ll = Objective(p.problem, p.family, p.approximation, module)()
+    g_beta, g_theta, g_ls = torch.autograd.grad(ll, [module.beta, module.theta, module.log_sigma],
+                                                allow_unused=True)
+    # module.theta is absolute (sigma x lme4's theta): lme4 profiles sigma at fixed *relative*
+    # theta, i.e. along d/d log sigma + sum_j theta_j d/d theta_j
+    g = [float((g_ls + (module.theta * g_theta).sum()).detach())]
+    if not reml:
+        g += g_beta.tolist()
+    # scale: these derivatives are O(n) away from the profiled values
+    assert np.abs(g).max() < 1e-6 * p.problem.y.numel()
+
+
+# ------------------------------------------------------------------------------------------
+# glmer: devfun(c(theta, beta))
+
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+GROUSE = "TICKS ~ YEAR + HEIGHT + (1 | BROOD)"
+CONTRA = "use ~ age + I(age ** 2) + urban + livch + (1 | district)"
+GLMER = [
+    # glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial)
+    ("cbpp_logit_laplace", "cbpp", CBPP, ("binomial", "logit"), {"approx": "laplace"}),
+    # ... nAGQ = 25 (devfun without the saturated constant)
+    ("cbpp_logit_agq25", "cbpp", CBPP, ("binomial", "logit"), {"approx": "agq", "nagq": 25}),
+    # glmer(TICKS ~ YEAR + HEIGHT + (1 | BROOD), grouseticks, poisson)
+    ("grouse_brood_laplace", "grouseticks", GROUSE, ("poisson", None), {"approx": "laplace"}),
+    # ... nAGQ = 10
+    ("grouse_brood_agq10", "grouseticks", GROUSE, ("poisson", None),
+     {"approx": "agq", "nagq": 10}),
+    # glmer(TICKS ~ YEAR + HEIGHT + (1 | BROOD) + (1 | LOCATION), grouseticks, poisson)
+    ("grouse_brood_location_laplace", "grouseticks",
+     "TICKS ~ YEAR + HEIGHT + (1 | BROOD) + (1 | LOCATION)", ("poisson", None),
+     {"approx": "laplace"}),
+    # glmer(use ~ age + I(age^2) + urban + livch + (1 | district), Contraception, binomial)
+    ("contra_int_laplace", "Contraception", CONTRA, ("binomial", "logit"), {"approx": "laplace"}),
+    # ... nAGQ = 20
+    ("contra_int_agq20", "Contraception", CONTRA, ("binomial", "logit"),
+     {"approx": "agq", "nagq": 20}),
+    # glmer(use ~ age + I(age^2) + urban + livch + (1 + urban | district), Contraception, ...)
+    ("contra_urban_laplace", "Contraception",
+     "use ~ age + I(age ** 2) + urban + livch + (1 + urban | district)", ("binomial", "logit"),
+     {"approx": "laplace"}),
+    # glmer(r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item), VerbAgg, binomial)
+    ("verbagg_laplace", "VerbAgg", "r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)",
+     ("binomial", "logit"), {"approx": "laplace"}),
+]
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(("ref_id", "data", "formula", "family", "kw"), GLMER,
+                         ids=[c[0] for c in GLMER])
+def test_glmer_devfun(ref_id: str, data: str, formula: str, family: tuple[str, str | None],
+                      kw: dict[str, Any], point: str) -> None:
+    dv = REFS[ref_id]["devfun"]
+    rec = dv[point]
+    p = prepared(data, formula, family, **kw)
+    ours = -2 * objective_at(p, values(rec["beta"]), values(rec["theta"]))
+    expected = rec["value"]
+    if dv["nAGQ"] > 1:
+        # lme4's AGQ devfun omits -2 sum log p(y_i | mu_i = y_i); add it back
+        expected = rec["value"] + dv["saturated_m2ll"]
+    # R: dd <- update(fit, devFunOnly = TRUE); dd(c(theta, beta))
+    assert ours == pytest.approx(expected, rel=RTOL)
+    assert ours == pytest.approx(rec["m2ll_full"], rel=RTOL)
+
+
+SCALAR = [
+    ("cbpp_logit_laplace", "cbpp", CBPP, ("binomial", "logit")),
+    ("cbpp_probit_laplace", "cbpp", CBPP, ("binomial", "probit")),
+    ("cbpp_cloglog_laplace", "cbpp", CBPP, ("binomial", "cloglog")),
+    ("grouse_brood_laplace", "grouseticks", GROUSE, ("poisson", None)),
+    ("contra_int_laplace", "Contraception", CONTRA, ("binomial", "logit")),
+]
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(("ref_id", "data", "formula", "family"), SCALAR,
+                         ids=[c[0] for c in SCALAR])
+def test_laplace_uses_observed_curvature(ref_id: str, data: str, formula: str,
+                                         family: tuple[str, str | None], point: str) -> None:
+    """Against R's independent per-group Laplace with the observed curvature -h''(u_hat);
+    for non-canonical links this differs from lme4's devfun (expected curvature)."""
+    rec = REFS[ref_id]["devfun"][point]
+    p = prepared(data, formula, family, approx="laplace")
+    ours = -2 * objective_at(p, values(rec["beta"]), values(rec["theta"]))
+    ind = rec["independent"]
+    assert ours == pytest.approx(ind["laplace_observed"], rel=RTOL)
+    if family[1] in ("probit", "cloglog"):
+        assert abs(ind["laplace_fisher"] - ind["laplace_observed"]) > 1e-2
+        assert ours != pytest.approx(rec["value"], rel=1e-5)  # lme4: Fisher curvature
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(("ref_id", "data", "formula", "family"), SCALAR,
+                         ids=[c[0] for c in SCALAR])
+@pytest.mark.parametrize(("approx", "kw"), [("agq", {"nagq": 30}),
+                                            ("truncated", {"truncation": 8.0, "points": 81})],
+                         ids=["agq30", "truncated_M8_K81"])
+def test_quadrature_matches_exact_integral(ref_id: str, data: str, formula: str,
+                                           family: tuple[str, str | None], point: str,
+                                           approx: str, kw: dict[str, Any]) -> None:
+    """Many Gauss-Hermite nodes or a wide truncated grid reproduce R's per-group
+    ``integrate`` (rel.tol 1e-12) of the exact marginal likelihood."""
+    rec = REFS[ref_id]["devfun"][point]
+    p = prepared(data, formula, family, approx=approx, **kw)
+    ours = -2 * objective_at(p, values(rec["beta"]), values(rec["theta"]))
+    assert ours == pytest.approx(rec["independent"]["exact"], rel=1e-8)
+
+
+# ------------------------------------------------------------------------------------------
+# glmmTMB: obj$fn(par) = -log L
+
+def _tmb_sigma(family: str, betad: float) -> float:
+    # glmmTMB's dispersion parameter betad on its own scale, per family
+    return {"gaussian": np.exp(betad / 2), "gamma": np.exp(-betad / 2),
+            "negative_binomial": np.exp(betad)}[family]
+
+
+def _tmb_lambda(theta: np.ndarray, q: int) -> np.ndarray:
+    """glmmTMB's theta (log SDs, then correlation parameters) of one q <= 2 term -> lme4's
+    column-major lower Cholesky entries of the covariance (absolute scale)."""
+    sd = np.exp(theta[:q])
+    if q == 1:
+        return sd
+    rho = theta[2] / np.sqrt(1 + theta[2] ** 2)
+    S = np.array([[sd[0] ** 2, rho * sd[0] * sd[1]], [rho * sd[0] * sd[1], sd[1] ** 2]])
+    L = np.linalg.cholesky(S)
+    return np.array([L[0, 0], L[1, 0], L[1, 1]])
+
+
+TMB = [
+    # glmmTMB(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial(link))
+    ("cbpp_logit_laplace_tmb", "cbpp", CBPP, ("binomial", "logit"), {}),
+    ("cbpp_probit_laplace_tmb", "cbpp", CBPP, ("binomial", "probit"), {}),
+    ("cbpp_cloglog_laplace_tmb", "cbpp", CBPP, ("binomial", "cloglog"), {}),
+    # glmmTMB(TICKS ~ YEAR + HEIGHT + (1 | BROOD), grouseticks, poisson / nbinom2)
+    ("grouse_brood_laplace_tmb", "grouseticks", GROUSE, ("poisson", None), {}),
+    ("grouse_nb2_tmb", "grouseticks", GROUSE, ("negative_binomial", None), {}),
+    # glmmTMB(y ~ x + (1 | g), gamma_sim, Gamma(link = "log" / "inverse"))
+    ("gamma_log_tmb", "gamma_sim", "y ~ x + (1 | g)", ("gamma", "log"), {}),
+    ("gamma_inverse_tmb", "gamma_sim", "y ~ x + (1 | g)", ("gamma", "inverse"), {}),
+    # glmmTMB(Reaction ~ Days + (1 | Subject), sleepstudy, gaussian(link = "log"))
+    ("sleep_gausslog_tmb", "sleepstudy", "Reaction ~ Days + (1 | Subject)", ("gaussian", "log"),
+     {}),
+    # glmmTMB(Reaction ~ Days + (Days | Subject), sleepstudy, REML = FALSE / TRUE)
+    ("sleep_ml_tmb", "sleepstudy", SLEEP, ("gaussian", None), {"reml": False}),
+    ("sleep_reml_tmb", "sleepstudy", SLEEP, ("gaussian", None), {"reml": True}),
+]
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(("ref_id", "data", "formula", "family", "kw"), TMB,
+                         ids=[c[0] for c in TMB])
+def test_glmmtmb_objective(ref_id: str, data: str, formula: str,
+                           family: tuple[str, str | None], kw: dict[str, Any],
+                           point: str) -> None:
+    obj = REFS[ref_id]["objective"]
+    names = np.array(obj["par_names"])
+    par = np.array(obj[point]["par"], dtype=float)
+    gaussian_identity = family == ("gaussian", None)
+    p = prepared(data, formula, family, **({"approx": "laplace"} if not gaussian_identity
+                                            else kw))
+    beta = par[names == "beta"] if (names == "beta").any() else None
+    sigma = (_tmb_sigma(p.family.name, float(par[names == "betad"][0]))
+             if (names == "betad").any() else None)
+    q = p.problem.q[0]
+    theta = _tmb_lambda(par[names == "theta"], q)
+    if gaussian_identity:
+        theta = theta / sigma  # objective_at takes lmer's relative theta there
+    # R: fit$obj$fn(par)
+    ours = objective_at(p, beta, theta, sigma)
+    assert ours == pytest.approx(-obj[point]["value"], rel=RTOL)
+
+
+@pytest.mark.parametrize(("ref_id", "family"), [
+    ("cbpp_logit_laplace_tmb", ("binomial", "logit")),
+    ("cbpp_probit_laplace_tmb", ("binomial", "probit")),
+    ("cbpp_cloglog_laplace_tmb", ("binomial", "cloglog")),
+])
+def test_glmmtmb_at_lme4_perturbed_point(ref_id: str, family: tuple[str, str | None]) -> None:
+    """Three-way check at lme4's perturbed point: ours = glmmTMB = R's observed-curvature
+    Laplace."""
+    at = REFS[ref_id]["objective"]["at_lme4_perturbed"]
+    par = np.array(at["par"])
+    p = prepared("cbpp", CBPP, family, approx="laplace")
+    ours = -2 * objective_at(p, par[:-1], np.exp(par[-1:]))
+    # R: 2 * fit$obj$fn(c(beta_p, log(theta_p)))
+    assert ours == pytest.approx(at["twice_value"], rel=RTOL)
+    assert ours == pytest.approx(at["independent"]["laplace_observed"], rel=RTOL)
+
+
+# ------------------------------------------------------------------------------------------
+# gradients
+
+
+def small_data(seed: int = 1, n_groups: int = 6, n_per: int = 8) -> pd.DataFrame:
+    """Small simulated data: x, a grouping factor g and a crossed factor h, and a response
+    column per family (Bernoulli, Poisson, NB2, Gaussian, Gamma)."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * n_per
+    g = np.repeat(np.arange(n_groups), n_per)
+    h = np.tile(np.arange(4), n // 4 + 1)[:n]
+    x = rng.standard_normal(n)
+    b = rng.normal(0, 0.7, n_groups)[g] + rng.normal(0, 0.3, n_groups)[g] * x
+    c = rng.normal(0, 0.5, 4)[h]
+    eta = 0.3 - 0.5 * x + b + c
+    mu = np.exp(eta)
+    return pd.DataFrame({
+        "x": x,
+        "g": pd.Categorical([f"g{i}" for i in g]),
+        "h": pd.Categorical([f"h{i}" for i in h]),
+        "ybin": rng.binomial(1, 1 / (1 + np.exp(-eta))).astype(float),
+        "ycount": rng.poisson(mu).astype(float),
+        "ynb": rng.negative_binomial(3, 3 / (3 + mu)).astype(float),
+        "ygauss": eta + rng.normal(0, 0.8, n),
+        "ygamma": rng.gamma(4.0, mu / 4.0),
+    })
+
+
+class _Wrapped(torch.nn.Module):
+    """Calls the objective so that :func:`torch.func.functional_call` can substitute the
+    LinearPredictor's parameters with gradcheck's inputs."""
+
+    def __init__(self, objective: Objective):
+        super().__init__()
+        self.lp = objective.module
+        self.objective = objective
+
+    def forward(self) -> torch.Tensor:
+        return self.objective()
+
+
+GRAD_CASES = [
+    # (id, formula, family, prepare kwargs)
+    ("laplace_group_probit_2d", "ybin ~ x + (1 + x | g)", ("binomial", "probit"),
+     {"approx": "laplace"}),
+    ("laplace_group_negbin", "ynb ~ x + (1 | g)", ("negative_binomial", None),
+     {"approx": "laplace"}),
+    ("laplace_group_gamma", "ygamma ~ x + (1 | g)", ("gamma", "log"), {"approx": "laplace"}),
+    ("laplace_joint_crossed_poisson", "ycount ~ x + (1 | g) + (1 | h)", ("poisson", None),
+     {"approx": "laplace"}),
+    ("laplace_joint_crossed_nb", "ynb ~ x + (1 | g) + (1 | h)", ("negative_binomial", None),
+     {"approx": "laplace"}),
+    ("agq_scalar_logit", "ybin ~ x + (1 | g)", ("binomial", "logit"),
+     {"approx": "agq", "nagq": 7}),
+    ("agq_2d_poisson", "ycount ~ x + (1 + x | g)", ("poisson", None),
+     {"approx": "agq", "nagq": 4}),
+    ("agq_scalar_gamma", "ygamma ~ x + (1 | g)", ("gamma", "log"), {"approx": "agq", "nagq": 5}),
+    ("truncated_scalar_poisson", "ycount ~ x + (1 | g)", ("poisson", None),
+     {"approx": "truncated", "truncation": 4.0, "points": 15}),
+    ("truncated_2d_logit", "ybin ~ x + (1 + x | g)", ("binomial", "logit"),
+     {"approx": "truncated", "truncation": 3.0, "points": 7}),
+    ("exact_ml_group_2d", "ygauss ~ x + (1 + x | g)", ("gaussian", None), {"reml": False}),
+    ("exact_ml_joint_crossed", "ygauss ~ x + (1 | g) + (1 | h)", ("gaussian", None),
+     {"reml": False}),
+    ("exact_reml", "ygauss ~ x + (1 + x | g)", ("gaussian", None), {"reml": True}),
+]
+
+
+@pytest.mark.parametrize(("formula", "family", "kw"), [c[1:] for c in GRAD_CASES],
+                         ids=[c[0] for c in GRAD_CASES])
+def test_gradcheck(formula: str, family: tuple[str, str | None], kw: dict[str, Any]) -> None:
+    p = prepare(formula, small_data(), get_family(*family), **kw)
+    expected_kind = {"laplace": "laplace", "agq": "agq", "truncated": "truncated"}.get(
+        kw.get("approx", ""), "exact")
+    assert p.approximation.kind == expected_kind
+    module = LinearPredictor(p.problem, p.family.has_dispersion)
+    wrapped = _Wrapped(Objective(p.problem, p.family, p.approximation, module))
+    q = p.problem.q
+    theta0 = []
+    for k in q:  # a generic point: diagonal 0.6..0.8, off-diagonal 0.2
+        for j in range(k):
+            for i in range(j, k):
+                theta0.append(0.8 - 0.2 * j if i == j else 0.2)
+    inputs: dict[str, torch.Tensor] = {
+        "lp.theta": torch.tensor(theta0, dtype=torch.float64, requires_grad=True)}
+    if not p.problem.reml:
+        inputs["lp.beta"] = torch.tensor([0.2, -0.4], dtype=torch.float64, requires_grad=True)
+    if module.log_sigma is not None:
+        ls = {"gaussian": np.log(0.8), "gamma": np.log(0.5), "negative_binomial": np.log(3.0)}
+        inputs["lp.log_sigma"] = torch.tensor(ls[p.family.name], dtype=torch.float64,
+                                              requires_grad=True)
+    names = list(inputs)
+
+    def f(*args: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(wrapped, dict(zip(names, args)), ())
+
+    value = f(*inputs.values())
+    assert torch.isfinite(value)
+    assert torch.autograd.gradcheck(f, tuple(inputs.values()), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# the objective is a function of the parameters
+
+
+def _set_user_parameters(p: Prepared, module: LinearPredictor, beta: np.ndarray, theta: float,
+                         sigma: float) -> None:
+    with torch.no_grad():
+        module.beta.copy_(torch.as_tensor(np.linalg.solve(p.problem.standardisation.A, beta)))
+        module.theta.fill_(theta)
+        module.log_sigma.fill_(float(np.log(sigma)))
+
+
+def test_objective_does_not_depend_on_history() -> None:
+    """The same parameters give the same value whatever was evaluated before. Regression
+    test: the mode search used to warm-start from a previous failed search whose modes had
+    left the support (Gamma inverse link, eta <= 0) and then returned -inf at good points."""
+    p = prepared("gamma_sim", "y ~ x + (1 | g)", ("gamma", "inverse"), approx="laplace")
+    module = LinearPredictor(p.problem, True)
+    obj = Objective(p.problem, p.family, p.approximation, module)
+    good = (np.array([0.45, -0.09]), 0.1, 1.0)
+    _set_user_parameters(p, module, *good)
+    with torch.no_grad():
+        first = float(obj())
+    assert np.isfinite(first)
+    # a point where eta = 0.35 - 0.5 x + 0.35 u is negative for x > 0.7 at u = 0
+    _set_user_parameters(p, module, np.array([0.35, -0.5]), 0.35, 0.5)
+    with torch.no_grad():
+        obj()
+    _set_user_parameters(p, module, *good)
+    with torch.no_grad():
+        again = float(obj())
+    assert again == pytest.approx(first, rel=1e-10)
+
+
+def test_objective_at_is_repeatable() -> None:
+    """objective_at builds a fresh objective every call: same value twice, and the same
+    value as a warm-started Objective at the same point (cbpp)."""
+    rec = REFS["cbpp_logit_laplace"]["devfun"]["perturbed"]
+    p = prepared("cbpp", CBPP, ("binomial", "logit"), approx="laplace")
+    beta, theta = values(rec["beta"]), values(rec["theta"])
+    a = objective_at(p, beta, theta)
+    assert objective_at(p, beta, theta) == a
+    module = LinearPredictor(p.problem, False)
+    obj = Objective(p.problem, p.family, p.approximation, module)
+    with torch.no_grad():
+        module.theta.fill_(0.3)
+        obj()  # a different point first: warm start from its modes
+        module.beta.copy_(torch.as_tensor(np.linalg.solve(p.problem.standardisation.A, beta)))
+        module.theta.copy_(torch.as_tensor(theta))
+        assert float(obj()) == pytest.approx(a, rel=1e-12)

@@ -1,0 +1,347 @@
+"""Tests of :class:`ngmm_formula.results.NGMMResult` and of what ``ngmm`` promises around a fit.
+
+Small fits (cbpp, sleepstudy) against ``tests/reference/lme4_refs.json``:
+
+* ``varcorr``: the columns and rows of R's ``as.data.frame(VarCorr(fit))`` (names exactly,
+  values to 1e-3 relative as in ``tests/test_fit_reference.py``'s variance tolerance);
+* ``ranef``: conditional modes and conditional variances (``postVar``) to 1e-3 relative
+  (absolute for modes near 0: 1e-3 of the largest mode);
+* fitted values (R's ``fitted(fit)[1:10]``) to 1e-5 relative;
+* predictions: training data, new levels, ``re_form="~0"``, ``allow_new_levels=False``;
+* immutability of the result and of the caller's data; one warning per outcome;
+* errors for bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import warnings
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ngmm_formula.api import ngmm
+from ngmm_formula.datasets import load
+from ngmm_formula.errors import (
+    DataError,
+    NGMMError,
+    NGMMWarning,
+    RankDeficiencyWarning,
+    SingularFitWarning,
+)
+from ngmm_formula.families import get_family
+from ngmm_formula.results import NGMMResult
+
+REFS: dict[str, dict[str, Any]] = {
+    f["id"]: f for f in json.loads(
+        (Path(__file__).parent / "reference" / "lme4_refs.json").read_text())["fits"]}
+
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+
+
+@cache
+def fit_of(ref_id: str) -> NGMMResult:
+    if ref_id == "cbpp_logit_laplace":
+        # glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial)
+        return ngmm(CBPP, load("cbpp"), "binomial", approx="laplace")
+    # lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = TRUE / FALSE)
+    return ngmm(SLEEP, load("sleepstudy"), reml=ref_id == "sleep_reml")
+
+
+SMALL = ["cbpp_logit_laplace", "sleep_reml", "sleep_ml"]
+
+
+# ------------------------------------------------------------------------------------------
+# varcorr, ranef, fitted
+
+
+@pytest.mark.parametrize("ref_id", SMALL)
+def test_varcorr_layout_and_values(ref_id: str) -> None:
+    fit = fit_of(ref_id)
+    ref = pd.DataFrame(REFS[ref_id]["varcorr"])
+    vc = fit.varcorr
+    assert list(vc.columns) == ["group", "var1", "var2", "vcov", "sdcor"]
+    # R: as.data.frame(VarCorr(fit)) -- grp, var1, var2 (NA as missing), row order
+    assert _labels(vc, ["group", "var1", "var2"]) == _labels(ref, ["grp", "var1", "var2"])
+    np.testing.assert_allclose(vc["vcov"], ref["vcov"], rtol=1e-3)
+    np.testing.assert_allclose(vc["sdcor"], ref["sdcor"], rtol=1e-3)
+
+
+def _labels(frame: pd.DataFrame, cols: list[str]) -> list[list[str | None]]:
+    return [[None if pd.isna(v) else v for v in row] for row in frame[cols].values.tolist()]
+
+
+def _ranef_ref(ref_id: str, factor: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    by = REFS[ref_id]["ranef"]["by_factor"][factor]
+    cols = by["columns"]
+    levels = [r["level"] for r in by["levels"]]
+    modes = np.array([[r["condval"][c] for c in cols] for r in by["levels"]])
+    condvar = np.array([r["condvar"] for r in by["levels"]])  # (levels, q, q)
+    return levels, cols, modes, condvar
+
+
+RANEF = [
+    pytest.param("cbpp_logit_laplace", "herd", id="cbpp_logit_laplace"),
+    pytest.param("sleep_ml", "Subject", id="sleep_ml"),
+    pytest.param("sleep_reml", "Subject", id="sleep_reml"),
+]
+
+
+@pytest.mark.parametrize(("ref_id", "factor"), RANEF)
+def test_ranef_conditional_modes(ref_id: str, factor: str) -> None:
+    fit = fit_of(ref_id)
+    levels, cols, modes, _ = _ranef_ref(ref_id, factor)
+    re = fit.ranef[factor]
+    assert list(re.index.astype(str)) == levels
+    assert list(re.columns) == cols
+    # R: ranef(fit)[[factor]]
+    np.testing.assert_allclose(re.to_numpy(), modes, rtol=1e-3,
+                               atol=1e-3 * np.abs(modes).max())
+
+
+@pytest.mark.parametrize(("ref_id", "factor"), RANEF)
+def test_ranef_conditional_variances(ref_id: str, factor: str) -> None:
+    """lme4's postVar is conditional on beta_hat: sigma^2 Lambda (Lambda' Z' Z Lambda + I)^-1
+    Lambda' for lmer, i.e. the inverse of the u-block of the Hessian, not the u-block of the
+    inverse (regression test: REML fits used the latter, +18 % on sleepstudy)."""
+    fit = fit_of(ref_id)
+    _, _, _, condvar = _ranef_ref(ref_id, factor)
+    post = fit.ranef[factor].attrs["postVar"]  # (q, q, levels) as R's attr(, "postVar")
+    assert post.shape == (condvar.shape[1], condvar.shape[2], condvar.shape[0])
+    # R: attr(ranef(fit, condVar = TRUE)[[factor]], "postVar")
+    np.testing.assert_allclose(np.transpose(post, (2, 0, 1)), condvar, rtol=1e-3,
+                               atol=1e-3 * np.abs(condvar).max())
+
+
+@pytest.mark.parametrize("ref_id", SMALL)
+def test_fitted_and_residual_shapes(ref_id: str) -> None:
+    fit = fit_of(ref_id)
+    n = REFS[ref_id]["nobs"]
+    assert fit.nobs == n
+    assert fit.fitted.shape == (n,)
+    assert fit.eta.shape == (n,)
+    for kind in ("response", "pearson", "deviance", "working"):
+        r = fit.residuals(kind)
+        assert r.shape == (n,)
+        assert np.isfinite(r).all()
+    np.testing.assert_allclose(fit.residuals("response"), fit.design.y - fit.fitted)
+    # R: fitted(fit)[1:10]
+    np.testing.assert_allclose(fit.fitted[:10], REFS[ref_id]["fitted_head"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# prediction
+
+
+@pytest.mark.parametrize("ref_id", SMALL)
+def test_predict_training_data_equals_fitted(ref_id: str) -> None:
+    fit = fit_of(ref_id)
+    np.testing.assert_allclose(fit.predict(), fit.fitted, rtol=1e-12)
+    np.testing.assert_allclose(fit.predict(type="link"), fit.eta, rtol=1e-12)
+    data = load("cbpp" if ref_id.startswith("cbpp") else "sleepstudy")
+    # the same rows passed as newdata
+    np.testing.assert_allclose(fit.predict(data), fit.fitted, rtol=1e-10)
+    np.testing.assert_allclose(fit.predict(data, type="link"), fit.eta, rtol=1e-10, atol=1e-12)
+
+
+def test_predict_new_level_is_population_prediction() -> None:
+    fit = fit_of("sleep_ml")
+    data = load("sleepstudy")
+    new = data.iloc[[0, 1, 15]].copy()
+    new["Subject"] = new["Subject"].cat.add_categories(["new"])
+    new.iloc[2, new.columns.get_loc("Subject")] = "new"
+    pred = fit.predict(new)
+    beta = fit.fixef
+    # R: predict(fit, newdata, allow.new.levels = TRUE): the new level gets b = 0
+    assert pred[2] == pytest.approx(beta["(Intercept)"] + beta["Days"] * new["Days"].iloc[2],
+                                    rel=1e-12)
+    np.testing.assert_allclose(pred[:2], fit.fitted[[0, 1]], rtol=1e-10)
+
+
+@pytest.mark.parametrize("ref_id", SMALL)
+def test_predict_without_random_effects_is_x_beta(ref_id: str) -> None:
+    fit = fit_of(ref_id)
+    x_beta = fit.design.offset + fit.design.X @ fit.fixef.to_numpy()
+    # R: predict(fit, re.form = NA, type = "link")
+    np.testing.assert_allclose(fit.predict(re_form="~0", type="link"), x_beta, rtol=1e-12)
+    np.testing.assert_allclose(fit.predict(re_form="~ 0"), fit._mean(x_beta), rtol=1e-12)
+    data = load("cbpp" if ref_id.startswith("cbpp") else "sleepstudy")
+    np.testing.assert_allclose(fit.predict(data, re_form="~0", type="link"), x_beta,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_predict_new_level_raises_when_not_allowed() -> None:
+    fit = fit_of("cbpp_logit_laplace")
+    new = load("cbpp").iloc[:2].copy()
+    new["herd"] = new["herd"].cat.add_categories(["99"])
+    new.iloc[1, new.columns.get_loc("herd")] = "99"
+    with pytest.raises(DataError, match="herd"):
+        fit.predict(new, allow_new_levels=False)
+    assert np.isfinite(fit.predict(new)).all()  # allowed by default
+
+
+def test_predict_bad_arguments() -> None:
+    fit = fit_of("cbpp_logit_laplace")
+    with pytest.raises(NGMMError):
+        fit.predict(type="probability")
+    with pytest.raises(NGMMError):
+        fit.predict(re_form="~(1|herd)")
+
+
+# ------------------------------------------------------------------------------------------
+# immutability and warnings
+
+
+def test_result_is_immutable() -> None:
+    fit = fit_of("cbpp_logit_laplace")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fit.loglik = 0.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fit.fixef = fit.fixef * 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fit.diagnostics.converged = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("name", "formula", "family", "kw"), [
+    ("cbpp", CBPP, "binomial", {"approx": "laplace"}),
+    ("sleepstudy", SLEEP, "gaussian", {}),
+    ("Contraception", "use ~ age + I(age ** 2) + urban + (1 | district)", "binomial",
+     {"approx": "laplace"}),
+], ids=["cbpp", "sleepstudy", "Contraception"])
+def test_caller_data_unchanged(name: str, formula: str, family: str,
+                               kw: dict[str, Any]) -> None:
+    data = load(name)
+    if name == "Contraception":  # a subset (with a non-default index)
+        data = data[data["district"].cat.codes < 10].copy()
+        data["district"] = data["district"].cat.remove_unused_categories()
+    if name == "sleepstudy":  # a missing covariate: the row is dropped from the fit only
+        data.loc[data.index[3], "Days"] = np.nan
+    before = copy.deepcopy(data)
+    ngmm(formula, data, family, **kw)
+    pd.testing.assert_frame_equal(data, before, check_exact=True)
+    assert list(data.index) == list(before.index)
+    for c in data.columns:
+        assert data[c].dtype == before[c].dtype
+
+
+def _singular_data() -> pd.DataFrame:
+    """Every group has the same responses (in a different order): the between-group
+    variance estimate is exactly 0 (ML and REML)."""
+    base = np.array([1.0, 2.5, 3.0, 4.5, 6.0])
+    rng = np.random.default_rng(3)
+    ys = np.concatenate([rng.permutation(base) for _ in range(6)])
+    return pd.DataFrame({"y": ys, "g": pd.Categorical(np.repeat(list("abcdef"), 5))})
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_singular_fit_warns_once(reml: bool) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = ngmm("y ~ 1 + (1 | g)", _singular_data(), reml=reml)
+    ours = [w for w in caught if issubclass(w.category, NGMMWarning)]
+    assert [w.category for w in ours] == [SingularFitWarning], [str(w.message) for w in ours]
+    assert fit.diagnostics.singular
+    assert fit.varcorr["sdcor"].iloc[0] < 1e-3 * fit.sigma
+    assert fit.fixef["(Intercept)"] == pytest.approx(3.4, rel=1e-8)
+
+
+def test_regular_fit_does_not_warn() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = ngmm("Yield ~ 1 + (1 | Batch)", load("Dyestuff"))
+    assert [w for w in caught if issubclass(w.category, NGMMWarning)] == []
+    assert not fit.diagnostics.singular
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+
+
+def _small(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    n = 40
+    g = np.repeat(list("abcde"), n // 5)
+    x = rng.standard_normal(n)
+    eta = 0.2 + 0.5 * x + rng.normal(0, 0.5, 5)[np.repeat(np.arange(5), n // 5)]
+    return pd.DataFrame({
+        "x": x, "g": pd.Categorical(g),
+        "ybin": rng.binomial(1, 1 / (1 + np.exp(-eta))).astype(float),
+        "succ": rng.binomial(5, 1 / (1 + np.exp(-eta))).astype(float),
+        "count": rng.poisson(np.exp(eta)).astype(float),
+        "ygauss": eta + rng.normal(0, 0.3, n),
+    })
+
+
+def test_binomial_response_outside_unit_interval() -> None:
+    d = _small()
+    d.loc[3, "ybin"] = 2.0
+    with pytest.raises(DataError, match="ybin"):
+        ngmm("ybin ~ x + (1 | g)", d, "binomial")
+    d.loc[3, "ybin"] = -0.5
+    with pytest.raises(DataError, match="ybin"):
+        ngmm("ybin ~ x + (1 | g)", d, "binomial")
+
+
+def test_binomial_negative_failure_count() -> None:
+    d = _small()
+    d["fail"] = 5 - d["succ"]
+    d.loc[7, "fail"] = -1.0
+    with pytest.raises(DataError):
+        ngmm("cbind(succ, fail) ~ x + (1 | g)", d, "binomial")
+
+
+def test_poisson_non_integer_counts() -> None:
+    d = _small()
+    d.loc[2, "count"] = 1.5
+    with pytest.raises(DataError, match="count"):
+        ngmm("count ~ x + (1 | g)", d, "poisson")
+
+
+def test_nan_covariate_rows_are_dropped() -> None:
+    d = _small()
+    d.loc[[4, 9], "x"] = np.nan
+    fit = ngmm("ygauss ~ x + (1 | g)", d)
+    assert fit.nobs == len(d) - 2
+    assert any("2 observations deleted" in m for m in fit.diagnostics.messages)
+    clean = ngmm("ygauss ~ x + (1 | g)", d.dropna())
+    assert fit.loglik == pytest.approx(clean.loglik, rel=1e-10)
+
+
+def test_infinite_covariate_raises() -> None:
+    d = _small()
+    d.loc[4, "x"] = np.inf
+    with pytest.raises(DataError, match="infinite"):
+        ngmm("ygauss ~ x + (1 | g)", d)
+
+
+def test_aliased_column_dropped_with_warning() -> None:
+    d = _small()
+    d["x2"] = 2.0 * d["x"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = ngmm("ygauss ~ x + x2 + (1 | g)", d)
+    rank = [w for w in caught if issubclass(w.category, RankDeficiencyWarning)]
+    assert len(rank) == 1
+    assert "x2" in str(rank[0].message)
+    assert list(fit.fixef.index) == ["(Intercept)", "x"]
+    same = ngmm("ygauss ~ x + (1 | g)", d)
+    assert fit.loglik == pytest.approx(same.loglik, rel=1e-10)
+
+
+@pytest.mark.parametrize(("family", "link"), [("poisson", "probit"), ("gamma", "logit"),
+                                              ("binomial", "inverse")])
+def test_family_link_pair_that_does_not_exist(family: str, link: str) -> None:
+    with pytest.raises(DataError, match=link):
+        get_family(family, link)
+
+
+def test_unknown_family() -> None:
+    with pytest.raises(DataError, match="unknown family"):
+        ngmm("count ~ x + (1 | g)", _small(), "quasipoisson")
