@@ -142,7 +142,7 @@ class NetEncoding:
         if self.kind == "numeric":
             x = np.asarray(values, dtype=float)
             return ((x - self.center) / self.scale)[:, None]
-        codes = pd.Index(list(self.levels)).get_indexer(values.astype(str))  # -1: unseen
+        codes = pd.Index(list(self.levels)).get_indexer(pd.Index(values.astype(str)))  # -1: unseen
         if (codes < 0).any():
             bad = sorted(set(values.astype(str)[codes < 0]))[:5]
             raise DataError(f"nn() input '{self.variable}' has levels not seen in the "
@@ -234,7 +234,8 @@ class DesignSpec:
         for (bar, levels), spec in zip(self.re_terms, self.re_specs, strict=True):
             zs.append(_reapply(spec, data))
             labels = _group_labels(data, bar)
-            idx = pd.Index(list(levels)).get_indexer(labels).astype(np.int64)  # -1: unseen
+            # -1: unseen
+            idx = pd.Index(list(levels)).get_indexer(pd.Index(labels)).astype(np.int64)
             new = bool((idx < 0).any())
             if new and not allow_new_levels:
                 unseen = sorted(set(np.asarray(labels)[idx < 0]))[:5]
@@ -656,8 +657,8 @@ def build_design(
             binomial_levels = (str(cats[0]), str(cats[1]))
 
     # fixed part
-    for col in _formulaic_names(formula.fixed):
-        _check_finite_numeric(frame[col], col)
+    for name in _formulaic_names(formula.fixed):
+        _check_finite_numeric(frame[name], name)
     try:
         mm = Formula(formula.fixed).get_model_matrix(frame, na_action="raise",
                                                      ensure_full_rank=True)
@@ -684,8 +685,8 @@ def build_design(
                             f"{len(levels)} level; a random effect needs at least 2")
         labels = _group_labels(frame, bar)
         gidx = pd.Categorical(labels, categories=levels).codes.astype(np.int64)
-        for col in _formulaic_names(bar.expr):
-            _check_finite_numeric(frame[col], col)
+        for name in _formulaic_names(bar.expr):
+            _check_finite_numeric(frame[name], name)
         term_mm = Formula(bar.expr).get_model_matrix(frame, na_action="raise")
         cnms = tuple(lme4_name(c) for c in term_mm.columns)
         if not cnms:

@@ -223,39 +223,64 @@ class Optimum:
     hessian_pd: bool
 
 
-def glm_start(problem: Problem, family: Family, module: LinearPredictor) -> None:
-    """Set beta (and log_sigma) to the fixed-effects-only GLM fit: lme4's start for glmer."""
-    y, w = problem.y, problem.w
-    eta0 = torch.as_tensor(family.initial_eta(y.cpu().numpy(), w.cpu().numpy()),
-                           dtype=y.dtype)
-    Xs = problem.Xs
+def glm_start(problem: Problem, family: Family, module: LinearPredictor,
+              max_iter: int = 50) -> None:
+    """Set beta (and log_sigma) to the fixed-effects-only GLM fit: lme4's start for glmer.
+
+    Iteratively reweighted least squares as R's ``glm.fit``: Fisher-scoring steps, halved
+    while the linear predictor leaves the family's support or the log-likelihood drops (so a
+    Gamma model with inverse link never sees a negative mean); then sigma by a
+    one-dimensional search at the fitted beta.
+    """
+    y, w, off, Xs = problem.y, problem.w, problem.offset, problem.Xs
+    ls0 = None
     with torch.no_grad():
-        if problem.p:
-            beta = torch.linalg.lstsq(Xs, (eta0 - problem.offset).unsqueeze(-1)).solution
-            module.beta.copy_(beta.squeeze(-1))
         if module.log_sigma is not None:
-            mu = family.mean(problem.offset + Xs @ module.beta)
-            module.log_sigma.fill_(family.initial_log_sigma(y.numpy(), mu.numpy(), w.numpy()))
-    if problem.p == 0 and module.log_sigma is None:
-        return
-    params = ([module.beta] if problem.p else []) + (
-        [module.log_sigma] if module.log_sigma is not None else [])
+            eta_init = torch.as_tensor(family.initial_eta(y.numpy(), w.numpy()), dtype=y.dtype)
+            ls0 = torch.tensor(family.initial_log_sigma(y.numpy(),
+                                                        family.mean(eta_init).numpy(),
+                                                        w.numpy()), dtype=y.dtype)
+        if problem.p:
+            eta = torch.as_tensor(family.initial_eta(y.numpy(), w.numpy()), dtype=y.dtype)
+            beta = torch.linalg.lstsq(Xs, (eta - off).unsqueeze(-1)).solution.squeeze(-1)
+            ll = family.log_prob(y, off + Xs @ beta, ls0, w).sum()
+            if not torch.isfinite(ll):  # least squares left the support: start from eta_init
+                beta = torch.zeros_like(beta)
+            for _ in range(max_iter):
+                eta = off + Xs @ beta
+                ll = family.log_prob(y, eta, ls0, w).sum()
+                W = family.fisher_weight(eta, ls0, w).clamp_min(1e-12)
+                z = eta - off + family.dlogp(y, eta, ls0, w) / W
+                sw = W.sqrt().unsqueeze(-1)
+                target = beta
+                try:
+                    target = torch.linalg.lstsq(Xs * sw, (z.unsqueeze(-1) * sw)).solution
+                    target = target.squeeze(-1)
+                except RuntimeError:
+                    break
+                step, t = target - beta, 1.0
+                for _ in range(30):
+                    new = beta + t * step
+                    ll_new = family.log_prob(y, off + Xs @ new, ls0, w).sum()
+                    if torch.isfinite(ll_new) and (ll_new >= ll - 1e-10 * abs(float(ll))
+                                                   or not torch.isfinite(ll)):
+                        break
+                    t *= 0.5
+                else:
+                    break
+                beta = new
+                if float((t * step).abs().max()) < 1e-10 * max(1.0, float(beta.abs().max())):
+                    break
+            module.beta.copy_(beta)
+        if module.log_sigma is not None and ls0 is not None:
+            eta = off + (Xs @ module.beta if problem.p else 0.0)
 
-    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
-        i = 0
-        with torch.no_grad():
-            for p in params:
-                p.copy_(torch.as_tensor(x[i:i + p.numel()], dtype=p.dtype).reshape(p.shape))
-                i += p.numel()
-        eta = problem.offset + Xs @ module.beta
-        ll = family.log_prob(y, eta, module.log_sigma, w).sum()
-        g = torch.autograd.grad(-ll, params)
-        return float(-ll.detach()), np.concatenate([gi.detach().numpy().ravel() for gi in g])
+            def nll(ls: float) -> float:
+                v = family.log_prob(y, eta, torch.tensor(ls, dtype=y.dtype), w).sum()
+                return float(-v) if torch.isfinite(v) else 1e300
 
-    x0 = np.concatenate([p.detach().numpy().ravel() for p in params])
-    res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B",
-                                  options={"maxiter": 500})
-    f(res.x)
+            res = scipy.optimize.minimize_scalar(nll, bracket=(float(ls0) - 1.0, float(ls0)))
+            module.log_sigma.fill_(float(res.x) if np.isfinite(res.fun) else float(ls0))
 
 
 @contextlib.contextmanager

@@ -229,7 +229,7 @@ def _random_effects_table(varcorr: pd.DataFrame
     cur: dict[str, Any] | None = None
     for row in varcorr.itertuples(index=False):
         group, var1, var2 = row.group, row.var1, row.var2
-        vcov, sdcor = float(row.vcov), float(row.sdcor)
+        vcov, sdcor = float(row.vcov), float(row.sdcor)  # type: ignore[arg-type]
         if group == "Residual" and _is_missing(var1):
             residual = (vcov, sdcor)
             cur = None

@@ -180,17 +180,7 @@ CASES = [
     # glmmTMB(y ~ x + (1 | g), gamma_sim, Gamma(link = "inverse"), tctrl)
     pytest.param(Case("gamma_inverse_tmb", "gamma_sim", "y ~ x + (1 | g)",
                       get_family("gamma", "inverse"), {"approx": "laplace"}),
-                 id="gamma_inverse_tmb",
-                 marks=[pytest.mark.xfail(
-                     reason="engine bug (fit.optimise): the Gamma inverse-link fit does not "
-                     "converge, although the objective is right (test_objective.py matches "
-                     "glmmTMB's obj$fn at its optimum and perturbed point). L-BFGS-B's first "
-                     "trial step lands where eta +- b leaves the support, the mode search fails "
-                     "and log L = -inf; optimise() answers (1e300, zero gradient) there, and "
-                     "L-BFGS-B then stops ('relative reduction of f') at log L -698.6 "
-                     "(glmmTMB -619.04), SD 0.88 (glmmTMB 0.077), max|grad| 92, with a "
-                     "ConvergenceWarning",
-                     strict=True)]),
+                 id="gamma_inverse_tmb"),
     # glmmTMB(Reaction ~ Days + (1 | Subject), sleepstudy, gaussian(link = "log"), tctrl)
     pytest.param(Case("sleep_gausslog_tmb", "sleepstudy", "Reaction ~ Days + (1 | Subject)",
                       get_family("gaussian", "log"), {"approx": "laplace"}),

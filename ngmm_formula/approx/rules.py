@@ -27,9 +27,12 @@ the Gaussian-tail rate in the user's :math:`M` (:func:`truncation_bound`). For a
 response :math:`g(t) = -t^2/2` exactly and the tail is the standard normal's,
 :math:`1 - (1 - 2\Phi(-M))^D` (:func:`tail_bound`).
 
-*Grid.* Inside :math:`[-M, M]` the trapezoid rule on an integrand analytic in a strip
-converges geometrically in ``K`` (like :math:`e^{-c (K-1)^2/M^2}` for the Gaussian factor),
-so with :math:`K \gtrsim 4M` the tail dominates.
+*Grid.* Inside :math:`[-M, M]` the trapezoid error falls geometrically in ``K`` until it
+reaches the Euler--Maclaurin endpoint term :math:`\frac{h^2}{12}(G'(M) - G'(-M))`,
+:math:`h = 2M/(K-1)` (the integrand does not vanish at :math:`\pm M`), and then like
+:math:`K^{-2}`; that term is of the size of the tail's derivative, so with
+:math:`K \gtrsim 4M` the total error stays within a small factor of the tail (measured: the
+grid part is 4 % of it at M = 1 and 44 % at M = 8 with K = 4M + 1, under 2 % with K = 40M).
 
 ``tests/approx/test_rules.py`` and ``tests/test_neural.py`` measure both against
 ``scipy.integrate.quad``.

@@ -443,7 +443,7 @@ def simulate_grouped(
     columns: dict[str, Any] = {"y": y, "x1": x1, "x2": x2, "x3": x3}
     for k in range(n_noise):
         columns[f"noise{k + 1}"] = noise[:, k]
-    columns["g"] = pd.Categorical.from_codes(group, categories=labels)
+    columns["g"] = pd.Categorical.from_codes(group, categories=pd.Index(labels))
     columns.update(f_true=f_true, eta_true=eta, b_true=b[group], b_x3_true=s[group])
     frame = pd.DataFrame(columns)
     frame.attrs.update(
