@@ -1,0 +1,294 @@
+r"""Shared helpers of the vignettes: run mode, output folder, held-out likelihoods, metrics.
+
+Held-out log-likelihood
+-----------------------
+Every method is reduced to the same four point estimates, and every held-out number is
+computed from them by the functions below, identically for all methods:
+
+* ``eta_fixed``: the linear predictor of a held-out row *without* its random effect
+  (fixed effects, networks, trees, offsets);
+* ``b_hat``: the predicted random intercept of every training group (the conditional mode
+  for this package, the BLUP / posterior mean for statsmodels, GPBoost's predicted random
+  effect);
+* ``sd_b``: the fitted standard deviation of the random intercept;
+* ``sigma``: the residual standard deviation (Gaussian responses only).
+
+New observations of **known groups** are scored conditionally on the group's predicted
+random effect (plug-in of the conditional mode):
+
+.. math::
+
+    \ell^{\text{cond}} = \frac{1}{n} \sum_i \log p(y_i \mid \hat\eta_i + \hat b_{g(i)})
+
+Observations of **new groups** are scored by the marginal likelihood of each whole new group,
+its random effect integrated over the fitted :math:`N(0, \hat\sigma_b^2)`:
+
+.. math::
+
+    \ell^{\text{marg}} = \frac{1}{n} \sum_{g} \log \int \prod_{i \in g}
+    p(y_i \mid \hat\eta_i + b)\, N(b; 0, \hat\sigma_b^2)\, db ,
+
+computed by adaptive Gauss--Hermite quadrature with 30 nodes centred at each group's mode
+(exact to many digits for these smooth, log-concave integrands). Both are per observation,
+with all normalising constants (:math:`-\log y!` for Poisson counts, :math:`-\tfrac12
+\log(2\pi\sigma^2)` for Gaussian responses), so the numbers of all methods are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit, gammaln, logsumexp
+
+HERE = Path(__file__).resolve().parent
+OUTPUT = HERE / "output"
+REPO = HERE.parent
+
+if str(REPO) not in sys.path:  # run from a plain checkout without installing the package
+    sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------------------- run mode
+
+def parse_args(description: str, extra: list[tuple[tuple[str, ...], dict]] | None = None
+               ) -> argparse.Namespace:
+    """``--quick`` (or ``NGMM_QUICK=1``), ``--seeds``, ``--output``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true",
+                   help="reduced sizes for CI (also with the environment variable NGMM_QUICK=1)")
+    p.add_argument("--output", type=Path, default=OUTPUT, help="folder for tables and figures")
+    for args, kw in extra or []:
+        p.add_argument(*args, **kw)
+    ns = p.parse_args()
+    ns.quick = ns.quick or os.environ.get("NGMM_QUICK", "") not in ("", "0")
+    ns.output.mkdir(parents=True, exist_ok=True)
+    return ns
+
+
+def parse_control(text: str) -> dict:
+    """``"lr=0.01,patience=30,refit=False"`` -> keyword arguments of ``Control``."""
+    out: dict = {}
+    for part in filter(None, text.split(",")):
+        k, v = part.split("=")
+        if v in ("None", "True", "False"):
+            out[k] = {"None": None, "True": True, "False": False}[v]
+        else:
+            out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+    return out
+
+
+def machine() -> str:
+    """One line describing the machine and the library versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, numpy {np.__version__}")
+
+
+def commit() -> str:
+    """Short hash of HEAD, noting uncommitted changes to the package."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "ngmm_formula"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (with uncommitted changes to ngmm_formula/)" if dirty else "")
+
+
+def header(title: str, command: str, extra: str = "") -> str:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# {title}\n\nRun {now} at commit {commit()}; {machine()}.\n\n"
+            f"Command: `{command}`\n\n{extra}")
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+# ---------------------------------------------------------------------------- likelihoods
+
+def log_density(family: str, y: np.ndarray, eta: np.ndarray, sigma: float | None = None
+                ) -> np.ndarray:
+    """log p(y | eta) with all constants (Bernoulli responses for "binomial")."""
+    y = np.asarray(y, dtype=float)
+    if family == "gaussian":
+        assert sigma is not None
+        return -0.5 * ((y - eta) / sigma) ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
+    if family == "binomial":
+        return y * eta - np.logaddexp(0.0, eta)
+    if family == "poisson":
+        return y * eta - np.exp(eta) - gammaln(y + 1.0)
+    raise ValueError(family)
+
+
+def _derivatives(family: str, y: np.ndarray, eta: np.ndarray, sigma: float | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    if family == "gaussian":
+        assert sigma is not None
+        return (y - eta) / sigma**2, np.full_like(eta, -1.0 / sigma**2)
+    if family == "binomial":
+        p = expit(eta)
+        return y - p, -p * (1 - p)
+    mu = np.exp(eta)
+    return y - mu, -mu
+
+
+def inverse_link(family: str, eta: np.ndarray) -> np.ndarray:
+    return {"gaussian": lambda e: e, "binomial": expit, "poisson": np.exp}[family](eta)
+
+
+def conditional_loglik(family: str, y: np.ndarray, eta_fixed: np.ndarray, b: np.ndarray,
+                       sigma: float | None = None) -> np.ndarray:
+    """Per-observation log p(y_i | eta_fixed_i + b_i) (b: the row's predicted effect)."""
+    return log_density(family, y, eta_fixed + b, sigma)
+
+
+def marginal_group_loglik(family: str, y: np.ndarray, eta_fixed: np.ndarray,
+                          groups: np.ndarray, sd_b: float, sigma: float | None = None,
+                          nodes: int = 30) -> np.ndarray:
+    """log of each group's likelihood with its random intercept integrated over N(0, sd_b^2).
+
+    Adaptive Gauss--Hermite: Newton steps to each group's mode of
+    h(b) = sum_i log p(y_i | eta_i + b) + log N(b; 0, sd_b^2), then ``nodes`` nodes scaled by
+    the curvature there. ``groups``: integer codes 0..G-1. Returns an array of length G.
+    """
+    y = np.asarray(y, dtype=float)
+    groups = np.asarray(groups)
+    G = int(groups.max()) + 1
+    if not sd_b > 1e-8:
+        return np.bincount(groups, log_density(family, y, eta_fixed, sigma), minlength=G)
+    s2 = sd_b**2
+    b = np.zeros(G)
+    for _ in range(100):
+        d1, d2 = _derivatives(family, y, eta_fixed + b[groups], sigma)
+        g1 = np.bincount(groups, d1, minlength=G) - b / s2
+        g2 = np.bincount(groups, d2, minlength=G) - 1.0 / s2
+        step = np.clip(-g1 / g2, -1.0, 1.0)
+        b += step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    _, d2 = _derivatives(family, y, eta_fixed + b[groups], sigma)
+    scale = 1.0 / np.sqrt(-(np.bincount(groups, d2, minlength=G) - 1.0 / s2))
+    x, w = np.polynomial.hermite.hermgauss(nodes)
+    terms = np.empty((G, nodes))
+    for k in range(nodes):
+        bk = b + np.sqrt(2.0) * scale * x[k]
+        h = np.bincount(groups, log_density(family, y, eta_fixed + bk[groups], sigma),
+                        minlength=G)
+        h += -0.5 * bk**2 / s2 - 0.5 * np.log(2 * np.pi * s2)
+        terms[:, k] = np.log(w[k]) + x[k] ** 2 + h
+    return np.log(np.sqrt(2.0) * scale) + logsumexp(terms, axis=1)
+
+
+def marginal_mean(family: str, eta_fixed: np.ndarray, sd_b: float, nodes: int = 30
+                  ) -> np.ndarray:
+    """E[y] for a new group: the inverse link averaged over b ~ N(0, sd_b^2)."""
+    if family == "gaussian":
+        return eta_fixed
+    x, w = np.polynomial.hermite.hermgauss(nodes)
+    vals = inverse_link(family, eta_fixed[:, None] + np.sqrt(2.0) * sd_b * x[None, :])
+    return vals @ w / np.sqrt(np.pi)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann--Whitney, ties counted one half)."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(score)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def rmse(y: np.ndarray, mu: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(y, float) - mu) ** 2)))
+
+
+# ---------------------------------------------------------------------------- point estimates
+
+class Estimates:
+    """The four point estimates of a fitted model that the held-out metrics need."""
+
+    def __init__(self, eta_fixed, b_hat: dict, sd_b: float, sigma: float | None = None):
+        self.eta_fixed = eta_fixed  # callable: DataFrame -> array
+        self.b_hat = b_hat          # level -> predicted random intercept
+        self.sd_b = float(sd_b)
+        self.sigma = None if sigma is None else float(sigma)
+
+
+def ngmm_estimates(fit, group: str) -> Estimates:
+    """Point estimates of an NGMMResult with one random intercept on ``group``."""
+    vc = fit.varcorr
+    row = vc[(vc.group == group) & (vc.var1 == "(Intercept)") & vc.var2.isna()]
+    re = fit.ranef[group]["(Intercept)"]
+    sigma = fit.sigma if fit.family.name == "gaussian" else None
+    return Estimates(lambda d: np.asarray(fit.predict(d, type="link", re_form="~0")),
+                     dict(zip(re.index.astype(str), re.to_numpy())),
+                     float(row.sdcor.iloc[0]), sigma)
+
+
+def score(family: str, est: Estimates, data: pd.DataFrame, y: np.ndarray, group: str,
+          *, known: bool) -> dict[str, float]:
+    """Held-out metrics of ``data`` (known groups: conditional; new groups: marginal)."""
+    eta = est.eta_fixed(data)
+    labels = data[group].astype(str).to_numpy()
+    out: dict[str, float] = {}
+    if known:
+        b = np.array([est.b_hat.get(lab, 0.0) for lab in labels])
+        ll = conditional_loglik(family, y, eta, b, est.sigma)
+        mu = inverse_link(family, eta + b)
+        out["loglik"] = float(ll.mean())
+    else:
+        codes = pd.factorize(labels)[0]
+        ll = marginal_group_loglik(family, y, eta, codes, est.sd_b, est.sigma)
+        mu = marginal_mean(family, eta, est.sd_b)
+        out["loglik"] = float(ll.sum() / len(y))
+    if family == "binomial":
+        out["auc"] = auc(y, mu)
+    else:
+        out["rmse"] = rmse(y, mu)
+    return out
+
+
+def md_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    """A DataFrame as a GitHub markdown table (no tabulate dependency)."""
+    cols = list(df.columns)
+
+    def fmt(v: object) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else format(v, floatfmt)
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, cols)) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(False)]
+    return "\n".join(lines) + "\n"
