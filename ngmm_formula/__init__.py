@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ngmm_formula import datasets
 from ngmm_formula.api import Control, ngmm
+from ngmm_formula.compare import ComparisonTable, compare
 from ngmm_formula.errors import (
     ConvergenceWarning,
     DataError,
@@ -20,6 +21,7 @@ from ngmm_formula.errors import (
 )
 from ngmm_formula.families import Family, get_family
 from ngmm_formula.formula import parse_formula
+from ngmm_formula.persist import ModelFileError, load
 from ngmm_formula.results import NGMMResult
 
 __version__ = "0.1.0"
@@ -33,19 +35,23 @@ def anova(*fits: NGMMResult):  # type: ignore[no-untyped-def]
 
 
 __all__ = [
+    "ComparisonTable",
     "Control",
     "ConvergenceWarning",
     "DataError",
     "Family",
     "FormulaError",
+    "ModelFileError",
     "NGMMError",
     "NGMMResult",
     "RankDeficiencyWarning",
     "SingularFitWarning",
     "__version__",
     "anova",
+    "compare",
     "datasets",
     "get_family",
+    "load",
     "ngmm",
     "parse_formula",
 ]

@@ -36,7 +36,7 @@ from ngmm_formula.fit import (
     torch_threads,
 )
 from ngmm_formula.formula import parse_formula
-from ngmm_formula.model import LinearPredictor, Problem, build_problem, lambda_blocks
+from ngmm_formula.model import LinearPredictor, Problem, build_problem, lambda_blocks, matvec
 from ngmm_formula.networks import MLP, make_network
 from ngmm_formula.results import Diagnostics, NGMMResult
 from ngmm_formula.train import TrainingHistory, train_networks
@@ -255,7 +255,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
             cov_s = _inv(-H[:k_beta, :k_beta])
         else:
             cov_s = _inv(-H)[:k_beta, :k_beta]
-    beta = A @ beta_s
+    beta = matvec(A, beta_s)
     cov = A @ cov_s @ A.T
     names = list(design.fixed_names)
     fixef = pd.Series(beta, index=names, name="Estimate")
@@ -282,7 +282,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
         H_u_inv = H_mode_inv
     ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), H_u_inv, Ls)
 
-    eta = design.offset + design.X @ beta
+    eta = design.offset + matvec(design.X, beta)
     if net_offset is not None:
         eta = eta + net_offset.cpu().numpy()
     for t, b in zip(design.re_terms, coefs):

@@ -1214,15 +1214,10 @@ def _heldout_statsmodels(res: _SMFit, linear: NGMMResult, prepared: Prepared,
 
 def _new_response(design: Design, family: Family, newdata: pd.DataFrame
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Response and binomial trials of ``newdata``, encoded as in training.
-
-    (``DesignSpec.new_data(with_response=True)`` treats a ``cbind`` response as
-    non-binomial, so the response is evaluated here with the family's flag.)
-    """
-    from ngmm_formula.design import _response
-
-    return _response(design.formula, newdata, family.name == "binomial",
-                     design.spec.binomial_levels)
+    """Response and binomial trials of ``newdata``, encoded as in training."""
+    nd = design.spec.new_data(newdata, with_response=True)
+    assert nd.y is not None
+    return nd.y, nd.weights
 
 
 def _note_new_levels(group_index: tuple[np.ndarray, ...], notes: _Notes) -> None:

@@ -201,6 +201,7 @@ class DesignSpec:
     re_terms: tuple[tuple[BarTerm, tuple[str, ...]], ...]
     net_encodings: tuple[tuple[NetEncoding, ...], ...]
     binomial_levels: tuple[str, str] | None
+    binomial: bool = False
 
     def new_data(self, data: pd.DataFrame, *, with_response: bool = False,
                  allow_new_levels: bool = True) -> NewData:
@@ -250,8 +251,7 @@ class DesignSpec:
         offset = _offset_terms(self.formula, data, None)
         y, w = (None, np.ones(len(data)))
         if with_response:
-            y, w = _response(self.formula, data, self.binomial_levels is not None,
-                             self.binomial_levels)
+            y, w = _response(self.formula, data, self.binomial, self.binomial_levels)
         return NewData(X=X, offset=offset, Zraw=tuple(zs), group_index=tuple(gis),
                        net_X=nets, new_levels=tuple(flags), y=y, weights=w,
                        row_index=data.index)
@@ -717,6 +717,7 @@ def build_design(
         re_terms=tuple((rt[0], rt[1]) for rt in raw_terms),
         net_encodings=tuple(ni.encodings for ni in nets),
         binomial_levels=binomial_levels,
+        binomial=binomial,
     )
     off = _offset_terms(formula, frame, o_user)
     if not np.isfinite(off).all():

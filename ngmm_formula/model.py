@@ -16,6 +16,7 @@ the slot values :math:`C = [Z_k \Lambda_k]_k` of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,18 @@ from ngmm_formula.approx.conditional import Blocks
 from ngmm_formula.design import Design
 from ngmm_formula.families import Family
 
-__all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "lambda_blocks"]
+__all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "lambda_blocks",
+           "matvec"]
+
+
+def matvec(M: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``M @ v`` with a fixed summation order.
+
+    BLAS kernels pick code paths by memory alignment (with or without fused multiply-add), so
+    ``M @ v`` can differ in the last bit between two runs of the same script; reported
+    estimates and predictions use this instead, so that a seed reproduces them bit for bit.
+    """
+    return (M * v[None, :]).sum(axis=1)
 
 
 @dataclass(frozen=True)
@@ -114,16 +126,7 @@ class Problem:
     def with_offset(self, extra: torch.Tensor) -> Problem:
         """The same problem with ``extra`` added to the offset and no network inputs
         (networks frozen after training enter as a known offset)."""
-        return Problem(
-            y=self.y, w=self.w, offset=self.offset + extra, Xs=self.Xs, Z=self.Z, q=self.q,
-            n_levels=self.n_levels, blocks=self.blocks, standardisation=self.standardisation,
-            reml=self.reml, net_X=(), log_const=self.log_const,
-        )
-
-    @property
-    def n_random(self) -> int:
-        """Number of random-effect coordinates per block (excluding REML's beta)."""
-        return self.blocks.dim - (self.p if self.reml else 0)
+        return dataclasses.replace(self, offset=self.offset + extra, net_X=())
 
 
 def build_problem(design: Design, family: Family, approx: Approximation, *,

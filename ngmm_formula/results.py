@@ -17,7 +17,9 @@ Parameters are reported on the user's scale and in lme4's conventions:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +30,7 @@ from ngmm_formula.approx import Approximation
 from ngmm_formula.design import Design
 from ngmm_formula.errors import DataError, NGMMError
 from ngmm_formula.families import Family
+from ngmm_formula.model import matvec
 
 __all__ = ["NGMMResult", "Diagnostics"]
 
@@ -274,7 +277,7 @@ class NGMMResult:
             eta = self.eta if use_re else self._eta_fixed_train()
         else:
             nd = self.design.spec.new_data(newdata, allow_new_levels=allow_new_levels)
-            eta = nd.offset + nd.X @ self.fixef.to_numpy()
+            eta = nd.offset + matvec(nd.X, self.fixef.to_numpy())
             eta = eta + self._net_part(nd.net_X)
             if use_re:
                 for _t, Z, gi, b in zip(self.design.re_terms, nd.Zraw, nd.group_index,
@@ -292,7 +295,7 @@ class NGMMResult:
 
     def _eta_fixed_train(self) -> np.ndarray:
         d = self.design
-        return (d.offset + d.X @ self.fixef.to_numpy()
+        return (d.offset + matvec(d.X, self.fixef.to_numpy())
                 + self._net_part(tuple(ni.X for ni in d.nets)))
 
     # ---------------------------------------------------------------- simulation
@@ -319,19 +322,13 @@ class NGMMResult:
         return pd.DataFrame(out, index=d.row_index)
 
     def _lambda_abs(self) -> list[np.ndarray]:
-        """Absolute-scale Cholesky factors of each term's covariance."""
-        out = []
-        start = 0
+        """Absolute-scale Cholesky factors of each term's covariance (theta is relative to
+        sigma for Gaussian identity models, as lme4's)."""
+        from ngmm_formula.model import lambda_blocks
+
         scale = self.sigma if self.t_stat else 1.0
-        for t in self.design.re_terms:
-            k = t.n_theta
-            L = np.zeros((t.q, t.q))
-            idx = [(i, j) for j in range(t.q) for i in range(j, t.q)]
-            for (i, j), v in zip(idx, self.theta.to_numpy()[start:start + k]):
-                L[i, j] = v * scale
-            out.append(L)
-            start += k
-        return out
+        theta = torch.as_tensor(self.theta.to_numpy() * scale)
+        return [L.numpy() for L in lambda_blocks(theta, tuple(t.q for t in self.design.re_terms))]
 
     # ---------------------------------------------------------------- model comparison
     def refit_ml(self) -> NGMMResult:
@@ -341,6 +338,26 @@ class NGMMResult:
         if self.refit is None:
             raise DataError("this result cannot be refitted")
         return self.refit(reml=False)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the fitted model to a file; read it back with :func:`ngmm_formula.load`.
+
+        See :mod:`ngmm_formula.persist` for the format and its integrity checks.
+        """
+        from ngmm_formula import persist  # persist imports this module
+
+        return persist.save(self, path)
+
+    def compare(self, *others: Any, data: pd.DataFrame | None = None,
+                newdata: pd.DataFrame | None = None, statsmodels: bool = True) -> Any:
+        """This fit beside its linear version and statsmodels' GLMM (and ``others``).
+
+        ``fit.compare(data)``: results do not keep the caller's DataFrame, so pass it
+        (positionally or as ``data=``). See :func:`ngmm_formula.compare.compare`.
+        """
+        from ngmm_formula.compare import compare
+
+        return compare(self, *others, data=data, newdata=newdata, statsmodels=statsmodels)
 
     def summary(self) -> Any:
         """lme4-style summary; ``print(fit.summary())``."""
