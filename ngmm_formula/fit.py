@@ -289,13 +289,18 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
     torch's intra-op threads spin while they wait: on a machine whose cores are shared with
     other work, two threads made fits here 4-20x slower than one, while on an idle 2-core
-    machine they gain at most 2x on the largest operations. One thread is the robust
-    default; ``Control(threads=...)`` asks for more.
+    machine they gain at most 2x on the largest operations. One thread (for torch and for
+    the BLAS of numpy/scipy) is the robust default; ``Control(threads=...)`` asks for more.
     """
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads or 1)
     try:
-        yield
+        # the same for numpy's and scipy's BLAS: multi-threaded OpenBLAS made each L-BFGS-B
+        # iteration 20-80x slower on these tiny vectors
+        with threadpool_limits(limits=threads or 1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 

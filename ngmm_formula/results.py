@@ -198,30 +198,51 @@ class NGMMResult:
     def plot_partial_dependence(self, term: int | str = 0, var: str | None = None,
                                 ax: Any = None) -> Any:
         """Draw :meth:`partial_dependence` with a rug of the data; returns the Figure."""
-        import matplotlib.pyplot as plt
+        from ngmm_formula import plots
 
-        pdp = self.partial_dependence(term, var)
-        var = pdp.columns[0]
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-        else:
-            fig = ax.figure
-        if pdp[var].dtype == object:
-            ax.plot(range(len(pdp)), pdp["effect"], "o-")
-            ax.set_xticks(range(len(pdp)), pdp[var].astype(str))
-        else:
-            ax.plot(pdp[var], pdp["effect"], "-")
-            ni = next(n for n in self.design.nets if var in n.term.variables)
-            enc = ni.encodings[ni.term.variables.index(var)]
-            start = sum(len(e.columns) for e in ni.encodings[:ni.term.variables.index(var)])
-            raw = ni.X[:, start] * enc.scale + enc.center
-            ax.plot(raw, np.full_like(raw, ax.get_ylim()[0]), "|", color="k", alpha=0.2)
-        ax.set_xlabel(var)
-        ax.set_ylabel("partial effect (link scale)")
-        ax.set_title(self.design.nets[0].term.label if isinstance(term, int) and term == 0
-                     else str(term))
-        return fig
+        return plots.partial_dependence(self, term, var, ax=ax)
 
+    # ---------------------------------------------------------------- inference and plots
+    def confint(self, method: str = "wald", level: float = 0.95, **kw: Any) -> pd.DataFrame:
+        """Confidence intervals as lme4's ``confint(fit, oldNames = FALSE)``: method "wald",
+        "profile" or "boot" (needs ``data=``); see :func:`ngmm_formula.inference.confint`."""
+        from ngmm_formula import inference
+
+        return inference.confint(self, method, level, **kw)
+
+    def profile(self, parm: Any = None, level: float = 0.95, **kw: Any) -> pd.DataFrame:
+        """Likelihood-profile limits with zeta at each (:func:`ngmm_formula.inference.profile`)."""
+        from ngmm_formula import inference
+
+        return inference.profile(self, parm, level, **kw)
+
+    def predict_se(self, newdata: pd.DataFrame | None = None, re_form: str | None = None,
+                   allow_new_levels: bool = True) -> np.ndarray:
+        """Link-scale standard errors of predictions
+        (:func:`ngmm_formula.inference.predict_se`)."""
+        from ngmm_formula import inference
+
+        return inference.predict_se(self, newdata, re_form, allow_new_levels)
+
+    def plot_caterpillar(self, group: str | None = None, **kw: Any) -> Any:
+        """Conditional modes with 95% conditional intervals
+        (:func:`ngmm_formula.plots.caterpillar`)."""
+        from ngmm_formula import plots
+
+        return plots.caterpillar(self, group, **kw)
+
+    def plot_residuals(self, type: str = "pearson", **kw: Any) -> Any:
+        """Residuals against fitted values (:func:`ngmm_formula.plots.residuals_vs_fitted`)."""
+        from ngmm_formula import plots
+
+        return plots.residuals_vs_fitted(self, type, **kw)
+
+    def plot_training_curve(self, **kw: Any) -> Any:
+        """Training and validation objective per epoch
+        (:func:`ngmm_formula.plots.training_curve`)."""
+        from ngmm_formula import plots
+
+        return plots.training_curve(self, **kw)
     # ---------------------------------------------------------------- fitted values
     @property
     def fitted(self) -> np.ndarray:
