@@ -143,7 +143,7 @@ class NGMMResult:
 
     def _net_outputs(self, net_X: tuple[np.ndarray, ...]) -> list[np.ndarray]:
         with torch.no_grad():
-            return [net(torch.as_tensor(x, dtype=torch.float64)).numpy()
+            return [net(torch.tensor(np.asarray(x), dtype=torch.float64)).numpy()
                     for net, x in zip(self.nets, net_X)]
 
     def partial_dependence(self, term: int | str = 0, var: str | None = None,
