@@ -243,7 +243,8 @@ def gap_table(runs: pd.DataFrame) -> pd.DataFrame:
         rec: dict = {"family": fam, "effect": eff, "seeds": d.seed.nunique()}
         for k, tab in w.items():
             suffix = k.split("_")[1]
-            if {"ngmm", "glmm", "oracle"} <= set(tab.columns):
+            if {"ngmm", "glmm", "oracle"} <= set(tab.columns) and eff != "linear":
+                # with a linear truth the GLMM is the oracle's model: no gap to close
                 gap = (tab.ngmm - tab.glmm) / (tab.oracle - tab.glmm)
                 rec[f"gap_closed_{suffix}"] = f"{gap.mean():.1%} ± {gap.std(ddof=1):.1%}" \
                     if len(gap) > 1 else f"{gap.mean():.1%}"
@@ -299,9 +300,20 @@ def targets(runs: pd.DataFrame, gaps: pd.DataFrame) -> pd.DataFrame:
                              g["_gpb_new"] > 0))
             if not d.empty:
                 err = (d.sd_b / 1.0 - 1).abs()
-                rows.append((fam, "NGMM random-intercept SD within 10% of the truth (1)",
-                             f"mean {d.sd_b.mean():.3f}, worst seed off by {err.max():.1%}",
-                             bool(err.max() <= 0.10)))
+                o = runs[(runs.family == fam) & (runs.effect == eff) & (runs.method == "oracle")]
+                oerr = (o.sd_b - 1).abs().max() if not o.empty else float("nan")
+                rows.append((fam, "NGMM random-intercept SD within 10% of the truth (1), "
+                                  "mean over seeds",
+                             f"mean {d.sd_b.mean():.3f} ({d.sd_b.mean() - 1:+.1%})",
+                             bool(abs(d.sd_b.mean() - 1) <= 0.10)))
+                rows.append((fam, "same, every seed",
+                             f"worst seed off by {err.max():.1%} (oracle's worst seed: "
+                             f"{oerr:.1%})", bool(err.max() <= 0.10)))
+                if not o.empty:
+                    rel = (d.set_index("seed").sd_b / o.set_index("seed").sd_b - 1).abs()
+                    rows.append((fam, "NGMM SD within 10% of the oracle's fitted SD, every "
+                                      "seed", f"worst seed off by {rel.max():.1%}",
+                                 bool(rel.max() <= 0.10)))
         elif eff == "linear" and "_rel_known" in g and pd.notna(g.get("_rel_known")):
             rows.append((fam, "linear truth: NGMM held-out ll within 0.5% of the GLMM "
                               "(known groups)",
@@ -357,6 +369,7 @@ def main() -> None:
         (("--gpboost-effects",), {"default": "sine",
                                   "help": "effects on which GPBoost is fitted (its cross-"
                                           "validation dominates the run time)"}),
+        (("--from-csv",), {"default": None, "help": "rebuild the tables from a runs CSV"}),
         (("--tag",), {"default": "", "help": "suffix of the output files"}),
     ])
     sizes = ({"groups": 60, "per_group": 10, "test_per_group": 5, "new": 15} if args.quick
@@ -383,15 +396,20 @@ def main() -> None:
     pd_fits: dict = {"seed": 0}
     rows = []
     with C.Timer() as total:
-        for effect in effects:
-            for family in families:
-                for seed in range(n_seeds):
-                    rows += one_run(family, effect, seed, sizes, methods, control, hidden,
-                                    pd_fits)
-    runs = pd.DataFrame(rows)
+        if args.from_csv:  # rebuild the tables of an earlier run
+            runs = pd.read_csv(args.from_csv)
+            n_seeds = runs.seed.nunique()
+        else:
+            for effect in effects:
+                for family in families:
+                    for seed in range(n_seeds):
+                        rows += one_run(family, effect, seed, sizes, methods, control,
+                                        hidden, pd_fits)
+            runs = pd.DataFrame(rows)
     tag = f"_{args.tag}" if args.tag else ""
     out = args.output
-    runs.to_csv(out / f"synthetic_runs{tag}.csv", index=False)
+    if not args.from_csv:
+        runs.to_csv(out / f"synthetic_runs{tag}.csv", index=False)
     gaps = gap_table(runs)
     summ = summary_table(runs)
     tgt = targets(runs, gaps)
@@ -407,7 +425,10 @@ def main() -> None:
         f"known-group test: {sizes['test_per_group']} new observations per training group; "
         f"new-group test: {sizes['new']} groups x {sizes['per_group']}. Seeds 0..{n_seeds - 1}."
         f" Control: {ctl_kw or 'defaults'}; hidden: {args.hidden or 'default'}. "
-        f"{gpb_note} Total time {total.seconds:.0f} s.\n\n"
+        f"{gpb_note} "
+        + (f"Tables rebuilt from {args.from_csv}. " if args.from_csv else
+           f"Total time {total.seconds:.0f} s. ")
+        + "\n\n"
         "ll_known: mean held-out log-likelihood per observation of new observations of "
         "training groups, conditional on the predicted random effect; ll_new: per observation,"
         " marginal over the random effect, of new groups. Mean ± SD over seeds.\n\n")

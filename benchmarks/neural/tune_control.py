@@ -14,8 +14,8 @@ Usage::
     python benchmarks/neural/tune_control.py --seeds 5 --families binomial \
         default lr=0.01 batch_size=512 "lr=0.01,patience=30"
 
-Writes ``benchmarks/neural/output/tune_<tag>.csv`` and prints a table (gap closed on known
-and new groups: mean, SD and worst seed; the NGMM's random-intercept SD; epochs; seconds).
+Writes ``benchmarks/neural/results/<tag>.csv`` and ``.md`` and prints a table (gap closed on
+known and new groups: mean, SD and worst seed; the NGMM's random-intercept SD; epochs; seconds).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--tag", default="tune")
     args = ap.parse_args()
     sizes = {"groups": 200, "per_group": 20, "test_per_group": 10, "new": 50}
-    out = Path(__file__).resolve().parent / "output"
+    out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     rows = []
     for fam in args.families.split(","):
