@@ -179,6 +179,8 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
     history = None
     net_offset = None
     if module.nets:
+        # start the networks (whose output is 0 at initialisation) from the fitted GLMM
+        optimise(obj, max_iter=control.max_iter, gtol=control.gtol)
         history, obj = _train(prepared, module, control, seed)
         net_offset = obj.problem.offset - pr.offset
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)

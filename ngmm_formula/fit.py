@@ -62,6 +62,8 @@ class Control:
         Fraction of groups held out for early stopping (0 disables early stopping).
     patience : int
         Epochs without improvement of the validation score before stopping.
+    min_steps : int
+        Optimiser steps before early stopping and learning-rate decay may act.
     min_delta : float
         Relative improvement that counts.
     refit : bool
@@ -83,6 +85,7 @@ class Control:
     batch_groups: int | None = None
     validation: float = 0.1
     patience: int = 15
+    min_steps: int = 200
     min_delta: float = 1e-5
     refit: bool = True
     progress: bool | None = None
@@ -97,6 +100,7 @@ class Control:
             ("batch_size", self.batch_size >= 1),
             ("batch_groups", self.batch_groups is None or self.batch_groups >= 1),
             ("validation", 0 <= self.validation < 1), ("patience", self.patience >= 1),
+            ("min_steps", self.min_steps >= 0),
             ("na_action", self.na_action in ("omit", "raise")),
             ("threads", self.threads is None or self.threads >= 1),
         ]

@@ -14,7 +14,10 @@ with decoupled weight decay on the network weights only, a learning rate halved 
 validation score stalls (``ReduceLROnPlateau``), and early stopping on **held-out groups**:
 a fraction ``Control.validation`` of the levels of the (largest) grouping factor is set
 aside, and training stops when their marginal log-likelihood per observation has not improved
-for ``Control.patience`` epochs; the best weights are restored. The conditional modes of
+for ``Control.patience`` epochs; the best weights are restored. Neither early stopping nor
+the learning-rate decay acts during the first ``Control.min_steps`` optimiser steps (on small
+data an epoch is a single step, and stopping after a few dozen steps left networks that had
+learnt nothing: measured in ``benchmarks/neural/README.md``). The conditional modes of
 every group are kept between minibatches as warm starts of the Newton search.
 
 When training ends the networks are centred on the training data (the intercept absorbs the
@@ -144,6 +147,7 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
     lrs: list[float] = []
     best_score, best_epoch, best_state, wait = -math.inf, 0, None, 0
     stopped = False
+    steps = 0
     for epoch in range(1, control.epochs + 1):
         module.train()
         order = rng.permutation(train_groups)
@@ -155,6 +159,7 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            steps += 1
             total += float(ll.detach())
             n_rows += n_b
         train_curve.append(total / max(1, n_rows))
@@ -167,12 +172,14 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         else:
             score = train_curve[-1]
         lrs.append(opt.param_groups[0]["lr"])
-        sched.step(score)
+        warm = steps >= control.min_steps  # early stopping and lr decay wait for warm-up
+        if warm:
+            sched.step(score)
         if best_state is None or score > best_score + control.min_delta * max(1.0,
                                                                              abs(best_score)):
             best_score, best_epoch, wait = score, epoch, 0
             best_state = copy.deepcopy(module.state_dict())
-        else:
+        elif warm:
             wait += 1
         if progress is not None:
             progress.update(1)
