@@ -711,6 +711,12 @@ class Family(ABC):
     def _log_mean(self, eta: Tensor) -> Tensor:
         return self.link.log_inverse(eta)
 
+    @property
+    def quadratic(self) -> bool:
+        """Whether the log-likelihood is exactly quadratic in eta (Gaussian, identity link):
+        one Newton step then finds a conditional mode, and Laplace is exact."""
+        return self.name == "gaussian" and self.link.name == "identity"
+
     def valid_eta(self, eta: Tensor) -> Tensor:
         r"""Boolean mask of the :math:`\eta` inside the family's support.
 

@@ -196,6 +196,10 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
             h = torch.where(accept, h_new, h)
             eta = eta_fixed + random_part(C, v, blocks)
             scale = torch.where(accept[:, None], scale, torch.zeros_like(scale))
+            if family.quadratic and bool(accept.all()) and bool((scale == 1).all()):
+                # h is quadratic in v: a full Newton step lands on the mode, and the Fisher
+                # weights are the observed curvature
+                return ConditionalMode(v=v, chol=L, iterations=it, converged=True)
             if float((scale * step).abs().max()) < tol * max(1.0, float(v.abs().max())):
                 converged = True
                 break
