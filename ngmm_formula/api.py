@@ -180,7 +180,9 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
     net_offset = None
     if module.nets:
         # start the networks (whose output is 0 at initialisation) from the fitted GLMM
-        optimise(obj, max_iter=control.max_iter, gtol=control.gtol)
+        # (polished to a tight gradient so that runs with the same seed start training from
+        # the same point: L-BFGS-B's last bits vary with memory alignment)
+        optimise(obj, max_iter=control.max_iter, gtol=1e-10)
         history, obj = _train(prepared, module, control, seed)
         net_offset = obj.problem.offset - pr.offset
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)

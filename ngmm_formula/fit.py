@@ -347,7 +347,7 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
 
     res = scipy.optimize.minimize(
         f, x0, jac=True, method="L-BFGS-B",
-        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-12, "gtol": 1e-7,
+        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-9,
                  "maxls": 50},
     )
     x = res.x
