@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ngmm_formula.approx import Approximation, choose_approximation
-from ngmm_formula.design import Design, build_design
+from ngmm_formula.design import Design, build_design, tril_pairs
 from ngmm_formula.errors import (
     ConvergenceWarning,
     DataError,
@@ -270,8 +270,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     Ls = [L.numpy() for L in lambda_blocks(theta_abs, pr.q)]
     Ls = [L * np.where(np.diag(L) < 0, -1.0, 1.0)[None, :] for L in Ls]
     rel = sigma if exact else 1.0
-    theta_vals = [L[i, j] / rel for L in Ls for j in range(L.shape[0])
-                  for i in range(j, L.shape[0])]
+    theta_vals = [L[i, j] / rel for L in Ls for i, j in tril_pairs(L.shape[0])]
     theta = pd.Series(theta_vals, index=design.theta_names, name="theta")
 
     # lme4 shows a Residual row for families with a scale parameter in VarCorr: gaussian and

@@ -21,6 +21,7 @@ unseen grouping levels are flagged with index ``-1``.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula
 
 __all__ = [
     "Design",
+    "tril_pairs",
     "DesignSpec",
     "NetEncoding",
     "NetInput",
@@ -46,6 +48,13 @@ __all__ = [
 ]
 
 NaAction = Literal["omit", "raise"]
+
+
+@functools.cache
+def tril_pairs(q: int) -> tuple[tuple[int, int], ...]:
+    """Positions ``(row, column)`` of a q x q block's theta entries in lme4's order: the lower
+    triangle of the relative Cholesky factor, column by column."""
+    return tuple((i, j) for j in range(q) for i in range(j, q))
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -108,14 +117,9 @@ class ReTerm:
 
     def theta_names(self) -> list[str]:
         """lme4's names, lower triangle column by column (``Subject.Days.(Intercept)``)."""
-        out = []
-        for j in range(self.q):
-            for i in range(j, self.q):
-                if i == j:
-                    out.append(f"{self.group}.{self.cnms[i]}")
-                else:
-                    out.append(f"{self.group}.{self.cnms[i]}.{self.cnms[j]}")
-        return out
+        return [f"{self.group}.{self.cnms[i]}" if i == j
+                else f"{self.group}.{self.cnms[i]}.{self.cnms[j]}"
+                for i, j in tril_pairs(self.q)]
 
 
 @dataclass(frozen=True)
@@ -302,12 +306,8 @@ class Design:
     @property
     def theta_lower(self) -> np.ndarray:
         """Lower bounds of theta: 0 for diagonal entries, -inf off the diagonal (lme4)."""
-        out = []
-        for t in self.re_terms:
-            for j in range(t.q):
-                for i in range(j, t.q):
-                    out.append(0.0 if i == j else -np.inf)
-        return np.array(out)
+        return np.array([0.0 if i == j else -np.inf
+                         for t in self.re_terms for i, j in tril_pairs(t.q)])
 
     @property
     def theta_start(self) -> np.ndarray:

@@ -50,6 +50,7 @@ import torch
 from scipy.stats import norm
 
 from ngmm_formula.approx import Approximation
+from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import ConvergenceWarning, DataError, NGMMError
 from ngmm_formula.fit import Control, Objective, torch_threads
 from ngmm_formula.model import LinearPredictor, build_problem
@@ -76,14 +77,8 @@ def _vc_names(fit: NGMMResult, old_names: bool = False) -> list[str]:
     ``cor_<row>.<column>|<group>`` below it. ``old_names=True`` gives ``.sig01``, ...,
     ``.sigma`` (lme4's default ``oldNames = TRUE``).
     """
-    names = []
-    for t in fit.design.re_terms:
-        for j in range(t.q):
-            for i in range(j, t.q):
-                if i == j:
-                    names.append(f"sd_{t.cnms[i]}|{t.group}")
-                else:
-                    names.append(f"cor_{t.cnms[i]}.{t.cnms[j]}|{t.group}")
+    names = [f"sd_{t.cnms[i]}|{t.group}" if i == j else f"cor_{t.cnms[i]}.{t.cnms[j]}|{t.group}"
+             for t in fit.design.re_terms for i, j in tril_pairs(t.q)]
     if old_names:
         names = [f".sig{k + 1:02d}" for k in range(len(names))]
     if _has_sigma_row(fit):
@@ -100,15 +95,9 @@ def _sdcor(L: np.ndarray) -> np.ndarray:
     """Standard deviations and correlations of :math:`L L^\\top`, lme4's theta order."""
     S = L @ L.T
     sd = np.sqrt(np.clip(np.diag(S), 0.0, None))
-    out = []
-    q = L.shape[0]
-    for j in range(q):
-        for i in range(j, q):
-            if i == j:
-                out.append(sd[i])
-            else:
-                out.append(S[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else 0.0)
-    return np.array(out)
+    return np.array([sd[i] if i == j else (S[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0
+                                           else 0.0)
+                     for i, j in tril_pairs(L.shape[0])])
 
 
 def _abs_cholesky(fit: NGMMResult) -> list[np.ndarray]:
@@ -296,11 +285,10 @@ class _ProfileObjective:
         self.p = self.problem.p
         lower, upper, is_cor = [], [], []
         for k in self.q:
-            for j in range(k):
-                for i in range(j, k):
-                    lower.append(0.0 if i == j else -1.0 + _COR_EPS)
-                    upper.append(math.inf if i == j else 1.0 - _COR_EPS)
-                    is_cor.append(i != j)
+            for i, j in tril_pairs(k):
+                lower.append(0.0 if i == j else -1.0 + _COR_EPS)
+                upper.append(math.inf if i == j else 1.0 - _COR_EPS)
+                is_cor.append(i != j)
         if self.has_dispersion:
             lower.append(1e-10 * max(fit.sigma, 1e-300))
             upper.append(math.inf)
@@ -335,7 +323,7 @@ class _ProfileObjective:
             if q == 1:
                 thetas.append(vals)
                 continue
-            pairs = [(i, j) for j in range(q) for i in range(j, q)]
+            pairs = tril_pairs(q)
             diag = [m for m, (i, j) in enumerate(pairs) if i == j]
             sd = vals[diag]
             R = torch.eye(q, dtype=phi.dtype)

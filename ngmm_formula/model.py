@@ -24,7 +24,7 @@ import torch
 
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.conditional import Blocks
-from ngmm_formula.design import Design
+from ngmm_formula.design import Design, tril_pairs
 from ngmm_formula.families import Family
 
 __all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "lambda_blocks",
@@ -182,7 +182,7 @@ def build_problem(design: Design, family: Family, approx: Approximation, *,
 
 def _tril_index(q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column of each theta entry of a q x q block (lower triangle, column-major)."""
-    pairs = [(i, j) for j in range(q) for i in range(j, q)]
+    pairs = tril_pairs(q)
     return (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs]))
 
 
