@@ -1,0 +1,785 @@
+#!/usr/bin/env python
+r"""A panel of linear GLMMs fitted by ngmm_formula, statsmodels, lme4 and glmmTMB.
+
+Each model of the panel is fitted, in one run, by
+
+* this package: ``ngmm(formula, data, family, approx=..., nagq=..., reml=...)``;
+* statsmodels: ``MixedLM`` for the Gaussian models (``.fit(reml=...)``), and
+  ``BinomialBayesMixedGLM`` / ``PoissonBayesMixedGLM`` (``fit_vb()``) for the others --
+  variational Bayes, which reports no log-likelihood;
+* lme4 (``lmer`` / ``glmer``) and glmmTMB in R, when ``Rscript`` is on the PATH and lme4
+  loads: each model's R code is written to a temporary file and run with ``Rscript``; R
+  times its own fits with ``system.time()`` and prints JSON.
+
+and one table is printed: model, engine, log-likelihood, random-effect standard deviations,
+wall time and the time relative to lme4 (engine time / lme4 time). The table is also written
+to ``benchmarks/results/glmm_panel.md``.
+
+Timing rules
+------------
+* Python engines: ``time.perf_counter()`` around the fit call only (data loading and imports
+  are outside); one untimed warm-up fit of this package first, so lazy imports and first-call
+  costs are not timed; the median of 3 repetitions for fits under 2 s.
+* R: ``system.time(...)["elapsed"]`` inside R (R's start-up and package loading are outside);
+  one untimed warm-up ``glmer`` fit; the median of 3 repetitions for fits under 1 s. lme4 runs
+  with its DEFAULT control settings (what a user gets), not the tightened ones of
+  ``tests/reference/make_refs.R``.
+* ``--quick`` skips InstEval and all repetitions.
+* The InstEval fit of this package runs in a child process with a wall-time limit
+  (``--timeout``, default 1800 s) and an address-space limit (``--mem-limit-gb``, default 16),
+  so that a fit that is too slow or runs out of memory is recorded as such.
+
+Usage::
+
+    python benchmarks/glmm_panel.py            # the whole panel, with R if available
+    python benchmarks/glmm_panel.py --quick    # no InstEval, no repetitions
+    python benchmarks/glmm_panel.py --no-r --only cbpp
+
+``--only`` takes a model name (see ``--list``) or a substring of names, and may be repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import ngmm_formula
+except ImportError:  # run from a clone without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+    import ngmm_formula
+
+datasets = ngmm_formula.datasets
+ngmm = ngmm_formula.ngmm
+
+RESULTS = ROOT / "benchmarks" / "results" / "glmm_panel.md"
+
+#: repetitions when a fit is fast (under PY_FAST s in Python, R_FAST s in R)
+REPS = 3
+PY_FAST = 2.0
+R_FAST = 1.0
+
+
+# --------------------------------------------------------------------------- the panel
+@dataclass(frozen=True)
+class Model:
+    """One model of the panel, written for every engine.
+
+    ``formula`` is this package's (Python's ``**`` inside ``I()``), ``r_formula`` R's.
+    ``sm`` says how statsmodels fits it: ``"mixedlm"`` (``groups``/``re_formula``),
+    ``"bayes"`` (``vc_formulas``), or ``None`` with ``sm_note`` saying why not.
+    """
+
+    name: str
+    label: str
+    dataset: str
+    r_data: str          # R code that puts the data frame in `D`
+    formula: str
+    r_formula: str
+    family: str
+    approx: str = "laplace"
+    nagq: int | None = None
+    reml: bool | None = None
+    sm: str | None = None
+    sm_fixed: str = ""                   # statsmodels fixed-effects formula
+    sm_groups: str = ""                  # MixedLM grouping column
+    sm_re: str = ""                      # MixedLM re_formula
+    sm_vc: tuple[tuple[str, str], ...] = ()  # BayesMixedGLM variance components
+    sm_note: str = ""
+    tmb: bool = True                     # glmmTMB fits it (Laplace or exact only)
+    big: bool = False                    # skipped by --quick; this package in a child process
+
+    @property
+    def r_call(self) -> str:
+        if self.family == "gaussian":
+            reml = "TRUE" if self.reml in (None, True) else "FALSE"
+            return f"lmer({self.r_formula}, data = D, REML = {reml})"
+        nagq = f", nAGQ = {self.nagq}" if self.approx == "agq" else ""
+        return f"glmer({self.r_formula}, data = D, family = {self.family}{nagq})"
+
+    @property
+    def tmb_call(self) -> str:
+        if self.family == "gaussian":
+            reml = "TRUE" if self.reml in (None, True) else "FALSE"
+            return f"glmmTMB::glmmTMB({self.r_formula}, data = D, REML = {reml})"
+        return f"glmmTMB::glmmTMB({self.r_formula}, data = D, family = {self.family})"
+
+
+_CBPP_F = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+_GT1 = "TICKS ~ YEAR + HEIGHT + (1 | BROOD)"
+_GT2 = "TICKS ~ YEAR + HEIGHT + (1 | BROOD) + (1 | LOCATION)"
+_VA = "r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)"
+_CO = "use ~ age + I(age ** 2) + urban + livch + (1 | district)"
+_CO_R = "use ~ age + I(age^2) + urban + livch + (1 | district)"
+_COS = "use ~ age + I(age ** 2) + urban + livch + (1 + urban | district)"
+_COS_R = "use ~ age + I(age^2) + urban + livch + (1 + urban | district)"
+_CO_SM = "use01 ~ age + I(age ** 2) + urban + livch"
+_NO_AGQ = "same model as the Laplace row: variational Bayes has no quadrature variant"
+
+PANEL: tuple[Model, ...] = (
+    Model("cbpp_laplace", "cbpp (1|herd) binomial Laplace", "cbpp",
+          'data(cbpp, package = "lme4"); D <- cbpp', _CBPP_F, _CBPP_F, "binomial",
+          sm="bayes", sm_fixed="y01 ~ period", sm_vc=(("herd", "0 + C(herd)"),)),
+    Model("cbpp_agq25", "cbpp (1|herd) binomial nAGQ=25", "cbpp",
+          'data(cbpp, package = "lme4"); D <- cbpp', _CBPP_F, _CBPP_F, "binomial",
+          approx="agq", nagq=25, sm_note=_NO_AGQ, tmb=False),
+    Model("sleepstudy_reml", "sleepstudy (Days|Subject) REML", "sleepstudy",
+          'data(sleepstudy, package = "lme4"); D <- sleepstudy',
+          "Reaction ~ Days + (Days | Subject)", "Reaction ~ Days + (Days | Subject)",
+          "gaussian", approx="auto", reml=True, sm="mixedlm", sm_fixed="Reaction ~ Days",
+          sm_groups="Subject", sm_re="~Days"),
+    Model("sleepstudy_ml", "sleepstudy (Days|Subject) ML", "sleepstudy",
+          'data(sleepstudy, package = "lme4"); D <- sleepstudy',
+          "Reaction ~ Days + (Days | Subject)", "Reaction ~ Days + (Days | Subject)",
+          "gaussian", approx="auto", reml=False, sm="mixedlm", sm_fixed="Reaction ~ Days",
+          sm_groups="Subject", sm_re="~Days"),
+    Model("grouseticks_brood", "grouseticks (1|BROOD) poisson Laplace", "grouseticks",
+          'data(grouseticks, package = "lme4"); D <- grouseticks', _GT1, _GT1, "poisson",
+          sm="bayes", sm_fixed="TICKS ~ YEAR + HEIGHT", sm_vc=(("BROOD", "0 + C(BROOD)"),)),
+    Model("grouseticks_brood_location", "grouseticks (1|BROOD)+(1|LOCATION) poisson Laplace",
+          "grouseticks", 'data(grouseticks, package = "lme4"); D <- grouseticks', _GT2, _GT2,
+          "poisson", sm="bayes", sm_fixed="TICKS ~ YEAR + HEIGHT",
+          sm_vc=(("BROOD", "0 + C(BROOD)"), ("LOCATION", "0 + C(LOCATION)"))),
+    Model("verbagg", "VerbAgg (1|id)+(1|item) binomial Laplace", "VerbAgg",
+          'data(VerbAgg, package = "lme4"); D <- VerbAgg', _VA, _VA, "binomial",
+          sm="bayes", sm_fixed="r201 ~ Anger + Gender + btype + situ",
+          sm_vc=(("id", "0 + C(id)"), ("item", "0 + C(item)"))),
+    Model("contraception_laplace", "Contraception (1|district) binomial Laplace",
+          "Contraception", 'data(Contraception, package = "mlmRev"); D <- Contraception',
+          _CO, _CO_R, "binomial", sm="bayes", sm_fixed=_CO_SM,
+          sm_vc=(("district", "0 + C(district)"),)),
+    Model("contraception_agq20", "Contraception (1|district) binomial nAGQ=20",
+          "Contraception", 'data(Contraception, package = "mlmRev"); D <- Contraception',
+          _CO, _CO_R, "binomial", approx="agq", nagq=20, sm_note=_NO_AGQ, tmb=False),
+    Model("contraception_slope", "Contraception (1+urban|district) binomial Laplace",
+          "Contraception", 'data(Contraception, package = "mlmRev"); D <- Contraception',
+          _COS, _COS_R, "binomial",
+          sm_note="not supported: BayesMixedGLM has independent variance components only, "
+                  "no correlated random slopes"),
+    Model("insteval", "InstEval (1|s)+(1|d) gaussian REML", "InstEval",
+          'data(InstEval, package = "lme4"); D <- InstEval',
+          "y ~ service + (1 | s) + (1 | d)", "y ~ service + (1 | s) + (1 | d)", "gaussian",
+          approx="auto", reml=True, big=True,
+          sm_note="not run: crossed effects in MixedLM need one all-data group with variance "
+                  "components, whose per-group algebra is dense in the 73,421 rows"),
+)
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Row:
+    model: Model
+    engine: str
+    loglik: float | None = None
+    sds: str = ""
+    time: float | None = None
+    times: tuple[float, ...] = ()
+    note: str = ""           # footnote text, if any
+    status: str = ""         # replaces numbers when the engine did not give them
+    load: float | None = None
+
+
+def _fmt(x: float, sig: int = 4) -> str:
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    digits = max(sig - 1 - int(math.floor(math.log10(abs(x)))), 0)
+    return f"{x:.{digits}f}"
+
+
+def format_sds(records: list[dict[str, Any]]) -> str:
+    """``'herd 0.6475'``, ``'Subject 24.74, 5.922 (r 0.066); Residual 25.59'``.
+
+    ``records`` have the columns of R's ``as.data.frame(VarCorr(fit))``: grp, var1, var2
+    (None for a standard deviation, else a correlation) and sdcor.
+    """
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for r in records:
+        sds, cors = groups.setdefault(str(r["grp"]), ([], []))
+        v2 = r.get("var2")
+        has_v2 = v2 is not None and not (isinstance(v2, float) and math.isnan(v2)) and v2 != ""
+        (cors if has_v2 else sds).append(_fmt(float(r["sdcor"]), 3 if has_v2 else 4))
+    parts = []
+    for g, (sds, cors) in groups.items():
+        s = f"{g} {', '.join(sds)}"
+        if cors:
+            s += f" (r {', '.join(cors)})"
+        parts.append(s)
+    return "; ".join(parts)
+
+
+def _median_time(fit: Callable[[], Any], fast: float, reps: int) -> tuple[Any, list[float]]:
+    t0 = time.perf_counter()
+    out = fit()
+    times = [time.perf_counter() - t0]
+    if reps > 1 and times[0] < fast:
+        for _ in range(reps - 1):
+            t0 = time.perf_counter()
+            fit()
+            times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def load_avg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+# --------------------------------------------------------------------------- this package
+def ngmm_kwargs(m: Model) -> dict[str, Any]:
+    kw: dict[str, Any] = {"approx": m.approx}
+    if m.nagq is not None:
+        kw["nagq"] = m.nagq
+    if m.reml is not None:
+        kw["reml"] = m.reml
+    return kw
+
+
+def warm_up() -> None:
+    """One untimed fit, so that lazy imports and first-call costs are not timed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ngmm(_CBPP_F, datasets.load("cbpp"), "binomial")
+        ngmm("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
+
+
+def fit_package(m: Model, reps: int) -> Row:
+    data = datasets.load(m.dataset)
+    row = Row(m, "ngmm_formula", load=load_avg())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fit, times = _median_time(
+                lambda: ngmm(m.formula, data, m.family, **ngmm_kwargs(m)), PY_FAST, reps)
+        except Exception as e:  # noqa: BLE001 - a benchmark records failures
+            row.status = "error"
+            row.note = f"ngmm raised {type(e).__name__}: {e}"
+            return row
+    row.loglik = float(fit.loglik)
+    row.sds = format_sds(fit.varcorr.rename(columns={"group": "grp"}).to_dict("records"))
+    row.time, row.times = statistics.median(times), tuple(times)
+    notes = []
+    d = fit.diagnostics
+    if not d.converged:
+        notes.append(f"not converged ({d.optimizer_message}, max|grad| {d.max_grad:.1e})")
+    if d.singular:
+        notes.append("singular fit")
+    msgs = sorted({str(w.message).splitlines()[0] for w in caught
+                   if not issubclass(w.category, (DeprecationWarning,))
+                   and "non-writable" not in str(w.message)
+                   and "not writable" not in str(w.message)})
+    notes += [f"warning: {s}" for s in msgs[:2]]
+    row.note = "; ".join(notes)
+    return row
+
+
+def fit_package_isolated(m: Model, reps: int, timeout: float, mem_gb: float) -> Row:
+    """Run :func:`fit_package` in a child process with time and memory limits."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", m.name,
+           "--mem-limit-gb", str(mem_gb)]
+    if reps <= 1:
+        cmd.append("--quick")
+    row = Row(m, "ngmm_formula", load=load_avg())
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        row.status = f"> {timeout:.0f} s"
+        row.note = f"stopped after {timeout:.0f} s of wall time without finishing"
+        return row
+    elapsed = time.perf_counter() - t0
+    out = _json_after_marker(proc.stdout)
+    if proc.returncode != 0 or out is None:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        oom = proc.returncode in (-9, 137) or "MemoryError" in proc.stderr \
+            or "out of memory" in proc.stderr.lower() or "alloc" in tail.lower()
+        row.status = "out of memory" if oom else "error"
+        row.note = (f"child process exited with code {proc.returncode} after {elapsed:.0f} s"
+                    f" (address-space limit {mem_gb:g} GiB): {tail[:200]}")
+        return row
+    row.loglik, row.sds, row.note = out["loglik"], out["sds"], out["note"]
+    row.status = out["status"]
+    row.times = tuple(out["times"])
+    row.time = statistics.median(row.times) if row.times else None
+    row.note = "; ".join(s for s in (row.note, f"peak RSS {out['maxrss_gb']:.1f} GiB") if s)
+    return row
+
+
+def child_main(name: str, quick: bool, mem_gb: float) -> None:
+    import resource
+
+    lim = int(mem_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    m = next(x for x in PANEL if x.name == name)
+    warm_up()
+    row = fit_package(m, 1 if quick else REPS)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(MARKER + json.dumps({"loglik": row.loglik, "sds": row.sds, "times": row.times,
+                               "note": row.note, "status": row.status,
+                               "maxrss_gb": maxrss}))
+
+
+# --------------------------------------------------------------------------- statsmodels
+def sm_data(m: Model) -> pd.DataFrame:
+    """The data as statsmodels' Bayesian GLMMs need it: 0/1 responses only.
+
+    cbpp's ``cbind(incidence, size - incidence)`` is expanded to one Bernoulli row per animal
+    (842 rows): the binomial likelihood of the herd-period counts equals the product of the
+    Bernoulli likelihoods up to the binomial coefficients, so the model is the same.
+    """
+    d = datasets.load(m.dataset)
+    if m.dataset == "cbpp":
+        reps = d.loc[d.index.repeat(d["size"].astype(int))].copy()
+        k = reps.groupby(level=0).cumcount()
+        reps["y01"] = (k < reps["incidence"]).astype(float)
+        return reps.reset_index(drop=True)
+    if m.dataset == "Contraception":
+        return d.assign(use01=(d["use"] == "Y").astype(float))
+    if m.dataset == "VerbAgg":
+        return d.assign(r201=(d["r2"] == "Y").astype(float))
+    return d
+
+
+def fit_statsmodels(m: Model, reps: int) -> Row:
+    import statsmodels.formula.api as smf
+    from statsmodels.genmod.bayes_mixed_glm import (
+        BinomialBayesMixedGLM,
+        PoissonBayesMixedGLM,
+    )
+
+    row = Row(m, "statsmodels")
+    if m.sm is None:
+        row.status = "n/a"
+        row.note = m.sm_note
+        return row
+    d = sm_data(m)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if m.sm == "mixedlm":
+                row.engine = "statsmodels MixedLM"
+
+                def fit() -> Any:
+                    model = smf.mixedlm(m.sm_fixed, d, groups=d[m.sm_groups], re_formula=m.sm_re)
+                    return model.fit(reml=bool(m.reml))
+            else:
+                row.engine = "statsmodels VB"
+                cls = PoissonBayesMixedGLM if m.family == "poisson" else BinomialBayesMixedGLM
+
+                def fit() -> Any:
+                    return cls.from_formula(m.sm_fixed, dict(m.sm_vc), d).fit_vb()
+
+            res, times = _median_time(fit, PY_FAST, reps)
+        except Exception as e:  # noqa: BLE001
+            row.status = "error"
+            row.note = f"{type(e).__name__}: {e}"
+            return row
+    row.time, row.times = statistics.median(times), tuple(times)
+    notes = []
+    if m.sm == "mixedlm":
+        row.loglik = float(res.llf)
+        cov = np.asarray(res.cov_re)
+        sd = np.sqrt(np.diag(cov))
+        recs: list[dict[str, Any]] = [{"grp": m.sm_groups, "var2": None, "sdcor": s} for s in sd]
+        for i in range(len(sd)):
+            for j in range(i + 1, len(sd)):
+                recs.append({"grp": m.sm_groups, "var2": "x", "sdcor": cov[i, j] / sd[i] / sd[j]})
+        recs.append({"grp": "Residual", "var2": None, "sdcor": math.sqrt(res.scale)})
+        row.sds = format_sds(recs)
+        if not res.converged:
+            notes.append("MixedLM reports no convergence")
+    else:
+        ok = bool(getattr(res.optim_retvals, "success", True))
+        names = [n for n, _ in m.sm_vc]
+        row.sds = format_sds([{"grp": n, "var2": None, "sdcor": float(np.exp(v))}
+                              for n, v in zip(names, res.vcp_mean)])
+        if not ok:
+            msg = getattr(res.optim_retvals, "message", "")
+            if np.allclose(res.vcp_mean, 0.0) and np.allclose(res.fe_mean, 0.0):
+                row.status = "failed"
+                notes.append(f"fit_vb failed: '{msg}'; the estimates are its starting values "
+                             "(all zero)")
+            else:
+                notes.append(f"fit_vb reports no convergence: '{msg}'")
+        if m.dataset == "cbpp":
+            notes.append("cbind counts expanded to 842 Bernoulli rows")
+    msgs = sorted({str(w.message).splitlines()[0][:120] for w in caught
+                   if issubclass(w.category, UserWarning) or "Convergence" in w.category.__name__})
+    notes += [f"warning: {s}" for s in msgs[:1]]
+    row.note = "; ".join(notes)
+    return row
+
+
+# --------------------------------------------------------------------------- R
+MARKER = "@@GLMM_PANEL_JSON@@"
+
+R_HELPERS = r"""
+suppressPackageStartupMessages(library(lme4))
+has_tmb <- requireNamespace("glmmTMB", quietly = TRUE)
+reps <- %(reps)d
+fast <- %(fast)g
+js_str <- function(s)
+  paste0('"', gsub('\n', ' ', gsub('"', '\\\\"', gsub('\\\\', '\\\\\\\\', s))), '"')
+js_num <- function(x)
+  if (is.null(x) || length(x) == 0 || !is.finite(x)) "null" else formatC(x, digits = 15,
+                                                                         format = "g")
+js_obj <- function(l) paste0("{", paste0(js_str(names(l)), ":", unlist(l), collapse = ","), "}")
+js_arr <- function(v) paste0("[", paste0(v, collapse = ","), "]")
+vc_lme4 <- function(fit) {
+  d <- as.data.frame(VarCorr(fit))
+  js_arr(vapply(seq_len(nrow(d)), function(i) js_obj(list(
+    grp = js_str(d$grp[i]), var1 = if (is.na(d$var1[i])) "null" else js_str(d$var1[i]),
+    var2 = if (is.na(d$var2[i])) "null" else js_str(d$var2[i]), sdcor = js_num(d$sdcor[i]))),
+    ""))
+}
+vc_tmb <- function(fit) {
+  vc <- glmmTMB::VarCorr(fit)$cond
+  out <- character(0)
+  for (g in names(vc)) {
+    sd <- attr(vc[[g]], "stddev"); cr <- attr(vc[[g]], "correlation")
+    for (i in seq_along(sd)) out <- c(out, js_obj(list(grp = js_str(g),
+      var1 = js_str(names(sd)[i]), var2 = "null", sdcor = js_num(sd[[i]]))))
+    if (length(sd) > 1) for (i in 1:(length(sd) - 1)) for (j in (i + 1):length(sd))
+      out <- c(out, js_obj(list(grp = js_str(g), var1 = js_str(names(sd)[i]),
+        var2 = js_str(names(sd)[j]), sdcor = js_num(cr[i, j]))))
+  }
+  if (family(fit)$family == "gaussian")
+    out <- c(out, js_obj(list(grp = js_str("Residual"), var1 = "null", var2 = "null",
+                              sdcor = js_num(sigma(fit)))))
+  js_arr(out)
+}
+conv_msgs <- function(fit) {
+  if (inherits(fit, "merMod")) {
+    m <- c(fit@optinfo$conv$lme4$messages, fit@optinfo$warnings)
+    unlist(m)
+  } else if (!is.null(fit$sdr) && !isTRUE(fit$sdr$pdHess)) "non-positive-definite Hessian"
+  else character(0)
+}
+run <- function(f, vc) {
+  msgs <- character(0)
+  res <- tryCatch({
+    tm <- system.time(fit <- withCallingHandlers(f(), warning = function(w) {
+      msgs <<- c(msgs, conditionMessage(w)); invokeRestart("muffleWarning")
+    }, message = function(m) invokeRestart("muffleMessage")))[["elapsed"]]
+    times <- tm
+    if (reps > 1 && tm < fast) for (i in 2:reps)
+      times <- c(times, system.time(suppressWarnings(suppressMessages(f())))[["elapsed"]])
+    msgs <- unique(c(msgs, conv_msgs(fit)))
+    js_obj(list(loglik = js_num(as.numeric(logLik(fit))), vc = vc(fit),
+                times = js_arr(vapply(times, js_num, "")),
+                warnings = js_arr(vapply(msgs, js_str, "")), error = "null"))
+  }, error = function(e) js_obj(list(error = js_str(conditionMessage(e)))))
+  res
+}
+## untimed warm-up, so that first-call costs (byte compilation, lazy loading) are not timed
+data(cbpp, package = "lme4")
+invisible(suppressWarnings(glmer(cbind(incidence, size - incidence) ~ period + (1 | herd),
+                                 data = cbpp, family = binomial)))
+if (has_tmb) invisible(suppressWarnings(glmmTMB::glmmTMB(
+  cbind(incidence, size - incidence) ~ period + (1 | herd), data = cbpp, family = binomial)))
+"""
+
+
+def r_info() -> dict[str, str] | None:
+    """R and package versions, or None when Rscript is missing or lme4 does not load."""
+    rscript = shutil.which("Rscript")
+    if rscript is None:
+        return None
+    code = ('suppressPackageStartupMessages(library(lme4)); '
+            'v <- function(p) if (requireNamespace(p, quietly = TRUE)) '
+            'format(packageVersion(p)) else ""; '
+            'cat(R.version$major, ".", R.version$minor, "|", v("lme4"), "|", v("glmmTMB"), '
+            '"|", v("mlmRev"), "|", v("Matrix"), "\\n", sep = "")')
+    try:
+        p = subprocess.run([rscript, "-e", code], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0 or "|" not in p.stdout:
+        return None
+    r, lme4, tmb, mlmrev, matrix = p.stdout.strip().splitlines()[-1].split("|")
+    return {"R": r, "lme4": lme4, "glmmTMB": tmb, "mlmRev": mlmrev, "Matrix": matrix,
+            "Rscript": rscript}
+
+
+def _json_after_marker(text: str) -> Any:
+    for line in text.splitlines():
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER):])
+    return None
+
+
+def fit_r(m: Model, reps: int, info: dict[str, str], timeout: float) -> list[Row]:
+    engines = [("lme4", m.r_call, "vc_lme4")]
+    if m.tmb and info["glmmTMB"]:
+        engines.append(("glmmTMB", m.tmb_call, "vc_tmb"))
+    if m.dataset == "Contraception" and not info["mlmRev"]:
+        return [Row(m, e, status="n/a", note="R package mlmRev (Contraception data) missing")
+                for e, _, _ in engines]
+    body = [R_HELPERS % {"reps": reps, "fast": R_FAST}, m.r_data]
+    body.append("out <- character(0)")
+    for eng, call, vc in engines:
+        body.append(f'out <- c(out, paste0({json.dumps(json.dumps(eng))}, ":", '
+                    f"run(function() {call}, {vc})))")
+    body.append(f'cat("\\n{MARKER}{{", paste(out, collapse = ","), "}}\\n", sep = "")')
+    with tempfile.NamedTemporaryFile("w", suffix=".R", prefix=f"glmm_panel_{m.name}_",
+                                     delete=False) as fh:
+        fh.write("\n".join(body))
+        path = fh.name
+    load = load_avg()
+    try:
+        p = subprocess.run([info["Rscript"], path], capture_output=True, text=True,
+                           timeout=timeout)
+        out = _json_after_marker(p.stdout)
+        err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+    except subprocess.TimeoutExpired:
+        out, err = None, f"Rscript stopped after {timeout:.0f} s"
+    finally:
+        os.unlink(path)
+    rows = []
+    for eng, _, _ in engines:
+        row = Row(m, eng, load=load)
+        rec = (out or {}).get(eng)
+        if rec is None or rec.get("error") is not None:
+            row.status = "error"
+            row.note = rec["error"] if rec else err
+        else:
+            row.loglik = rec["loglik"]
+            row.sds = format_sds(rec["vc"])
+            row.times = tuple(rec["times"])
+            row.time = statistics.median(row.times)
+            msgs = list(dict.fromkeys(
+                " ".join(part.split()) for w in rec["warnings"] for part in w.split(";")))
+            row.note = "; ".join(f"warning: {w[:110]}" for w in msgs[:3])
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- table
+def machine_info(r: dict[str, str] | None) -> list[str]:
+    import statsmodels
+
+    lines = [
+        f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"machine: {platform.machine()} {platform.system()} {platform.release()}, "
+        f"{os.cpu_count()} cores, {_cpu_model()}",
+        f"python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads; ngmm fits: {_fit_threads()}), "
+        f"statsmodels {statsmodels.__version__}, "
+        f"ngmm_formula {ngmm_formula.__version__} ({_git_state()})",
+    ]
+    if r is None:
+        lines.append("R: not available (Rscript missing or lme4 does not load): "
+                     "lme4 and glmmTMB columns skipped")
+    else:
+        lines.append(f"R {r['R']}, lme4 {r['lme4']}, glmmTMB {r['glmmTMB'] or 'missing'}, "
+                     f"Matrix {r['Matrix']}, BLAS: {_r_blas()}")
+    return lines
+
+
+def _fit_threads() -> str:
+    threads = getattr(ngmm_formula.Control(), "threads", "absent")
+    if threads == "absent":
+        return "torch's setting"
+    return f"Control.threads = {threads}" + (" (package default, 1 thread)" if threads is None
+                                             else "")
+
+
+def _git_state() -> str:
+    """Where the package under test is, its commit, and whether it has local edits."""
+    where = Path(ngmm_formula.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where,
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ngmm_formula"],
+                               cwd=where, capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return f"from {where}, git unavailable"
+    if not head:
+        stamp = where / "COMMIT"  # written by the snapshot recipe in benchmarks/README.md
+        if stamp.is_file():
+            return f"from {where}, a snapshot of commit {stamp.read_text().strip()[:7]}"
+        return f"from {where}, not a git checkout"
+    return f"from {where}, commit {head}" + (
+        ", with uncommitted edits in ngmm_formula/" if dirty else "")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _r_blas() -> str:
+    try:
+        p = subprocess.run(["Rscript", "-e", 'cat(extSoftVersion()[["BLAS"]])'],
+                           capture_output=True, text=True, timeout=60)
+        return Path(p.stdout.strip()).name or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+ENGINE_ORDER = ("ngmm_formula", "lme4", "glmmTMB", "statsmodels")
+
+
+def build_table(rows: list[Row], have_r: bool) -> tuple[list[list[str]], list[str]]:
+    header = ["model", "engine", "logLik", "random-effect SDs", "time (s)", "× lme4"]
+    out, notes = [header], []
+    by_model: dict[str, list[Row]] = {}
+    for r in rows:
+        by_model.setdefault(r.model.name, []).append(r)
+    for rs in by_model.values():
+        rs.sort(key=lambda r: next(i for i, e in enumerate(ENGINE_ORDER)
+                                   if r.engine.startswith(e)))
+        ref = next((r.time for r in rs if r.engine == "lme4" and r.time), None)
+        for i, r in enumerate(rs):
+            mark = ""
+            if r.note:
+                notes.append(r.note)
+                mark = f" [{len(notes)}]"
+            if r.loglik is not None:
+                ll = f"{r.loglik:.3f}"
+            elif r.engine.startswith("statsmodels VB"):
+                ll = "n/a [vb]"
+            else:
+                ll = r.status or "n/a"
+            t = f"{r.time:.3f}" if r.time is not None else (r.status or "n/a")
+            if r.time is not None and len(r.times) > 1:
+                t += f" (med {len(r.times)})"
+            ratio = f"{r.time / ref:.2f}" if (ref and r.time is not None) else "n/a"
+            sds = r.sds if r.sds else (r.status or "n/a")
+            if r.status == "failed":
+                sds = f"failed ({sds})"
+            out.append([r.model.label if i == 0 else "", r.engine + mark, ll, sds, t, ratio])
+    return out, notes
+
+
+def render(table: list[list[str]]) -> str:
+    """An aligned markdown table (``|`` inside cells escaped)."""
+    table = [[c.replace("|", "\\|") for c in row] for row in table]
+    widths = [max(len(row[j]) for row in table) for j in range(len(table[0]))]
+    right = {2, 4, 5}
+
+    def line(row: list[str]) -> str:
+        cells = [c.rjust(w) if j in right else c.ljust(w)
+                 for j, (c, w) in enumerate(zip(row, widths))]
+        return "| " + " | ".join(cells) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if j in right else ("-" * (w + 2))
+                         for j, w in enumerate(widths)) + "|"
+    return "\n".join([line(table[0]), sep] + [line(r) for r in table[1:]])
+
+
+FOOTNOTE_VB = ("[vb] statsmodels' BinomialBayesMixedGLM / PoissonBayesMixedGLM fit by "
+               "variational Bayes (`fit_vb()`, default priors) and report no log-likelihood; "
+               "their SD is exp(posterior mean of log SD).")
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="skip InstEval and repetitions")
+    ap.add_argument("--no-r", action="store_true", help="skip lme4 and glmmTMB")
+    ap.add_argument("--no-statsmodels", action="store_true", help="skip statsmodels")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="a model name or a substring of names (repeatable)")
+    ap.add_argument("--list", action="store_true", help="list the model names and exit")
+    ap.add_argument("--timeout", type=float, default=1800.0,
+                    help="wall-time limit in s of the InstEval fit of this package and of "
+                         "each Rscript run (default 1800)")
+    ap.add_argument("--mem-limit-gb", type=float, default=16.0,
+                    help="address-space limit of the InstEval child process (default 16)")
+    ap.add_argument("--output", type=Path, default=RESULTS,
+                    help=f"markdown output (default {RESULTS.relative_to(ROOT)})")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        child_main(args.child, args.quick, args.mem_limit_gb)
+        return 0
+    if args.list:
+        for m in PANEL:
+            print(f"{m.name:28s} {m.label}")
+        return 0
+
+    models = [m for m in PANEL if not (args.quick and m.big)]
+    if args.only:
+        models = [m for m in models if any(o == m.name or o.lower() in m.name for o in args.only)]
+        if not models:
+            ap.error(f"--only {args.only} matches no model; see --list")
+    reps = 1 if args.quick else REPS
+    rinfo = None if args.no_r else r_info()
+    head = machine_info(rinfo) if not args.no_r else machine_info(None)[:-1] + [
+        "R: skipped (--no-r)"]
+    for line in head:
+        print(line, flush=True)
+
+    warm_up()
+    rows: list[Row] = []
+    for m in models:
+        print(f"... {m.name}", file=sys.stderr, flush=True)
+        if m.big:
+            rows.append(fit_package_isolated(m, reps, args.timeout, args.mem_limit_gb))
+        else:
+            rows.append(fit_package(m, reps))
+        if rinfo is not None:
+            rows += fit_r(m, reps, rinfo, args.timeout)
+        if not args.no_statsmodels:
+            rows.append(fit_statsmodels(m, reps))
+
+    table, notes = build_table(rows, rinfo is not None)
+    loads = [r.load for r in rows if r.load is not None and math.isfinite(r.load)]
+    head.append(f"1-minute load average during the fits: {min(loads):.2f} to {max(loads):.2f}"
+                if loads else "load average: unknown")
+    text = render(table)
+    foot = [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    if any(r.engine == "statsmodels VB" for r in rows):
+        foot.insert(0, FOOTNOTE_VB)
+    rules = ("Times: wall clock of the fit call only; median of 3 for fits under 2 s (Python) "
+             "or 1 s (R, `system.time`)" + (" (no repetitions: --quick)" if args.quick else "")
+             + "; × lme4 = engine time / lme4 time. lme4 with default control settings.")
+    print()
+    print(text)
+    print()
+    for line in [rules, *foot]:
+        print(line)
+    print(head[-1])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    md = ["# GLMM panel: ngmm_formula vs lme4, glmmTMB and statsmodels", "",
+          "Generated by `python benchmarks/glmm_panel.py"
+          + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])) + "`.", "",
+          *[f"- {h}" for h in head], "", text, "", rules, "",
+          *[f"- {f}" for f in foot], ""]
+    args.output.write_text("\n".join(md))
+    print(f"\nwritten to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
