@@ -502,7 +502,7 @@ def _ngmm_column(fit: NGMMResult, label: str, notes: _Notes,
     heldout: dict[str, float] = {}
     if newdata is not None:
         nd = fit.design.spec.new_data(newdata)
-        y, w = _new_response(fit.design, fit.family, newdata)
+        y, w = _new_response(fit.design, newdata)
         eta = fit.predict(newdata, type="link")
         _note_new_levels(nd.group_index, notes)
         heldout = _heldout(fit.family, y, w, eta, fit.sigma)
@@ -1199,7 +1199,7 @@ def _heldout_statsmodels(res: _SMFit, linear: NGMMResult, prepared: Prepared,
                          newdata: pd.DataFrame) -> dict[str, float]:
     design = prepared.design
     nd = design.spec.new_data(newdata)
-    y, w = _new_response(design, linear.family, newdata)
+    y, w = _new_response(design, newdata)
     beta = np.array([res.fixef[n] for n in design.fixed_names])
     eta = nd.offset + nd.X @ beta
     assert res.coefs is not None
@@ -1212,7 +1212,7 @@ def _heldout_statsmodels(res: _SMFit, linear: NGMMResult, prepared: Prepared,
     return _heldout(linear.family, y, w, eta, sigma)
 
 
-def _new_response(design: Design, family: Family, newdata: pd.DataFrame
+def _new_response(design: Design, newdata: pd.DataFrame
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Response and binomial trials of ``newdata``, encoded as in training."""
     nd = design.spec.new_data(newdata, with_response=True)

@@ -48,10 +48,8 @@ joint, AGQ, exact ML/REML per group and joint) has unmarked rows.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,15 +57,10 @@ import pandas as pd
 import pytest
 
 from ngmm_formula.api import ngmm
-from ngmm_formula.datasets import load
 from ngmm_formula.errors import NGMMWarning
 from ngmm_formula.families import Family, get_family
 from ngmm_formula.results import NGMMResult
-
-REF_DIR = Path(__file__).parent / "reference"
-REFS: dict[str, dict[str, Any]] = {
-    f["id"]: f for f in json.loads((REF_DIR / "lme4_refs.json").read_text())["fits"]
-}
+from tests.references import REFS, dataset
 
 LOGLIK_ATOL = 1e-3
 FIXEF_RTOL, FIXEF_ATOL = 1e-3, 1e-4
@@ -75,16 +68,6 @@ SD_RTOL, CORR_ATOL = 5e-3, 5e-3
 SIGMA_RTOL = 5e-3
 SE_RTOL_EXACT = 1e-2  # glmmTMB's exact Hessian, lmer's closed form
 SE_RTOL_LME4_GLMER = 2e-2  # lme4's finite-difference Hessian for glmer
-
-
-def gamma_sim() -> pd.DataFrame:
-    d = pd.read_csv(REF_DIR / "gamma_sim.csv")
-    d["g"] = d["g"].astype("category")
-    return d
-
-
-def dataset(name: str) -> pd.DataFrame:
-    return gamma_sim() if name == "gamma_sim" else load(name)
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,7 @@ Tolerances (chosen, not fitted to the results)
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,11 +46,8 @@ from ngmm_formula.inference import (
     profile,
 )
 from ngmm_formula.results import NGMMResult
+from tests.references import REFS
 
-REF_DIR = Path(__file__).parent / "reference"
-REFS: dict[str, dict[str, Any]] = {
-    f["id"]: f for f in json.loads((REF_DIR / "lme4_refs.json").read_text())["fits"]
-}
 WALD_ATOL = 1e-3
 PROFILE_RTOL, PROFILE_ATOL = 1e-3, 1e-3
 Z975 = float(norm.ppf(0.975))

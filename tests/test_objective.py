@@ -32,8 +32,6 @@ parameters; the analytic gradient gets it from the one differentiable Newton ste
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,27 +40,13 @@ import pytest
 import torch
 
 from ngmm_formula.api import Prepared, objective_at, prepare
-from ngmm_formula.datasets import load
 from ngmm_formula.families import get_family
 from ngmm_formula.fit import Objective
 from ngmm_formula.model import LinearPredictor
+from tests.references import REFS, dataset
 
-REF_DIR = Path(__file__).parent / "reference"
-REFS: dict[str, dict[str, Any]] = {
-    f["id"]: f for f in json.loads((REF_DIR / "lme4_refs.json").read_text())["fits"]
-}
 RTOL = 1e-6
 POINTS = ("optimum", "perturbed")
-
-
-def gamma_sim() -> pd.DataFrame:
-    d = pd.read_csv(REF_DIR / "gamma_sim.csv")
-    d["g"] = d["g"].astype("category")
-    return d
-
-
-def dataset(name: str) -> pd.DataFrame:
-    return gamma_sim() if name == "gamma_sim" else load(name)
 
 
 def values(named: dict[str, float]) -> np.ndarray:

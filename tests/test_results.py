@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import warnings
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,10 +35,7 @@ from ngmm_formula.errors import (
 )
 from ngmm_formula.families import get_family
 from ngmm_formula.results import NGMMResult
-
-REFS: dict[str, dict[str, Any]] = {
-    f["id"]: f for f in json.loads(
-        (Path(__file__).parent / "reference" / "lme4_refs.json").read_text())["fits"]}
+from tests.references import REFS
 
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 SLEEP = "Reaction ~ Days + (Days | Subject)"

@@ -40,11 +40,9 @@ grid error; both were measured wrong and ``rules.py`` now states what these test
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -65,6 +63,7 @@ from ngmm_formula.datasets import load
 from ngmm_formula.families import get_family
 from ngmm_formula.fit import Objective
 from ngmm_formula.model import LinearPredictor
+from tests.references import REFS
 
 # --------------------------------------------------------------------------------------------
 # Part 1: the rules
@@ -152,8 +151,7 @@ def test_rule_arguments_are_validated() -> None:
 # --------------------------------------------------------------------------------------------
 # Part 2: the truncated rule on real integrands
 
-REF = {f["id"]: f for f in json.loads(
-    (Path(__file__).parents[1] / "reference" / "lme4_refs.json").read_text())["fits"]}
+REF = REFS
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 GROUPS = (0, 1)  # herds "1" and "2"
 TAIL_M = (1, 2, 3, 4, 5, 6)
