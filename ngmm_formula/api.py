@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ngmm_formula.approx import Approximation, choose_approximation
+from ngmm_formula.approx.factor import Factor
 from ngmm_formula.design import Design, build_design, tril_pairs
 from ngmm_formula.errors import (
     ConvergenceWarning,
@@ -249,10 +250,13 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     # fixed effects and their covariance
     k_beta = 0 if pr.reml else pr.p
     H = opt.hessian
-    H_mode_inv = torch.cholesky_inverse(mode.chol).numpy()  # (blocks, D, D)
+    D = pr.blocks.dim
+    beta_coords = torch.arange(D - pr.p, D) if pr.reml else torch.zeros(0, dtype=torch.long)
     if pr.reml:
-        beta_s = mode.v[0, -pr.p:].numpy()
-        cov_s = H_mode_inv[0, -pr.p:, -pr.p:]
+        # beta is integrated with a flat prior: its covariance is the beta block of H^{-1}
+        beta_s = mode.v[0, D - pr.p:].numpy()
+        cov_s = (mode.factor.inverse_blocks(beta_coords[None, :])[0].numpy() if pr.p
+                 else np.zeros((0, 0)))
     else:
         beta_s = module.beta.detach().numpy().copy()
         if exact:
@@ -276,14 +280,10 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     # lme4 shows a Residual row for families with a scale parameter in VarCorr: gaussian and
     # Gamma (whose sigma is the coefficient of variation); not for the NB size
     varcorr = _varcorr(design, Ls, sigma if fam.name in ("gaussian", "gamma") else None)
-    if pr.reml:
-        # lme4's postVar is conditional on beta-hat: invert the u-block of H, not the u-block
-        # of the joint (u, beta) inverse (which would add the uncertainty of beta)
-        H_joint = (mode.chol @ mode.chol.transpose(-1, -2)).numpy()
-        H_u_inv = np.linalg.inv(H_joint[:, :-pr.p, :-pr.p] if pr.p else H_joint)
-    else:
-        H_u_inv = H_mode_inv
-    ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), H_u_inv, Ls)
+    # lme4's postVar under REML is conditional on beta-hat: blocks of the inverse of the
+    # u-block of H, not the u-blocks of the joint (u, beta) inverse (which would add the
+    # uncertainty of beta)
+    ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), mode.factor, beta_coords, Ls)
 
     eta = design.offset + matvec(design.X, beta)
     if net_offset is not None:
@@ -365,25 +365,28 @@ def _varcorr(design: Design, Ls: list[np.ndarray], residual_sd: float | None) ->
 
 
 def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
-           H_inv: np.ndarray, Ls: list[np.ndarray]
+           factor: Factor, given: torch.Tensor, Ls: list[np.ndarray]
            ) -> tuple[dict[str, pd.DataFrame], list[np.ndarray]]:
-    """Conditional modes b = Lambda u and variances Lambda H^{-1} Lambda' per grouping factor."""
+    r"""Conditional modes :math:`b = \Lambda u` and variances
+    :math:`\Lambda (H^{-1})_{ll} \Lambda^\top` per grouping factor and level, the
+    diagonal blocks of :math:`H^{-1}` from the factor (conditional on the coordinates
+    ``given``: beta under REML)."""
     coefs: list[np.ndarray] = []
     condvar: list[np.ndarray] = []
     start = 0
+    D = pr.blocks.dim
     for t, L in zip(design.re_terms, Ls):
-        if approx.joint:
-            sl = slice(start, start + t.n_levels * t.q)
-            u = v[0, sl].reshape(t.n_levels, t.q)
-            Hb = H_inv[0, sl, sl]
-            idx = np.arange(t.n_levels)[:, None] * t.q + np.arange(t.q)[None, :]
-            Vu = Hb[idx[:, :, None], idx[:, None, :]]  # (levels, q, q)
+        levels, cols = np.arange(t.n_levels)[:, None], np.arange(t.q)[None, :]
+        if approx.joint:  # lme4's Zt order: term offset + level * q + column
+            idx = start + levels * t.q + cols
+            u = v[0, idx]
             start += t.n_levels * t.q
-        else:
-            sl = slice(start, start + t.q)
-            u = v[:, sl]
-            Vu = H_inv[:, sl, sl]
+        else:  # one block per level, the term's columns at start..start+q-1
+            idx = levels * D + start + cols
+            u = v[:, start:start + t.q]
             start += t.q
+        with torch.no_grad():
+            Vu = factor.inverse_blocks(torch.as_tensor(idx), given).numpy()  # (levels, q, q)
         coefs.append(u @ L.T)
         condvar.append(np.einsum("ij,gjk,lk->gil", L, Vu, L))
     ranef: dict[str, pd.DataFrame] = {}

@@ -24,11 +24,12 @@ import torch
 
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.conditional import Blocks
-from ngmm_formula.design import Design, tril_pairs
+from ngmm_formula.approx.factor import Split
+from ngmm_formula.design import Design, ReTerm, tril_pairs
 from ngmm_formula.families import Family
 
-__all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "lambda_blocks",
-           "matvec"]
+__all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "joint_split",
+           "lambda_blocks", "matvec"]
 
 
 def matvec(M: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -115,7 +116,8 @@ class Problem:
             block_of_obs = lookup[block_of_obs]
             n_blocks = int(blocks.numel())
         sub_blocks = Blocks(n_blocks=n_blocks, dim=b.dim, block_of_obs=block_of_obs,
-                            slot_pos=b.slot_pos[rows], prior_precision=b.prior_precision)
+                            slot_pos=b.slot_pos[rows], prior_precision=b.prior_precision,
+                            split=b.split)
         return Problem(
             y=self.y[rows], w=self.w[rows], offset=self.offset[rows], Xs=self.Xs[rows],
             Z=tuple(z[rows] for z in self.Z), q=self.q, n_levels=self.n_levels,
@@ -155,6 +157,7 @@ def build_problem(design: Design, family: Family, approx: Approximation, *,
             prior = np.concatenate([prior, np.zeros(Xs.shape[1])])
         block_of_obs = np.zeros(n, dtype=np.int64)
         n_blocks, dim = 1, prior.shape[0]
+        split = joint_split(terms, dim, device)
     else:
         groups = {tm.group for tm in terms}
         assert len(groups) == 1, "per-group blocks need a single grouping factor"
@@ -164,12 +167,14 @@ def build_problem(design: Design, family: Family, approx: Approximation, *,
                               for s, k in zip(starts, q)])
         n_blocks, dim = terms[0].n_levels, int(sum(q))
         prior = np.ones(dim)
+        split = None
     blocks = Blocks(
         n_blocks=n_blocks,
         dim=dim,
         block_of_obs=torch.tensor(np.asarray(block_of_obs), dtype=torch.long, device=device),
         slot_pos=torch.tensor(np.asarray(slot_pos), dtype=torch.long, device=device),
         prior_precision=t(prior),
+        split=split,
     )
     return Problem(
         y=t(design.y), w=t(design.weights), offset=t(design.offset), Xs=t(Xs),
@@ -178,6 +183,62 @@ def build_problem(design: Design, family: Family, approx: Approximation, *,
         reml=approx.reml, net_X=tuple(t(ni.X) for ni in design.nets),
         log_const=family.data_constant(t(design.y), t(design.weights)),
     )
+
+
+# Up to this joint dimension a dense Cholesky factor of the joint block costs less than the
+# block elimination's extra torch operations (value and gradient timed on sleepstudy,
+# Penicillin, Pastes, grouseticks, VerbAgg and simulated crossed / REML designs of 24-322
+# coordinates: the elimination costs ~3 ms more per evaluation at small D, the dense factor
+# catches up near D = 150)
+DENSE_JOINT_MAX_DIM = 150
+
+
+def joint_split(terms: tuple[ReTerm, ...] | list[ReTerm], dim: int, device: str = "cpu", *,
+                dense_max_dim: int | None = None) -> Split | None:
+    r"""The split of a joint block's coordinates for :class:`~ngmm_formula.approx.factor.
+    SchurFactor`, or None where a dense factor is cheaper.
+
+    A holds the random effects of the grouping factor with most coordinates
+    (:math:`\sum_k q_k n_k` over its terms; lme4's first term unless several terms share a
+    factor): every observation touches one level of it, so :math:`H_{AA}` is block diagonal.
+    B holds the rest, in the joint order (lme4's ``Zt`` order, then :math:`\beta` under REML):
+    the other factors' random effects and the flat REML coordinates. The elimination costs
+    :math:`O(\dim(B)^3)` instead of :math:`O(D^3)`. None (dense) when ``dim <=
+    dense_max_dim`` (default :data:`DENSE_JOINT_MAX_DIM`) or when B would hold half the
+    coordinates or more.
+    """
+    if dense_max_dim is None:
+        dense_max_dim = DENSE_JOINT_MAX_DIM
+    if not terms:
+        return None
+    size: dict[str, int] = {}
+    for tm in terms:
+        size[tm.group] = size.get(tm.group, 0) + tm.q * tm.n_levels
+    group = max(size, key=lambda g: size[g])  # first such factor on ties (lme4's order)
+    dim_b = dim - size[group]
+    if dim <= dense_max_dim or dim_b >= dim // 2:
+        return None
+    a_slots: list[int] = []
+    a_cols: list[np.ndarray] = []
+    slot = offset = 0
+    for tm in terms:
+        if tm.group == group:
+            a_slots.extend(range(slot, slot + tm.q))
+            a_cols.append(offset + np.arange(tm.n_levels)[:, None] * tm.q
+                          + np.arange(tm.q)[None, :])
+        slot += tm.q
+        offset += tm.q * tm.n_levels
+    n_slots = slot + (dim - offset)  # the REML slots come last, one per beta coordinate
+    a_coords = np.hstack(a_cols)
+    in_a = np.zeros(dim, dtype=bool)
+    in_a[a_coords.reshape(-1)] = True
+
+    def long(a: np.ndarray | list[int]) -> torch.Tensor:
+        return torch.tensor(np.asarray(a, dtype=np.int64), dtype=torch.long, device=device)
+
+    return Split(a_slots=long(a_slots),
+                 b_slots=long([s for s in range(n_slots) if s not in set(a_slots)]),
+                 a_coords=long(a_coords), b_coords=long(np.flatnonzero(~in_a)))
 
 
 def _tril_index(q: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 
 from ngmm_formula import Control, DataError, FormulaError, NGMMError, get_family, ngmm
 from ngmm_formula.api import _module, prepare
+from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.datasets import simulate_grouped
 from ngmm_formula.fit import Objective
 
@@ -206,7 +207,8 @@ def test_truncated_rule_error_bound_with_a_trained_network(binary_fit, binary) -
             obj = Objective(prep.problem, prep.family, prep.approximation, module)
             approx = obj.per_block().numpy()
         assert obj.mode is not None
-        curvature = float((obj.mode.chol[:, 0, 0] ** 2).max())  # H at each group's mode
+        assert isinstance(obj.mode.factor, DenseFactor)
+        curvature = float((obj.mode.factor.chol[:, 0, 0] ** 2).max())  # H at each group's mode
         errors.append(np.max(np.abs(approx - exact)))
     errors_a = np.array(errors)
     bounds = np.array([truncation_bound(M, curvature) for M in Ms])

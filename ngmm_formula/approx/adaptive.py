@@ -39,12 +39,12 @@ from ngmm_formula.approx.conditional import (
     Blocks,
     ConditionalMode,
     block_sum,
-    cholesky,
+    factorise,
     gradient,
     log_integrand,
-    neg_hessian,
     random_part,
 )
+from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.approx.rules import Rule
 from ngmm_formula.families import Family
 
@@ -67,27 +67,31 @@ def log_marginal(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
     # one differentiable Newton step: v* == v0 in value, implicit-function derivative
     eta0 = eta_fixed + random_part(C, v0, blocks)
     g = gradient(family.dlogp(y, eta0, log_sigma, w), C, v0, blocks)
-    step = torch.cholesky_solve(g.unsqueeze(-1), mode.chol).squeeze(-1)
+    step = mode.factor.solve(g)
     v_star = v0 + step
     eta_star = eta_fixed + random_part(C, v_star, blocks)
-    H = neg_hessian(-family.d2logp(y, eta_star, log_sigma, w), C, blocks)
-    R, ok = cholesky(H)
-    if not ok:
+    # H at v* with autograd (for a quadratic h, H does not depend on v: the mode search's)
+    factor = (mode.curvature if mode.curvature is not None
+              else factorise(-family.d2logp(y, eta_star, log_sigma, w), C, blocks))
+    if not factor.ok:
         # observed curvature not positive definite (non-log-concave family far from the
         # data): use the expected curvature, as PIRLS does
-        H = neg_hessian(family.fisher_weight(eta_star, log_sigma, w), C, blocks)
-        R = torch.linalg.cholesky(H)
-    log_det_L = -torch.log(torch.diagonal(R, dim1=-2, dim2=-1)).sum(-1)
+        factor = factorise(family.fisher_weight(eta_star, log_sigma, w), C, blocks)
+        if not factor.ok:
+            raise torch.linalg.LinAlgError("the expected negative Hessian of the "
+                                           "log-integrand is not positive definite")
+    log_det_L = -factor.half_logdet()
     const = log_det_L + 0.5 * blocks.dim * LOG_2PI
     if rule.n_nodes == 1 and not rule.nodes.any():
         h = log_integrand(family, y, w, eta_star, log_sigma, v_star, blocks, log_const)
         return const + h + float(rule.log_weights[0])
     if log_const is not None:
         const = const + block_sum(log_const, blocks)
+    if not isinstance(factor, DenseFactor):
+        raise ValueError("quadrature rules need per-group blocks (a dense factor)")
     t, logw = rule.tensors(C.dtype, C.device)  # (K, D), (K,)
     # L t_k = R^{-T} t_k for every block: (n_blocks, D, K)
-    Lt = torch.linalg.solve_triangular(R.transpose(-1, -2), t.T.expand(blocks.n_blocks, -1, -1),
-                                       upper=True)
+    Lt = factor.scale_nodes(t)
     nodes = v_star.unsqueeze(-1) + Lt  # (n_blocks, D, K)
     # eta at every node: eta_star + sum_s C_is (L t_k)[b(i), pos(i,s)]
     Lt_obs = Lt[blocks.block_of_obs.unsqueeze(-1), blocks.slot_pos]  # (n, S, K)

@@ -24,7 +24,10 @@ with prior precisions :math:`\pi_d \in \{0, 1\}` (0 for the flat REML coordinate
 module finds the mode :math:`\hat v` of every block by batched Newton steps (Fisher-scoring
 directions with step halving, so every step increases :math:`h`), and evaluates :math:`h`, its
 gradient and its negative Hessian :math:`H = C^\top W C + \operatorname{diag}(\pi)` -- all by
-scatter-adds over observations, never with a dense observations x levels matrix.
+scatter-adds over observations, never with a dense observations x levels matrix -- and
+factorises :math:`H` (:func:`factorise`): densely per block, or, for a joint block with a
+:class:`~ngmm_formula.approx.factor.Split`, by block elimination over one grouping factor
+(:mod:`~ngmm_formula.approx.factor`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from functools import cached_property
 
 import torch
 
+from ngmm_formula.approx.factor import DenseFactor, Factor, SchurFactor, SchurMaps, Split
 from ngmm_formula.families import Family
 
-__all__ = ["Blocks", "ConditionalMode", "block_sum", "find_mode", "log_integrand",
+__all__ = ["Blocks", "ConditionalMode", "block_sum", "factorise", "find_mode", "log_integrand",
            "neg_hessian", "gradient"]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -58,6 +62,10 @@ class Blocks:
         Coordinate inside the block of each slot of each observation.
     prior_precision : Tensor, shape (D,)
         1 for a random effect, 0 for a flat (REML) coordinate.
+    split : Split, optional
+        For a single joint block: the partition of its coordinates over which :math:`H` is
+        factorised by block elimination (:class:`~ngmm_formula.approx.factor.SchurFactor`);
+        None for a dense factorisation of every block.
     """
 
     n_blocks: int
@@ -65,6 +73,13 @@ class Blocks:
     block_of_obs: torch.Tensor
     slot_pos: torch.Tensor
     prior_precision: torch.Tensor
+    split: Split | None = None
+
+    @cached_property
+    def schur_maps(self) -> SchurMaps:
+        """Index maps of the block elimination for these observations (computed once)."""
+        assert self.split is not None and self.n_blocks == 1
+        return SchurMaps.of(self.slot_pos, self.split)
 
     @property
     def n_prior(self) -> float:
@@ -83,16 +98,6 @@ def block_sum(values: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """Sum per-observation values (n, ...) into blocks (n_blocks, ...)."""
     out = values.new_zeros((blocks.n_blocks, *values.shape[1:]))
     return out.index_add(0, blocks.block_of_obs, values)
-
-
-def cholesky(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Batched lower Cholesky factor of (n_blocks, D, D) and whether every block is positive
-    definite; a square root for D = 1 (far cheaper than LAPACK's batched call)."""
-    if H.shape[-1] == 1:
-        ok = bool((H > 0).all())
-        return torch.sqrt(H.clamp_min(1e-300)), ok
-    L, info = torch.linalg.cholesky_ex(H)
-    return L, bool((info == 0).all())
 
 
 def random_part(C: torch.Tensor, v: torch.Tensor, blocks: Blocks) -> torch.Tensor:
@@ -137,14 +142,37 @@ def neg_hessian(W: torch.Tensor, C: torch.Tensor, blocks: Blocks) -> torch.Tenso
     return flat.reshape(blocks.n_blocks, D, D) + torch.diag(blocks.prior_precision)
 
 
+def factorise(W: torch.Tensor, C: torch.Tensor, blocks: Blocks, *, jitter: float = 0.0
+              ) -> Factor:
+    r"""Factor :math:`H = C^\top \operatorname{diag}(W) C + \operatorname{diag}(\pi)`
+    (plus ``jitter`` on the diagonal) of every block; differentiable.
+
+    Dense Cholesky factors per block, or the block elimination of
+    :class:`~ngmm_formula.approx.factor.SchurFactor` when the layout has a split.
+    """
+    if blocks.split is not None:
+        return SchurFactor.of(W, C, blocks.prior_precision, blocks.schur_maps, jitter)
+    H = neg_hessian(W, C, blocks)
+    if jitter:
+        H = H + jitter * torch.eye(blocks.dim, dtype=H.dtype, device=H.device)
+    return DenseFactor.of(H)
+
+
 @dataclass
 class ConditionalMode:
-    """The mode of every block and the Cholesky factor of H there (both detached)."""
+    r"""The mode of every block and the factor of H there (both detached).
+
+    ``curvature`` is, for a family whose log-likelihood is quadratic in :math:`\eta` (where
+    :math:`H` does not depend on :math:`v`), the same factor *with* its autograd graph, so that
+    the approximation differentiates its log-determinant without factorising :math:`H` again;
+    None otherwise.
+    """
 
     v: torch.Tensor
-    chol: torch.Tensor
+    factor: Factor
     iterations: int
     converged: bool
+    curvature: Factor | None = None
 
 
 def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch.Tensor,
@@ -154,8 +182,15 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
     """Batched Newton (Fisher-scoring direction, step halving) for the mode of each block.
 
     Everything here is detached: the mode is a fixed point, and the approximations make it
-    differentiable with one Newton step (see :mod:`ngmm_formula.approx.laplace`).
+    differentiable with one Newton step (see :mod:`ngmm_formula.approx.adaptive`).
     """
+    curvature = None
+    if family.quadratic:
+        # h is quadratic in v: H does not depend on v, and one factor of it serves the Newton
+        # step here and the (differentiable) log-determinant of the approximation
+        curvature = factorise(family.fisher_weight(eta_fixed, log_sigma, w), C, blocks)
+        if not curvature.ok:
+            curvature = None
     with torch.no_grad():
         eta_fixed = eta_fixed.detach()
         C = C.detach()
@@ -175,13 +210,11 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
         for it in range(1, max_iter + 1):  # noqa: B007
             d1 = family.dlogp(y, eta, ls, w)
             W = family.fisher_weight(eta, ls, w)
-            H = neg_hessian(W, C, blocks)
+            factor = curvature.detach() if curvature is not None else factorise(W, C, blocks)
             g = gradient(d1, C, v, blocks)
-            L, ok = cholesky(H)
-            if not ok:
-                eye = torch.eye(blocks.dim, dtype=H.dtype, device=H.device)
-                L = torch.linalg.cholesky(H + 1e-8 * eye)
-            step = torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+            if not factor.ok:
+                factor = _checked(factorise(W, C, blocks, jitter=1e-8))
+            step = factor.solve(g)
             scale = torch.ones(blocks.n_blocks, 1, dtype=v.dtype, device=v.device)
             for _ in range(40):
                 v_new = v + scale * step
@@ -199,15 +232,22 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
             if family.quadratic and bool(accept.all()) and bool((scale == 1).all()):
                 # h is quadratic in v: a full Newton step lands on the mode, and the Fisher
                 # weights are the observed curvature
-                return ConditionalMode(v=v, chol=L, iterations=it, converged=True)
+                return ConditionalMode(v=v, factor=factor, iterations=it, converged=True,
+                                       curvature=curvature)
             if float((scale * step).abs().max()) < tol * max(1.0, float(v.abs().max())):
                 converged = True
                 break
         # Final negative Hessian: the observed one (true Laplace), Fisher weights as fallback.
         d2 = family.d2logp(y, eta, ls, w)
-        H = neg_hessian(-d2, C, blocks)
-        L, ok = cholesky(H)
-        if not ok:
-            H = neg_hessian(family.fisher_weight(eta, ls, w), C, blocks)
-            L = torch.linalg.cholesky(H)
-    return ConditionalMode(v=v, chol=L, iterations=it, converged=converged)
+        factor = factorise(-d2, C, blocks)
+        if not factor.ok:
+            factor = _checked(factorise(family.fisher_weight(eta, ls, w), C, blocks))
+    return ConditionalMode(v=v, factor=factor, iterations=it, converged=converged)
+
+
+def _checked(factor: Factor) -> Factor:
+    """``factor`` if positive definite, else the error a failed Cholesky raises."""
+    if not factor.ok:
+        raise torch.linalg.LinAlgError("the negative Hessian of the log-integrand is not "
+                                       "positive definite")
+    return factor
