@@ -32,6 +32,7 @@ parameters; the analytic gradient gets it from the one differentiable Newton ste
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ import torch
 from ngmm_formula.api import Prepared, objective_at, prepare
 from ngmm_formula.families import get_family
 from ngmm_formula.fit import Objective
-from ngmm_formula.model import LinearPredictor
+from ngmm_formula.model import LinearPredictor, joint_split
 from tests.references import REFS, dataset
 
 RTOL = 1e-6
@@ -95,6 +96,23 @@ def test_lmer_devfun(ref_id: str, data: str, formula: str, reml: bool, point: st
     ours = -2 * objective_at(p, fixef, values(rec["theta"]), rec["sigma_hat"])
     assert ours == pytest.approx(rec["value"], rel=RTOL)
     assert ours == pytest.approx(rec["dense_check"], rel=RTOL)
+
+
+JOINT_LMER = [c for c in LMER if c[0] in ("penicillin_reml", "pastes_reml", "sleep_reml")]
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(("ref_id", "data", "formula", "reml"), JOINT_LMER,
+                         ids=[c[0] for c in JOINT_LMER])
+def test_lmer_devfun_block_elimination(ref_id: str, data: str, formula: str, reml: bool,
+                                       point: str) -> None:
+    """The same deviance with the joint block (crossed, nested, or beta under REML)
+    factorised by block elimination instead of densely."""
+    rec = REFS[ref_id]["devfun"][point]
+    p = _force_split(prepared(data, formula, ("gaussian", None), reml=reml))
+    # R: dd <- update(fit, devFunOnly = TRUE); dd(theta)
+    ours = -2 * objective_at(p, None, values(rec["theta"]), rec["sigma_hat"])
+    assert ours == pytest.approx(rec["value"], rel=RTOL)
 
 
 @pytest.mark.parametrize(("ref_id", "data", "formula", "reml"), LMER,
@@ -376,6 +394,40 @@ def test_gradcheck(formula: str, family: tuple[str, str | None], kw: dict[str, A
     expected_kind = {"laplace": "laplace", "agq": "agq", "truncated": "truncated"}.get(
         kw.get("approx", ""), "exact")
     assert p.approximation.kind == expected_kind
+    _gradcheck(p)
+
+
+# joint blocks factorised by block elimination (approx/factor.py's SchurFactor); these small
+# blocks would be factorised densely by default, so the split is forced
+SCHUR_GRAD_CASES = [
+    ("laplace_crossed_poisson", "ycount ~ x + (1 | g) + (1 | h)", ("poisson", None),
+     {"approx": "laplace"}),
+    ("laplace_crossed_slope_logit", "ybin ~ x + (1 + x | g) + (1 | h)", ("binomial", "logit"),
+     {"approx": "laplace"}),
+    ("exact_ml_crossed", "ygauss ~ x + (1 | g) + (1 | h)", ("gaussian", None), {"reml": False}),
+    ("exact_reml_crossed", "ygauss ~ x + (1 | g) + (1 | h)", ("gaussian", None), {"reml": True}),
+    ("exact_reml_single_factor", "ygauss ~ x + (1 + x | g)", ("gaussian", None),
+     {"reml": True}),
+]
+
+
+@pytest.mark.parametrize(("formula", "family", "kw"), [c[1:] for c in SCHUR_GRAD_CASES],
+                         ids=[c[0] for c in SCHUR_GRAD_CASES])
+def test_gradcheck_block_elimination(formula: str, family: tuple[str, str | None],
+                                     kw: dict[str, Any]) -> None:
+    p = _force_split(prepare(formula, small_data(n_groups=12), get_family(*family), **kw))
+    _gradcheck(p)
+
+
+def _force_split(p: Prepared) -> Prepared:
+    """``p`` with its joint block factorised by block elimination whatever its size."""
+    split = joint_split(p.design.re_terms, p.problem.blocks.dim, dense_max_dim=0)
+    assert split is not None
+    blocks = dataclasses.replace(p.problem.blocks, split=split)
+    return dataclasses.replace(p, problem=dataclasses.replace(p.problem, blocks=blocks))
+
+
+def _gradcheck(p: Prepared) -> None:
     module = LinearPredictor(p.problem, p.family.has_dispersion)
     wrapped = _Wrapped(Objective(p.problem, p.family, p.approximation, module))
     q = p.problem.q
