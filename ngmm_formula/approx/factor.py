@@ -48,7 +48,7 @@ Everything is differentiable with torch autograd (the approximations differentia
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -360,6 +360,9 @@ class SchurFactor(Factor):
     chol_s: torch.Tensor
     ok: bool
     schur: torch.Tensor
+    # inverse blocks already computed, by conditioning set (make_result asks once per term)
+    _inverses: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, W: torch.Tensor, C: torch.Tensor, prior: torch.Tensor, maps: SchurMaps,
@@ -387,7 +390,10 @@ class SchurFactor(Factor):
         h_bb = h_bb.reshape(dim_b, dim_b) + torch.diag(prior[sp.b_coords] + jitter)
         chol_aa, ok_a = cholesky(h_aa)
         aa_inv = _chol_inverse(chol_aa)  # (n_a, q, q)
-        m_ab = (aa_inv[maps.pair_level] @ h_ab.unsqueeze(-1)).squeeze(-1)
+        if q == 1:  # scalar blocks (random intercepts): elementwise, no batched matmul
+            m_ab = aa_inv.reshape(-1)[maps.pair_level, None] * h_ab
+        else:
+            m_ab = (aa_inv[maps.pair_level] @ h_ab.unsqueeze(-1)).squeeze(-1)
         if maps.dense_correction:
             dense_h = C.new_zeros(n_a, dim_b, q).index_put(
                 (maps.pair_level, maps.pair_b), h_ab)
@@ -399,7 +405,10 @@ class SchurFactor(Factor):
             assert maps.left is not None and maps.right is not None
             assert maps.pp_index is not None
             # sum_{p<r} x_pr (E_pr + E_rp) + sum_p x_pp E_pp, x_pr = H_AB,p' M_r
-            prods = (h_ab[maps.left] * m_ab[maps.right]).sum(-1)
+            if q == 1:
+                prods = h_ab[:, 0][maps.left] * m_ab[:, 0][maps.right]
+            else:
+                prods = (h_ab[maps.left] * m_ab[maps.right]).sum(-1)
             upper = C.new_zeros(dim_b * dim_b).index_add(0, maps.pp_index, prods)
             upper = upper.reshape(dim_b, dim_b)
             diag = C.new_zeros(dim_b * dim_b).index_add(0, maps.diag_index,
@@ -434,62 +443,67 @@ class SchurFactor(Factor):
         out = out.index_put((sp.b_coords,), x_b)
         return out.reshape(1, -1)
 
-    def _s_inverse(self, given: torch.Tensor | None) -> torch.Tensor:
-        """:math:`S^{-1}`, or with the coordinates ``given`` conditioned on: the inverse of
-        :math:`S` without those rows and columns, padded with zeros (the Schur complement
-        of :math:`H_{AA}` in :math:`H_{-g,-g}` is :math:`S_{-g,-g}`)."""
-        sp = self.maps.split
-        if given is None or given.numel() == 0:
-            return torch.cholesky_inverse(self.chol_s) if sp.dim_b else self.chol_s
+    def _inverses_given(self, given: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The diagonal blocks :math:`(H^{-1})_{AA,l}` of every level (n_levels, q, q) and
+        :math:`(H^{-1})_{BB} = S^{-1}` (dim_B, dim_B), computed once per conditioning set.
+
+        With the coordinates ``given`` (of B) conditioned on, the same blocks of the inverse
+        of :math:`H` without those rows and columns: the Schur complement of :math:`H_{AA}`
+        there is :math:`S` without them, whose inverse is padded with zeros.
+        """
+        key = () if given is None else tuple(int(i) for i in given.tolist())
+        if key in self._inverses:
+            return self._inverses[key]
+        sp, mp = self.maps.split, self.maps
         level_of, local_of = sp.coord_maps
-        if bool((level_of[given] >= 0).any()):
-            raise ValueError("conditioning is only supported on coordinates of B")
-        keep = torch.ones(sp.dim_b, dtype=torch.bool, device=given.device)
-        keep[local_of[given]] = False
-        kk = torch.nonzero(keep).squeeze(-1)
-        S = self.chol_s @ self.chol_s.T
-        out = torch.zeros_like(S)
-        if kk.numel():
-            out[kk[:, None], kk[None, :]] = torch.cholesky_inverse(
-                torch.linalg.cholesky(S[kk[:, None], kk[None, :]]))
-        return out
+        if not key:
+            s_inv = torch.cholesky_inverse(self.chol_s) if sp.dim_b else self.chol_s
+        else:
+            assert given is not None
+            if bool((level_of[given] >= 0).any()):
+                raise ValueError("conditioning is only supported on coordinates of B")
+            keep = torch.ones(sp.dim_b, dtype=torch.bool, device=given.device)
+            keep[local_of[given]] = False
+            kk = torch.nonzero(keep).squeeze(-1)
+            s_inv = torch.zeros_like(self.schur)
+            if kk.numel():
+                s_inv[kk[:, None], kk[None, :]] = torch.cholesky_inverse(
+                    torch.linalg.cholesky(self.schur[kk[:, None], kk[None, :]]))
+        # (H^{-1})_{AA,l} = H_AA,l^{-1} + sum_{p, r at level l} M_p S^{-1}[b_p, b_r] M_r'
+        v_aa = _chol_inverse(self.chol_aa)
+        if sp.dim_b and mp.dense_correction:
+            dense_m = s_inv.new_zeros(sp.n_levels, sp.dim_b, sp.q).index_put(
+                (mp.pair_level, mp.pair_b), self.m_ab)  # M_l' per level
+            v_aa = v_aa + (dense_m.transpose(1, 2) @ s_inv) @ dense_m
+        elif sp.dim_b:
+            left, right = _pairs_of_pairs(mp.pair_level, sp.n_levels)
+            w = s_inv[mp.pair_b[left], mp.pair_b[right]]
+            vals = w[:, None, None] * self.m_ab[left][:, :, None] * self.m_ab[right][:, None, :]
+            v_aa = v_aa.index_add(0, mp.pair_level[left], vals)
+        self._inverses[key] = (v_aa, s_inv)
+        return v_aa, s_inv
 
     def inverse_blocks(self, coords: torch.Tensor, given: torch.Tensor | None = None
                        ) -> torch.Tensor:
-        sp, mp = self.maps.split, self.maps
-        D = sp.dim
-        if bool((coords >= D).any()):
+        sp = self.maps.split
+        if bool((coords >= sp.dim).any()):
             raise ValueError("a joint layout has a single block")
-        s_inv = self._s_inverse(given)
         level_of, local_of = sp.coord_maps
-        lev = level_of[coords]
-        loc = local_of[coords]
+        lev, loc = level_of[coords], local_of[coords]
         in_a = lev >= 0
-        out = coords.new_zeros(coords.shape + coords.shape[-1:], dtype=s_inv.dtype)
         rows_a = in_a.all(-1)
         rows_b = (~in_a).all(-1)
         if bool((~(rows_a | rows_b)).any()):
             raise ValueError("each row of coords must lie entirely in A or in B")
-        if bool(rows_b.any()):
-            lb = loc[rows_b]
-            out[rows_b] = s_inv[lb[:, :, None], lb[:, None, :]]
-        if bool(rows_a.any()):
-            if bool((lev[rows_a] != lev[rows_a][:, :1]).any()):
-                raise ValueError("each row of coords in A must lie in one level")
-            # (H^{-1})_{AA,l} = H_AA,l^{-1} + sum_{p, r at level l} M_p S^{-1}[b_p, b_r] M_r'
-            v_aa = _chol_inverse(self.chol_aa)
-            if sp.dim_b and mp.dense_correction:
-                dense_m = s_inv.new_zeros(sp.n_levels, sp.dim_b, sp.q).index_put(
-                    (mp.pair_level, mp.pair_b), self.m_ab)  # M_l' per level
-                v_aa = v_aa + (dense_m.transpose(1, 2) @ s_inv) @ dense_m
-            elif sp.dim_b:
-                left, right = _pairs_of_pairs(mp.pair_level, sp.n_levels)
-                w = s_inv[mp.pair_b[left], mp.pair_b[right]]
-                vals = (w[:, None, None] * self.m_ab[left][:, :, None]
-                        * self.m_ab[right][:, None, :])
-                v_aa = v_aa.index_add(0, mp.pair_level[left], vals)
-            la, ca = lev[rows_a][:, 0], loc[rows_a]
-            out[rows_a] = v_aa[la[:, None, None], ca[:, :, None], ca[:, None, :]]
+        if bool(rows_a.any()) and bool((lev[rows_a] != lev[rows_a][:, :1]).any()):
+            raise ValueError("each row of coords in A must lie in one level")
+        v_aa, s_inv = self._inverses_given(given)
+        out = s_inv.new_zeros(coords.shape + coords.shape[-1:])
+        lb = loc[rows_b]
+        out[rows_b] = s_inv[lb[:, :, None], lb[:, None, :]]
+        la, ca = lev[rows_a][:, 0], loc[rows_a]
+        out[rows_a] = v_aa[la[:, None, None], ca[:, :, None], ca[:, None, :]]
         return out
 
     def detach(self) -> SchurFactor:
