@@ -26,6 +26,13 @@ equals :math:`\hat v` in value and has exactly the implicit-function derivative
 :math:`v^*` with autograd (observed second derivatives), so the value and the gradient are
 those of the approximation with centre and scale at the mode, for every rule.
 
+Factorisations. :math:`\log|H|` and the solves come from one
+:class:`~ngmm_formula.approx.factor.Factor` (:func:`~ngmm_formula.approx.conditional.factorise`):
+dense Cholesky factors per group, or, for a large joint block (crossed or nested factors,
+REML), block elimination over one grouping factor, where
+:math:`\log|H| = \sum_l \log|H_{AA,l}| + \log|S|`. The quadrature rules need :math:`R` itself
+and run on per-group blocks only.
+
 Cost: the network (if any) is evaluated once per observation; each node costs O(n S) cheap
 arithmetic, O(n K^D) in all.
 """
