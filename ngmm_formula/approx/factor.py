@@ -48,6 +48,7 @@ Everything is differentiable with torch autograd (the approximations differentia
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -111,7 +112,7 @@ class _HalfLogdet(torch.autograd.Function):
         return grad * 0.5 * torch.cholesky_inverse(L), None
 
 
-class Factor:
+class Factor(abc.ABC):
     """A factorisation of the negative Hessian of every block (see the module docstring).
 
     Attributes
@@ -122,14 +123,15 @@ class Factor:
 
     ok: bool
 
+    @abc.abstractmethod
     def half_logdet(self) -> torch.Tensor:
         r""":math:`\tfrac12 \log|H_b|` of every block, shape (n_blocks,)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         """:math:`H_b^{-1} g_b` for ``g`` of shape (n_blocks, D)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def inverse_blocks(self, coords: torch.Tensor, given: torch.Tensor | None = None
                        ) -> torch.Tensor:
         r"""Diagonal blocks of :math:`H^{-1}`, the conditional covariance of :math:`v`.
@@ -149,10 +151,10 @@ class Factor:
         -------
         Tensor, shape (G, k, k)
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def detach(self) -> Factor:
-        raise NotImplementedError
+        """The same factor without autograd history (for the Newton steps)."""
 
 
 @dataclass
