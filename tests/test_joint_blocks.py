@@ -99,3 +99,30 @@ def test_conditional_modes_and_variances(case: tuple, monkeypatch: pytest.Monkey
         post = np.transpose(re.attrs["postVar"], (2, 0, 1))
         np.testing.assert_allclose(post, condvar, rtol=1e-3,
                                    atol=1e-3 * np.abs(condvar).max(), err_msg=factor)
+
+
+def test_network_training_on_minibatches_of_a_split_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training a network with crossed factors evaluates the joint block on minibatches of
+    rows (``Problem.subset``): each subset keeps the split and builds its own index maps;
+    the linear refit after training is the full-data objective with the same split."""
+    from ngmm_formula import Control
+
+    monkeypatch.setattr(model, "DENSE_JOINT_MAX_DIM", 0)
+    rng = np.random.default_rng(0)
+    n_id, n_item = 30, 12
+    df = pd.DataFrame([(i, j) for i in range(n_id) for j in range(n_item)],
+                      columns=["id", "item"])
+    df["x"] = rng.uniform(-2, 2, len(df))
+    eta = (np.sin(2 * df["x"]) + rng.normal(0, 1, n_id)[df["id"]]
+           + rng.normal(0, 0.5, n_item)[df["item"]])
+    df["y"] = rng.binomial(1, 1 / (1 + np.exp(-eta)))
+    df["id"] = df["id"].astype(str)
+    df["item"] = df["item"].astype(str)
+    fit = ngmm("y ~ nn(x, hidden=(8,)) + (1 | id) + (1 | item)", df, "binomial",
+               control=Control(epochs=5, progress=False, batch_size=100))
+    assert fit.approximation.joint
+    assert np.isfinite(fit.loglik)
+    assert fit.ranef["id"].shape == (n_id, 1)
+    post = fit.ranef["item"].attrs["postVar"]
+    assert post.shape == (1, 1, n_item) and np.all(post > 0)
