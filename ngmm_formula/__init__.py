@@ -11,6 +11,7 @@ from __future__ import annotations
 from ngmm_formula import datasets
 from ngmm_formula.api import Control, ngmm
 from ngmm_formula.compare import ComparisonTable, compare
+from ngmm_formula.distributed import fit_distributed
 from ngmm_formula.errors import (
     ConvergenceWarning,
     DataError,
@@ -50,6 +51,7 @@ __all__ = [
     "anova",
     "compare",
     "datasets",
+    "fit_distributed",
     "get_family",
     "load",
     "ngmm",

@@ -19,6 +19,7 @@ import torch
 from ngmm_formula.approx import Approximation, choose_approximation
 from ngmm_formula.approx.factor import Factor
 from ngmm_formula.design import Design, build_design, tril_pairs
+from ngmm_formula.distributed import Shard, connect, shard_groups
 from ngmm_formula.errors import (
     ConvergenceWarning,
     DataError,
@@ -121,7 +122,7 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
          approx: str = "auto", nagq: int | None = None, truncation: float | None = None,
          points: int | None = None, weights: Any = None, offset: Any = None,
          reml: bool | None = None, control: Control | None = None, seed: int = 0,
-         device: str = "cpu") -> NGMMResult:
+         device: str = "cpu", distributed: bool = False) -> NGMMResult:
     """Fit a (neural) generalized linear mixed model.
 
     Parameters
@@ -148,6 +149,15 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
         Seeds torch for anything random in the fit.
     device : str
         Torch device.
+    distributed : bool
+        Data-parallel fit over the processes of a :mod:`torch.distributed` process group
+        (started from ``torchrun``'s environment if not yet initialised; gloo on the CPU, nccl
+        on CUDA): each process evaluates a contiguous range of the groups and values and
+        gradients are all-reduced, so every process returns the same result, equal to the
+        one-process fit up to the order of summation. Call it on every process with the
+        same arguments; models with one grouping factor only (see
+        :mod:`ngmm_formula.distributed`, and :func:`ngmm_formula.fit_distributed` for local
+        worker processes and the ``torchrun`` commands for several machines).
 
     Returns
     -------
@@ -157,25 +167,32 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
     with torch_threads(control.threads):
         return _ngmm(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                      points=points, weights=weights, offset=offset, reml=reml, control=control,
-                     seed=seed, device=device)
+                     seed=seed, device=device, distributed=distributed)
 
 
 def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str,
           nagq: int | None, truncation: float | None, points: int | None, weights: Any,
-          offset: Any, reml: bool | None, control: Control, seed: int, device: str
-          ) -> NGMMResult:
+          offset: Any, reml: bool | None, control: Control, seed: int, device: str,
+          distributed: bool = False) -> NGMMResult:
     torch.manual_seed(seed)
+    if distributed:
+        device = connect(device)
     data_name = getattr(data, "attrs", {}).get("name") if isinstance(data, pd.DataFrame) else None
     prepared = prepare(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                        points=points, weights=weights, offset=offset, reml=reml,
                        control=control, device=device)
+    # this process's range of groups in a distributed fit (None: all groups, one process)
+    shard = (shard_groups(prepared.problem, prepared.approximation,
+                          len(prepared.design.grouping_factors)) if distributed else None)
     module = _module(prepared)
     pr, fam = prepared.problem, prepared.family
     glm_start(pr, fam, module)
     if prepared.approximation.kind == "exact" and module.log_sigma is not None:
         with torch.no_grad():  # lme4 starts at relative theta = 1, i.e. absolute sigma
             module.theta.mul_(module.log_sigma.exp())
-    obj = Objective(pr, fam, prepared.approximation, module)
+    if shard is not None:  # rank 0's start for every process (the IRLS bits may differ)
+        shard.sync(module)
+    obj = Objective(pr, fam, prepared.approximation, module, shard=shard)
     theta_start(obj)
     history = None
     net_offset = None
@@ -184,14 +201,13 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
         # (polished to a tight gradient so that runs with the same seed start training from
         # the same point: L-BFGS-B's last bits vary with memory alignment)
         optimise(obj, max_iter=control.max_iter, gtol=1e-10)
-        history, obj = _train(prepared, module, control, seed)
-        net_offset = obj.problem.offset - pr.offset
+        history, obj, net_offset = _train(prepared, module, control, seed, shard)
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)
 
     def refit(**kw: Any) -> NGMMResult:
         args = dict(approx=approx, nagq=nagq, truncation=truncation, points=points,
                     weights=weights, offset=offset, reml=reml, control=control, seed=seed,
-                    device=device)
+                    device=device, distributed=distributed)
         args.update(kw)
         return ngmm(formula, data, family, **args)  # type: ignore[arg-type]
 
@@ -200,9 +216,10 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
                        history=history)
 
 
-def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: int
-           ) -> tuple[TrainingHistory, Objective]:
-    """Train the networks, centre them, and return the objective of the linear refit.
+def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: int,
+           shard: Shard | None = None) -> tuple[TrainingHistory, Objective, torch.Tensor]:
+    """Train the networks, centre them, and return the objective of the linear refit and the
+    networks' outputs (all observations).
 
     The refit's problem carries the frozen networks' outputs as an offset, so the L-BFGS
     refit and the Hessian concern beta, theta and sigma only (conditional on the networks).
@@ -211,7 +228,7 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
     split = (design.re_terms[0].group_index if approx.joint
              else pr.blocks.block_of_obs.cpu().numpy())
     history = train_networks(pr, prepared.family, approx, module, np.asarray(split),
-                             control, seed)
+                             control, seed, shard)
     intercept = [j for j, n in enumerate(design.fixed_names) if n == "(Intercept)"]
     with torch.no_grad():
         for net, x in zip(_nets(module), pr.net_X):
@@ -228,7 +245,8 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
         lin_module.theta.copy_(module.theta)
         if module.log_sigma is not None and lin_module.log_sigma is not None:
             lin_module.log_sigma.copy_(module.log_sigma)
-    return history, Objective(linear, prepared.family, approx, lin_module)
+    return (history, Objective(linear, prepared.family, approx, lin_module, shard=shard),
+            net_out)
 
 
 def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Control, *,
@@ -240,10 +258,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
                                prepared.problem)
     module = obj.module
     A = pr.standardisation.A
-    with torch.no_grad():
-        ll_blocks = obj.per_block(warm=True)
-    mode = obj.mode
-    assert mode is not None
+    ll_blocks, mode = obj.all_blocks()  # every group's, also in a distributed fit
     sigma = float(module.log_sigma.detach().exp()) if module.log_sigma is not None else 1.0
     exact = approx.kind == "exact"
 

@@ -19,6 +19,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.optimize
@@ -29,6 +30,9 @@ from ngmm_formula.approx.adaptive import log_marginal
 from ngmm_formula.approx.conditional import ConditionalMode, find_mode
 from ngmm_formula.families import Family
 from ngmm_formula.model import LinearPredictor, Problem
+
+if TYPE_CHECKING:
+    from ngmm_formula.distributed import Shard
 
 __all__ = ["Control", "Objective", "Optimum", "optimise"]
 
@@ -122,11 +126,18 @@ class Objective:
         Convergence tolerance of the Newton search for the conditional modes (the one-step
         correction of :mod:`~ngmm_formula.approx.adaptive` makes the value accurate to the
         square of this; training uses a looser one than the final fit).
+    shard : Shard, optional
+        Data-parallel fitting (:mod:`ngmm_formula.distributed`): this process evaluates only
+        its range of groups, ``problem`` is restricted to their rows, and :meth:`reduce` sums
+        values and gradients over the processes. None: one process, :meth:`reduce` is the
+        identity.
     """
 
     def __init__(self, problem: Problem, family: Family, approx: Approximation,
-                 module: LinearPredictor, *, mode_tol: float = 1e-10):
-        self.problem = problem
+                 module: LinearPredictor, *, mode_tol: float = 1e-10,
+                 shard: Shard | None = None):
+        self.shard = shard
+        self.problem = problem if shard is None else shard.local(problem)
         self.family = family
         self.approx = approx
         self.module = module
@@ -156,7 +167,27 @@ class Objective:
         return ll
 
     def __call__(self) -> torch.Tensor:
+        """This process's part of the log-likelihood (all of it without a shard)."""
         return self.per_block().sum()
+
+    def reduce(self, x: np.ndarray) -> np.ndarray:
+        """Sum ``x`` (values, gradients) over the processes sharing the objective."""
+        return x if self.shard is None else self.shard.all_sum(x)
+
+    def value(self) -> float:
+        """The whole log-likelihood, summed over the processes (no gradient)."""
+        with torch.no_grad():
+            return float(self.reduce(np.array([float(self())]))[0])
+
+    def all_blocks(self) -> tuple[torch.Tensor, ConditionalMode]:
+        """Log marginal likelihood and conditional mode of every block of the whole problem at
+        the current parameters (no gradient; gathered from all processes under a shard)."""
+        with torch.no_grad():
+            ll = self.per_block(warm=True)
+        assert self.mode is not None
+        if self.shard is None:
+            return ll, self.mode
+        return self.shard.gather_blocks(ll), self.shard.gather_mode(self.mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,13 +216,23 @@ def _set(module: LinearPredictor, x: np.ndarray) -> None:
 
 
 def _value_and_grad(obj: Objective, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """Log-likelihood and its gradient at ``x``."""
+    if obj.shard is not None:
+        obj.shard.lead(x)  # the other processes evaluate their groups at the same x
+    return _evaluate(obj, x)
+
+
+def _evaluate(obj: Objective, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """This process's value and gradient at ``x``, summed over the processes."""
     _set(obj.module, x)
     ps = _params(obj.module)
     ll = obj()
     grads = torch.autograd.grad(ll, ps, allow_unused=True)
     g = np.concatenate([(gr if gr is not None else torch.zeros_like(p)).detach().cpu().numpy()
                         .ravel() for gr, p in zip(grads, ps)])
-    return float(ll.detach()), g
+    # summed over the processes of a distributed fit, so that all take the same steps
+    vg = obj.reduce(np.concatenate([[float(ll.detach())], g]))
+    return float(vg[0]), vg[1:]
 
 
 def fd_hessian(obj: Objective, x: np.ndarray, rel_step: float = 1e-4) -> np.ndarray:
@@ -322,8 +363,8 @@ def theta_start(obj: Objective, scales: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03
     for c in scales:
         with torch.no_grad():
             obj.module.theta.copy_(theta0 * c)
-            obj.mode = None
-            ll = float(obj())
+        obj.mode = None
+        ll = obj.value()
         if math.isfinite(ll) and ll > best_ll + 1e-9 * abs(ll):
             best, best_ll = c, ll
     with torch.no_grad():
@@ -333,8 +374,18 @@ def theta_start(obj: Objective, scales: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03
 
 def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
              newton_steps: int = 8) -> Optimum:
-    """Maximise the objective over beta, theta and log_sigma (float64)."""
+    """Maximise the objective over beta, theta and log_sigma (float64).
+
+    In a distributed fit (``obj.shard``) rank 0 runs the optimiser and the other processes
+    evaluate their groups wherever it asks, then receive its :class:`Optimum`: L-BFGS-B's last
+    bits vary with memory alignment, so identical optimisers in several processes would drift
+    apart by a few ulps and could stop at different iterations.
+    """
     x0 = _get(obj.module)
+    if obj.shard is not None and obj.shard.rank > 0:
+        opt: Optimum = obj.shard.follow(x0.size, lambda x: _evaluate(obj, x))
+        _set(obj.module, opt.x)
+        return opt
     n_eval = 0
 
     def f(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -387,8 +438,11 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
     if hessian_pd:
         scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), grad))
     max_grad = float(np.max(np.minimum(scaled, np.abs(grad)))) if grad.size else 0.0
-    return Optimum(
+    opt = Optimum(
         x=x, loglik=value, gradient=grad, hessian=H, iterations=int(res.nit),
         evaluations=n_eval, message=str(res.message), converged=max_grad < 0.002,
         hessian_pd=hessian_pd,
     )
+    if obj.shard is not None:
+        obj.shard.finish(x0.size, opt)
+    return opt

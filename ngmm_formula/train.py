@@ -36,6 +36,7 @@ import copy
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ from ngmm_formula.approx import Approximation
 from ngmm_formula.families import Family
 from ngmm_formula.fit import Control, Objective
 from ngmm_formula.model import LinearPredictor, Problem
+
+if TYPE_CHECKING:
+    from ngmm_formula.distributed import Shard
 
 __all__ = ["TrainingHistory", "train_networks"]
 
@@ -74,7 +78,7 @@ def _split_groups(groups: np.ndarray, n_groups: int, fraction: float,
 
 def train_networks(problem: Problem, family: Family, approx: Approximation,
                    module: LinearPredictor, split_groups: np.ndarray, control: Control,
-                   seed: int) -> TrainingHistory:
+                   seed: int, shard: Shard | None = None) -> TrainingHistory:
     """Train ``module`` (networks, beta, theta, log_sigma) in place; see the module docs.
 
     Parameters
@@ -89,6 +93,11 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         blocks' groups when the integral factorises, else the largest grouping factor).
     control : Control
     seed : int
+    shard : Shard, optional
+        Data-parallel training (:mod:`ngmm_formula.distributed`): every process draws the same
+        minibatches and evaluates the groups it owns (``split_groups`` are then the blocks);
+        the loss keeps the global batch's number of observations as denominator, and the
+        gradients and the scores are summed over the processes.
     """
     import time
 
@@ -103,6 +112,8 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
     rows_per_group = problem.y.shape[0] / max(1, np.unique(split_groups).size)
     batch_groups = control.batch_groups or max(1, int(round(control.batch_size
                                                             / rows_per_group)))
+    owned = (np.ones(n_groups, dtype=bool) if shard is None
+             else shard.owned(n_groups))  # the groups this process evaluates
     net_params = [p for net in module.nets for p in net.parameters()]
     other = [module.beta, module.theta] + (
         [module.log_sigma] if module.log_sigma is not None else [])
@@ -124,8 +135,11 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         offsets = np.repeat(starts[gs] - np.cumsum(counts) + counts, counts)
         return rows_by_group[offsets + np.arange(counts.sum())]
 
-    def evaluate(groups: np.ndarray, *, grad: bool) -> tuple[torch.Tensor, int]:
-        gs_np = np.sort(groups)
+    def evaluate(groups: np.ndarray, *, grad: bool) -> torch.Tensor:
+        """Log-likelihood of this process's part of ``groups`` (0 when it owns none)."""
+        gs_np = np.sort(groups[owned[groups]])
+        if not gs_np.size:
+            return problem.y.new_zeros(())
         gs = torch.as_tensor(gs_np, dtype=torch.long)
         rows = torch.as_tensor(rows_of(gs_np), dtype=torch.long)
         if per_group_blocks:
@@ -139,9 +153,9 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
             ll = obj.per_block(start=start).sum()
         if per_group_blocks and obj.mode is not None:
             cache[gs] = obj.mode.v
-        return ll, int(rows.numel())
+        return ll
 
-    progress = _progress(control)
+    progress = _progress(control) if shard is None or shard.rank == 0 else None
     train_curve: list[float] = []
     val_curve: list[float] = []
     lrs: list[float] = []
@@ -154,20 +168,28 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         total, n_rows = 0.0, 0
         for start in range(0, order.size, batch_groups):
             batch = order[start:start + batch_groups]
-            ll, n_b = evaluate(batch, grad=True)
+            n_b = int(sizes[batch].sum())
+            ll = evaluate(batch, grad=True)
             loss = -ll / n_b
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
+            if shard is not None:
+                shard.all_sum_grads(net_params + other)
             opt.step()
             steps += 1
             total += float(ll.detach())
             n_rows += n_b
-        train_curve.append(total / max(1, n_rows))
         module.eval()
+        vll = 0.0
         if val_groups.size:
             with torch.no_grad():
-                vll, n_v = evaluate(val_groups, grad=False)
-            score = float(vll) / n_v
+                vll = float(evaluate(val_groups, grad=False))
+        if shard is not None:  # this epoch's sums over the processes
+            total, vll = map(float, shard.all_sum(np.array([total, vll])))
+        train_curve.append(total / max(1, n_rows))
+        if val_groups.size:
+            score = vll / int(sizes[val_groups].sum())
             val_curve.append(score)
         else:
             score = train_curve[-1]
@@ -192,6 +214,8 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         progress.close()
     if best_state is not None:
         module.load_state_dict(best_state)
+    if shard is not None:  # the processes' weights agree to the last bit: rank 0's
+        shard.sync(module)
     module.eval()
     return TrainingHistory(train=tuple(train_curve), validation=tuple(val_curve),
                            best_epoch=best_epoch, stopped_early=stopped,
