@@ -12,18 +12,25 @@ contiguous range of groups :math:`[s_r, s_{r+1})` (:class:`Shard`; ranges balanc
 number of observations), and a sum all-reduce gives every process the same :math:`\ell` and
 :math:`\nabla\ell`:
 
-- **Linear GLMMs.** Every process runs the same deterministic optimiser
-  (:func:`~ngmm_formula.fit.optimise`: L-BFGS-B, then Newton steps with a finite-difference
-  Hessian) on the all-reduced value and gradient, so all follow identical iterates; the GLM
-  start and the start of theta see the same (reduced) numbers. At the optimum the
+- **Linear GLMMs.** Rank 0 runs the optimiser (:func:`~ngmm_formula.fit.optimise`:
+  L-BFGS-B, then Newton steps with a finite-difference Hessian) on the all-reduced value and
+  gradient; at every evaluation it broadcasts the point, the other processes evaluate their
+  groups there, and at the end they receive its optimum (:meth:`Shard.lead`,
+  :meth:`Shard.follow`). Running identical optimisers in every process is not enough:
+  L-BFGS-B's last bits depend on memory alignment, and two processes were measured to end
+  1 ulp apart -- enough to stop at different iterations and deadlock. The GLM start is
+  computed by every process on all the data and rank 0's copy is broadcast
+  (:meth:`Shard.sync`); the start of theta compares all-reduced values. At the optimum the
   conditional modes and per-group log-likelihoods are all-gathered so that every process
   builds the same :class:`~ngmm_formula.results.NGMMResult`.
 - **Neural training** (:func:`~ngmm_formula.train.train_networks`). Every process draws the
   same global minibatch of whole groups (same seed), evaluates the groups of the batch it
   owns, scales its part of the loss by the *global* batch's number of observations, and the
   gradients are summed by one explicit ``all_reduce`` of the flattened ``.grad`` vector before
-  the AdamW step (:meth:`Shard.all_sum_grads`); the validation score is all-reduced too. So
-  with the same seed the fit equals the single-process one up to the order of summation.
+  the AdamW step (:meth:`Shard.all_sum_grads`); the training and validation scores are
+  all-reduced too (so early stopping decides alike everywhere), and rank 0's weights are
+  broadcast when training ends. With the same seed the fit equals the single-process one up
+  to the order of summation.
 
 An explicit all-reduce rather than :class:`torch.nn.parallel.DistributedDataParallel`: the
 loss is not a module's ``forward`` (a batched Newton search for the modes runs between the
@@ -203,6 +210,8 @@ class Shard:
     def local(self, problem: Problem) -> Problem:
         """The rows of this process's blocks, blocks renumbered from 0 (rows keep their order,
         so every block's sums run in the same order as in one process)."""
+        if self.world_size == 1:
+            return problem
         bo = problem.blocks.block_of_obs
         rows = torch.nonzero((bo >= self.first) & (bo < self.stop)).squeeze(1)
         ids = torch.arange(self.first, self.stop, device=bo.device)
@@ -343,7 +352,8 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
                     nprocs: int = 2, timeout: float = 1800.0, **options: Any) -> NGMMResult:
     """Fit with ``nprocs`` local processes (this one is rank 0) and return rank 0's result.
 
-    Starts ``nprocs - 1`` worker processes (``spawn``), joins them in a process group (gloo
+    Starts ``nprocs - 1`` worker processes (from a ``forkserver`` that imports the package
+    once per session, or ``spawn``), joins them in a process group (gloo
     on the CPU, nccl for ``device="cuda"``) whose rendezvous is a TCP store on a free port of
     127.0.0.1, and runs ``ngmm(formula, data, family, distributed=True, **options)`` in every
     process; the process group is torn down afterwards. The result equals the
@@ -383,11 +393,13 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
                  --rdzv_endpoint=10.0.0.1:29500 --rdzv_id=ngmm1 fit.py
 
     Every process reads the whole data set (the design is built on each, so encodings
-    agree) and returns the same result; every machine needs the same builds of torch,
-    numpy and scipy, so that all processes take identical optimiser steps (checked at the
-    end of the fit).
+    agree) and returns the same result.
+
+    Worker processes import the caller's main module (``forkserver`` and ``spawn`` do): in a
+    script, call :func:`fit_distributed` under ``if __name__ == "__main__":``.
     """
     from ngmm_formula.api import ngmm
+    from ngmm_formula.inference import _mp_context
 
     if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
         raise NGMMError(f"nprocs must be a positive integer, got {nprocs!r}")
@@ -404,7 +416,7 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     backend = "nccl" if cuda else "gloo"
     wait = datetime.timedelta(seconds=timeout)
 
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = _mp_context()  # forkserver (imports the package once per session) or spawn
     store = dist.TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False,
                           timeout=wait)
     errors = ctx.Queue()

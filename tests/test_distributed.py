@@ -1,0 +1,304 @@
+"""Data-parallel fitting (``ngmm(..., distributed=True)``, ``fit_distributed``).
+
+In one process: the shards' objectives add up to the whole objective (values, per-group
+values, gradients), the ranges of groups are balanced and never empty, a one-process group
+gives the ordinary fit, and models whose random effects form one joint block
+raise a clear error. With two local CPU processes (gloo): one ``torchrun --standalone`` launch
+runs several fits with ``distributed=True`` (both ranks must return identical numbers, equal to
+the single-process fit), and :func:`~ngmm_formula.fit_distributed` is run once.
+
+Tolerances. The distributed fit maximises the same objective; only the order of summation
+differs (relative round-off ~1e-16), which moves the optimiser's path by as much, and both
+fits stop at max|gradient| < 1e-6 with Newton steps, so estimates and log-likelihoods of
+linear GLMMs agree to 1e-6 (measured: 1e-13). An NGMM's training amplifies round-off through
+a few hundred AdamW steps (and could in principle flip an early-stopping decision), so there
+the target is 1e-3 (measured: 1e-13, the same best epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+
+from ngmm_formula import Control, NGMMError, datasets, fit_distributed, ngmm
+from ngmm_formula.api import _module, prepare
+from ngmm_formula.datasets import simulate_grouped
+from ngmm_formula.distributed import Shard, _bounds
+from ngmm_formula.fit import Objective
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+NEURAL = "y ~ nn(x1, x2, hidden=(8, 8)) + x3 + (1 | g)"
+# small batches (4 of 40 groups): many batches hold groups of one process only, so the
+# other process contributes a zero gradient to the all-reduce
+NEURAL_CONTROL = dict(epochs=10, patience=5, batch_groups=4, progress=False)
+CROSSED = "y ~ x + (1 | a) + (1 | b)"
+
+
+def neural_data() -> pd.DataFrame:
+    return simulate_grouped(n_groups=40, n_per_group=10, family="binomial", effect="sine",
+                            seed=3)
+
+
+def crossed_data() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 120
+    return pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n),
+                         "a": pd.Categorical(rng.integers(0, 8, n)),
+                         "b": pd.Categorical(rng.integers(0, 6, n))})
+
+
+def close(a: Any, b: Any, tol: float) -> bool:
+    """|a - b| <= tol * max(1, |a|) elementwise."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return bool(a.shape == b.shape and np.all(np.abs(a - b) <= tol * np.maximum(1, np.abs(a))))
+
+
+# --------------------------------------------------------------------------------------------
+# one process: the sharding itself
+
+
+@pytest.mark.parametrize("sizes, world, bounds", [
+    ([10] * 10, 2, (0, 5, 10)),
+    ([10] * 10, 1, (0, 10)),
+    ([100, 1, 1, 1], 2, (0, 1, 4)),          # one large group: a range of its own
+    ([1, 1, 1, 100], 2, (0, 3, 4)),
+    ([5, 5, 5], 3, (0, 1, 2, 3)),            # as many groups as processes
+    ([1, 1, 1, 1, 1000], 4, (0, 2, 3, 4, 5)),  # cuts pushed apart: no empty range
+])
+def test_ranges_of_groups(sizes: list[int], world: int, bounds: tuple[int, ...]) -> None:
+    assert _bounds(np.array(sizes), world) == bounds
+
+
+def test_ranges_are_balanced_and_never_empty() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n, world = int(rng.integers(1, 60)), int(rng.integers(1, 9))
+        if n < world:
+            continue
+        sizes = rng.integers(1, 50, n)
+        b = np.array(_bounds(sizes, world))
+        assert b[0] == 0 and b[-1] == n and np.all(np.diff(b) >= 1)
+        load = np.add.reduceat(sizes, b[:-1])
+        # each cut is within half a group of its quantile, or pushed to give a range of one
+        assert load.max() <= sizes.sum() / world + sizes.max()
+
+
+@pytest.mark.parametrize("formula, data, family, kw", [
+    (CBPP, "cbpp", "binomial", {"approx": "agq", "nagq": 5}),
+    (CBPP, "cbpp", "binomial", {"approx": "laplace"}),
+    (SLEEP, "sleepstudy", "gaussian", {"reml": False}),
+])
+def test_shards_add_up_to_the_whole_objective(formula: str, data: str, family: str,
+                                               kw: dict[str, Any]) -> None:
+    """Three shards at fixed parameters: per-group values in block order, and the sums of
+    values and gradients, equal the one-process objective (1e-10: the Newton searches stop on
+    a tolerance over the groups they hold, so the modes differ below 1e-10)."""
+    p = prepare(formula, datasets.load(data), family, **kw)
+    module = _module(p)
+    with torch.no_grad():
+        module.beta.copy_(torch.linspace(-1.0, 0.5, module.beta.numel(), dtype=torch.float64))
+        module.theta.mul_(0.7)
+        if module.log_sigma is not None:
+            module.log_sigma.fill_(3.0)
+    params = [module.beta, module.theta] + ([module.log_sigma] if module.log_sigma is not None
+                                           else [])
+
+    def value_and_grad(obj: Objective) -> tuple[torch.Tensor, np.ndarray]:
+        per = obj.per_block()
+        grads = torch.autograd.grad(per.sum(), params)
+        return per.detach(), torch.cat([g.reshape(-1) for g in grads]).numpy()
+
+    whole, g_whole = value_and_grad(Objective(p.problem, p.family, p.approximation, module))
+    shards = [Shard.of(p.problem.blocks, r, 3) for r in range(3)]
+    parts = [value_and_grad(Objective(p.problem, p.family, p.approximation, module, shard=s))
+             for s in shards]
+    assert sum(part[0].numel() for part in parts) == p.problem.blocks.n_blocks
+    assert sum(s.local(p.problem).y.numel() for s in shards) == p.problem.y.numel()
+    np.testing.assert_allclose(torch.cat([v for v, _ in parts]).numpy(), whole.numpy(),
+                               rtol=1e-10)
+    np.testing.assert_allclose(sum(g for _, g in parts), g_whole, rtol=1e-10, atol=1e-10)
+
+
+@contextlib.contextmanager
+def one_process_group() -> Iterator[None]:
+    """A gloo group of one process (this one), torn down afterwards."""
+    hook = sys.excepthook
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        sys.excepthook = hook
+
+
+def test_distributed_needs_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert not dist.is_initialized()
+    with pytest.raises(NGMMError, match="torchrun"):
+        ngmm(CBPP, datasets.load("cbpp"), "binomial", distributed=True)
+
+
+def test_one_process_group_gives_the_ordinary_fit_and_rejects_joint_blocks() -> None:
+    cbpp = datasets.load("cbpp")
+    single = ngmm(CBPP, cbpp, "binomial")
+    with one_process_group():
+        one = ngmm(CBPP, cbpp, "binomial", distributed=True)
+        with pytest.raises(NGMMError, match="2 grouping factors .crossed or nested."):
+            ngmm(CROSSED, crossed_data(), distributed=True, reml=False)
+        with pytest.raises(NGMMError, match="REML .* use reml=False"):
+            ngmm(SLEEP, datasets.load("sleepstudy"), distributed=True)
+    # the same computation; 1e-10 rather than bit for bit because BLAS kernels may take
+    # other code paths for other memory alignments (see model.matvec)
+    assert close(single.loglik, one.loglik, 1e-10)
+    assert close(single.fixef, one.fixef, 1e-10)
+    assert close(single.theta, one.theta, 1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# two processes launched by torchrun: ngmm(..., distributed=True) from torchrun's environment
+
+_JOB = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import torch.distributed as dist
+from ngmm_formula import Control, NGMMError, datasets, ngmm
+sys.path.insert(0, {tests!r})
+from test_distributed import (CBPP, CROSSED, NEURAL, NEURAL_CONTROL, SLEEP, crossed_data,
+                              neural_data)
+
+def record(fit):
+    return {{"loglik": fit.loglik, "fixef": fit.fixef.tolist(), "theta": fit.theta.tolist(),
+            "sigma": fit.sigma, "eta": fit.predict(type="link").tolist(),
+            "ranef": [f.to_numpy().ravel().tolist() for f in fit.ranef.values()],
+            "best_epoch": fit.history.best_epoch if fit.history else None}}
+
+out = {{"world": dist.get_world_size() if dist.is_initialized() else None}}
+out["cbpp"] = record(ngmm(CBPP, datasets.load("cbpp"), "binomial", distributed=True))
+out["world"] = dist.get_world_size()
+out["sleep"] = record(ngmm(SLEEP, datasets.load("sleepstudy"), reml=False, distributed=True))
+out["neural"] = record(ngmm(NEURAL, neural_data(), "binomial", seed=1, distributed=True,
+                            control=Control(**NEURAL_CONTROL)))
+try:
+    ngmm(CROSSED, crossed_data(), reml=False, distributed=True)
+except NGMMError as e:
+    out["crossed_error"] = str(e)
+with open(sys.argv[1] + "." + str(dist.get_rank()) + ".json", "w") as fh:
+    json.dump(out, fh)
+"""
+
+
+@pytest.fixture(scope="module")
+def torchrun(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    d = tmp_path_factory.mktemp("torchrun")
+    script = d / "job.py"
+    script.write_text(_JOB.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(d / "out")], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the workers it started
+        log, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s:\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    return [json.loads((d / f"out.{r}.json").read_text()) for r in range(2)]
+
+
+def test_torchrun_ranks_return_identical_results(torchrun: list[dict[str, Any]]) -> None:
+    assert torchrun[0]["world"] == 2
+    assert torchrun[0] == torchrun[1]
+
+
+@pytest.mark.parametrize("name, formula, data, kw", [
+    ("cbpp", CBPP, "cbpp", {"family": "binomial"}),
+    ("sleep", SLEEP, "sleepstudy", {"reml": False}),
+])
+def test_torchrun_glmm_equals_single_process(torchrun: list[dict[str, Any]], name: str,
+                                             formula: str, data: str,
+                                             kw: dict[str, Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = ngmm(formula, datasets.load(data), **kw)
+    got = torchrun[0][name]
+    assert close(single.loglik, got["loglik"], 1e-6)
+    assert close(single.fixef, got["fixef"], 1e-6)
+    assert close(single.theta, got["theta"], 1e-6)
+    assert close(single.sigma, got["sigma"], 1e-6)
+    # the conditional modes of every group, gathered from both processes
+    assert close(np.concatenate([f.to_numpy().ravel() for f in single.ranef.values()]),
+                 np.concatenate(got["ranef"]), 1e-6)
+
+
+def test_torchrun_ngmm_equals_single_process(torchrun: list[dict[str, Any]]) -> None:
+    single = ngmm(NEURAL, neural_data(), "binomial", seed=1,
+                  control=Control(**NEURAL_CONTROL))
+    got = torchrun[0]["neural"]
+    assert single.history is not None and got["best_epoch"] == single.history.best_epoch
+    assert close(single.loglik, got["loglik"], 1e-3)
+    assert close(single.fixef, got["fixef"], 1e-3)
+    assert close(single.theta, got["theta"], 1e-3)
+    assert close(single.predict(type="link"), got["eta"], 1e-3)  # networks included
+
+
+def test_torchrun_crossed_model_is_a_clear_error(torchrun: list[dict[str, Any]]) -> None:
+    msg = torchrun[0]["crossed_error"]
+    assert "one joint block" in msg and "crossed or nested" in msg and "distributed=False" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# fit_distributed: this process is rank 0, one worker process (forkserver)
+
+
+def test_fit_distributed_equals_single_process() -> None:
+    ticks = datasets.load("grouseticks")
+    formula = "TICKS ~ YEAR + HEIGHT + (1 | BROOD)"
+    single = ngmm(formula, ticks, "poisson")
+    hook = sys.excepthook
+    fit = fit_distributed(formula, ticks, "poisson", nprocs=2, timeout=120)
+    assert not dist.is_initialized() and sys.excepthook is hook  # nothing left behind
+    assert close(single.loglik, fit.loglik, 1e-6)
+    assert close(single.fixef, fit.fixef, 1e-6)
+    assert close(single.theta, fit.theta, 1e-6)
+    assert fit.refit is not None
+
+
+def test_fit_distributed_error_in_every_process_is_raised_without_hanging() -> None:
+    """Both processes raise the clear error of a crossed model; the worker is reaped."""
+    children = set(torch.multiprocessing.active_children())
+    with pytest.raises(NGMMError, match="one joint block"):
+        fit_distributed(CROSSED, crossed_data(), nprocs=2, reml=False, timeout=60)
+    assert set(torch.multiprocessing.active_children()) == children
+    assert not dist.is_initialized()
+
+
+def test_fit_distributed_bad_input() -> None:
+    cbpp = datasets.load("cbpp")
+    with pytest.raises(NGMMError, match="nprocs"):
+        fit_distributed(CBPP, cbpp, "binomial", nprocs=0)
+    with pytest.raises(NGMMError, match="distributed="):
+        fit_distributed(CBPP, cbpp, "binomial", distributed=False)
