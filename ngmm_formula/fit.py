@@ -230,7 +230,7 @@ def _evaluate(obj: Objective, x: np.ndarray) -> tuple[float, np.ndarray]:
     grads = torch.autograd.grad(ll, ps, allow_unused=True)
     g = np.concatenate([(gr if gr is not None else torch.zeros_like(p)).detach().cpu().numpy()
                         .ravel() for gr, p in zip(grads, ps)])
-    # summed over the processes of a distributed fit, so that all take the same steps
+    # the whole objective: summed over the processes of a distributed fit
     vg = obj.reduce(np.concatenate([[float(ll.detach())], g]))
     return float(vg[0]), vg[1:]
 
