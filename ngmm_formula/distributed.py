@@ -340,6 +340,9 @@ def shard_groups(problem: Problem, approx: Approximation, n_grouping_factors: in
                         f"joint block that cannot be split across processes: {why}. Fit "
                         f"this model in one process (distributed=False)")
     device = problem.y.device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        raise NGMMError("the process group uses the nccl backend, which communicates CUDA "
+                        "tensors: pass device='cuda' (or initialise the group with gloo)")
     return Shard.of(problem.blocks, dist.get_rank(), dist.get_world_size(),
                     _comm_device(device))
 
