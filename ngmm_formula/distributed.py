@@ -124,8 +124,10 @@ def connect(device: str = "cpu") -> str:
         dist.init_process_group("nccl" if cuda else "gloo")
         atexit.register(_destroy)
     if str(device) == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
-        device = f"cuda:{local}"
+        local = os.environ.get("LOCAL_RANK")
+        index = int(local) if local is not None else dist.get_rank() % max(
+            1, torch.cuda.device_count())
+        device = f"cuda:{index}"
         torch.cuda.set_device(device)
     return str(device)
 
@@ -411,7 +413,9 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     if "distributed" in options:
         raise NGMMError("fit_distributed always fits with distributed=True: drop the "
                         "distributed= argument")
-    if dist.is_available() and dist.is_initialized():
+    if not dist.is_available():
+        raise NGMMError("fit_distributed needs a PyTorch build with torch.distributed")
+    if dist.is_initialized():
         raise NGMMError("fit_distributed starts its own process group, but this process is "
                         "already in one: call ngmm(..., distributed=True) on every process "
                         "instead")
