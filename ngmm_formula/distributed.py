@@ -71,6 +71,7 @@ import torch.distributed as dist
 
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.conditional import Blocks, ConditionalMode
+from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.errors import NGMMError
 
 if TYPE_CHECKING:
@@ -271,10 +272,17 @@ class Shard:
         return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
 
     def gather_mode(self, mode: ConditionalMode) -> ConditionalMode:
-        """The conditional modes and Cholesky factors of every block; converged if all are."""
-        stats = self.all_sum(np.array([mode.iterations, 0.0 if mode.converged else 1.0]))
+        """The conditional modes and curvature factors of every block (detached; per-group
+        layouts have dense factors); converged if every process's search converged."""
+        if self.world_size == 1:
+            return mode
+        if not isinstance(mode.factor, DenseFactor):
+            raise NGMMError("only per-group (dense) factors are sharded across processes")
+        stats = self.all_sum(np.array([mode.iterations, 0.0 if mode.converged else 1.0,
+                                       0.0 if mode.factor.ok else 1.0]))
+        factor = DenseFactor(self.gather_blocks(mode.factor.chol.detach()), bool(stats[2] == 0))
         # iterations: the mean over processes (each searched its own blocks)
-        return ConditionalMode(v=self.gather_blocks(mode.v), chol=self.gather_blocks(mode.chol),
+        return ConditionalMode(v=self.gather_blocks(mode.v), factor=factor,
                                iterations=int(math.ceil(stats[0] / self.world_size)),
                                converged=bool(stats[1] == 0))
 
