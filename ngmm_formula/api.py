@@ -34,6 +34,7 @@ from ngmm_formula.fit import (
     Optimum,
     glm_start,
     optimise,
+    profiled,
     theta_start,
     torch_threads,
 )
@@ -186,14 +187,15 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
                           len(prepared.design.grouping_factors)) if distributed else None)
     module = _module(prepared)
     pr, fam = prepared.problem, prepared.family
-    glm_start(pr, fam, module)
-    if prepared.approximation.kind == "exact" and module.log_sigma is not None:
-        with torch.no_grad():  # lme4 starts at relative theta = 1, i.e. absolute sigma
-            module.theta.mul_(module.log_sigma.exp())
-    if shard is not None:  # rank 0's start for every process (the IRLS bits may differ)
-        shard.sync(module)
     obj = Objective(pr, fam, prepared.approximation, module, shard=shard)
-    theta_start(obj)
+    if not profiled(obj):  # lmer's profiled fit starts at relative theta = 1 and needs no more
+        glm_start(pr, fam, module)
+        if prepared.approximation.kind == "exact" and module.log_sigma is not None:
+            with torch.no_grad():  # lme4 starts at relative theta = 1, i.e. absolute sigma
+                module.theta.mul_(module.log_sigma.exp())
+        if shard is not None:  # rank 0's start for every process (the IRLS bits may differ)
+            shard.sync(module)
+        theta_start(obj)
     history = None
     net_offset = None
     if module.nets:
@@ -274,7 +276,9 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
                  else np.zeros((0, 0)))
     else:
         beta_s = module.beta.detach().numpy().copy()
-        if exact:
+        if opt.cov_beta is not None:
+            cov_s = opt.cov_beta
+        elif exact:
             cov_s = _inv(-H[:k_beta, :k_beta])
         else:
             cov_s = _inv(-H)[:k_beta, :k_beta]

@@ -16,10 +16,11 @@ also the Hessian used for standard errors (as lme4 does for ``glmer``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.optimize
@@ -28,6 +29,8 @@ import torch
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.adaptive import log_marginal
 from ngmm_formula.approx.conditional import ConditionalMode, find_mode
+from ngmm_formula.approx.profiled import ProfiledLMM
+from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import LinearPredictor, Problem
 
@@ -96,8 +99,6 @@ class Control:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        from ngmm_formula.errors import NGMMError
-
         checks = [
             ("max_iter", self.max_iter >= 1), ("epochs", self.epochs >= 1),
             ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
@@ -215,6 +216,9 @@ def _set(module: LinearPredictor, x: np.ndarray) -> None:
             i += k
 
 
+ValueAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
+
+
 def _value_and_grad(obj: Objective, x: np.ndarray) -> tuple[float, np.ndarray]:
     """Log-likelihood and its gradient at ``x``."""
     if obj.shard is not None:
@@ -235,7 +239,8 @@ def _evaluate(obj: Objective, x: np.ndarray) -> tuple[float, np.ndarray]:
     return float(vg[0]), vg[1:]
 
 
-def fd_hessian(obj: Objective, x: np.ndarray, rel_step: float = 1e-4) -> np.ndarray:
+def fd_hessian(value_and_grad: ValueAndGrad, x: np.ndarray, rel_step: float = 1e-4
+               ) -> np.ndarray:
     """Hessian of the log-likelihood by central differences of the exact gradient."""
     k = x.size
     H = np.empty((k, k))
@@ -244,8 +249,7 @@ def fd_hessian(obj: Objective, x: np.ndarray, rel_step: float = 1e-4) -> np.ndar
         xp, xm = x.copy(), x.copy()
         xp[j] += h
         xm[j] -= h
-        H[:, j] = (_value_and_grad(obj, xp)[1] - _value_and_grad(obj, xm)[1]) / (2 * h)
-    _set(obj.module, x)
+        H[:, j] = (value_and_grad(xp)[1] - value_and_grad(xm)[1]) / (2 * h)
     return 0.5 * (H + H.T)
 
 
@@ -255,7 +259,14 @@ def fd_hessian(obj: Objective, x: np.ndarray, rel_step: float = 1e-4) -> np.ndar
 
 @dataclass(frozen=True)
 class Optimum:
-    """What the optimiser found (flat vectors follow :func:`_params`' order)."""
+    """What the optimiser found.
+
+    The flat vectors follow :func:`_params`' order (beta unless REML, theta, log_sigma), or,
+    for a linear Gaussian model fitted by its profiled objective (``profiled``), are lme4's
+    relative theta alone: ``gradient`` and ``hessian`` are then those of the profiled
+    log-likelihood, and ``cov_beta`` is the covariance of the standardised fixed effects,
+    :math:`\\hat\\sigma^2 (R_X^\\top R_X)^{-1}` (None otherwise: it comes from ``hessian``).
+    """
 
     x: np.ndarray
     loglik: float
@@ -266,6 +277,8 @@ class Optimum:
     message: str
     converged: bool
     hessian_pd: bool
+    profiled: bool = False
+    cov_beta: np.ndarray | None = None
 
 
 def glm_start(problem: Problem, family: Family, module: LinearPredictor,
@@ -328,6 +341,9 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
             module.log_sigma.fill_(float(res.x) if np.isfinite(res.fun) else float(ls0))
 
 
+_BLAS: list[Any] = []  # threadpoolctl's controller, found once (scanning the libraries: ~1 ms)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run a fit with ``threads`` intra-op threads (default 1), restoring the setting after.
@@ -337,14 +353,16 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     machine they gain at most 2x on the largest operations. One thread (for torch and for
     the BLAS of numpy/scipy) is the robust default; ``Control(threads=...)`` asks for more.
     """
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController())
     before = torch.get_num_threads()
     torch.set_num_threads(threads or 1)
     try:
         # the same for numpy's and scipy's BLAS: multi-threaded OpenBLAS made each L-BFGS-B
         # iteration 20-80x slower on these tiny vectors
-        with threadpool_limits(limits=threads or 1, user_api="blas"):
+        with _BLAS[0].limit(limits=threads or 1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(before)
@@ -372,26 +390,86 @@ def theta_start(obj: Objective, scales: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03
     obj.mode = None
 
 
+def profiled(obj: Objective) -> bool:
+    """Whether ``obj`` is fitted through lmer's profiled objective: an exact Gaussian integral
+    (identity link) with a linear predictor free of networks, in one process (a distributed
+    fit's shard holds part of the groups; see :mod:`~ngmm_formula.approx.profiled`)."""
+    return (obj.approx.kind == "exact" and not obj.module.nets and not obj.problem.net_X
+            and obj.shard is None)
+
+
 def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
              newton_steps: int = 8) -> Optimum:
     """Maximise the objective over beta, theta and log_sigma (float64).
+
+    Linear Gaussian models (:func:`profiled`) are fitted as ``lmer`` fits them: over lme4's
+    relative theta alone, with beta and sigma profiled out; the module is then set to the
+    profiled solution. Every other model: over all of :func:`_params` jointly.
 
     In a distributed fit (``obj.shard``) rank 0 runs the optimiser and the other processes
     evaluate their groups wherever it asks, then receive its :class:`Optimum`: L-BFGS-B's last
     bits vary with memory alignment, so identical optimisers in several processes would drift
     apart by a few ulps and could stop at different iterations.
     """
+    if profiled(obj):
+        return _optimise_profiled(obj, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps)
     x0 = _get(obj.module)
     if obj.shard is not None and obj.shard.rank > 0:
         opt: Optimum = obj.shard.follow(x0.size, lambda x: _evaluate(obj, x))
         _set(obj.module, opt.x)
         return opt
+
+    def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        return _value_and_grad(obj, x)
+
+    opt = _maximise(value_and_grad, x0, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps)
+    # the module (and, in a distributed fit, every process) at the optimum
+    value, grad = _value_and_grad(obj, opt.x)
+    opt = dataclasses.replace(opt, loglik=value, gradient=grad,
+                              evaluations=opt.evaluations + 1)
+    if obj.shard is not None:
+        obj.shard.finish(x0.size, opt)
+    return opt
+
+
+def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_steps: int
+                       ) -> Optimum:
+    r"""lmer's fit: maximise the profiled log-likelihood :math:`\tilde\ell(\theta)` over
+    the relative theta (started from the module's ``theta / sigma``), then set beta, theta
+    (absolute: :math:`\hat\sigma\theta`) and log_sigma to the profiled solution."""
+    prof = ProfiledLMM.of(obj.problem)
+    m = obj.module
+    sigma0 = float(m.log_sigma.detach().exp()) if m.log_sigma is not None else 1.0
+    theta0 = m.theta.detach().cpu().numpy() / sigma0
+    value_and_grad = prof.value_and_grad
+    opt = _maximise(value_and_grad, theta0, max_iter=max_iter, gtol=gtol,
+                    newton_steps=newton_steps)
+    sol = prof.solve(opt.x)
+    with torch.no_grad():
+        m.theta.copy_(torch.as_tensor(opt.x * sol.sigma))
+        if m.log_sigma is not None:
+            m.log_sigma.fill_(math.log(sol.sigma))
+        if not obj.problem.reml and obj.problem.p:
+            m.beta.copy_(torch.as_tensor(sol.beta))
+    obj.mode = None
+    return dataclasses.replace(opt, profiled=True, cov_beta=sol.cov_beta)
+
+
+def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gtol: float,
+              newton_steps: int) -> Optimum:
+    """L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
+
+    Newton polishing is the chord method: the finite-difference Hessian at the L-BFGS point
+    is reused and every step must improve; a fresh Hessian at the final point is the one
+    reported. Convergence as lme4's ``check.conv.grad``: the gradient scaled by the Cholesky
+    factor of the Hessian, max(min(|scaled|, |raw|)) < 0.002.
+    """
     n_eval = 0
 
     def f(x: np.ndarray) -> tuple[float, np.ndarray]:
         nonlocal n_eval
         n_eval += 1
-        v, g = _value_and_grad(obj, x)
+        v, g = value_and_grad(x)
         if not math.isfinite(v):
             return 1e300, np.zeros_like(x)
         return -v, -g
@@ -402,10 +480,9 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
                  "maxls": 50},
     )
     x = res.x
-    value, grad = _value_and_grad(obj, x)
-    H = fd_hessian(obj, x)
-    # Newton polishing (chord method: the finite-difference Hessian is reused; each step must
-    # improve), then a fresh Hessian at the final point for the standard errors
+    value, grad = value_and_grad(x)
+    H = fd_hessian(value_and_grad, x)
+    n_eval += 1 + 2 * x.size
     moved = False
     for _ in range(newton_steps):
         if np.abs(grad).max() < gtol:
@@ -417,7 +494,7 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
         t = 1.0
         improved = False
         for _ in range(20):
-            v_new, g_new = _value_and_grad(obj, x + t * step)
+            v_new, g_new = value_and_grad(x + t * step)
             n_eval += 1
             if v_new >= value - 1e-12 * abs(value):
                 x, value, grad = x + t * step, v_new, g_new
@@ -427,22 +504,16 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
         if not improved:
             break
     if moved:
-        H = fd_hessian(obj, x)
-    _set(obj.module, x)
-    value, grad = _value_and_grad(obj, x)
+        H = fd_hessian(value_and_grad, x)
+        n_eval += 2 * x.size
     eig = np.linalg.eigvalsh(-H) if H.size else np.array([1.0])
     hessian_pd = bool(eig.min() > 0)
-    # lme4's check.conv.grad: the gradient scaled by the Cholesky factor of the Hessian,
-    # max(min(|scaled|, |raw|)) < 0.002
     scaled = np.abs(grad)
     if hessian_pd:
         scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), grad))
     max_grad = float(np.max(np.minimum(scaled, np.abs(grad)))) if grad.size else 0.0
-    opt = Optimum(
+    return Optimum(
         x=x, loglik=value, gradient=grad, hessian=H, iterations=int(res.nit),
         evaluations=n_eval, message=str(res.message), converged=max_grad < 0.002,
         hessian_pd=hessian_pd,
     )
-    if obj.shard is not None:
-        obj.shard.finish(x0.size, opt)
-    return opt
