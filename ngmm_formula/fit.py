@@ -10,7 +10,11 @@ as the warm start of the next.
 scale, ``theta``, ``log_sigma``) in float64, started from a GLM fit; L-BFGS (scipy's
 L-BFGS-B, whose line search satisfies the strong Wolfe conditions) until the gradient is small,
 then Newton steps with the Hessian from central differences of the exact gradient, which is
-also the Hessian used for standard errors (as lme4 does for ``glmer``).
+also the Hessian used for standard errors (as lme4 does for ``glmer``). A linear Gaussian
+model (exact integral, no networks) is fitted as ``lmer`` fits it: the same optimiser over
+lme4's relative theta alone, on the profiled objective of
+:mod:`~ngmm_formula.approx.profiled` (beta and sigma in closed form given theta, standard
+errors of beta from the same factorisation).
 """
 
 from __future__ import annotations

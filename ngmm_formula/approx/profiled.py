@@ -204,7 +204,7 @@ class ProfiledLMM:
             # P = Z'W X per block: scatter w_i Z_is X_ij into (block, pos(i, s), j)
             P = Zs.new_zeros(nb * D, p).index_add(
                 0, blocks.flat_index().reshape(-1),
-                ((w[:, None] * Zs)[:, :, None] * Xs[:, None, :]).reshape(-1, p))
+                ((w[:, None] * Zs)[:, :, None] * Xs[:, None, :]).reshape(Zs.numel(), p))
             const = -float(torch.log(w).sum())
             if problem.reml:
                 const -= 2.0 * problem.standardisation.log_abs_det

@@ -1,0 +1,209 @@
+"""lmer's profiled objective (:mod:`ngmm_formula.approx.profiled`).
+
+* Values: ``-2 * value`` against lme4's ``devfun(theta)`` recorded by
+  ``tests/reference/make_refs.R`` at each fit's optimum and at a perturbed theta, and
+  ``beta_hat(theta)``, ``sigma_hat(theta)`` against the recorded ones. Both sides evaluate the
+  same closed form, so the tolerance is round-off: 1e-10 relative (measured: below 1e-14).
+* Gradient: against central differences (1e-6 relative: the differences' truncation error at
+  a step of 1e-5 on functions whose third derivatives are O(1)) and, independently, against
+  autograd of the full objective (:class:`~ngmm_formula.fit.Objective`) at
+  :math:`(\\hat\\beta(\\theta), \\hat\\sigma(\\theta))`, where by the envelope theorem
+  :math:`\\partial\\tilde\\ell/\\partial\\theta = \\hat\\sigma\\,
+  \\partial\\ell/\\partial\\theta_{\\text{abs}}` (1e-8 relative: two exact computations).
+* The profiled value equals the full objective at the profiled solution on data with prior
+  weights (some zero), an offset, two terms of one factor and no fixed effects.
+* ``vcov`` of a profiled ML fit equals the inverse of minus the autograd Hessian of the full
+  objective in beta (lmer's :math:`\\sigma^2 (X^\\top V^{-1} X)^{-1}`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ngmm_formula import ngmm
+from ngmm_formula.api import Prepared, prepare
+from ngmm_formula.approx.profiled import ProfiledLMM
+from ngmm_formula.fit import Objective
+from ngmm_formula.model import LinearPredictor
+from tests.references import REFS, dataset
+
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+LMER = [
+    # lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = TRUE) / REML = FALSE
+    ("sleep_reml", "sleepstudy", SLEEP, True),
+    ("sleep_ml", "sleepstudy", SLEEP, False),
+    # lmer(Reaction ~ Days + (Days || Subject), sleepstudy, REML = FALSE)
+    ("sleep_uncorr_ml", "sleepstudy", "Reaction ~ Days + (Days || Subject)", False),
+    # lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = TRUE)
+    ("penicillin_reml", "Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True),
+    # lmer(strength ~ 1 + (1 | batch/cask), Pastes, REML = TRUE)
+    ("pastes_reml", "Pastes", "strength ~ 1 + (1 | batch/cask)", True),
+    # lmer(Yield ~ 1 + (1 | Batch), Dyestuff, REML = TRUE) / REML = FALSE
+    ("dyestuff_reml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", True),
+    ("dyestuff_ml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", False),
+]
+IDS = [c[0] for c in LMER]
+_PREPARED: dict[tuple[Any, ...], Prepared] = {}
+
+
+def prepared(data: str | pd.DataFrame, formula: str, **kw: Any) -> Prepared:
+    if not isinstance(data, str):
+        return prepare(formula, data, **kw)
+    key = (data, formula, tuple(sorted(kw.items())))
+    if key not in _PREPARED:
+        _PREPARED[key] = prepare(formula, dataset(data), **kw)
+    return _PREPARED[key]
+
+
+def values(named: dict[str, float]) -> np.ndarray:
+    return np.array(list(named.values()), dtype=float)
+
+
+@pytest.mark.parametrize("point", ["optimum", "perturbed"])
+@pytest.mark.parametrize(("ref_id", "data", "formula", "reml"), LMER, ids=IDS)
+def test_devfun_and_profiled_estimates_match_lme4(ref_id: str, data: str, formula: str,
+                                                  reml: bool, point: str) -> None:
+    rec = REFS[ref_id]["devfun"][point]
+    p = prepared(data, formula, reml=reml)
+    prof = ProfiledLMM.of(p.problem)
+    theta = values(rec["theta"])
+    value, _ = prof.value_and_grad(theta)
+    # R: dd <- update(fit, devFunOnly = TRUE); dd(theta)
+    assert -2 * value == pytest.approx(rec["value"], rel=1e-10)
+    sol = prof.solve(theta)
+    assert sol.loglik == pytest.approx(value, rel=1e-14)
+    # R: environment(dd)$pp$beta(1), sigma from the profiled pwrss (make_refs.R)
+    assert sol.sigma == pytest.approx(rec["sigma_hat"], rel=1e-10)
+    beta = p.problem.standardisation.A @ sol.beta
+    if "beta_hat" in rec:
+        np.testing.assert_allclose(beta, values(rec["beta_hat"]), rtol=1e-10)
+
+
+@pytest.mark.parametrize(("ref_id", "data", "formula", "reml"), LMER, ids=IDS)
+def test_block_layout(ref_id: str, data: str, formula: str, reml: bool) -> None:
+    """One block per group with one grouping factor (REML too); crossed and nested factors
+    keep one joint block of all random effects (and no REML coordinates)."""
+    p = prepared(data, formula, reml=reml)
+    prof = ProfiledLMM.of(p.problem)
+    n_levels = p.problem.n_levels
+    if len(p.design.grouping_factors) == 1:
+        assert prof.per_group
+        assert (prof.n_blocks, prof.dim) == (n_levels[0], sum(p.problem.q))
+    else:
+        assert not prof.per_group
+        assert (prof.n_blocks, prof.dim) == (1, sum(q * m for q, m in zip(p.problem.q,
+                                                                           n_levels)))
+    assert prof.M.shape == (prof.n_blocks, prof.dim, prof.dim)
+    assert prof.P.shape == (prof.n_blocks, prof.dim, p.problem.p)
+
+
+def _objective_gradient(p: Prepared, prof: ProfiledLMM, theta: np.ndarray
+                        ) -> tuple[float, np.ndarray]:
+    """The full objective and sigma-hat x its autograd gradient in the absolute theta, at
+    (beta_hat(theta), sigma_hat(theta))."""
+    sol = prof.solve(theta)
+    module = LinearPredictor(p.problem, True)
+    with torch.no_grad():
+        module.theta.copy_(torch.as_tensor(theta * sol.sigma))
+        module.log_sigma.fill_(float(np.log(sol.sigma)))
+        if not p.problem.reml and p.problem.p:
+            module.beta.copy_(torch.as_tensor(sol.beta))
+    ll = Objective(p.problem, p.family, p.approximation, module)()
+    (g,) = torch.autograd.grad(ll, module.theta)
+    return float(ll.detach()), sol.sigma * g.numpy()
+
+
+@pytest.mark.parametrize(("ref_id", "data", "formula", "reml"), LMER, ids=IDS)
+def test_gradient(ref_id: str, data: str, formula: str, reml: bool) -> None:
+    theta = values(REFS[ref_id]["devfun"]["perturbed"]["theta"])
+    p = prepared(data, formula, reml=reml)
+    prof = ProfiledLMM.of(p.problem)
+    value, grad = prof.value_and_grad(theta)
+    h = 1e-5
+    fd = np.array([(prof.value_and_grad(theta + h * e)[0]
+                    - prof.value_and_grad(theta - h * e)[0]) / (2 * h)
+                   for e in np.eye(theta.size)])
+    scale = np.abs(grad).max()
+    np.testing.assert_allclose(grad, fd, rtol=0, atol=1e-6 * scale)
+    full, g_full = _objective_gradient(p, prof, theta)
+    assert full == pytest.approx(value, rel=1e-12)
+    np.testing.assert_allclose(grad, g_full, rtol=0, atol=1e-8 * scale)
+
+
+def _weighted_data() -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    n, G = 240, 12
+    g = rng.integers(0, G, n)
+    x = rng.normal(size=n)
+    b0, b1 = rng.normal(0, 1.5, G), rng.normal(0, 0.7, G)
+    w = rng.uniform(0.5, 2.0, n)
+    w[:5] = 0.0
+    off = rng.normal(0, 0.3, n)
+    y = 100.0 + 2.0 * x + b0[g] + b1[g] * x + off + rng.normal(size=n) / np.sqrt(
+        np.where(w > 0, w, 1.0))
+    return pd.DataFrame({"y": y, "x": x, "g": pd.Categorical(g), "w": w, "off": off})
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("formula", ["y ~ x + (1 | g) + (0 + x | g)", "y ~ x + (x | g)",
+                                     "y ~ 0 + (1 | g)"])
+def test_weights_offset_and_layouts_match_the_full_objective(formula: str, reml: bool) -> None:
+    """Prior weights (five of them zero), an offset, two terms of one factor (a block-diagonal
+    Lambda) and a model without fixed effects: the profiled value and gradient equal those of
+    the full objective at the profiled solution."""
+    p = prepared(_weighted_data(), formula, reml=reml, weights="w", offset="off")
+    prof = ProfiledLMM.of(p.problem)
+    assert prof.n == 235  # zero weights drop out
+    theta = np.full(p.problem.n_theta, 0.8)
+    theta[1:] *= 0.5 if "(x | g)" in formula else 1.0
+    value, grad = prof.value_and_grad(theta)
+    full, g_full = _objective_gradient(p, prof, theta)
+    assert value == pytest.approx(full, rel=1e-12)
+    np.testing.assert_allclose(grad, g_full, rtol=0, atol=1e-8 * np.abs(grad).max())
+
+
+def test_vcov_of_an_ml_fit_is_the_inverse_hessian_in_beta() -> None:
+    """lmer's vcov, sigma^2 (R_X' R_X)^{-1}, is the inverse of minus the Hessian of the full
+    log-likelihood in beta at the fitted (theta, sigma) (1e-8 relative: both exact)."""
+    fit = ngmm(SLEEP, dataset("sleepstudy"), reml=False)
+    p = prepared("sleepstudy", SLEEP, reml=False)
+    module = LinearPredictor(p.problem, True)
+    A = p.problem.standardisation.A
+    with torch.no_grad():
+        module.theta.copy_(torch.as_tensor(fit.theta.to_numpy() * fit.sigma))
+        module.log_sigma.fill_(float(np.log(fit.sigma)))
+    obj = Objective(p.problem, p.family, p.approximation, module)
+    beta_s = torch.as_tensor(np.linalg.solve(A, fit.fixef.to_numpy()))
+    H = torch.autograd.functional.hessian(lambda b: _obj_at_beta(obj, b), beta_s).numpy()
+    cov = A @ np.linalg.inv(-H) @ A.T
+    np.testing.assert_allclose(fit.vcov.to_numpy(), cov, rtol=1e-8)
+
+
+def _obj_at_beta(obj: Objective, beta_s: torch.Tensor) -> torch.Tensor:
+    """The objective as a function of beta_s (the module's beta replaced by ``beta_s``)."""
+    m = obj.module
+    saved = m.beta
+    try:
+        del m.beta
+        m.beta = beta_s  # type: ignore[assignment]
+        return obj()
+    finally:
+        del m.beta
+        m.beta = saved
+
+
+def test_fit_reports_the_profiled_solution() -> None:
+    """A profiled fit's reported log-likelihood is the full objective's (not recomputed
+    differently) and equals the profiled maximum; theta is lme4's relative one."""
+    fit = ngmm(SLEEP, dataset("sleepstudy"), reml=True)
+    p = prepared("sleepstudy", SLEEP, reml=True)
+    prof = ProfiledLMM.of(p.problem)
+    value, grad = prof.value_and_grad(fit.theta.to_numpy())
+    assert fit.loglik == pytest.approx(value, rel=1e-12)
+    assert np.abs(grad).max() < 1e-4
+    assert fit.sigma == pytest.approx(prof.solve(fit.theta.to_numpy()).sigma, rel=1e-12)
