@@ -33,7 +33,7 @@ import torch
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.adaptive import log_marginal
 from ngmm_formula.approx.conditional import ConditionalMode, find_mode
-from ngmm_formula.approx.profiled import ProfiledLMM
+from ngmm_formula.approx.profiled import ProfiledLMM, use_profiled
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import LinearPredictor, Problem
@@ -397,9 +397,10 @@ def theta_start(obj: Objective, scales: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03
 def profiled(obj: Objective) -> bool:
     """Whether ``obj`` is fitted through lmer's profiled objective: an exact Gaussian integral
     (identity link) with a linear predictor free of networks, in one process (a distributed
-    fit's shard holds part of the groups; see :mod:`~ngmm_formula.approx.profiled`)."""
+    fit's shard holds part of the groups), in a layout where it is the cheaper route
+    (:func:`~ngmm_formula.approx.profiled.use_profiled`)."""
     return (obj.approx.kind == "exact" and not obj.module.nets and not obj.problem.net_X
-            and obj.shard is None)
+            and obj.shard is None and use_profiled(obj.problem))
 
 
 def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,

@@ -55,7 +55,9 @@ Block layout. With one grouping factor the :math:`u` of different groups are ind
 group (:math:`D = \sum_k q_k`), also under REML (whose full-likelihood layout in
 :mod:`~ngmm_formula.model` is one joint block holding :math:`\beta`); :math:`\beta` enters
 through the Schur complement :math:`R_X^\top R_X = X^\top W X - \sum_b R_{ZX,b}^\top R_{ZX,b}`.
-Crossed or nested factors keep the problem's single joint block of all :math:`u`.
+Crossed or nested factors keep the problem's single joint block of all :math:`u`, dense:
+:func:`use_profiled` sends the large ones (those with a block-elimination split) to the full
+objective instead.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.model import Problem
 
-__all__ = ["PLSSolution", "ProfiledLMM"]
+__all__ = ["PLSSolution", "ProfiledLMM", "use_profiled"]
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,21 @@ def _log_det_and_inverse(H: np.ndarray) -> tuple[float, np.ndarray]:
     inv = np.tril(inv)
     inv = inv + np.tril(inv, -1).T
     return log_det, inv[None]
+
+
+def use_profiled(problem: Problem) -> bool:
+    """Whether the profiled objective is the cheaper route for ``problem``'s layout.
+
+    Yes with one grouping factor (blocks of :math:`D = \\sum_k q_k`, also under REML) and
+    for joint blocks that :mod:`~ngmm_formula.model` factorises densely anyway
+    (``blocks.split`` is None: small, or no block elimination pays); no for joint blocks
+    with a split, whose full objective uses the block elimination of
+    :class:`~ngmm_formula.approx.factor.SchurFactor` where this module would factorise
+    the whole dense :math:`L_\\theta` at every evaluation (InstEval: 4,100 coordinates).
+    """
+    if problem.blocks.split is None:
+        return True
+    return _u_layout(problem)[2]
 
 
 def _u_layout(problem: Problem) -> tuple[Blocks, tuple[_Term, ...], bool]:

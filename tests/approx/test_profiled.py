@@ -232,3 +232,29 @@ def test_profiled_fit_matches_lmer_tightly(ref_id: str, data: str, formula: str,
     np.testing.assert_allclose(np.sqrt(np.diag(fit.vcov.to_numpy())), values(ref["se"]),
                                rtol=1e-5)
     assert fit.diagnostics.converged and fit.diagnostics.hessian_pd
+
+
+def test_large_crossed_blocks_keep_the_block_elimination() -> None:
+    """The profiled route is taken with one grouping factor (any size, REML too) and for
+    small crossed blocks; a crossed block large enough for the block elimination of
+    approx/factor.py (190 coordinates, 40 outside the largest factor) keeps the full
+    objective, which does not factorise the whole dense joint block."""
+    from ngmm_formula.approx.profiled import use_profiled
+    from ngmm_formula.fit import profiled
+
+    rng = np.random.default_rng(11)
+    n = 1500
+    g, h = rng.integers(0, 150, n), rng.integers(0, 40, n)
+    d = pd.DataFrame({"y": rng.normal(size=n) + rng.normal(size=150)[g] + rng.normal(size=40)[h],
+                      "g": pd.Categorical(g), "h": pd.Categorical(h)})
+    crossed = prepare("y ~ 1 + (1 | g) + (1 | h)", d, reml=True)
+    assert crossed.problem.blocks.split is not None
+    assert not use_profiled(crossed.problem)
+    module = LinearPredictor(crossed.problem, True)
+    assert not profiled(Objective(crossed.problem, crossed.family, crossed.approximation,
+                                  module))
+    one_factor = prepare("y ~ 1 + (1 | g)", d, reml=True)  # a joint REML block of 151
+    assert one_factor.problem.blocks.split is not None
+    assert use_profiled(one_factor.problem)
+    for ref_id, data, formula, reml in LMER:
+        assert use_profiled(prepared(data, formula, reml=reml).problem), ref_id
