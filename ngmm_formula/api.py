@@ -18,6 +18,7 @@ import torch
 
 from ngmm_formula.approx import Approximation, choose_approximation
 from ngmm_formula.approx.factor import Factor
+from ngmm_formula.approx.variational import VariationalFit, VariationalObjective, fit_variational
 from ngmm_formula.design import Design, build_design, tril_pairs
 from ngmm_formula.distributed import Shard, connect, shard_groups
 from ngmm_formula.errors import (
@@ -176,12 +177,26 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
           offset: Any, reml: bool | None, control: Control, seed: int, device: str,
           distributed: bool = False) -> NGMMResult:
     torch.manual_seed(seed)
+    if distributed and approx == "variational":
+        raise NGMMError("distributed=True is not available with approx='variational' (its "
+                        "minibatches already bound the memory of one process)")
     if distributed:
         device = connect(device)
     data_name = getattr(data, "attrs", {}).get("name") if isinstance(data, pd.DataFrame) else None
     prepared = prepare(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                        points=points, weights=weights, offset=offset, reml=reml,
                        control=control, device=device)
+
+    def refit(**kw: Any) -> NGMMResult:
+        args = dict(approx=approx, nagq=nagq, truncation=truncation, points=points,
+                    weights=weights, offset=offset, reml=reml, control=control, seed=seed,
+                    device=device, distributed=distributed)
+        args.update(kw)
+        return ngmm(formula, data, family, **args)  # type: ignore[arg-type]
+
+    if prepared.approximation.kind == "variational":
+        return _ngmm_variational(prepared, control, seed, formula=formula,
+                                 data_name=data_name, refit=refit)
     # this process's range of groups in a distributed fit (None: all groups, one process)
     shard = (shard_groups(prepared.problem, prepared.approximation,
                           len(prepared.design.grouping_factors)) if distributed else None)
@@ -205,14 +220,6 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
         optimise(obj, max_iter=control.max_iter, gtol=1e-10)
         history, obj, net_offset = _train(prepared, module, control, seed, shard)
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)
-
-    def refit(**kw: Any) -> NGMMResult:
-        args = dict(approx=approx, nagq=nagq, truncation=truncation, points=points,
-                    weights=weights, offset=offset, reml=reml, control=control, seed=seed,
-                    device=device, distributed=distributed)
-        args.update(kw)
-        return ngmm(formula, data, family, **args)  # type: ignore[arg-type]
-
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
                        refit=refit, nets=_nets(module), net_offset=net_offset,
                        history=history)
@@ -231,6 +238,17 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
              else pr.blocks.block_of_obs.cpu().numpy())
     history = train_networks(pr, prepared.family, approx, module, np.asarray(split),
                              control, seed, shard)
+    linear, lin_module, net_out = _freeze_networks(prepared, module)
+    return (history, Objective(linear, prepared.family, approx, lin_module, shard=shard),
+            net_out)
+
+
+def _freeze_networks(prepared: Prepared, module: LinearPredictor
+                     ) -> tuple[Problem, LinearPredictor, torch.Tensor]:
+    """Centre the trained networks (the intercept absorbs the shift), freeze them, and return
+    the problem with their outputs as offset, a linear module with the same parameters and
+    the outputs."""
+    pr, design = prepared.problem, prepared.design
     intercept = [j for j, n in enumerate(design.fixed_names) if n == "(Intercept)"]
     with torch.no_grad():
         for net, x in zip(_nets(module), pr.net_X):
@@ -247,8 +265,110 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
         lin_module.theta.copy_(module.theta)
         if module.log_sigma is not None and lin_module.log_sigma is not None:
             lin_module.log_sigma.copy_(module.log_sigma)
-    return (history, Objective(linear, prepared.family, approx, lin_module, shard=shard),
-            net_out)
+    return linear, lin_module, net_out
+
+
+def _ngmm_variational(prepared: Prepared, control: Control, seed: int, *, formula: str,
+                      data_name: str | None, refit: Any) -> NGMMResult:
+    """``approx="variational"``: maximise the evidence lower bound
+    (:func:`~ngmm_formula.approx.variational.fit_variational`) from the GLM start."""
+    module = _module(prepared)
+    pr, fam = prepared.problem, prepared.family
+    glm_start(pr, fam, module)
+
+    def freeze(obj: VariationalObjective) -> VariationalObjective:
+        linear, lin_module, _ = _freeze_networks(prepared, module)
+        return VariationalObjective(linear, fam, lin_module, obj.params)
+
+    obj, vfit = fit_variational(pr, fam, module, control, seed, on_trained=freeze)
+    net_offset = obj.problem.offset - pr.offset if module.nets else None
+    return variational_result(prepared, obj, vfit, control, formula=formula,
+                              data_name=data_name, refit=refit, nets=_nets(module),
+                              net_offset=net_offset)
+
+
+def variational_result(prepared: Prepared, obj: VariationalObjective, vfit: VariationalFit,
+                       control: Control, *, formula: str, data_name: str | None, refit: Any,
+                       nets: tuple[MLP, ...] = (), net_offset: torch.Tensor | None = None
+                       ) -> NGMMResult:
+    r"""An :class:`NGMMResult` from a variational fit (warns once).
+
+    ``loglik`` is the ELBO (a lower bound; AIC, BIC and the deviance follow from it);
+    ``ranef`` holds the variational means :math:`\Lambda m_l` with ``postVar``
+    :math:`\Lambda S_l \Lambda^\top`; ``vcov`` is the inverse of the negative Hessian of
+    the ELBO profiled over the variational parameters (NaN after a minibatch fit, where it is
+    not computed).
+    """
+    design, fam, approx, pr = (prepared.design, prepared.family, prepared.approximation,
+                               prepared.problem)
+    module, params = obj.module, obj.params
+    A = pr.standardisation.A
+    sigma = float(module.log_sigma.detach().exp()) if module.log_sigma is not None else 1.0
+    H = vfit.hessian
+    beta_s = module.beta.detach().numpy().copy()
+    cov_s = (_inv(-H)[:pr.p, :pr.p] if np.isfinite(H).all()
+             else np.full((pr.p, pr.p), np.nan))
+    beta = matvec(A, beta_s)
+    names = list(design.fixed_names)
+    fixef = pd.Series(beta, index=names, name="Estimate")
+    vcov = pd.DataFrame(A @ cov_s @ A.T, index=names, columns=names)
+
+    L_fit = [L.numpy() for L in lambda_blocks(module.theta.detach(), pr.q)]
+    # b = Lambda m is unchanged by the sign of a column of Lambda (u's sign flips with it)
+    with torch.no_grad():
+        coefs = [params.mean[k].numpy() @ L.T for k, L in enumerate(L_fit)]
+        condvar = []
+        for k, L in enumerate(L_fit):
+            R = params.chol(k).numpy()
+            LR = np.einsum("ij,gjk->gik", L, R)
+            condvar.append(LR @ np.transpose(LR, (0, 2, 1)))
+    Ls = [L * np.where(np.diag(L) < 0, -1.0, 1.0)[None, :] for L in L_fit]
+    theta = pd.Series([L[i, j] for L in Ls for i, j in tril_pairs(L.shape[0])],
+                      index=design.theta_names, name="theta")
+    varcorr = _varcorr(design, Ls, sigma if fam.name in ("gaussian", "gamma") else None)
+    ranef = _ranef_frames(design, coefs, condvar)
+
+    eta = design.offset + matvec(design.X, beta)
+    if net_offset is not None:
+        eta = eta + net_offset.cpu().numpy()
+    for t, b in zip(design.re_terms, coefs):
+        eta = eta + (t.Zraw * b[t.group_index]).sum(1)
+
+    singular = _is_singular(Ls, 1.0, control.singular_tol)
+    hessian_pd = bool(np.isfinite(H).all() and (H.size == 0
+                                                or np.linalg.eigvalsh(-H).min() > 0))
+    grad = vfit.gradient
+    max_grad = float(np.max(np.abs(grad))) if grad.size else 0.0
+    messages = []
+    if design.dropped_columns:
+        msg = (f"fixed-effect model matrix is rank deficient so dropping "
+               f"{len(design.dropped_columns)} column / coefficient: "
+               f"{', '.join(design.dropped_columns)}")
+        messages.append(msg)
+        warnings.warn(msg, RankDeficiencyWarning, stacklevel=3)
+    if singular:
+        msg = "boundary (singular) fit: see help('isSingular')"
+        messages.append(msg)
+        warnings.warn(msg, SingularFitWarning, stacklevel=3)
+    if not vfit.converged:
+        msg = f"Variational fit did not converge ({vfit.message})"
+        messages.append(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    if vfit.method == "adam":
+        messages.append("minibatch fit: standard errors not available")
+    if design.n_dropped_na:
+        messages.append(f"{design.n_dropped_na} observations deleted due to missingness")
+    diagnostics = Diagnostics(
+        converged=vfit.converged, max_grad=max_grad, hessian_pd=hessian_pd, singular=singular,
+        iterations=vfit.iterations, evaluations=vfit.evaluations,
+        optimizer_message=vfit.message, messages=tuple(messages))
+    npar = (pr.p + pr.n_theta + (1 if fam.has_dispersion else 0)
+            + sum(net.n_weights for net in nets))
+    return NGMMResult(
+        formula=formula, family=fam, approximation=approx, design=design, fixef=fixef,
+        vcov=vcov, theta=theta, sigma=sigma, loglik=vfit.elbo, npar=npar, varcorr=varcorr,
+        ranef=ranef, eta=eta, diagnostics=diagnostics, data_name=data_name,
+        random_coef=tuple(coefs), refit=refit, nets=nets)
 
 
 def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Control, *,
@@ -311,14 +431,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
         eta = eta + (t.Zraw * b[t.group_index]).sum(1)
 
     # diagnostics: recorded on the result, one warning per outcome
-    singular = any(abs(L[i, i]) / rel < control.singular_tol for L in Ls
-                   for i in range(L.shape[0]))
-    for L in Ls:
-        S = L @ L.T
-        d = np.sqrt(np.clip(np.diag(S), 1e-300, None))
-        corr = S / np.outer(d, d)
-        if L.shape[0] > 1 and np.any(np.abs(corr[np.tril_indices(L.shape[0], -1)]) > 1 - 1e-6):
-            singular = True
+    singular = _is_singular(Ls, rel, control.singular_tol)
     grad = opt.gradient
     scaled = np.abs(grad)
     if opt.hessian_pd and grad.size:
@@ -357,6 +470,19 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
         varcorr=varcorr, ranef=ranef, eta=eta, diagnostics=diagnostics, data_name=data_name,
         random_coef=tuple(coefs), refit=refit, nets=nets, history=history,
     )
+
+
+def _is_singular(Ls: list[np.ndarray], rel: float, tol: float) -> bool:
+    """lme4's ``isSingular``: a relative SD (theta diagonal) below ``tol`` or a correlation
+    of +-1."""
+    singular = any(abs(L[i, i]) / rel < tol for L in Ls for i in range(L.shape[0]))
+    for L in Ls:
+        S = L @ L.T
+        d = np.sqrt(np.clip(np.diag(S), 1e-300, None))
+        corr = S / np.outer(d, d)
+        if L.shape[0] > 1 and np.any(np.abs(corr[np.tril_indices(L.shape[0], -1)]) > 1 - 1e-6):
+            singular = True
+    return singular
 
 
 def _inv(M: np.ndarray) -> np.ndarray:
@@ -408,6 +534,13 @@ def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
             Vu = factor.inverse_blocks(torch.as_tensor(idx), given).numpy()  # (levels, q, q)
         coefs.append(u @ L.T)
         condvar.append(np.einsum("ij,gjk,lk->gil", L, Vu, L))
+    return _ranef_frames(design, coefs, condvar), coefs
+
+
+def _ranef_frames(design: Design, coefs: list[np.ndarray], condvar: list[np.ndarray]
+                  ) -> dict[str, pd.DataFrame]:
+    """lme4's ``ranef``: one frame per grouping factor (the terms of a factor side by side)
+    with the conditional variances of each level as ``attrs["postVar"]`` (q, q, levels)."""
     ranef: dict[str, pd.DataFrame] = {}
     postvar: dict[str, list[np.ndarray]] = {}
     for t, b, V in zip(design.re_terms, coefs, condvar):
@@ -426,4 +559,4 @@ def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
             P[k:k + m, k:k + m, :] = np.transpose(V, (1, 2, 0))
             k += m
         ranef[g].attrs["postVar"] = P
-    return ranef, coefs
+    return ranef

@@ -13,6 +13,8 @@ agq           Gauss--Hermite, ``nagq`` nodes per axis       per group (single gr
 truncated     trapezoid grid on [-M, M], K points per axis  per group (single grouping factor)
 exact         (Gaussian response, identity link)           Laplace is exact: h is quadratic;
                                                            REML integrates beta too (flat prior)
+variational   ELBO of one Gaussian per level (a lower      joint layout (any factors); see
+              bound, not an approximation of log p(y))     :mod:`~ngmm_formula.approx.variational`
 ============  ===========================================  =====================================
 
 Laplace and the quadrature rules share one evaluation (one node is Laplace), so they live in
@@ -40,7 +42,7 @@ class Approximation:
 
     Attributes
     ----------
-    kind : {"exact", "laplace", "agq", "truncated"}
+    kind : {"exact", "laplace", "agq", "truncated", "variational"}
     nagq : int
         Gauss--Hermite nodes per axis (``agq``).
     truncation, points : float, int
@@ -51,7 +53,7 @@ class Approximation:
         One joint block (crossed or nested factors, or REML) instead of one block per group.
     """
 
-    kind: Literal["exact", "laplace", "agq", "truncated"]
+    kind: Literal["exact", "laplace", "agq", "truncated", "variational"]
     nagq: int = 1
     truncation: float = 0.0
     points: int = 0
@@ -77,6 +79,9 @@ class Approximation:
         if self.kind == "agq":
             return ("Generalized linear mixed model fit by maximum likelihood (Adaptive "
                     f"Gauss-Hermite Quadrature, nAGQ = {self.nagq})")
+        if self.kind == "variational":
+            return ("Generalized linear mixed model fit by maximum likelihood (Gaussian "
+                    "variational approximation)")
         return ("Generalized linear mixed model fit by maximum likelihood (truncated "
                 f"quadrature, M = {self.truncation:g}, K = {self.points})")
 
@@ -98,14 +103,25 @@ def choose_approximation(
     ``"auto"`` takes the exact integral for a Gaussian response with identity link (REML for
     linear models unless ``reml=False``, as ``lmer``), adaptive Gauss--Hermite quadrature
     where the integral factorises by group (one grouping factor, block dimension <= 3) and the
-    Laplace approximation otherwise.
+    Laplace approximation otherwise. ``"variational"`` (never chosen by ``"auto"``) maximises
+    the evidence lower bound of one Gaussian per level
+    (:mod:`~ngmm_formula.approx.variational`); it takes no ``nagq``, ``truncation``,
+    ``points`` or ``reml=True``.
     """
     allowed = ("auto", "laplace", "agq", "truncated", "variational")
     if approx not in allowed:
         raise NGMMError(f"approx must be one of {', '.join(allowed)}; got {approx!r}")
     if approx == "variational":
-        raise NGMMError("approx='variational' (the Gaussian variational approximation for very "
-                        "large crossed designs) is not part of this version; use 'laplace'")
+        for name, value in (("nagq", nagq), ("truncation", truncation), ("points", points)):
+            if value is not None:
+                raise NGMMError(f"{name} is not used with approx='variational' (the expectations "
+                                f"of the evidence lower bound use their own Gauss-Hermite rule); "
+                                f"got {name}={value!r}")
+        if reml:
+            raise NGMMError("reml=True is not available with approx='variational' (the evidence "
+                            "lower bound is a maximum-likelihood criterion); use reml=False or "
+                            "approx='auto'")
+        return Approximation("variational", joint=True)
     factorises = n_grouping_factors == 1
     if reml and not gaussian_identity:
         raise NGMMError("reml=True needs family='gaussian' with the identity link (as lmer)")

@@ -1,0 +1,543 @@
+r"""The Gaussian variational approximation (``approx="variational"``) for large crossed designs.
+
+Model (spherical random effects, see :mod:`~ngmm_formula.approx.conditional`):
+:math:`\eta_i = \eta^{\text{fixed}}_i + \sum_s C_{is} u_{\text{slot}(i,s)}`,
+:math:`u \sim N(0, I)`. Instead of integrating :math:`u` out (Laplace needs the joint mode and
+the Cholesky factor of the joint Hessian, which for crossed factors is not block diagonal),
+the log marginal likelihood is bounded from below by the evidence lower bound (ELBO) of a
+*mean-field* Gaussian family, one Gaussian per level :math:`l` of each term,
+
+.. math::
+
+    q(u) = \prod_l N(u_l;\, m_l,\, S_l), \qquad S_l = R_l R_l^\top
+    \quad (q_k \times q_k,\ R_l \text{ lower triangular with positive diagonal}),
+
+.. math::
+
+    \log p(y) \;\ge\; \mathcal{L}(\psi, m, R)
+      = \sum_i w_i\, E_q[\log p(y_i \mid \eta_i)]
+        - \sum_l \operatorname{KL}\bigl(N(m_l, S_l)\,\|\,N(0, I)\bigr),
+
+(the prior weights :math:`w_i` enter through the family's ``log_prob``). Under :math:`q`,
+:math:`\eta_i` is Gaussian with mean and variance
+
+.. math::
+
+    \mu_i = \eta^{\text{fixed}}_i + \sum_k c_{ik}^\top m_{l_k(i)}, \qquad
+    s_i^2 = \sum_k \lVert R_{l_k(i)}^\top c_{ik} \rVert^2,
+
+where :math:`c_{ik} = (Z_k \Lambda_k)_{i\cdot}` are the observation's slot values of term
+:math:`k` (levels of different terms are independent under :math:`q`), so every expectation
+is one-dimensional, :math:`E_q[\log p(y_i \mid \eta_i)] \approx \sum_j \omega_j
+\log p(y_i \mid \mu_i + s_i t_j)` with the ``K``-node Gauss--Hermite rule for
+:math:`N(0, 1)` (:func:`~ngmm_formula.approx.rules.gauss_hermite_rule`). The rule is exact
+for polynomials of degree :math:`2K - 1` in :math:`t`, so for a Gaussian response with
+identity link (quadratic log-likelihood) it is the closed form. The KL term is
+
+.. math::
+
+    \operatorname{KL}_l = \tfrac12\bigl(\operatorname{tr} S_l + m_l^\top m_l - q_k
+        - 2 \textstyle\sum_d \log R_{l,dd}\bigr).
+
+Everything is computed by index gathers over observations (never a dense Hessian, never an
+observations x levels matrix): the cost of one evaluation is :math:`O(n K + \sum_k L_k q_k^2)`.
+
+Fitting (:func:`fit_variational`): the model parameters (:math:`\beta, \theta, \log\sigma`,
+networks) and the variational parameters :math:`(m_l, R_l)` maximise :math:`\mathcal L`
+jointly.
+
+* Up to :data:`FULL_BATCH_MAX_ROWS` observations, and without networks: full-batch L-BFGS in
+  float64 on all parameters.
+* Above it, or with ``nn()`` terms: Adam on minibatches of ``Control.batch_size``
+  observations with the unbiased estimate
+  :math:`\tfrac{n}{|B|}\sum_{i \in B} E_q[\log p(y_i)] - \sum_l \operatorname{KL}_l`,
+  ``Control.epochs`` passes at most, the learning rate halved when the epoch's ELBO stalls
+  and training stopped after ``Control.patience`` epochs without a relative improvement of
+  ``Control.min_delta``. With networks a fraction ``Control.validation`` of the
+  observations is held out for early stopping (score: their expected log-likelihood under
+  :math:`q`); the networks are then frozen (centred, as in the Laplace path) and, up to
+  :data:`FULL_BATCH_MAX_ROWS`, the rest is refitted by full-batch L-BFGS.
+
+What is reported (see :func:`~ngmm_formula.api.variational_result`): ``loglik`` is the ELBO
+(a lower bound on the log-likelihood; AIC and BIC are computed from it and are comparable only
+between variational fits); ``ranef`` are the variational means :math:`\Lambda m_l` with
+``postVar`` :math:`\Lambda S_l \Lambda^\top`; standard errors come from the Hessian of the
+ELBO *profiled* over the variational parameters,
+:math:`\tilde{\mathcal L}(\psi) = \max_{m,R} \mathcal L(\psi, m, R)`, by central differences
+of its gradient (by the envelope theorem :math:`\nabla\tilde{\mathcal L}(\psi) =
+\partial_\psi \mathcal L(\psi, \hat m(\psi), \hat R(\psi))`), computed in the full-batch case;
+after minibatch fitting they are not available (NaN).
+
+References: Ormerod and Wand (2012), "Gaussian variational approximate inference for
+generalized linear mixed models", JCGS 21(1); Blei, Kucukelbir and McAuliffe (2017),
+"Variational inference: a review for statisticians", JASA 112(518).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from ngmm_formula.approx.rules import gauss_hermite_rule
+from ngmm_formula.families import Family
+from ngmm_formula.model import LinearPredictor, Problem
+
+if TYPE_CHECKING:
+    from ngmm_formula.fit import Control
+
+__all__ = ["FULL_BATCH_MAX_ROWS", "GH_NODES", "Levels", "VariationalFit", "VariationalObjective",
+           "VariationalParameters", "expected_log_prob", "fit_variational", "kl_standard_normal"]
+
+#: Observations up to which linear models are fitted by full-batch L-BFGS.
+FULL_BATCH_MAX_ROWS = 100_000
+
+#: Gauss--Hermite nodes of the one-dimensional expectations (exact up to degree 2K - 1).
+GH_NODES = 16
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Which level of each term every observation belongs to.
+
+    Derived from the joint block layout of :func:`~ngmm_formula.model.build_problem` (lme4's
+    ``Zt`` order: term offset + level * q + column).
+
+    Attributes
+    ----------
+    q, n_levels : tuple of int
+        Columns and levels of each term.
+    slot_start : tuple of int
+        First column of ``C`` of each term.
+    level_of_obs : tuple of LongTensor, shape (n,)
+    """
+
+    q: tuple[int, ...]
+    n_levels: tuple[int, ...]
+    slot_start: tuple[int, ...]
+    level_of_obs: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, problem: Problem) -> Levels:
+        pos = problem.blocks.slot_pos
+        starts, levels, offset, s = [], [], 0, 0
+        for k, n_l in zip(problem.q, problem.n_levels):
+            starts.append(s)
+            levels.append(torch.div(pos[:, s] - offset, k, rounding_mode="floor"))
+            offset += k * n_l
+            s += k
+        return cls(problem.q, problem.n_levels, tuple(starts), tuple(levels))
+
+    def rows(self, rows: torch.Tensor) -> Levels:
+        return Levels(self.q, self.n_levels, self.slot_start,
+                      tuple(lv[rows] for lv in self.level_of_obs))
+
+
+_TRIL: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tril(q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if q not in _TRIL:
+        r, c = torch.tril_indices(q, q)
+        _TRIL[q] = (r, c)
+    return _TRIL[q]
+
+
+class VariationalParameters(torch.nn.Module):
+    r"""Means :math:`m_l` and Cholesky factors :math:`R_l` of every level's Gaussian.
+
+    ``raw[k]`` holds the lower triangle of :math:`R_l` (row-major) with the diagonal on the
+    log scale, so that :math:`R_l` has a positive diagonal for any raw value.
+
+    Parameters
+    ----------
+    levels : Levels
+    dtype : torch.dtype
+    log_sd : sequence of Tensor, optional
+        Starting :math:`\log R_{l,dd}` per term, shape (L_k,); 0 (the prior) if omitted.
+    """
+
+    def __init__(self, levels: Levels, dtype: torch.dtype,
+                 log_sd: tuple[torch.Tensor, ...] | None = None):
+        super().__init__()
+        self.q = levels.q
+        self.mean = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros(n, k, dtype=dtype))
+             for k, n in zip(levels.q, levels.n_levels)])
+        raws = []
+        for j, (k, n) in enumerate(zip(levels.q, levels.n_levels)):
+            r = torch.zeros(n, k * (k + 1) // 2, dtype=dtype)
+            if log_sd is not None:
+                rows, cols = _tril(k)
+                r[:, (rows == cols).nonzero().squeeze(-1)] = log_sd[j].to(dtype)[:, None]
+            raws.append(torch.nn.Parameter(r))
+        self.raw = torch.nn.ParameterList(raws)
+
+    def chol(self, k: int) -> torch.Tensor:
+        """:math:`R_l` of every level of term ``k``, shape (L_k, q_k, q_k)."""
+        q = self.q[k]
+        rows, cols = _tril(q)
+        raw = self.raw[k]
+        vals = torch.where(rows == cols, raw.exp(), raw)
+        flat = raw.new_zeros(raw.shape[0], q * q).index_copy(1, rows * q + cols, vals)
+        return flat.reshape(-1, q, q)
+
+    def log_diag(self, k: int) -> torch.Tensor:
+        rows, cols = _tril(self.q[k])
+        return self.raw[k][:, rows == cols]
+
+
+def kl_standard_normal(m: torch.Tensor, R: torch.Tensor, log_diag: torch.Tensor
+                       ) -> torch.Tensor:
+    r""":math:`\operatorname{KL}(N(m, RR^\top) \,\|\, N(0, I))` per level, shape (L,)."""
+    q = m.shape[-1]
+    return 0.5 * ((R * R).sum((-1, -2)) + (m * m).sum(-1) - q) - log_diag.sum(-1)
+
+
+def expected_log_prob(family: Family, y: torch.Tensor, w: torch.Tensor, mu: torch.Tensor,
+                      sd: torch.Tensor, log_sigma: torch.Tensor | None, n_nodes: int = GH_NODES
+                      ) -> torch.Tensor:
+    r""":math:`E[\log p(y_i \mid \eta)]` for :math:`\eta \sim N(\mu_i, s_i^2)`, shape (n,).
+
+    Gauss--Hermite with ``n_nodes`` nodes in the family's ``log_kernel`` (the data constant
+    is left out, as in :func:`~ngmm_formula.approx.adaptive.log_marginal`):
+    :math:`\sum_j \omega_j \log p(y_i \mid \mu_i + s_i t_j)`.
+    """
+    rule = gauss_hermite_rule(1, n_nodes)
+    t, logw = rule.tensors(mu.dtype, mu.device)
+    eta = mu.unsqueeze(-1) + sd.unsqueeze(-1) * t[:, 0]  # (n, K)
+    ll = family.log_kernel(y.unsqueeze(-1), eta, log_sigma, w.unsqueeze(-1))
+    return (ll * logw.exp()).sum(-1)
+
+
+class VariationalObjective:
+    """The ELBO of ``module`` (model parameters) and ``params`` (variational parameters).
+
+    Parameters
+    ----------
+    problem : Problem
+        Built with the joint block layout (``Approximation("variational", joint=True)``).
+    family : Family
+    module : LinearPredictor
+    params : VariationalParameters
+    """
+
+    def __init__(self, problem: Problem, family: Family, module: LinearPredictor,
+                 params: VariationalParameters, *, n_nodes: int = GH_NODES):
+        self.problem = problem
+        self.family = family
+        self.module = module
+        self.params = params
+        self.levels = Levels.of(problem)
+        self.n_nodes = n_nodes
+
+    @property
+    def nobs(self) -> int:
+        return int(self.problem.y.shape[0])
+
+    def moments(self, problem: Problem, levels: Levels) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`\mu_i` and :math:`s_i` of :math:`\eta_i` under :math:`q`, shape (n,) each."""
+        m = self.module
+        mu = m.eta_fixed(problem)
+        C = m.slot_values(problem)
+        var = torch.zeros_like(mu)
+        for k, (q, s0, lv) in enumerate(zip(levels.q, levels.slot_start, levels.level_of_obs)):
+            c = C[:, s0:s0 + q]  # (n, q)
+            mu = mu + (c * self.params.mean[k][lv]).sum(-1)
+            Rt_c = (self.params.chol(k)[lv] * c.unsqueeze(-1)).sum(-2)  # R' c, (n, q)
+            var = var + (Rt_c * Rt_c).sum(-1)
+        return mu, var.clamp_min(0.0).sqrt()
+
+    def expected_loglik(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        r""":math:`E_q[\log p(y_i \mid \eta_i)]` with full constants, shape (n,) or (|rows|,)."""
+        pr, levels = self.problem, self.levels
+        if rows is not None:
+            pr, levels = pr.subset(rows), levels.rows(rows)
+        mu, sd = self.moments(pr, levels)
+        m = self.module
+        return (expected_log_prob(self.family, pr.y, pr.w, mu, sd, m.log_sigma, self.n_nodes)
+                + pr.log_const)
+
+    def kl(self) -> torch.Tensor:
+        """Sum of the KL divergences of every level's Gaussian from the prior."""
+        p = self.params
+        return sum((kl_standard_normal(p.mean[k], p.chol(k), p.log_diag(k)).sum()
+                    for k in range(len(p.q))), torch.zeros((), dtype=self.problem.y.dtype))
+
+    def __call__(self, rows: torch.Tensor | None = None, chunk: int = 500_000) -> torch.Tensor:
+        """The ELBO; with ``rows`` its unbiased minibatch estimate (data term scaled by
+        n / len(rows)). Without ``rows`` and gradients off, evaluated in chunks of rows."""
+        if rows is not None:
+            return self.expected_loglik(rows).sum() * (self.nobs / rows.numel()) - self.kl()
+        if torch.is_grad_enabled() or self.nobs <= chunk:
+            return self.expected_loglik().sum() - self.kl()
+        total = torch.zeros((), dtype=self.problem.y.dtype)
+        for s in range(0, self.nobs, chunk):
+            total = total + self.expected_loglik(torch.arange(s, min(s + chunk, self.nobs))
+                                                 ).sum()
+        return total - self.kl()
+
+
+def initial_log_sd(levels: Levels, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    r"""Starting :math:`\log R_{l,dd} = -\tfrac12 \log(1 + n_l / 4)`: the posterior SD of a
+    binomial-logit level effect with :math:`n_l` observations near :math:`p = 1/2` and unit
+    prior SD; any positive start works, this one spares the optimiser a long first phase."""
+    out = []
+    for lv, n_l in zip(levels.level_of_obs, levels.n_levels):
+        counts = torch.bincount(lv, minlength=n_l).to(dtype)
+        out.append(-0.5 * torch.log1p(counts / 4.0))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# fitting
+
+
+@dataclass(frozen=True)
+class VariationalFit:
+    """What :func:`fit_variational` found.
+
+    ``x`` (model parameters in :func:`~ngmm_formula.fit._params` order), ``hessian`` (of the
+    profiled ELBO in them; NaN when not computed) and ``gradient`` follow
+    :class:`~ngmm_formula.fit.Optimum`; ``method`` is "lbfgs" or "adam".
+    """
+
+    x: np.ndarray
+    elbo: float
+    gradient: np.ndarray
+    hessian: np.ndarray
+    iterations: int
+    evaluations: int
+    message: str
+    converged: bool
+    method: str
+    seconds: float
+    history: tuple[float, ...] = ()
+
+
+def _flat(tensors: list[torch.Tensor]) -> np.ndarray:
+    return np.concatenate([t.detach().cpu().numpy().ravel() for t in tensors]) \
+        if tensors else np.zeros(0)
+
+
+def _assign(tensors: list[torch.Tensor], x: np.ndarray) -> None:
+    i = 0
+    with torch.no_grad():
+        for p in tensors:
+            k = p.numel()
+            p.copy_(torch.as_tensor(x[i:i + k], dtype=p.dtype).reshape(p.shape))
+            i += k
+
+
+def _lbfgs(obj: VariationalObjective, tensors: list[torch.Tensor], max_iter: int,
+           gtol: float = 1e-9) -> tuple[scipy.optimize.OptimizeResult, int]:
+    """Maximise the full-batch ELBO over ``tensors`` by L-BFGS-B (others held fixed)."""
+    n_eval = 0
+
+    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+        nonlocal n_eval
+        n_eval += 1
+        _assign(tensors, x)
+        value = obj()
+        grads = torch.autograd.grad(value, tensors, allow_unused=True)
+        g = _flat([gr if gr is not None else torch.zeros_like(p)
+                   for gr, p in zip(grads, tensors)])
+        v = float(value.detach())
+        if not math.isfinite(v):
+            return 1e300, np.zeros_like(x)
+        return -v, -g
+
+    res = scipy.optimize.minimize(
+        f, _flat(tensors), jac=True, method="L-BFGS-B",
+        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": gtol, "maxls": 50})
+    _assign(tensors, res.x)
+    return res, n_eval
+
+
+def _model_tensors(module: LinearPredictor) -> list[torch.Tensor]:
+    from ngmm_formula.fit import _params
+
+    return list(_params(module))
+
+
+def _gradient(obj: VariationalObjective, tensors: list[torch.Tensor]) -> np.ndarray:
+    value = obj()
+    grads = torch.autograd.grad(value, tensors, allow_unused=True)
+    return _flat([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, tensors)])
+
+
+def profiled_hessian(obj: VariationalObjective, max_iter: int, rel_step: float = 1e-4
+                     ) -> np.ndarray:
+    r"""Hessian of the ELBO profiled over the variational parameters, in the model parameters.
+
+    Central differences of :math:`\partial_\psi \mathcal L(\psi, \hat m(\psi), \hat R(\psi))`,
+    the variational parameters re-optimised (warm-started L-BFGS) at each shifted
+    :math:`\psi`; restores the parameters on exit.
+    """
+    model = _model_tensors(obj.module)
+    var: list[torch.Tensor] = list(obj.params.parameters())
+    x0, v0 = _flat(model), _flat(var)
+    k = x0.size
+    H = np.empty((k, k))
+    for j in range(k):
+        h = rel_step * max(1.0, abs(x0[j]))
+        cols = []
+        for sign in (1.0, -1.0):
+            x = x0.copy()
+            x[j] += sign * h
+            _assign(model, x)
+            _assign(var, v0)
+            _lbfgs(obj, var, max_iter)
+            cols.append(_gradient(obj, model))
+        H[:, j] = (cols[0] - cols[1]) / (2 * h)
+    _assign(model, x0)
+    _assign(var, v0)
+    return 0.5 * (H + H.T)
+
+
+def _adam(obj: VariationalObjective, control: Control, seed: int, *,
+          validation: float) -> tuple[int, tuple[float, ...], bool]:
+    """Adam on minibatches of observations (see the module docs); returns (steps, ELBO per
+    observation by epoch, stopped before ``Control.epochs``). Restores the best state when
+    observations are held out."""
+    rng = np.random.default_rng(seed)
+    n = obj.nobs
+    perm = rng.permutation(n)
+    n_val = int(round(validation * n)) if obj.module.nets and n >= 20 else 0
+    val_rows = torch.as_tensor(np.sort(perm[:n_val]), dtype=torch.long)
+    train_rows = perm[n_val:]
+    n_train = train_rows.size
+    batch = int(control.batch_size)
+    lr = float(control.lr)
+    module, params = obj.module, obj.params
+    net_params = [p for net in module.nets for p in net.parameters() if p.requires_grad]
+    model = [p for p in _model_tensors(module)]
+    groups = [{"params": model + list(params.parameters()), "weight_decay": 0.0}]
+    if net_params:
+        groups.append({"params": net_params,
+                       "weight_decay": float(control.weight_decay)})
+    # the variational parameters of a level are updated only when its rows are in the batch;
+    # a larger step than the networks' default keeps the number of epochs small
+    opt = torch.optim.AdamW(groups, lr=max(lr, 1e-2))
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=1)
+    patience = int(control.patience)
+    min_delta = float(control.min_delta)
+    epochs = int(control.epochs)
+    best, best_state, wait, steps = -math.inf, None, 0, 0
+    curve: list[float] = []
+    stopped = False
+    for _epoch in range(epochs):
+        order = torch.as_tensor(rng.permutation(train_rows), dtype=torch.long)
+        total = 0.0
+        for s in range(0, n_train, batch):
+            rows = order[s:s + batch]
+            ll = obj.expected_loglik(rows).sum()
+            elbo = ll * (n_train / rows.numel()) - obj.kl()
+            opt.zero_grad(set_to_none=True)
+            (-elbo / n_train).backward()
+            opt.step()
+            steps += 1
+            total += float(ll.detach())
+        if n_val:
+            with torch.no_grad():
+                score = float(obj.expected_loglik(val_rows).sum()) / n_val
+        else:
+            with torch.no_grad():
+                score = float(obj()) / n
+        curve.append(score)
+        sched.step(score)
+        if score > best + min_delta * max(1.0, abs(best)) or best_state is None:
+            best, wait = score, 0
+            if n_val:
+                best_state = (copy.deepcopy(module.state_dict()),
+                              copy.deepcopy(params.state_dict()))
+        else:
+            wait += 1
+            if wait >= patience:
+                stopped = True
+                break
+    if best_state is not None:
+        module.load_state_dict(best_state[0])
+        params.load_state_dict(best_state[1])
+    return steps, tuple(curve), stopped
+
+
+def fit_variational(problem: Problem, family: Family, module: LinearPredictor, control: Control,
+                    seed: int, *, full_batch_max_rows: int = FULL_BATCH_MAX_ROWS,
+                    on_trained: Callable[[VariationalObjective], VariationalObjective] | None = None
+                    ) -> tuple[VariationalObjective, VariationalFit]:
+    """Maximise the ELBO over the model and variational parameters (see the module docs).
+
+    Parameters
+    ----------
+    problem : Problem
+        Joint block layout.
+    family : Family
+    module : LinearPredictor
+        Starting values set (e.g. by :func:`~ngmm_formula.fit.glm_start`); fitted in place.
+    control : Control
+        ``max_iter``, ``gtol`` (full batch); ``epochs``, ``lr``, ``batch_size``,
+        ``weight_decay``, ``validation``, ``patience``, ``min_delta`` (minibatches).
+    seed : int
+    full_batch_max_rows : int
+    on_trained : callable, optional
+        Called with the objective after the networks are trained; returns the objective of
+        the refit (the networks frozen into the offset), as the Laplace path does.
+
+    Returns
+    -------
+    (VariationalObjective, VariationalFit)
+        The objective the final parameters belong to and the fit's record.
+    """
+    t0 = time.perf_counter()
+    levels = Levels.of(problem)
+    params = VariationalParameters(levels, problem.y.dtype, initial_log_sd(levels,
+                                                                          problem.y.dtype))
+    obj = VariationalObjective(problem, family, module, params)
+    full_batch = obj.nobs <= full_batch_max_rows
+    max_iter = int(control.max_iter)
+    steps = 0
+    history: tuple[float, ...] = ()
+    message, converged = "", True
+    if module.nets or not full_batch:
+        steps, history, stopped = _adam(obj, control, seed,
+                                        validation=float(control.validation))
+        message = (f"Adam: {steps} steps, {len(history)} epochs, "
+                   + ("stopped: no improvement" if stopped else "epoch limit reached"))
+        converged = stopped
+        if module.nets and on_trained is not None:
+            obj = on_trained(obj)
+    model = _model_tensors(obj.module)
+    if full_batch:
+        var: list[torch.Tensor] = list(obj.params.parameters())
+        res, n_eval = _lbfgs(obj, model + var, max_iter)
+        H = profiled_hessian(obj, max_iter)
+        gtol = float(control.gtol)
+        grad = _gradient(obj, model)
+        g_var = _gradient(obj, var)
+        H_pd = bool(H.size == 0 or np.linalg.eigvalsh(-H).min() > 0)
+        # lme4's check.conv.grad on the model parameters, and the variational gradient small
+        scaled = np.abs(grad)
+        if H_pd and grad.size:
+            scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), grad))
+        max_grad = float(np.max(np.minimum(scaled, np.abs(grad)))) if grad.size else 0.0
+        converged = max_grad < 0.002 and float(np.abs(g_var).max(initial=0.0)) < max(gtol, 1e-3)
+        message = (message + "; " if message else "") + str(res.message)
+        iterations, evaluations, method = int(res.nit), n_eval, "lbfgs"
+    else:
+        grad = np.full(_flat(model).size, np.nan)
+        H = np.full((grad.size, grad.size), np.nan)
+        iterations, evaluations, method = steps, steps, "adam"
+    with torch.no_grad():
+        elbo = float(obj())
+    return obj, VariationalFit(
+        x=_flat(model), elbo=elbo, gradient=grad, hessian=H, iterations=iterations,
+        evaluations=evaluations, message=message, converged=converged, method=method,
+        seconds=time.perf_counter() - t0, history=history)
