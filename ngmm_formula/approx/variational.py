@@ -46,17 +46,36 @@ Fitting (:func:`fit_variational`): the model parameters (:math:`\beta, \theta, \
 networks) and the variational parameters :math:`(m_l, R_l)` maximise :math:`\mathcal L`
 jointly.
 
-* Up to :data:`FULL_BATCH_MAX_ROWS` observations, and without networks: full-batch L-BFGS in
-  float64 on all parameters.
-* Above it, or with ``nn()`` terms: Adam on minibatches of ``Control.batch_size``
-  observations with the unbiased estimate
-  :math:`\tfrac{n}{|B|}\sum_{i \in B} E_q[\log p(y_i)] - \sum_l \operatorname{KL}_l`,
-  ``Control.epochs`` passes at most, the learning rate halved when the epoch's ELBO stalls
-  and training stopped after ``Control.patience`` epochs without a relative improvement of
-  ``Control.min_delta``. With networks a fraction ``Control.validation`` of the
-  observations is held out for early stopping (score: their expected log-likelihood under
-  :math:`q`); the networks are then frozen (centred, as in the Laplace path) and, up to
-  :data:`FULL_BATCH_MAX_ROWS`, the rest is refitted by full-batch L-BFGS.
+* Up to :data:`FULL_BATCH_MAX_ROWS` observations (100,000), and without networks:
+  full-batch L-BFGS in float64 on all parameters, then the profiled Hessian for standard
+  errors. Where the switch lies: one evaluation with gradient took 3.0 s at 1M rows (16
+  nodes, load average 9 on 2 cores) and L-BFGS needs a few hundred (250 on VerbAgg), while
+  the stochastic fit below stopped after 8 epochs at 200,000 rows (``benchmarks/README.md``).
+* Above it, or with ``nn()`` terms: stochastic optimisation on minibatches of observations
+  made of **whole levels of the term with the most levels** (the "students"), about
+  ``Control.batch_size`` rows each. For a batch :math:`B` of those levels
+
+  1. their Gaussians are set by three Newton steps of the ELBO, which given everything
+     else separates over these levels (:func:`local_update`) -- so each level's Gaussian is
+     fitted to its own data whenever it is visited, rather than nudged by noisy gradients;
+  2. AdamW (learning rate ``max(Control.lr, 0.01)``) steps the model parameters and the
+     Gaussians of the other terms along the gradient of the unbiased estimate
+     :math:`\tfrac{L}{|B|} \sum_{i \in B} E_q[\log p(y_i)] - \sum_{l \notin \text{largest}}
+     \operatorname{KL}_l` (:math:`L` levels; the data term is scaled by about
+     :math:`n / |B|`). The other terms' Gaussians are stored *centred*, as
+     :math:`q(b_l) = N(\mu_l, T_l T_l^\top)` with :math:`b = \Lambda u`: their levels have
+     many observations, which pin :math:`b_l`; in the spherical coordinates :math:`u` a step
+     in :math:`\theta` then had to be undone by the means and the item SD of a crossed
+     model drifted past its optimum (measured), in the centred ones :math:`\theta` only
+     meets the KL term.
+
+  An epoch is one pass over the levels; the score is the ELBO per observation (with
+  networks: the held-out ELBO of a fraction ``Control.validation`` of the levels, whose
+  Gaussians are fitted by step 1). The learning rate is halved after each epoch without
+  improvement and the fit stops after ``Control.patience`` epochs without a relative
+  improvement of ``Control.min_delta`` or after ``Control.epochs``. With networks these are
+  then frozen (centred, as in the Laplace path) and, up to :data:`FULL_BATCH_MAX_ROWS`, the
+  rest is refitted by full-batch L-BFGS.
 
 What is reported (see :func:`~ngmm_formula.api.variational_result`): ``loglik`` is the ELBO
 (a lower bound on the log-likelihood; AIC and BIC are computed from it and are comparable only
@@ -78,7 +97,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,13 +107,14 @@ import torch
 
 from ngmm_formula.approx.rules import gauss_hermite_rule
 from ngmm_formula.families import Family
-from ngmm_formula.model import LinearPredictor, Problem
+from ngmm_formula.model import LinearPredictor, Problem, lambda_blocks
 
 if TYPE_CHECKING:
     from ngmm_formula.fit import Control
 
 __all__ = ["FULL_BATCH_MAX_ROWS", "GH_NODES", "Levels", "VariationalFit", "VariationalObjective",
-           "VariationalParameters", "expected_log_prob", "fit_variational", "kl_standard_normal"]
+           "VariationalParameters", "expected_log_prob", "fit_variational", "initial_log_sd",
+           "kl_standard_normal", "profiled_hessian"]
 
 #: Observations up to which linear models are fitted by full-batch L-BFGS.
 FULL_BATCH_MAX_ROWS = 100_000
@@ -179,6 +199,7 @@ class VariationalParameters(torch.nn.Module):
                 r[:, (rows == cols).nonzero().squeeze(-1)] = log_sd[j].to(dtype)[:, None]
             raws.append(torch.nn.Parameter(r))
         self.raw = torch.nn.ParameterList(raws)
+        self.centred = [False] * len(levels.q)
 
     def chol(self, k: int) -> torch.Tensor:
         """:math:`R_l` of every level of term ``k``, shape (L_k, q_k, q_k)."""
@@ -192,6 +213,39 @@ class VariationalParameters(torch.nn.Module):
     def log_diag(self, k: int) -> torch.Tensor:
         rows, cols = _tril(self.q[k])
         return self.raw[k][:, rows == cols]
+
+    def spherical(self, k: int, Lam: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r""":math:`m_l`, :math:`R_l` and :math:`\log R_{l,dd}` of term ``k`` in the spherical
+        coordinates :math:`u`, given the term's :math:`\Lambda` (``Lam``).
+
+        A *centred* term stores :math:`q(b_l) = N(\mu_l, T_l T_l^\top)` instead, and then
+        :math:`m_l = \Lambda^{-1}\mu_l`, :math:`R_l = \Lambda^{-1} T_l` (see
+        :func:`_stochastic` for why).
+        """
+        m, R, ld = self.mean[k], self.chol(k), self.log_diag(k)
+        if not self.centred[k]:
+            return m, R, ld
+        m = torch.linalg.solve_triangular(Lam, m.T, upper=False).T
+        R = torch.linalg.solve_triangular(Lam, R, upper=False)
+        return m, R, ld - torch.diagonal(Lam).abs().log()
+
+    def set_centred(self, k: int, centred: bool, Lam: torch.Tensor) -> None:
+        """Switch term ``k`` between spherical and centred storage, keeping :math:`q`."""
+        if self.centred[k] == centred:
+            return
+        with torch.no_grad():
+            if centred:
+                m, R = self.mean[k] @ Lam.T, Lam @ self.chol(k)
+            else:
+                m, R, _ = self.spherical(k, Lam)
+            rows, cols = _tril(self.q[k])
+            vals = R[:, rows, cols]
+            self.mean[k].copy_(m)
+            self.raw[k].copy_(torch.where(rows == cols, vals.abs().clamp_min(1e-300).log(),
+                                          vals * torch.sign(torch.diagonal(R, dim1=-2,
+                                                                           dim2=-1))[:, cols]))
+        self.centred[k] = centred
 
 
 def kl_standard_normal(m: torch.Tensor, R: torch.Tensor, log_diag: torch.Tensor
@@ -248,10 +302,12 @@ class VariationalObjective:
         mu = m.eta_fixed(problem)
         C = m.slot_values(problem)
         var = torch.zeros_like(mu)
+        Lams = lambda_blocks(m.theta, levels.q)
         for k, (q, s0, lv) in enumerate(zip(levels.q, levels.slot_start, levels.level_of_obs)):
             c = C[:, s0:s0 + q]  # (n, q)
-            mu = mu + (c * self.params.mean[k][lv]).sum(-1)
-            Rt_c = (self.params.chol(k)[lv] * c.unsqueeze(-1)).sum(-2)  # R' c, (n, q)
+            mean, R, _ = self.params.spherical(k, Lams[k])
+            mu = mu + (c * mean[lv]).sum(-1)
+            Rt_c = (R[lv] * c.unsqueeze(-1)).sum(-2)  # R' c, (n, q)
             var = var + (Rt_c * Rt_c).sum(-1)
         return mu, var.clamp_min(0.0).sqrt()
 
@@ -267,9 +323,15 @@ class VariationalObjective:
 
     def kl(self) -> torch.Tensor:
         """Sum of the KL divergences of every level's Gaussian from the prior."""
-        p = self.params
-        return sum((kl_standard_normal(p.mean[k], p.chol(k), p.log_diag(k)).sum()
-                    for k in range(len(p.q))), torch.zeros((), dtype=self.problem.y.dtype))
+        return self.kl_terms(range(len(self.params.q)))
+
+    def kl_terms(self, terms: Iterable[int]) -> torch.Tensor:
+        """Sum of the KL divergences of the levels of ``terms``."""
+        Lams = lambda_blocks(self.module.theta, self.params.q)
+        total = torch.zeros((), dtype=self.problem.y.dtype)
+        for k in terms:
+            total = total + kl_standard_normal(*self.params.spherical(k, Lams[k])).sum()
+        return total
 
     def __call__(self, rows: torch.Tensor | None = None, chunk: int = 500_000) -> torch.Tensor:
         """The ELBO; with ``rows`` its unbiased minibatch estimate (data term scaled by
@@ -402,70 +464,162 @@ def profiled_hessian(obj: VariationalObjective, max_iter: int, rel_step: float =
     return 0.5 * (H + H.T)
 
 
-def _adam(obj: VariationalObjective, control: Control, seed: int, *,
-          validation: float) -> tuple[int, tuple[float, ...], bool]:
-    """Adam on minibatches of observations (see the module docs); returns (steps, ELBO per
-    observation by epoch, stopped before ``Control.epochs``). Restores the best state when
-    observations are held out."""
+def expected_derivatives(family: Family, y: torch.Tensor, w: torch.Tensor, mu: torch.Tensor,
+                         sd: torch.Tensor, log_sigma: torch.Tensor | None,
+                         n_nodes: int = GH_NODES) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`E[\partial_\eta \log p]` and :math:`E[\partial^2_\eta \log p]` for
+    :math:`\eta \sim N(\mu_i, s_i^2)` (Gauss--Hermite, as :func:`expected_log_prob`)."""
+    rule = gauss_hermite_rule(1, n_nodes)
+    t, logw = rule.tensors(mu.dtype, mu.device)
+    eta = mu.unsqueeze(-1) + sd.unsqueeze(-1) * t[:, 0]
+    y_, w_, omega = y.unsqueeze(-1), w.unsqueeze(-1), logw.exp()
+    return ((family.dlogp(y_, eta, log_sigma, w_) * omega).sum(-1),
+            (family.d2logp(y_, eta, log_sigma, w_) * omega).sum(-1))
+
+
+def local_update(obj: VariationalObjective, k: int, rows: torch.Tensor, n_iter: int = 3
+                 ) -> None:
+    r"""Update the Gaussians of the levels of term ``k`` that own ``rows`` (all their rows).
+
+    Given everything else, the ELBO separates over the levels of one term, and its
+    stationary point satisfies (Opper and Archambeau, 2009)
+
+    .. math::
+
+        S_l^{-1} = I + \sum_{i \in l} \tilde w_i\, c_i c_i^\top, \qquad
+        \tilde w_i = -E_q[\partial^2_\eta \log p(y_i \mid \eta_i)], \qquad
+        m_l = \sum_{i \in l} c_i\, E_q[\partial_\eta \log p(y_i \mid \eta_i)],
+
+    iterated as Newton steps :math:`m_l \leftarrow m_l + S_l (\sum_i c_i E_q[\partial_\eta
+    \log p] - m_l)` (the exact Newton step in :math:`m_l`: :math:`E_q` commutes with
+    :math:`\partial_{m}`). :math:`\tilde w_i` is clamped at 0 for families whose
+    log-likelihood is not concave in :math:`\eta`. Batched over levels by scatter-adds;
+    no gradients. The :math:`S`-equation rests on Stein's identity
+    :math:`\partial_s E[f(\mu + s t)] = s\, E[f''(\mu + s t)]`, exact for the integral,
+    so this fixed point differs from the stationary point of the Gauss--Hermite ELBO by the
+    rule's error (measured in ``tests/test_variational.py``).
+    """
+    with torch.no_grad():
+        pr, levels = obj.problem.subset(rows), obj.levels.rows(rows)
+        q, s0 = levels.q[k], levels.slot_start[k]
+        ids, inv = torch.unique(levels.level_of_obs[k], return_inverse=True)
+        c = obj.module.slot_values(pr)[:, s0:s0 + q]
+        cc = (c.unsqueeze(-1) * c.unsqueeze(-2)).reshape(-1, q * q)
+        eye = torch.eye(q, dtype=c.dtype, device=c.device)
+        mean, raw = obj.params.mean[k], obj.params.raw[k]
+        tr, tc = _tril(q)
+        diag = tr == tc
+        log_sigma = obj.module.log_sigma
+        for _ in range(n_iter):
+            mu, sd = obj.moments(pr, levels)
+            e1, e2 = expected_derivatives(obj.family, pr.y, pr.w, mu, sd, log_sigma,
+                                          obj.n_nodes)
+            W = (-e2).clamp_min(0.0)
+            P = c.new_zeros(ids.numel(), q * q).index_add(0, inv, W[:, None] * cc)
+            P = P.reshape(-1, q, q) + eye
+            g = c.new_zeros(ids.numel(), q).index_add(0, inv, e1[:, None] * c) - mean[ids]
+            chol_P = torch.linalg.cholesky(P)
+            mean[ids] = mean[ids] + torch.cholesky_solve(g.unsqueeze(-1), chol_P).squeeze(-1)
+            R = torch.linalg.cholesky(torch.cholesky_inverse(chol_P))
+            vals = R[:, tr, tc]
+            raw[ids] = torch.where(diag, vals.clamp_min(1e-300).log(), vals)
+
+
+def _stochastic(obj: VariationalObjective, control: Control, seed: int
+                ) -> tuple[int, tuple[float, ...], bool]:
+    """Stochastic fit on minibatches of whole levels of the largest term (module docs).
+
+    Returns (optimiser steps, score per epoch, stopped before ``Control.epochs``). With
+    networks, levels are held out for early stopping and the best state is restored.
+    """
     rng = np.random.default_rng(seed)
-    n = obj.nobs
-    perm = rng.permutation(n)
-    n_val = int(round(validation * n)) if obj.module.nets and n >= 20 else 0
-    val_rows = torch.as_tensor(np.sort(perm[:n_val]), dtype=torch.long)
-    train_rows = perm[n_val:]
-    n_train = train_rows.size
-    batch = int(control.batch_size)
-    lr = float(control.lr)
+    levels = obj.levels
+    k_loc = int(np.argmax(levels.n_levels))
+    n_loc = levels.n_levels[k_loc]
+    owner = levels.level_of_obs[k_loc].cpu().numpy()
     module, params = obj.module, obj.params
+    present = np.flatnonzero(np.bincount(owner, minlength=n_loc))
+    n_val = (int(round(control.validation * present.size))
+             if module.nets and present.size >= 10 else 0)
+    held = rng.choice(present, size=n_val, replace=False) if n_val else np.zeros(0, int)
+    train_levels = np.setdiff1d(present, held)
+    rows_by_level = np.argsort(owner, kind="stable")
+    sizes = np.bincount(owner, minlength=n_loc)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def rows_of(ls: np.ndarray) -> torch.Tensor:
+        counts = sizes[ls]
+        offsets = np.repeat(starts[ls] - np.cumsum(counts) + counts, counts)
+        return torch.as_tensor(np.sort(rows_by_level[offsets + np.arange(counts.sum())]),
+                               dtype=torch.long)
+
+    val_rows = rows_of(np.sort(held)) if n_val else None
+    per_batch = max(1, int(round(control.batch_size / max(1.0, obj.nobs / present.size))))
+    n_train = int(sizes[train_levels].sum())
+    others = [p for j in range(len(levels.q)) if j != k_loc
+              for p in (params.mean[j], params.raw[j])]
     net_params = [p for net in module.nets for p in net.parameters() if p.requires_grad]
-    model = [p for p in _model_tensors(module)]
-    groups = [{"params": model + list(params.parameters()), "weight_decay": 0.0}]
+    groups: list[dict[str, object]] = [
+        {"params": _model_tensors(module) + others, "weight_decay": 0.0}]
     if net_params:
-        groups.append({"params": net_params,
-                       "weight_decay": float(control.weight_decay)})
-    # the variational parameters of a level are updated only when its rows are in the batch;
-    # a larger step than the networks' default keeps the number of epochs small
-    opt = torch.optim.AdamW(groups, lr=max(lr, 1e-2))
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=1)
-    patience = int(control.patience)
-    min_delta = float(control.min_delta)
-    epochs = int(control.epochs)
+        groups.append({"params": net_params, "weight_decay": float(control.weight_decay)})
+    opt = torch.optim.AdamW(groups, lr=max(float(control.lr), 1e-2))  # type: ignore[arg-type]
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+
+    others_k = [j for j in range(len(levels.q)) if j != k_loc]
+
+    def kl_others() -> torch.Tensor:
+        return obj.kl_terms(others_k)
+
+    def lambdas() -> list[torch.Tensor]:
+        return [L.detach() for L in lambda_blocks(module.theta, levels.q)]
+
+    for j, L in zip(others_k, [lambdas()[j] for j in others_k]):
+        params.set_centred(j, True, L)
+
     best, best_state, wait, steps = -math.inf, None, 0, 0
     curve: list[float] = []
     stopped = False
-    for _epoch in range(epochs):
-        order = torch.as_tensor(rng.permutation(train_rows), dtype=torch.long)
-        total = 0.0
-        for s in range(0, n_train, batch):
-            rows = order[s:s + batch]
+    for _epoch in range(int(control.epochs)):
+        order = rng.permutation(train_levels)
+        module.train()
+        for s in range(0, order.size, per_batch):
+            batch = order[s:s + per_batch]
+            rows = rows_of(batch)
+            local_update(obj, k_loc, rows)
             ll = obj.expected_loglik(rows).sum()
-            elbo = ll * (n_train / rows.numel()) - obj.kl()
+            # unbiased for the training levels' ELBO; the local term's KL has no gradient
+            # in the parameters stepped here (its Gaussians were just set by local_update)
+            elbo = ll * (train_levels.size / batch.size) - kl_others()
             opt.zero_grad(set_to_none=True)
             (-elbo / n_train).backward()
             opt.step()
             steps += 1
-            total += float(ll.detach())
-        if n_val:
-            with torch.no_grad():
-                score = float(obj.expected_loglik(val_rows).sum()) / n_val
-        else:
-            with torch.no_grad():
-                score = float(obj()) / n
+        module.eval()
+        with torch.no_grad():
+            if val_rows is not None:
+                local_update(obj, k_loc, val_rows)
+                score = float(obj.expected_loglik(val_rows).sum()) / val_rows.numel()
+            else:
+                score = float(obj()) / obj.nobs
         curve.append(score)
         sched.step(score)
-        if score > best + min_delta * max(1.0, abs(best)) or best_state is None:
+        if best_state is None or score > best + float(control.min_delta) * max(1.0, abs(best)):
             best, wait = score, 0
-            if n_val:
-                best_state = (copy.deepcopy(module.state_dict()),
-                              copy.deepcopy(params.state_dict()))
+            best_state = (copy.deepcopy(module.state_dict()), copy.deepcopy(params.state_dict()))
         else:
             wait += 1
-            if wait >= patience:
+            if wait >= control.patience:
                 stopped = True
                 break
     if best_state is not None:
         module.load_state_dict(best_state[0])
         params.load_state_dict(best_state[1])
+    Lams = lambdas()
+    for j in others_k:
+        params.set_centred(j, False, Lams[j])
+    # the local term's Gaussians at the final parameters, in one pass over all rows
+    local_update(obj, k_loc, torch.arange(obj.nobs))
     return steps, tuple(curve), stopped
 
 
@@ -507,8 +661,7 @@ def fit_variational(problem: Problem, family: Family, module: LinearPredictor, c
     history: tuple[float, ...] = ()
     message, converged = "", True
     if module.nets or not full_batch:
-        steps, history, stopped = _adam(obj, control, seed,
-                                        validation=float(control.validation))
+        steps, history, stopped = _stochastic(obj, control, seed)
         message = (f"Adam: {steps} steps, {len(history)} epochs, "
                    + ("stopped: no improvement" if stopped else "epoch limit reached"))
         converged = stopped

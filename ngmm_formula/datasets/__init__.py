@@ -67,7 +67,7 @@ from ngmm_formula.errors import DataError
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-__all__ = ["available", "load", "simulate_grouped"]
+__all__ = ["available", "load", "simulate_crossed", "simulate_grouped"]
 
 _FILES_PACKAGE = "ngmm_formula.datasets.files"
 
@@ -459,4 +459,62 @@ def simulate_grouped(
         n_noise=n_noise,
         seed=seed,
     )
+    return frame
+
+
+def simulate_crossed(
+    n_students: int = 1000,
+    n_items: int = 50,
+    items_per_student: int = 10,
+    family: str = "binomial",
+    *,
+    intercept: float = -0.5,
+    beta_x: float = 0.5,
+    student_sd: float = 1.0,
+    item_sd: float = 0.5,
+    slope_sd: float = 0.0,
+    seed: int = 0,
+) -> pd.DataFrame:
+    r"""Simulate a crossed design (students answering items) with known variance components.
+
+    Student :math:`s` answers ``items_per_student`` items drawn uniformly (with replacement:
+    a student may meet an item twice), with a covariate :math:`x \sim N(0, 1)` per response,
+
+    .. math::
+
+        \eta = \beta_0 + \beta_x x + a_s + c_s x + d_{\text{item}}, \qquad
+        a_s \sim N(0, \sigma_a^2),\ c_s \sim N(0, \sigma_c^2),\
+        d_j \sim N(0, \sigma_d^2),
+
+    all independent (:math:`\sigma_a` = ``student_sd``, :math:`\sigma_c` = ``slope_sd``,
+    :math:`\sigma_d` = ``item_sd``); ``y`` is Bernoulli with logit link ("binomial") or
+    Poisson with log link ("poisson"). The columns are ``y``, ``x``, ``student`` and
+    ``item`` (categoricals); the truth is in ``frame.attrs``.
+    """
+    if family not in ("binomial", "poisson"):
+        raise ValueError(f"family must be 'binomial' or 'poisson', got {family!r}")
+    for name, value in (("n_students", n_students), ("n_items", n_items),
+                        ("items_per_student", items_per_student)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.0, student_sd, n_students)
+    c = rng.normal(0.0, slope_sd, n_students) if slope_sd > 0 else np.zeros(n_students)
+    d = rng.normal(0.0, item_sd, n_items)
+    student = np.repeat(np.arange(n_students), items_per_student)
+    item = rng.integers(0, n_items, student.size)
+    x = rng.standard_normal(student.size)
+    eta = intercept + beta_x * x + a[student] + c[student] * x + d[item]
+    if family == "binomial":
+        y = (rng.uniform(size=eta.size) < 1.0 / (1.0 + np.exp(-eta))).astype(np.int64)
+    else:
+        y = rng.poisson(np.exp(eta)).astype(np.int64)
+    frame = pd.DataFrame({
+        "y": y, "x": x,
+        "student": pd.Categorical.from_codes(student, categories=pd.RangeIndex(n_students)
+                                             .astype(str)),
+        "item": pd.Categorical.from_codes(item, categories=pd.RangeIndex(n_items).astype(str)),
+    })
+    frame.attrs.update(family=family, intercept=intercept, beta_x=beta_x,
+                       student_sd=student_sd, item_sd=item_sd, slope_sd=slope_sd, seed=seed)
     return frame
