@@ -44,7 +44,9 @@ print(json.dumps({
     "sd_student": float(vc["student"]), "sd_item": float(vc["item"]),
     "intercept": float(fit.fixef["(Intercept)"]), "x": float(fit.fixef["x"]),
     "loglik": fit.loglik, "message": fit.diagnostics.optimizer_message,
-    "truth": {k: df.attrs[k] for k in ("student_sd", "item_sd", "intercept", "beta_x")},
+    "truth": {k: df.attrs[k] for k in ("student_sd", "item_sd", "intercept", "beta_x",
+                                       "student_sd_realised", "item_sd_realised",
+                                       "item_mean_realised")},
 }))
 """
 
@@ -83,9 +85,12 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     print(f"load average after: {os.getloadavg()}")
     t = rows[-1]["truth"]
-    print("\n| approx | rows | students x items | time (s) | peak RSS (GB) | SD student "
-          f"(truth {t['student_sd']}) | SD item (truth {t['item_sd']}) | intercept "
-          f"({t['intercept']}) | x ({t['beta_x']}) | logLik / ELBO |")
+    print(f"\ntruth of the largest design: student SD {t['student_sd']} (drawn: "
+          f"{t['student_sd_realised']:.4f}), item SD {t['item_sd']} (drawn: "
+          f"{t['item_sd_realised']:.4f}), intercept {t['intercept']} (+ drawn item mean "
+          f"{t['item_mean_realised']:.4f}), x {t['beta_x']}")
+    print("\n| approx | rows | students x items | time (s) | peak RSS (GB) | SD student | "
+          "SD item | intercept | x | logLik / ELBO |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['approx']} | {r['rows']:,} | {r['students']:,} x {r['items']} | "

@@ -18,7 +18,12 @@ import torch
 
 from ngmm_formula.approx import Approximation, choose_approximation
 from ngmm_formula.approx.factor import Factor
-from ngmm_formula.approx.variational import VariationalFit, VariationalObjective, fit_variational
+from ngmm_formula.approx.variational import (
+    VariationalFit,
+    VariationalObjective,
+    fit_variational,
+    profiled_elbo,
+)
 from ngmm_formula.design import Design, build_design, tril_pairs
 from ngmm_formula.distributed import Shard, connect, shard_groups
 from ngmm_formula.errors import (
@@ -93,7 +98,9 @@ def objective_at(prepared: Prepared, fixef: np.ndarray | None, theta: np.ndarray
 
     ``theta`` in lme4's convention (relative to sigma for Gaussian identity models);
     ``fixef`` on the user's scale (ignored under REML, where beta is integrated out).
-    ``-2 *`` this value is lme4's deviance function at the same parameters.
+    ``-2 *`` this value is lme4's deviance function at the same parameters. For
+    ``approx="variational"`` it is the ELBO maximised over the variational parameters
+    (:func:`~ngmm_formula.approx.variational.profiled_elbo`), a lower bound.
     """
     module = _module(prepared)
     with torch.no_grad():
@@ -106,6 +113,8 @@ def objective_at(prepared: Prepared, fixef: np.ndarray | None, theta: np.ndarray
             if sigma is None:
                 raise NGMMError(f"family {prepared.family.name} needs sigma")
             module.log_sigma.fill_(float(np.log(sigma)))
+    if prepared.approximation.kind == "variational":
+        return profiled_elbo(prepared.problem, prepared.family, module)
     obj = Objective(prepared.problem, prepared.family, prepared.approximation, module)
     with torch.no_grad():
         return float(obj())

@@ -521,6 +521,8 @@ def _method(fit: NGMMResult) -> str:
         m = "ML (Laplace)"
     elif a.kind == "agq":
         m = f"ML (AGQ, nAGQ = {a.nagq})"
+    elif a.kind == "variational":
+        m = "ELBO (Gaussian variational)"
     else:
         m = f"ML (truncated, M = {a.truncation:g}, K = {a.points})"
     return m
@@ -539,6 +541,8 @@ def _call(fit: NGMMResult) -> str:
         args.append(f'approx="agq", nagq={a.nagq}')
     elif a.kind == "laplace":
         args.append('approx="laplace"')
+    elif a.kind == "variational":
+        args.append('approx="variational"')
     else:
         args.append(f'approx="truncated", truncation={a.truncation:g}, points={a.points}')
     return f"ngmm({', '.join(args)})"
@@ -569,6 +573,8 @@ def _approx_kwargs(fit: NGMMResult) -> dict[str, Any]:
         return {"approx": "laplace"}
     if a.kind == "agq":
         return {"approx": "agq", "nagq": a.nagq}
+    if a.kind == "variational":
+        return {"approx": "variational"}
     return {"approx": "truncated", "truncation": a.truncation, "points": a.points}
 
 

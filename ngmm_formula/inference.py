@@ -271,6 +271,10 @@ class _ProfileObjective:
                             "are not re-optimised); use method='wald' or 'boot'")
         design, fam = fit.design, fit.family
         approx = fit.approximation
+        if approx.kind == "variational":
+            raise NGMMError("profile intervals of a variational fit are not available (the "
+                            "profile would need the ELBO maximised over the variational "
+                            "parameters at every point); use method='wald' or 'boot'")
         if approx.reml:  # lme4 1.1-31 profiles the ML deviance (devfun2 calls refitML)
             approx = Approximation("exact", reml=False,
                                    joint=len(design.grouping_factors) != 1)
@@ -740,6 +744,8 @@ def _refit_options(fit: NGMMResult) -> dict[str, Any]:
         return {"approx": "agq", "nagq": a.nagq}
     if a.kind == "truncated":
         return {"approx": "truncated", "truncation": a.truncation, "points": a.points}
+    if a.kind == "variational":
+        return {"approx": "variational"}
     return {"approx": "laplace"}
 
 

@@ -281,6 +281,16 @@ def test_verbagg_result_layout(verbagg_fits, tmp_path) -> None:  # type: ignore[
     # ranef are Lambda m: the fitted linear predictor is rebuilt from them
     eta = va.predict(type="link")
     np.testing.assert_allclose(eta, va.eta, rtol=0, atol=1e-10)
+    # the objective at the fitted parameters is the profiled ELBO, i.e. the reported loglik
+    prep = prepare(VERBAGG, load_data("VerbAgg"), "binomial", approx="variational")
+    assert objective_at(prep, va.fixef.to_numpy(), va.theta.to_numpy()) == pytest.approx(
+        va.loglik, abs=1e-3)
+    # Wald intervals of the fixed effects from the profiled-ELBO Hessian (NA for the SDs, as
+    # lme4's confint(method = "Wald")); no likelihood profile of an ELBO
+    ci = va.confint("wald")
+    assert np.isfinite(ci.loc[list(va.fixef.index)].to_numpy()).all()
+    with pytest.raises(NGMMError, match="variational"):
+        va.confint("profile")
     path = va.save(tmp_path / "va.ngmm")
     back = load(path)
     assert back.approximation == va.approximation
@@ -347,3 +357,17 @@ def test_nn_term() -> None:
     pd_ = fit.partial_dependence(0, "x", grid=np.linspace(-1.5, 1.5, 7))
     # the truth is linear in x with slope 0.5: the learnt effect increases
     assert np.corrcoef(pd_["x"], pd_["effect"])[0, 1] > 0.9
+
+
+def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from ngmm_formula import cli
+
+    # ngmm fit ... --approx variational: the summary names the approximation
+    assert cli.main(["fit", "cbind(incidence, size - incidence) ~ period + (1 | herd)",
+                     "--data", "cbpp", "--family", "binomial", "--approx", "variational"]) == 0
+    out = capsys.readouterr().out
+    assert "(Gaussian" in out and "variational approximation)" in out
+    assert cli.main(["fit", "cbind(incidence, size - incidence) ~ period + (1 | herd)",
+                     "--data", "cbpp", "--family", "binomial", "--approx", "variational",
+                     "--nagq", "5"]) == 2
+    assert "nagq" in capsys.readouterr().err

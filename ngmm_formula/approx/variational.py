@@ -114,7 +114,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FULL_BATCH_MAX_ROWS", "GH_NODES", "Levels", "VariationalFit", "VariationalObjective",
            "VariationalParameters", "expected_log_prob", "fit_variational", "initial_log_sd",
-           "kl_standard_normal", "profiled_hessian"]
+           "kl_standard_normal", "profiled_elbo", "profiled_hessian"]
 
 #: Observations up to which linear models are fitted by full-batch L-BFGS.
 FULL_BATCH_MAX_ROWS = 100_000
@@ -433,6 +433,20 @@ def _gradient(obj: VariationalObjective, tensors: list[torch.Tensor]) -> np.ndar
     value = obj()
     grads = torch.autograd.grad(value, tensors, allow_unused=True)
     return _flat([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, tensors)])
+
+
+def profiled_elbo(problem: Problem, family: Family, module: LinearPredictor,
+                  max_iter: int = 2000) -> float:
+    r"""The ELBO maximised over the variational parameters at ``module``'s parameters,
+    :math:`\tilde{\mathcal L}(\psi)` (full-batch L-BFGS from the default start): the
+    objective of a variational fit at fixed model parameters."""
+    levels = Levels.of(problem)
+    params = VariationalParameters(levels, problem.y.dtype,
+                                   initial_log_sd(levels, problem.y.dtype))
+    obj = VariationalObjective(problem, family, module, params)
+    _lbfgs(obj, list(params.parameters()), max_iter)
+    with torch.no_grad():
+        return float(obj())
 
 
 def profiled_hessian(obj: VariationalObjective, max_iter: int, rel_step: float = 1e-4

@@ -489,7 +489,8 @@ def simulate_crossed(
     all independent (:math:`\sigma_a` = ``student_sd``, :math:`\sigma_c` = ``slope_sd``,
     :math:`\sigma_d` = ``item_sd``); ``y`` is Bernoulli with logit link ("binomial") or
     Poisson with log link ("poisson"). The columns are ``y``, ``x``, ``student`` and
-    ``item`` (categoricals); the truth is in ``frame.attrs``.
+    ``item`` (categoricals); the truth is in ``frame.attrs``, with the SDs (and the item
+    mean) of the effects actually drawn (``*_realised``), which is what a fit can recover.
     """
     if family not in ("binomial", "poisson"):
         raise ValueError(f"family must be 'binomial' or 'poisson', got {family!r}")
@@ -516,5 +517,7 @@ def simulate_crossed(
         "item": pd.Categorical.from_codes(item, categories=pd.RangeIndex(n_items).astype(str)),
     })
     frame.attrs.update(family=family, intercept=intercept, beta_x=beta_x,
-                       student_sd=student_sd, item_sd=item_sd, slope_sd=slope_sd, seed=seed)
+                       student_sd=student_sd, item_sd=item_sd, slope_sd=slope_sd, seed=seed,
+                       student_sd_realised=float(a.std()), item_sd_realised=float(d.std()),
+                       item_mean_realised=float(d.mean()))
     return frame
