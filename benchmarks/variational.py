@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--per-student", type=int, default=10)
     ap.add_argument("--small", type=int, default=2000,
                     help="students of the Laplace-vs-variational comparison (0: skip)")
-    ap.add_argument("--patience", type=int, default=3,
+    ap.add_argument("--patience", type=int, default=6,
                     help="Control.patience of the minibatch fit (epochs without improvement)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()

@@ -50,7 +50,8 @@ jointly.
   full-batch L-BFGS in float64 on all parameters, then the profiled Hessian for standard
   errors. Where the switch lies: one evaluation with gradient took 3.0 s at 1M rows (16
   nodes, load average 9 on 2 cores) and L-BFGS needs a few hundred (250 on VerbAgg), while
-  the stochastic fit below stopped after 8 epochs at 200,000 rows (``benchmarks/README.md``).
+  the stochastic fit below reached the truth of a 1M-row crossed model in 25 epochs
+  (``benchmarks/README.md``: stopping too early, after 6, left the slope 3% low).
 * Above it, or with ``nn()`` terms: stochastic optimisation on minibatches of observations
   made of **whole levels of the term with the most levels** (the "students"), about
   ``Control.batch_size`` rows each. For a batch :math:`B` of those levels
