@@ -306,7 +306,8 @@ def variational_result(prepared: Prepared, obj: VariationalObjective, vfit: Vari
     ``ranef`` holds the variational means :math:`\Lambda m_l` with ``postVar``
     :math:`\Lambda S_l \Lambda^\top`; ``vcov`` is the inverse of the negative Hessian of
     the ELBO profiled over the variational parameters (NaN after a minibatch fit, where it is
-    not computed).
+    not computed). ``theta`` is on the absolute scale for every family (as ``glmer``'s; the
+    relative-to-sigma convention of ``lmer`` belongs to the exact Gaussian integral).
     """
     design, fam, approx, pr = (prepared.design, prepared.family, prepared.approximation,
                                prepared.problem)

@@ -371,3 +371,19 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
                      "--data", "cbpp", "--family", "binomial", "--approx", "variational",
                      "--nagq", "5"]) == 2
     assert "nagq" in capsys.readouterr().err
+
+
+def test_gaussian_single_factor_is_exact() -> None:
+    # with one grouping factor and a Gaussian response the posterior of u is Gaussian and
+    # independent across subjects, so the mean-field family contains it: the ELBO equals
+    # log p(y) and the fit is the ML fit (lmer(..., REML = FALSE)); the Gauss-Hermite
+    # expectation is exact for the quadratic log-likelihood. Measured: equal to 1e-10.
+    sleep = load_data("sleepstudy")
+    f = "Reaction ~ Days + (Days | Subject)"
+    ml = ngmm(f, sleep, reml=False)
+    va = ngmm(f, sleep, approx="variational")
+    assert va.loglik == pytest.approx(ml.loglik, abs=1e-6)
+    np.testing.assert_allclose(va.varcorr["sdcor"], ml.varcorr["sdcor"], rtol=1e-6)
+    np.testing.assert_allclose(va.fixef, ml.fixef, rtol=1e-8)
+    # theta of a variational fit is on the absolute scale (results simulate with it so)
+    np.testing.assert_allclose(va.theta.to_numpy(), ml.theta.to_numpy() * ml.sigma, rtol=1e-6)
