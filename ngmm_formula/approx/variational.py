@@ -3,7 +3,9 @@ r"""The Gaussian variational approximation (``approx="variational"``) for large 
 Model (spherical random effects, see :mod:`~ngmm_formula.approx.conditional`):
 :math:`\eta_i = \eta^{\text{fixed}}_i + \sum_s C_{is} u_{\text{slot}(i,s)}`,
 :math:`u \sim N(0, I)`. Instead of integrating :math:`u` out (Laplace needs the joint mode and
-the Cholesky factor of the joint Hessian, which for crossed factors is not block diagonal),
+the Cholesky factor of the joint Hessian, which for crossed factors is not block diagonal:
+the block elimination of :mod:`~ngmm_formula.approx.factor` costs the cube of the smaller
+factors' dimension, too much when two crossed factors are both large),
 the log marginal likelihood is bounded from below by the evidence lower bound (ELBO) of a
 *mean-field* Gaussian family, one Gaussian per level :math:`l` of each term,
 
