@@ -420,8 +420,10 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
 
     # covariance parameters: canonical signs, lme4's relative scale for Gaussian models
     theta_abs = module.theta.detach().clone()
-    Ls = [L.numpy() for L in lambda_blocks(theta_abs, pr.q)]
-    Ls = [L * np.where(np.diag(L) < 0, -1.0, 1.0)[None, :] for L in Ls]
+    # L_fit carries the fit's signs (the conditional modes u belong to it); Ls the reported
+    # ones (positive diagonal)
+    L_fit = [L.numpy() for L in lambda_blocks(theta_abs, pr.q)]
+    Ls = [L * np.where(np.diag(L) < 0, -1.0, 1.0)[None, :] for L in L_fit]
     rel = sigma if exact else 1.0
     theta_vals = [L[i, j] / rel for L in Ls for i, j in tril_pairs(L.shape[0])]
     theta = pd.Series(theta_vals, index=design.theta_names, name="theta")
@@ -432,7 +434,8 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     # lme4's postVar under REML is conditional on beta-hat: blocks of the inverse of the
     # u-block of H, not the u-blocks of the joint (u, beta) inverse (which would add the
     # uncertainty of beta)
-    ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), mode.factor, beta_coords, Ls)
+    ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), mode.factor, beta_coords,
+                          L_fit)
 
     eta = design.offset + matvec(design.X, beta)
     if net_offset is not None:
@@ -520,17 +523,19 @@ def _varcorr(design: Design, Ls: list[np.ndarray], residual_sd: float | None) ->
 
 
 def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
-           factor: Factor, given: torch.Tensor, Ls: list[np.ndarray]
+           factor: Factor, given: torch.Tensor, L_fit: list[np.ndarray]
            ) -> tuple[dict[str, pd.DataFrame], list[np.ndarray]]:
     r"""Conditional modes :math:`b = \Lambda u` and variances
     :math:`\Lambda (H^{-1})_{ll} \Lambda^\top` per grouping factor and level, the
     diagonal blocks of :math:`H^{-1}` from the factor (conditional on the coordinates
-    ``given``: beta under REML)."""
+    ``given``: beta under REML). ``L_fit`` are the fitted :math:`\Lambda_k` with the signs
+    the modes ``v`` belong to (b is unchanged when a column of both flips sign, but not when
+    only one does)."""
     coefs: list[np.ndarray] = []
     condvar: list[np.ndarray] = []
     start = 0
     D = pr.blocks.dim
-    for t, L in zip(design.re_terms, Ls):
+    for t, L in zip(design.re_terms, L_fit):
         levels, cols = np.arange(t.n_levels)[:, None], np.arange(t.q)[None, :]
         if approx.joint:  # lme4's Zt order: term offset + level * q + column
             idx = start + levels * t.q + cols

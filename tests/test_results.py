@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ngmm_formula.api import ngmm
 from ngmm_formula.datasets import load
@@ -340,3 +341,35 @@ def test_family_link_pair_that_does_not_exist(family: str, link: str) -> None:
 def test_unknown_family() -> None:
     with pytest.raises(DataError, match="unknown family"):
         ngmm("count ~ x + (1 | g)", _small(), "quasipoisson")
+
+
+def test_ranef_and_fitted_do_not_depend_on_the_sign_of_theta() -> None:
+    """The likelihood is even in the sign of each column of Lambda, so the optimiser may end at
+    a negative diagonal; the conditional modes u then carry the opposite sign and
+    b = Lambda u, the fitted values and the reported (positive-diagonal) theta must be the
+    same as from the positive solution. Here column 2 of a correlated (1 + urban | district)
+    term is flipped after the fit."""
+    from ngmm_formula.api import _module, make_result, prepare
+    from ngmm_formula.fit import Control, Objective, glm_start, optimise
+
+    data = load("Contraception")
+    formula = "use ~ age + urban + (1 + urban | district)"
+    control = Control()
+    prepared = prepare(formula, data, "binomial", approx="laplace")
+    module = _module(prepared)
+    obj = Objective(prepared.problem, prepared.family, prepared.approximation, module)
+    glm_start(prepared.problem, prepared.family, module)
+    opt = optimise(obj)
+    kw: dict[str, Any] = dict(formula=formula, data_name=None, refit=None)
+    reference = make_result(prepared, obj, opt, control, **kw)
+    with torch.no_grad():
+        module.theta[2].neg_()  # theta = (L11, L21, L22), column-major: column 2 is L22
+    obj.mode = None
+    flipped = make_result(prepared, obj, opt, control, **kw)
+    assert float(module.theta.detach()[2]) < 0
+    np.testing.assert_allclose(flipped.theta.to_numpy(), reference.theta.to_numpy(), rtol=1e-12)
+    for a, b in zip(flipped.ranef.values(), reference.ranef.values()):
+        np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(a.attrs["postVar"], b.attrs["postVar"], rtol=1e-6,
+                                   atol=1e-12)
+    np.testing.assert_allclose(flipped.fitted, reference.fitted, rtol=1e-9)
