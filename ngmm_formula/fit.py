@@ -36,7 +36,7 @@ from ngmm_formula.approx.conditional import ConditionalMode, find_mode
 from ngmm_formula.approx.profiled import ProfiledLMM, use_profiled
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
-from ngmm_formula.model import LinearPredictor, Problem
+from ngmm_formula.model import LinearPredictor, Problem, matvec
 
 if TYPE_CHECKING:
     from ngmm_formula.distributed import Shard
@@ -285,6 +285,53 @@ class Optimum:
     cov_beta: np.ndarray | None = None
 
 
+def lstsq_fixed_order(X: torch.Tensor, y: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
+    r"""Least squares :math:`\arg\min_\beta \lVert y - X\beta \rVert` by Householder QR.
+
+    For each column :math:`j` the reflection :math:`I - 2 v v^\top / v^\top v`, with
+    :math:`v = x - \alpha e_1` and :math:`\alpha = -\operatorname{sign}(x_1) \lVert x
+    \rVert` for the column's part :math:`x` below the diagonal, is applied to the remaining
+    columns and to :math:`y`; then :math:`R \beta = Q^\top y` is solved by back
+    substitution. Every inner product is an elementwise product summed along one axis, in an
+    order fixed by the shape, so the result does not depend on memory alignment (LAPACK's
+    ``gels`` through MKL does, see :func:`~ngmm_formula.model.matvec`). Cost
+    :math:`O(n p^2)`, memory :math:`O(n p)`; a column whose diagonal element of :math:`R` is
+    below ``rtol`` times the largest gets coefficient 0 (rank deficiency).
+
+    Parameters
+    ----------
+    X : Tensor, shape (n, p)
+    y : Tensor, shape (n,)
+    rtol : float
+
+    Returns
+    -------
+    Tensor, shape (p,)
+    """
+    n, p = X.shape
+    R, b = X.clone(), y.clone()
+    for j in range(min(n, p)):
+        x = R[j:, j]
+        norm = torch.sqrt((x * x).sum())
+        if float(norm) == 0.0:
+            continue
+        alpha = -norm if float(x[0]) >= 0 else norm
+        v = x.clone()
+        v[0] = v[0] - alpha
+        vv = (v * v).sum()
+        scale = 2.0 / vv
+        R[j:, j:] -= scale * v[:, None] * (v[:, None] * R[j:, j:]).sum(0)[None, :]
+        b[j:] -= scale * v * (v * b[j:]).sum()
+    diag = torch.diagonal(R[:p, :p]).abs() if n >= p else torch.zeros(p, dtype=X.dtype)
+    keep = diag > rtol * float(diag.max()) if p else diag > 0
+    beta = torch.zeros(p, dtype=X.dtype, device=X.device)
+    for i in reversed(range(min(n, p))):
+        if not bool(keep[i]):
+            continue
+        beta[i] = (b[i] - (R[i, i + 1:] * beta[i + 1:]).sum()) / R[i, i]
+    return beta
+
+
 def glm_start(problem: Problem, family: Family, module: LinearPredictor,
               max_iter: int = 50) -> None:
     """Set beta (and log_sigma) to the fixed-effects-only GLM fit: lme4's start for glmer.
@@ -292,7 +339,9 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
     Iteratively reweighted least squares as R's ``glm.fit``: Fisher-scoring steps, halved
     while the linear predictor leaves the family's support or the log-likelihood drops (so a
     Gamma model with inverse link never sees a negative mean); then sigma by a
-    one-dimensional search at the fitted beta.
+    one-dimensional search at the fitted beta. The weighted least-squares problems are solved
+    by :func:`lstsq_fixed_order` and every ``X beta`` by :func:`~ngmm_formula.model.matvec`, so
+    that the start (and hence the fit) does not depend on memory alignment.
     """
     y, w, off, Xs = problem.y, problem.w, problem.offset, problem.Xs
     ls0 = None
@@ -304,26 +353,23 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
                                                         w.numpy()), dtype=y.dtype)
         if problem.p:
             eta = torch.as_tensor(family.initial_eta(y.numpy(), w.numpy()), dtype=y.dtype)
-            beta = torch.linalg.lstsq(Xs, (eta - off).unsqueeze(-1)).solution.squeeze(-1)
-            ll = family.log_prob(y, off + Xs @ beta, ls0, w).sum()
+            beta = lstsq_fixed_order(Xs, eta - off)
+            ll = family.log_prob(y, off + matvec(Xs, beta), ls0, w).sum()
             if not torch.isfinite(ll):  # least squares left the support: start from eta_init
                 beta = torch.zeros_like(beta)
             for _ in range(max_iter):
-                eta = off + Xs @ beta
+                eta = off + matvec(Xs, beta)
                 ll = family.log_prob(y, eta, ls0, w).sum()
                 W = family.fisher_weight(eta, ls0, w).clamp_min(1e-12)
                 z = eta - off + family.dlogp(y, eta, ls0, w) / W
                 sw = W.sqrt().unsqueeze(-1)
-                target = beta
-                try:
-                    target = torch.linalg.lstsq(Xs * sw, (z.unsqueeze(-1) * sw)).solution
-                    target = target.squeeze(-1)
-                except RuntimeError:
+                target = lstsq_fixed_order(Xs * sw, z * sw.squeeze(-1))
+                if not bool(torch.isfinite(target).all()):
                     break
                 step, t = target - beta, 1.0
                 for _ in range(30):
                     new = beta + t * step
-                    ll_new = family.log_prob(y, off + Xs @ new, ls0, w).sum()
+                    ll_new = family.log_prob(y, off + matvec(Xs, new), ls0, w).sum()
                     if torch.isfinite(ll_new) and (ll_new >= ll - 1e-10 * abs(float(ll))
                                                    or not torch.isfinite(ll)):
                         break
@@ -335,7 +381,7 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
                     break
             module.beta.copy_(beta)
         if module.log_sigma is not None and ls0 is not None:
-            eta = off + (Xs @ module.beta if problem.p else 0.0)
+            eta = off + (matvec(Xs, module.beta) if problem.p else 0.0)
 
             def nll(ls: float) -> float:
                 v = family.log_prob(y, eta, torch.tensor(ls, dtype=y.dtype), w).sum()

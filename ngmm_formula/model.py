@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,18 +29,24 @@ from ngmm_formula.approx.factor import Split
 from ngmm_formula.design import Design, ReTerm, tril_pairs
 from ngmm_formula.families import Family
 
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
 __all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "joint_split",
            "lambda_blocks", "matvec"]
 
 
-def matvec(M: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``M @ v`` with a fixed summation order.
+def matvec(M: ArrayT, v: ArrayT) -> ArrayT:
+    """``M @ v`` with a fixed summation order (numpy arrays or torch tensors, differentiable).
 
     BLAS kernels pick code paths by memory alignment (with or without fused multiply-add), so
-    ``M @ v`` can differ in the last bit between two runs of the same script; reported
-    estimates and predictions use this instead, so that a seed reproduces them bit for bit.
+    ``M @ v`` can differ in the last bit between two runs of the same script: MKL's ``dgemv``
+    (torch's ``Xs @ beta``) does for 5 or more columns when the matrix starts at an odd
+    multiple of 8 bytes (``tests/test_neural.py::test_fixed_order_kernels_ignore_alignment``).
+    The linear predictor, the GLM start, and the reported estimates and predictions use this
+    instead, so that a seed reproduces a fit bit for bit. Elementwise products followed by a
+    reduction over the contiguous last axis are summed in an order fixed by the shape alone.
     """
-    return (M * v[None, :]).sum(axis=1)
+    return (M * v[None, :]).sum(axis=1)  # type: ignore[no-any-return, call-overload]
 
 
 @dataclass(frozen=True)
@@ -289,7 +296,7 @@ class LinearPredictor(torch.nn.Module):
         """offset + X beta + sum of networks (X beta left out under REML: beta is integrated)."""
         eta = problem.offset
         if not self.reml and problem.p:
-            eta = eta + problem.Xs @ self.beta
+            eta = eta + matvec(problem.Xs, self.beta)
         for net, x in zip(self.nets, problem.net_X):
             eta = eta + net(x)
         return eta
