@@ -46,7 +46,7 @@ from ngmm_formula.fit import (
 )
 from ngmm_formula.formula import parse_formula
 from ngmm_formula.model import LinearPredictor, Problem, build_problem, lambda_blocks, matvec
-from ngmm_formula.networks import MLP, make_network
+from ngmm_formula.networks import CentredNetwork, make_network
 from ngmm_formula.results import Diagnostics, NGMMResult
 from ngmm_formula.train import TrainingHistory, train_networks
 
@@ -120,8 +120,8 @@ def objective_at(prepared: Prepared, fixef: np.ndarray | None, theta: np.ndarray
         return float(obj())
 
 
-def _nets(module: LinearPredictor) -> tuple[MLP, ...]:
-    return tuple(n for n in module.nets if isinstance(n, MLP))
+def _nets(module: LinearPredictor) -> tuple[CentredNetwork, ...]:
+    return tuple(n for n in module.nets if isinstance(n, CentredNetwork))
 
 
 def _module(prepared: Prepared) -> LinearPredictor:
@@ -298,7 +298,7 @@ def _ngmm_variational(prepared: Prepared, control: Control, seed: int, *, formul
 
 def variational_result(prepared: Prepared, obj: VariationalObjective, vfit: VariationalFit,
                        control: Control, *, formula: str, data_name: str | None, refit: Any,
-                       nets: tuple[MLP, ...] = (), net_offset: torch.Tensor | None = None
+                       nets: tuple[CentredNetwork, ...] = (), net_offset: torch.Tensor | None = None
                        ) -> NGMMResult:
     r"""An :class:`NGMMResult` from a variational fit (warns once).
 
@@ -383,7 +383,7 @@ def variational_result(prepared: Prepared, obj: VariationalObjective, vfit: Vari
 
 def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Control, *,
                 formula: str, data_name: str | None, refit: Any,
-                nets: tuple[MLP, ...] = (), net_offset: torch.Tensor | None = None,
+                nets: tuple[CentredNetwork, ...] = (), net_offset: torch.Tensor | None = None,
                 history: TrainingHistory | None = None) -> NGMMResult:
     """Turn the optimum into an :class:`NGMMResult` on the user's scale (warns once)."""
     design, fam, approx, pr = (prepared.design, prepared.family, prepared.approximation,

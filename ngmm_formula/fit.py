@@ -77,6 +77,10 @@ class Control:
         Optimiser steps before early stopping and learning-rate decay may act.
     min_delta : float
         Relative improvement that counts.
+    ensemble : int
+        Networks trained per ``nn()`` term (different initial weights and validation splits)
+        whose outputs are averaged; 1 trains a single network. Training time grows in
+        proportion.
     refit : bool
         Refit the linear and variance parameters by L-BFGS after training.
     progress : bool or None
@@ -98,6 +102,7 @@ class Control:
     patience: int = 15
     min_steps: int = 200
     min_delta: float = 1e-5
+    ensemble: int = 3
     refit: bool = True
     progress: bool | None = None
     threads: int | None = None
@@ -109,7 +114,7 @@ class Control:
             ("batch_size", self.batch_size >= 1),
             ("batch_groups", self.batch_groups is None or self.batch_groups >= 1),
             ("validation", 0 <= self.validation < 1), ("patience", self.patience >= 1),
-            ("min_steps", self.min_steps >= 0),
+            ("min_steps", self.min_steps >= 0), ("ensemble", self.ensemble >= 1),
             ("na_action", self.na_action in ("omit", "raise")),
             ("threads", self.threads is None or self.threads >= 1),
         ]

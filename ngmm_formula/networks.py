@@ -13,15 +13,26 @@ training data, so that the intercept lives in the linear part :math:`X\beta`. Du
 :math:`\bar f` is absorbed by the intercept; when training ends the network is centred once
 (:meth:`MLP.centre`) and the intercept shifted by the same amount, leaving every prediction
 unchanged.
+
+With ``Control(ensemble=K)`` a term's network is an :class:`Ensemble`: the average of K such
+networks trained from different initial weights and validation splits,
+
+.. math::
+
+    f(x) = \frac{1}{K} \sum_{k=1}^{K} f_k(x; w_k) - \bar f ,
+
+which has the same interface (centring, number of weights) as one network.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from ngmm_formula.formula import NNTerm
 
-__all__ = ["MLP", "make_network"]
+__all__ = ["MLP", "CentredNetwork", "Ensemble", "make_network"]
 
 _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "relu": torch.nn.ReLU,
@@ -34,38 +45,21 @@ _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
 }
 
 
-class MLP(torch.nn.Module):
-    """Multilayer perceptron without output bias, with a stored centring constant.
+class CentredNetwork(torch.nn.Module):
+    """A network whose output is shifted by a stored constant (set once by :meth:`centre`)."""
 
-    Parameters
-    ----------
-    in_features : int
-    hidden : tuple of int
-    activation : str
-    dropout : float
-    dtype : torch.dtype
-    """
+    centre_value: torch.Tensor
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str,
-                 dropout: float, dtype: torch.dtype = torch.float64):
+    def __init__(self, dtype: torch.dtype):
         super().__init__()
-        layers: list[torch.nn.Module] = []
-        width = in_features
-        for h in hidden:
-            layers.append(torch.nn.Linear(width, h, dtype=dtype))
-            layers.append(_ACTIVATIONS[activation]())
-            if dropout > 0:
-                layers.append(torch.nn.Dropout(dropout))
-            width = h
-        out = torch.nn.Linear(width, 1, bias=False, dtype=dtype)
-        torch.nn.init.zeros_(out.weight)  # start at f = 0: the GLMM
-        layers.append(out)
-        self.body = torch.nn.Sequential(*layers)
-        self.centre_value: torch.Tensor
         self.register_buffer("centre_value", torch.zeros((), dtype=dtype))
 
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The output before centring, shape (n,)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).squeeze(-1) - self.centre_value
+        return self.raw(x) - self.centre_value
 
     @torch.no_grad()
     def centre(self, x: torch.Tensor) -> float:
@@ -80,6 +74,70 @@ class MLP(torch.nn.Module):
     @property
     def n_weights(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class MLP(CentredNetwork):
+    """Multilayer perceptron without output bias, with a stored centring constant.
+
+    Parameters
+    ----------
+    in_features : int
+    hidden : tuple of int
+    activation : str
+    dropout : float
+    dtype : torch.dtype
+    """
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str,
+                 dropout: float, dtype: torch.dtype = torch.float64):
+        super().__init__(dtype)
+        layers: list[torch.nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers.append(torch.nn.Linear(width, h, dtype=dtype))
+            layers.append(_ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(torch.nn.Dropout(dropout))
+            width = h
+        out = torch.nn.Linear(width, 1, bias=False, dtype=dtype)
+        torch.nn.init.zeros_(out.weight)  # start at f = 0: the GLMM
+        layers.append(out)
+        self.body = torch.nn.Sequential(*layers)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """New initial weights from torch's global generator (as at construction): PyTorch's
+        default initialisation of the hidden layers, zero output layer, no centring."""
+        linears = [m for m in self.body if isinstance(m, torch.nn.Linear)]
+        for lin in linears[:-1]:
+            lin.reset_parameters()
+        torch.nn.init.zeros_(linears[-1].weight)
+        self.centre_value.zero_()
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).squeeze(-1)  # type: ignore[no-any-return]
+
+
+class Ensemble(CentredNetwork):
+    """The average of several trained networks of one ``nn()`` term, centred once.
+
+    Parameters
+    ----------
+    members : sequence of CentredNetwork
+        Trained networks of the same term (uncentred).
+    """
+
+    def __init__(self, members: Sequence[CentredNetwork]):
+        if not members:
+            raise ValueError("Ensemble: members must not be empty")
+        super().__init__(members[0].centre_value.dtype)
+        self.members = torch.nn.ModuleList(members)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.members[0](x)
+        for net in self.members[1:]:  # a fixed order: reproducible bit for bit
+            total = total + net(x)
+        return total / len(self.members)
 
 
 def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64) -> MLP:

@@ -14,7 +14,8 @@ groups, ``m`` observations each, are the **new-group** test set. Full size: G = 
 
 Methods:
 
-(a) NGMM    ``y ~ nn(x1, x2) + x3 + (1 | g)`` (this package, default Control);
+(a) NGMM    ``y ~ nn(x1, x2) + x3 + (1 | g)`` (this package, default Control: the average of
+            ``Control.ensemble`` networks);
 (b) GLMM    ``y ~ x1 + x2 + x3 + (1 | g)`` (this package);
 (c) statsmodels: ``MixedLM`` (ML) for gaussian, ``BinomialBayesMixedGLM`` /
     ``PoissonBayesMixedGLM`` ``.fit_vb()`` otherwise, same linear formula; point estimates
