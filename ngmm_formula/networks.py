@@ -65,14 +65,23 @@ class MLP(torch.nn.Module):
         self.register_buffer("centre_value", torch.zeros((), dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).squeeze(-1) - self.centre_value
+        """The centred output, shape (n,).
+
+        The layers run in the weights' dtype (``x`` is cast to it: the caller may hold
+        float64 inputs for a float32 network); the output is then taken to the dtype of the
+        centring constant (float64 unless the whole fit is float32), so the centred network
+        has mean 0 on the training data to double precision.
+        """
+        w = next(self.parameters())
+        out = self.body(x.to(dtype=w.dtype, device=w.device)).squeeze(-1)
+        return out.to(self.centre_value.dtype) - self.centre_value
 
     @torch.no_grad()
     def centre(self, x: torch.Tensor) -> float:
         """Centre the output on ``x`` (the training inputs); returns the shift applied."""
         was = self.training
         self.eval()
-        shift = float(self.forward(x).mean())
+        shift = float(self.forward(x).double().mean())
         self.centre_value.add_(shift)
         self.train(was)
         return shift
@@ -82,6 +91,17 @@ class MLP(torch.nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64) -> MLP:
-    """The network of one ``nn()`` term."""
-    return MLP(in_features, term.hidden, term.activation, term.dropout, dtype)
+def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64,
+                 device: str | torch.device = "cpu") -> MLP:
+    """The network of one ``nn()`` term, with its weights in ``dtype`` on ``device``.
+
+    The weights are initialised on the CPU in float64 from torch's generator and then
+    converted, so a seed gives the same starting network whatever the dtype and device.
+    """
+    net = MLP(in_features, term.hidden, term.activation, term.dropout)
+    net.to(device=device, dtype=dtype)
+    # the output and its centring stay in float64 on the CPU (float32 weights: float32
+    # arithmetic inside the layers only)
+    out_dtype = torch.float64 if torch.device(device).type == "cpu" else dtype
+    net.centre_value = torch.zeros((), dtype=out_dtype, device=device)
+    return net
