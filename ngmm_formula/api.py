@@ -157,7 +157,8 @@ def _nets(module: LinearPredictor) -> tuple[MLP, ...]:
 
 def _module(prepared: Prepared) -> LinearPredictor:
     pr = prepared.problem
-    nets = tuple(make_network(ni.term, ni.X.shape[1], dtype=x.dtype, device=x.device)
+    nets = tuple(make_network(ni.term, ni.X.shape[1], dtype=x.dtype, device=x.device,
+                              output_dtype=pr.y.dtype)
                  for ni, x in zip(prepared.design.nets, pr.net_X))
     return LinearPredictor(pr, prepared.family.has_dispersion, nets)
 

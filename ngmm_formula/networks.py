@@ -92,16 +92,16 @@ class MLP(torch.nn.Module):
 
 
 def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64,
-                 device: str | torch.device = "cpu") -> MLP:
+                 device: str | torch.device = "cpu", output_dtype: torch.dtype | None = None
+                 ) -> MLP:
     """The network of one ``nn()`` term, with its weights in ``dtype`` on ``device``.
 
     The weights are initialised on the CPU in float64 from torch's generator and then
     converted, so a seed gives the same starting network whatever the dtype and device.
+    ``output_dtype`` (default ``dtype``) is the dtype of the output and of its centring
+    constant: float64 weights are not needed for a float64 output.
     """
     net = MLP(in_features, term.hidden, term.activation, term.dropout)
     net.to(device=device, dtype=dtype)
-    # the output and its centring stay in float64 on the CPU (float32 weights: float32
-    # arithmetic inside the layers only)
-    out_dtype = torch.float64 if torch.device(device).type == "cpu" else dtype
-    net.centre_value = torch.zeros((), dtype=out_dtype, device=device)
+    net.centre_value = torch.zeros((), dtype=output_dtype or dtype, device=device)
     return net
