@@ -189,6 +189,15 @@ def read_data(spec: str) -> pd.DataFrame:
     return _read(spec, allow_names=True)
 
 
+def _read_model_columns(spec: str, formula: str) -> pd.DataFrame:
+    """Only the columns ``formula`` uses (a wide Parquet file costs the memory of those)."""
+    from ngmm_formula.design import required_columns
+    from ngmm_formula.formula import parse_formula
+    from ngmm_formula.io import read_data as _read
+
+    return _read(spec, required_columns(parse_formula(formula)), allow_names=True)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -241,7 +250,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         if not folder.is_dir():  # before a possibly long fit
             raise NGMMError(f"cannot save the model to '{args.save}': the folder '{folder}' "
                             "does not exist")
-    data = read_data(args.data)
+    data = _read_model_columns(args.data, args.formula)
     fit = _fit(args, args.formula, data)
     print(fit.summary())
     if args.save is not None:

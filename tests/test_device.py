@@ -88,18 +88,19 @@ def test_cpu_float64_explicit_is_the_default() -> None:
 def test_cpu_float32_linear_glmm() -> None:
     """The whole fit in float32 (what a GPU runs by default), on the CPU.
 
-    Tolerances: float32 resolves the objective to about 1e-7 relative, so the optimum is
-    found to roughly sqrt(1e-7) ~ 3e-4 in the parameters; the log-likelihood (re-evaluated
-    in float32) to 1e-3 relative of its size is well inside that.
+    Measured here: log-likelihood 4e-7 from lme4's, fixed effects 1e-6, the SD 4e-6
+    relative. Tolerances: the fitted log-likelihood's usual 1e-3; 1e-4 for the fixed effects
+    and 1e-3 relative for the SD, since float32 resolves the objective to ~1e-7 relative and
+    so the optimum only to about its square root (3e-4) in the worst case.
     """
     ref = REFS["cbpp_logit_laplace"]
     fit = ngmm(CBPP, dataset("cbpp"), "binomial", approx="laplace", device="cpu",
                dtype="float32")
     # glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial)
-    assert fit.loglik == pytest.approx(ref["logLik"], abs=0.05)
-    np.testing.assert_allclose(fit.fixef.to_numpy(), list(ref["fixef"].values()), atol=5e-3)
+    assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-3)
+    np.testing.assert_allclose(fit.fixef.to_numpy(), list(ref["fixef"].values()), atol=1e-4)
     assert float(fit.varcorr.sdcor.iloc[0]) == pytest.approx(ref["theta"]["herd.(Intercept)"],
-                                                             rel=1e-2)
+                                                             rel=1e-3)
     assert isinstance(fit.fixef.to_numpy()[0], np.float64)
 
 
@@ -116,8 +117,9 @@ def test_cuda_linear_glmm_matches_cpu() -> None:
     df = dataset("cbpp")
     cpu = ngmm(CBPP, df, "binomial", approx="laplace")
     gpu = ngmm(CBPP, df, "binomial", approx="laplace", device="cuda")  # float32
-    assert gpu.loglik == pytest.approx(cpu.loglik, abs=0.05)
-    np.testing.assert_allclose(gpu.fixef.to_numpy(), cpu.fixef.to_numpy(), atol=5e-3)
+    # tolerances as test_cpu_float32_linear_glmm
+    assert gpu.loglik == pytest.approx(cpu.loglik, abs=1e-3)
+    np.testing.assert_allclose(gpu.fixef.to_numpy(), cpu.fixef.to_numpy(), atol=1e-4)
     gpu64 = ngmm(CBPP, df, "binomial", approx="laplace", device="cuda", dtype="float64")
     assert gpu64.loglik == pytest.approx(cpu.loglik, abs=1e-6)
 

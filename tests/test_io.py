@@ -108,3 +108,17 @@ def test_fit_from_parquet_equals_fit_from_frame(wide: tuple[pd.DataFrame, Path])
         # glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial)
         assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-3)
     assert ngmm(CBPP, path, "binomial", approx="laplace").data_name == "cbpp_wide.parquet"
+
+
+def test_cli_fit_reads_only_the_model_columns(wide: tuple[pd.DataFrame, Path],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from ngmm_formula import cli
+
+    _, path = wide
+    got = cli._read_model_columns(str(path), CBPP)
+    assert sorted(got.columns) == ["herd", "incidence", "period", "size"]
+    assert cli.main(["fit", CBPP, "--data", str(path), "--family", "binomial", "--approx",
+                     "laplace", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    # glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial)
+    assert "-92.0" in out and "cbpp_wide.parquet" in out
