@@ -235,7 +235,7 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
         raise NGMMError("distributed=True is not available with approx='variational' (its "
                         "minibatches already bound the memory of one process)")
     if distributed:
-        device = connect(device)
+        device = connect(str(device))
     source = data
     data = load_data(parse_formula(formula), data, weights, offset)
     data_name = getattr(data, "attrs", {}).get("name") if isinstance(data, pd.DataFrame) else None
