@@ -24,7 +24,7 @@ from ngmm_formula.approx.variational import (
     fit_variational,
     profiled_elbo,
 )
-from ngmm_formula.design import Design, build_design, tril_pairs
+from ngmm_formula.design import Design, build_design, required_columns, tril_pairs
 from ngmm_formula.distributed import Shard, connect, shard_groups
 from ngmm_formula.errors import (
     ConvergenceWarning,
@@ -44,8 +44,16 @@ from ngmm_formula.fit import (
     theta_start,
     torch_threads,
 )
-from ngmm_formula.formula import parse_formula
-from ngmm_formula.model import LinearPredictor, Problem, build_problem, lambda_blocks, matvec
+from ngmm_formula.formula import ParsedFormula, parse_formula
+from ngmm_formula.io import is_data_source, read_data
+from ngmm_formula.model import (
+    LinearPredictor,
+    Problem,
+    build_problem,
+    lambda_blocks,
+    matvec,
+    resolve_device,
+)
 from ngmm_formula.networks import CentredNetwork, make_network
 from ngmm_formula.results import Diagnostics, NGMMResult
 from ngmm_formula.train import TrainingHistory, train_networks
@@ -63,18 +71,36 @@ class Prepared:
     problem: Problem
 
 
-def prepare(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
+def load_data(parsed: ParsedFormula, data: Any, weights: Any = None, offset: Any = None
+              ) -> pd.DataFrame:
+    """The data frame of a fit: ``data`` itself, or the columns the model uses read from a
+    Parquet/CSV file or a pyarrow Dataset (:func:`ngmm_formula.io.read_data`)."""
+    if isinstance(data, pd.DataFrame) or not is_data_source(data):
+        return data  # build_design names what is wrong with anything else
+    cols = required_columns(parsed, with_response=True)
+    cols += [a for a in (weights, offset) if isinstance(a, str)]
+    return read_data(data, cols)
+
+
+def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
             approx: str = "auto", nagq: int | None = None, truncation: float | None = None,
             points: int | None = None, weights: Any = None, offset: Any = None,
             reml: bool | None = None, control: Control | None = None,
-            device: str = "cpu") -> Prepared:
-    """Parse, build the design, validate it against the family and lay out the blocks."""
+            device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+            ) -> Prepared:
+    """Parse, build the design, validate it against the family and lay out the blocks.
+
+    ``device`` and ``dtype`` as :func:`ngmm`; ``data`` a DataFrame, a Parquet/CSV path or a
+    pyarrow Dataset.
+    """
     control = control or Control()
+    dev, dt = resolve_device(device, dtype)
     fam = get_family(family)
     parsed = parse_formula(formula)
     if not parsed.bars:
         raise DataError(f"no random-effects terms in the formula '{formula}': add one such "
                         "as (1 | group)")
+    data = load_data(parsed, data, weights, offset)
     design = build_design(parsed, data, binomial=fam.name == "binomial", weights=weights,
                           offset=offset, na_action=control.na_action)  # type: ignore[arg-type]
     fam.validate_response(design.y, design.weights, design.response_name)
@@ -88,7 +114,11 @@ def prepare(formula: str, data: pd.DataFrame, family: str | Family = "gaussian",
         approx, nagq=nagq, truncation=truncation, points=points, reml=reml,
         n_grouping_factors=n_groups, block_dim=block_dim, gaussian_identity=gauss_id,
         has_networks=bool(design.nets))
-    problem = build_problem(design, fam, approximation, device=device)
+    # networks train in float32 unless a dtype is asked for: twice the arithmetic rate of
+    # float64 on a CPU and half the memory traffic, while the integrals stay in float64
+    net_dtype = torch.float32 if dtype is None else dt
+    problem = build_problem(design, fam, approximation, dtype=dt, device=dev,
+                            net_dtype=net_dtype)
     return Prepared(design, fam, approximation, problem)
 
 
@@ -106,9 +136,10 @@ def objective_at(prepared: Prepared, fixef: np.ndarray | None, theta: np.ndarray
     with torch.no_grad():
         if fixef is not None and not prepared.problem.reml:
             beta_s = np.linalg.solve(prepared.problem.standardisation.A, np.asarray(fixef))
-            module.beta.copy_(torch.as_tensor(beta_s))
+            module.beta.copy_(torch.as_tensor(beta_s, dtype=module.beta.dtype))
         scale = sigma if prepared.approximation.kind == "exact" and sigma else 1.0
-        module.theta.copy_(torch.as_tensor(np.asarray(theta, dtype=float) * scale))
+        module.theta.copy_(torch.as_tensor(np.asarray(theta, dtype=float) * scale,
+                                           dtype=module.theta.dtype))
         if module.log_sigma is not None:
             if sigma is None:
                 raise NGMMError(f"family {prepared.family.name} needs sigma")
@@ -125,15 +156,19 @@ def _nets(module: LinearPredictor) -> tuple[CentredNetwork, ...]:
 
 
 def _module(prepared: Prepared) -> LinearPredictor:
-    nets = tuple(make_network(ni.term, ni.X.shape[1]) for ni in prepared.design.nets)
-    return LinearPredictor(prepared.problem, prepared.family.has_dispersion, nets)
+    pr = prepared.problem
+    nets = tuple(make_network(ni.term, ni.X.shape[1], dtype=x.dtype, device=x.device,
+                              output_dtype=pr.y.dtype)
+                 for ni, x in zip(prepared.design.nets, pr.net_X))
+    return LinearPredictor(pr, prepared.family.has_dispersion, nets)
 
 
-def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
+def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
          approx: str = "auto", nagq: int | None = None, truncation: float | None = None,
          points: int | None = None, weights: Any = None, offset: Any = None,
          reml: bool | None = None, control: Control | None = None, seed: int = 0,
-         device: str = "cpu", distributed: bool = False) -> NGMMResult:
+         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         distributed: bool = False) -> NGMMResult:
     """Fit a (neural) generalized linear mixed model.
 
     Parameters
@@ -141,8 +176,10 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
     formula : str
         lme4 formula, e.g. ``"use ~ age + urban + (1 + urban | district)"``; ``nn(...)``
         terms add neural networks to the linear predictor.
-    data : DataFrame
-        Never modified.
+    data : DataFrame, str, os.PathLike or pyarrow.dataset.Dataset
+        A DataFrame (never modified), or a Parquet file (or folder of Parquet files), a CSV
+        file or a pyarrow Dataset, of which only the columns the model uses are read, batch
+        by batch (:func:`ngmm_formula.io.read_data`).
     family : str or Family
         "gaussian", "binomial", "poisson", "negative_binomial", "gamma", or a Family object
         (e.g. ``get_family("binomial", "probit")``).
@@ -158,8 +195,15 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
     control : Control
     seed : int
         Seeds torch for anything random in the fit.
-    device : str
-        Torch device.
+    device : str or torch.device
+        ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"`` or ``"mps"``: where the parameters,
+        the data tensors and every evaluation of the objective live. Results are returned on
+        the CPU.
+    dtype : {"float32", "float64"}, optional
+        Floating point precision. Default: on the CPU the integrals and the linear and
+        variance parameters in float64 (the reference precision, agreeing with lme4 to
+        1e-6) and the networks in float32; on a GPU everything in float32. An explicit
+        dtype applies to everything.
     distributed : bool
         Data-parallel fit over the processes of a :mod:`torch.distributed` process group
         (started from ``torchrun``'s environment if not yet initialised; gloo on the CPU, nccl
@@ -178,30 +222,33 @@ def ngmm(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
     with torch_threads(control.threads):
         return _ngmm(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                      points=points, weights=weights, offset=offset, reml=reml, control=control,
-                     seed=seed, device=device, distributed=distributed)
+                     seed=seed, device=device, dtype=dtype, distributed=distributed)
 
 
-def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str,
+def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
           nagq: int | None, truncation: float | None, points: int | None, weights: Any,
-          offset: Any, reml: bool | None, control: Control, seed: int, device: str,
+          offset: Any, reml: bool | None, control: Control, seed: int,
+          device: str | torch.device, dtype: str | torch.dtype | None = None,
           distributed: bool = False) -> NGMMResult:
     torch.manual_seed(seed)
     if distributed and approx == "variational":
         raise NGMMError("distributed=True is not available with approx='variational' (its "
                         "minibatches already bound the memory of one process)")
     if distributed:
-        device = connect(device)
+        device = connect(str(device))
+    source = data
+    data = load_data(parse_formula(formula), data, weights, offset)
     data_name = getattr(data, "attrs", {}).get("name") if isinstance(data, pd.DataFrame) else None
     prepared = prepare(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                        points=points, weights=weights, offset=offset, reml=reml,
-                       control=control, device=device)
+                       control=control, device=device, dtype=dtype)
 
     def refit(**kw: Any) -> NGMMResult:
         args = dict(approx=approx, nagq=nagq, truncation=truncation, points=points,
                     weights=weights, offset=offset, reml=reml, control=control, seed=seed,
-                    device=device, distributed=distributed)
+                    device=device, dtype=dtype, distributed=distributed)
         args.update(kw)
-        return ngmm(formula, data, family, **args)  # type: ignore[arg-type]
+        return ngmm(formula, source, family, **args)  # type: ignore[arg-type]
 
     if prepared.approximation.kind == "variational":
         return _ngmm_variational(prepared, control, seed, formula=formula,
@@ -212,6 +259,11 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
     module = _module(prepared)
     pr, fam = prepared.problem, prepared.family
     obj = Objective(pr, fam, prepared.approximation, module, shard=shard)
+    # the GLMM part (the networks' output is 0 at initialisation): the same parameters
+    # without evaluating the networks, which would only cost time
+    glmm_obj = (Objective(pr, fam, prepared.approximation, _without_nets(module, pr, fam),
+                          shard=shard)
+                if module.nets else obj)
     if not profiled(obj):  # lmer's profiled fit starts at relative theta = 1 and needs no more
         glm_start(pr, fam, module)
         if prepared.approximation.kind == "exact" and module.log_sigma is not None:
@@ -219,19 +271,30 @@ def _ngmm(formula: str, data: pd.DataFrame, family: str | Family, *, approx: str
                 module.theta.mul_(module.log_sigma.exp())
         if shard is not None:  # rank 0's start for every process (the IRLS bits may differ)
             shard.sync(module)
-        theta_start(obj)
+        theta_start(glmm_obj)
     history = None
     net_offset = None
     if module.nets:
-        # start the networks (whose output is 0 at initialisation) from the fitted GLMM
-        # (polished to a tight gradient so that runs with the same seed start training from
-        # the same point: L-BFGS-B's last bits vary with memory alignment)
-        optimise(obj, max_iter=control.max_iter, gtol=1e-10)
+        # start the networks from the fitted GLMM (polished to a tight gradient so that runs
+        # with the same seed start training from the same point: L-BFGS-B's last bits vary
+        # with memory alignment); no Hessian at the end: no standard errors come from it
+        optimise(glmm_obj, max_iter=control.max_iter, gtol=1e-10, final_hessian=False)
         history, obj, net_offset = _train(prepared, module, control, seed, shard)
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
                        refit=refit, nets=_nets(module), net_offset=net_offset,
                        history=history)
+
+
+def _without_nets(module: LinearPredictor, problem: Problem, family: Family
+                  ) -> LinearPredictor:
+    """A predictor that shares ``module``'s beta, theta and sigma (the same Parameter
+    objects) but has no networks."""
+    glmm = LinearPredictor(problem, family.has_dispersion)
+    glmm.beta, glmm.theta = module.beta, module.theta
+    if module.log_sigma is not None:
+        glmm.log_sigma = module.log_sigma
+    return glmm
 
 
 def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: int,
@@ -398,14 +461,18 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     k_beta = 0 if pr.reml else pr.p
     H = opt.hessian
     D = pr.blocks.dim
-    beta_coords = torch.arange(D - pr.p, D) if pr.reml else torch.zeros(0, dtype=torch.long)
+    dev = mode.v.device
+    beta_coords = (torch.arange(D - pr.p, D, device=dev) if pr.reml
+                   else torch.zeros(0, dtype=torch.long, device=dev))
+    # every tensor leaves the device here (and in float64): the result lives on the CPU
+    mode_v = mode.v.cpu().double().numpy()
     if pr.reml:
         # beta is integrated with a flat prior: its covariance is the beta block of H^{-1}
-        beta_s = mode.v[0, D - pr.p:].numpy()
-        cov_s = (mode.factor.inverse_blocks(beta_coords[None, :])[0].numpy() if pr.p
-                 else np.zeros((0, 0)))
+        beta_s = mode_v[0, D - pr.p:]
+        cov_s = (mode.factor.inverse_blocks(beta_coords[None, :])[0].cpu().double().numpy()
+                 if pr.p else np.zeros((0, 0)))
     else:
-        beta_s = module.beta.detach().numpy().copy()
+        beta_s = module.beta.detach().cpu().double().numpy().copy()
         if opt.cov_beta is not None:
             cov_s = opt.cov_beta
         elif exact:
@@ -419,7 +486,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     vcov = pd.DataFrame(cov, index=names, columns=names)
 
     # covariance parameters: canonical signs, lme4's relative scale for Gaussian models
-    theta_abs = module.theta.detach().clone()
+    theta_abs = module.theta.detach().cpu().double().clone()
     # L_fit carries the fit's signs (the conditional modes u belong to it); Ls the reported
     # ones (positive diagonal)
     L_fit = [L.numpy() for L in lambda_blocks(theta_abs, pr.q)]
@@ -434,12 +501,11 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     # lme4's postVar under REML is conditional on beta-hat: blocks of the inverse of the
     # u-block of H, not the u-blocks of the joint (u, beta) inverse (which would add the
     # uncertainty of beta)
-    ranef, coefs = _ranef(design, pr, approx, mode.v.numpy(), mode.factor, beta_coords,
-                          L_fit)
+    ranef, coefs = _ranef(design, pr, approx, mode_v, mode.factor, beta_coords, L_fit)
 
     eta = design.offset + matvec(design.X, beta)
     if net_offset is not None:
-        eta = eta + net_offset.cpu().numpy()
+        eta = eta + net_offset.cpu().double().numpy()
     for t, b in zip(design.re_terms, coefs):
         eta = eta + (t.Zraw * b[t.group_index]).sum(1)
 
@@ -479,9 +545,10 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
             + sum(net.n_weights for net in nets))
     return NGMMResult(
         formula=formula, family=fam, approximation=approx, design=design, fixef=fixef,
-        vcov=vcov, theta=theta, sigma=sigma, loglik=float(ll_blocks.sum()), npar=npar,
+        vcov=vcov, theta=theta, sigma=sigma, loglik=float(ll_blocks.double().sum()), npar=npar,
         varcorr=varcorr, ranef=ranef, eta=eta, diagnostics=diagnostics, data_name=data_name,
-        random_coef=tuple(coefs), refit=refit, nets=nets, history=history,
+        random_coef=tuple(coefs), refit=refit, nets=tuple(net.cpu() for net in nets),
+        history=history,
     )
 
 
@@ -546,7 +613,8 @@ def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
             u = v[:, start:start + t.q]
             start += t.q
         with torch.no_grad():
-            Vu = factor.inverse_blocks(torch.as_tensor(idx), given).numpy()  # (levels, q, q)
+            Vu = factor.inverse_blocks(torch.as_tensor(idx, device=given.device), given
+                                       ).cpu().double().numpy()  # (levels, q, q)
         coefs.append(u @ L.T)
         condvar.append(np.einsum("ij,gjk,lk->gil", L, Vu, L))
     return _ranef_frames(design, coefs, condvar), coefs

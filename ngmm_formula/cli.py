@@ -181,40 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
 # helpers
 
 
-_FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".bz2", ".zip", ".xz", ".parquet", ".pq")
-
-
 def read_data(spec: str) -> pd.DataFrame:
-    """A data frame from a CSV/TSV/Parquet file or a bundled data set's name.
+    """A data frame from a CSV/TSV/Parquet file or a bundled data set's name
+    (:func:`ngmm_formula.io.read_data`, the reader :func:`~ngmm_formula.ngmm` uses too)."""
+    from ngmm_formula.io import read_data as _read
 
-    ``frame.attrs["name"]`` is set to the file's (or data set's) name for the summary's
-    ``Data:`` line.
-    """
-    path = Path(spec)
-    looks_like_file = (path.suffix.lower() in _FILE_SUFFIXES or os.sep in spec
-                       or (os.altsep is not None and os.altsep in spec))
-    if not path.is_file():
-        if path.is_dir():
-            raise NGMMError(f"data file '{spec}' is a folder")
-        if looks_like_file:
-            raise NGMMError(f"data file '{spec}' does not exist")
-        from ngmm_formula import datasets
+    return _read(spec, allow_names=True)
 
-        return datasets.load(spec)
-    suffixes = [s.lower() for s in path.suffixes]
-    try:
-        if suffixes and suffixes[-1] in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
-        else:
-            tab = ".tsv" in suffixes or ".tab" in suffixes
-            frame = pd.read_csv(path, sep="\t" if tab else ",")
-    except ImportError as exc:
-        raise NGMMError(f"cannot read '{spec}': {_first_line(exc)} (reading Parquet needs "
-                        "pyarrow: pip install pyarrow)") from None
-    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise NGMMError(f"cannot read the data file '{spec}': {_first_line(exc)}") from None
-    frame.attrs["name"] = path.name
-    return frame
+
+def _read_model_columns(spec: str, formula: str) -> pd.DataFrame:
+    """Only the columns ``formula`` uses (a wide Parquet file costs the memory of those)."""
+    from ngmm_formula.design import required_columns
+    from ngmm_formula.formula import parse_formula
+    from ngmm_formula.io import read_data as _read
+
+    return _read(spec, required_columns(parse_formula(formula)), allow_names=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -269,7 +250,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         if not folder.is_dir():  # before a possibly long fit
             raise NGMMError(f"cannot save the model to '{args.save}': the folder '{folder}' "
                             "does not exist")
-    data = read_data(args.data)
+    data = _read_model_columns(args.data, args.formula)
     fit = _fit(args, args.formula, data)
     print(fit.summary())
     if args.save is not None:

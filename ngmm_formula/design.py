@@ -45,6 +45,7 @@ __all__ = [
     "NewData",
     "ReTerm",
     "build_design",
+    "required_columns",
 ]
 
 NaAction = Literal["omit", "raise"]
@@ -86,8 +87,9 @@ class ReTerm:
         Names of the term's q columns, lme4's ``cnms`` (``("(Intercept)", "Days")``).
     levels : tuple of str
         The grouping factor's levels (lme4's order).
-    group_index : ndarray of int64, shape (n,)
-        Level of each observation.
+    group_index : ndarray of int32, shape (n,)
+        Level of each observation (int32: half the memory of int64; torch's index_add,
+        gather and advanced indexing accept it).
     Zraw : ndarray, shape (n, q)
         Values of the term's columns for each observation.
     """
@@ -223,7 +225,7 @@ class DesignSpec:
             If False, a grouping level absent from the training data raises DataError.
         """
         _check_frame(data, "newdata")
-        needed = _required_columns(self.formula, with_response=with_response)
+        needed = required_columns(self.formula, with_response=with_response)
         missing = [v for v in needed if v not in data.columns]
         if missing:
             raise DataError(f"newdata is missing the column(s) {missing} used by the formula "
@@ -388,7 +390,12 @@ def _formulaic_names(expr: str) -> set[str]:
         raise FormulaError(f"cannot read the expression '{expr}': {exc}", None) from None
 
 
-def _required_columns(formula: ParsedFormula, *, with_response: bool) -> list[str]:
+def required_columns(formula: ParsedFormula, *, with_response: bool = True) -> list[str]:
+    """The data columns ``formula`` uses (what a file reader needs to read), in formula order.
+
+    Response (if ``with_response``), fixed part, offsets, random-effects terms and their
+    grouping factors, ``nn()`` inputs.
+    """
     names: list[str] = []
 
     def add(ns: set[str] | tuple[str, ...]) -> None:
@@ -602,7 +609,7 @@ def build_design(
     _check_frame(data, "data")
     if na_action not in ("omit", "raise"):
         raise DataError(f"na_action must be 'omit' or 'raise', got {na_action!r}")
-    needed = _required_columns(formula, with_response=True)
+    needed = required_columns(formula, with_response=True)
     missing = [v for v in needed if v not in data.columns]
     if missing:
         raise DataError(f"variable(s) {missing} in the formula '{formula.formula}' are not "
@@ -684,7 +691,7 @@ def build_design(
             raise DataError(f"grouping factor '{bar.group}' in ({bar.expr} | {bar.group}) has "
                             f"{len(levels)} level; a random effect needs at least 2")
         labels = _group_labels(frame, bar)
-        gidx = pd.Categorical(labels, categories=levels).codes.astype(np.int64)
+        gidx = pd.Categorical(labels, categories=levels).codes.astype(np.int32)
         for name in _formulaic_names(bar.expr):
             _check_finite_numeric(frame[name], name)
         term_mm = Formula(bar.expr).get_model_matrix(frame, na_action="raise")

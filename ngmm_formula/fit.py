@@ -351,15 +351,18 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
     that the start (and hence the fit) does not depend on memory alignment.
     """
     y, w, off, Xs = problem.y, problem.w, problem.offset, problem.Xs
+    y_np, w_np = y.cpu().numpy(), w.cpu().numpy()  # the families' starting values are numpy
     ls0 = None
     with torch.no_grad():
         if module.log_sigma is not None:
-            eta_init = torch.as_tensor(family.initial_eta(y.numpy(), w.numpy()), dtype=y.dtype)
-            ls0 = torch.tensor(family.initial_log_sigma(y.numpy(),
-                                                        family.mean(eta_init).numpy(),
-                                                        w.numpy()), dtype=y.dtype)
+            eta_init = torch.as_tensor(family.initial_eta(y_np, w_np), dtype=y.dtype,
+                                       device=y.device)
+            ls0 = torch.tensor(family.initial_log_sigma(y_np,
+                                                        family.mean(eta_init).cpu().numpy(),
+                                                        w_np), dtype=y.dtype, device=y.device)
         if problem.p:
-            eta = torch.as_tensor(family.initial_eta(y.numpy(), w.numpy()), dtype=y.dtype)
+            eta = torch.as_tensor(family.initial_eta(y_np, w_np), dtype=y.dtype,
+                                  device=y.device)
             beta = lstsq_fixed_order(Xs, eta - off)
             ll = family.log_prob(y, off + matvec(Xs, beta), ls0, w).sum()
             if not torch.isfinite(ll):  # least squares left the support: start from eta_init
@@ -391,7 +394,8 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
             eta = off + (matvec(Xs, module.beta) if problem.p else 0.0)
 
             def nll(ls: float) -> float:
-                v = family.log_prob(y, eta, torch.tensor(ls, dtype=y.dtype), w).sum()
+                v = family.log_prob(y, eta, torch.tensor(ls, dtype=y.dtype, device=y.device),
+                                    w).sum()
                 return float(-v) if torch.isfinite(v) else 1e300
 
             res = scipy.optimize.minimize_scalar(nll, bracket=(float(ls0) - 1.0, float(ls0)))
@@ -457,7 +461,7 @@ def profiled(obj: Objective) -> bool:
 
 
 def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
-             newton_steps: int = 8) -> Optimum:
+             newton_steps: int = 8, final_hessian: bool = True) -> Optimum:
     """Maximise the objective over beta, theta and log_sigma (float64).
 
     Linear Gaussian models (:func:`profiled`) are fitted as ``lmer`` fits them: over lme4's
@@ -468,6 +472,11 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
     evaluate their groups wherever it asks, then receive its :class:`Optimum`: L-BFGS-B's last
     bits vary with memory alignment, so identical optimisers in several processes would drift
     apart by a few ulps and could stop at different iterations.
+
+    ``final_hessian=False`` skips the fresh finite-difference Hessian after the Newton
+    polish (the returned one is then the polish's, at the L-BFGS point): for fits whose
+    standard errors are not reported (the GLMM start of a neural fit), where each Hessian
+    costs ``2 k`` gradient evaluations over all the data.
     """
     if profiled(obj):
         return _optimise_profiled(obj, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps)
@@ -480,7 +489,8 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
     def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         return _value_and_grad(obj, x)
 
-    opt = _maximise(value_and_grad, x0, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps)
+    opt = _maximise(value_and_grad, x0, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps,
+                    final_hessian=final_hessian)
     # the module (and, in a distributed fit, every process) at the optimum
     value, grad = _value_and_grad(obj, opt.x)
     opt = dataclasses.replace(opt, loglik=value, gradient=grad,
@@ -514,7 +524,7 @@ def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_ste
 
 
 def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gtol: float,
-              newton_steps: int) -> Optimum:
+              newton_steps: int, final_hessian: bool = True) -> Optimum:
     """L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
 
     Newton polishing is the chord method: the finite-difference Hessian at the L-BFGS point
@@ -561,7 +571,7 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
             t *= 0.5
         if not improved:
             break
-    if moved:
+    if moved and final_hessian:
         H = fd_hessian(value_and_grad, x)
         n_eval += 2 * x.size
     eig = np.linalg.eigvalsh(-H) if H.size else np.array([1.0])

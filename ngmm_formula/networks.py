@@ -59,14 +59,17 @@ class CentredNetwork(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.raw(x) - self.centre_value
+        """The centred output, shape (n,), in the dtype of the centring constant (float64
+        unless the whole fit is float32, so the centred network has mean 0 on the training
+        data to double precision)."""
+        return self.raw(x).to(self.centre_value.dtype) - self.centre_value
 
     @torch.no_grad()
     def centre(self, x: torch.Tensor) -> float:
         """Centre the output on ``x`` (the training inputs); returns the shift applied."""
         was = self.training
         self.eval()
-        shift = float(self.forward(x).mean())
+        shift = float(self.forward(x).double().mean())
         self.centre_value.add_(shift)
         self.train(was)
         return shift
@@ -115,7 +118,10 @@ class MLP(CentredNetwork):
         self.centre_value.zero_()
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).squeeze(-1)  # type: ignore[no-any-return]
+        """The layers in the weights' dtype and device (``x`` is cast to them: the caller may
+        hold float64 inputs for a float32 network)."""
+        w = next(self.parameters())
+        return self.body(x.to(dtype=w.dtype, device=w.device)).squeeze(-1)  # type: ignore[no-any-return]
 
 
 class Ensemble(CentredNetwork):
@@ -140,6 +146,17 @@ class Ensemble(CentredNetwork):
         return total / len(self.members)
 
 
-def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64) -> MLP:
-    """The network of one ``nn()`` term."""
-    return MLP(in_features, term.hidden, term.activation, term.dropout, dtype)
+def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64,
+                 device: str | torch.device = "cpu", output_dtype: torch.dtype | None = None
+                 ) -> MLP:
+    """The network of one ``nn()`` term, with its weights in ``dtype`` on ``device``.
+
+    The weights are initialised on the CPU in float64 from torch's generator and then
+    converted, so a seed gives the same starting network whatever the dtype and device.
+    ``output_dtype`` (default ``dtype``) is the dtype of the output and of its centring
+    constant: float64 weights are not needed for a float64 output.
+    """
+    net = MLP(in_features, term.hidden, term.activation, term.dropout)
+    net.to(device=device, dtype=dtype)
+    net.centre_value = torch.zeros((), dtype=output_dtype or dtype, device=device)
+    return net

@@ -190,7 +190,9 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     ], lr=control.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
-    cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype)
+    device = problem.y.device
+    cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype,
+                        device=device)
 
     # rows sorted by group once; a batch's rows are gathered from contiguous ranges
     rows_by_group = np.argsort(split_groups, kind="stable")
@@ -207,8 +209,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
         gs_np = np.sort(groups[owned[groups]])
         if not gs_np.size:
             return problem.y.new_zeros(())
-        gs = torch.as_tensor(gs_np, dtype=torch.long)
-        rows = torch.as_tensor(rows_of(gs_np), dtype=torch.long)
+        gs = torch.as_tensor(gs_np, dtype=torch.long, device=device)
+        rows = torch.as_tensor(rows_of(gs_np), dtype=torch.long, device=device)
         if per_group_blocks:
             sub = problem.subset(rows, gs)
             start = cache[gs]

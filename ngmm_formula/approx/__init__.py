@@ -24,6 +24,7 @@ the only thing that differs and they are data (:class:`~ngmm_formula.approx.rule
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,11 +62,9 @@ class Approximation:
     joint: bool = False
 
     def rule(self, dim: int) -> Rule:
-        if self.kind == "agq":
-            return gauss_hermite_rule(dim, self.nagq)
-        if self.kind == "truncated":
-            return truncated_rule(dim, self.truncation, self.points)
-        return laplace_rule(dim)
+        """The integration rule in ``dim`` dimensions (built once per approximation and
+        dimension: training builds an objective per minibatch)."""
+        return _rule(self.kind, dim, self.nagq, self.truncation, self.points)
 
     @property
     def title(self) -> str:
@@ -84,6 +83,15 @@ class Approximation:
                     "variational approximation)")
         return ("Generalized linear mixed model fit by maximum likelihood (truncated "
                 f"quadrature, M = {self.truncation:g}, K = {self.points})")
+
+
+@functools.lru_cache(maxsize=64)
+def _rule(kind: str, dim: int, nagq: int, truncation: float, points: int) -> Rule:
+    if kind == "agq":
+        return gauss_hermite_rule(dim, nagq)
+    if kind == "truncated":
+        return truncated_rule(dim, truncation, points)
+    return laplace_rule(dim)
 
 
 def choose_approximation(

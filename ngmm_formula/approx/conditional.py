@@ -184,6 +184,9 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
     Everything here is detached: the mode is a fixed point, and the approximations make it
     differentiable with one Newton step (see :mod:`ngmm_formula.approx.adaptive`).
     """
+    # a float32 fit (the default on a GPU) cannot resolve steps below its rounding: stop there
+    # instead of running max_iter Newton steps
+    tol = max(tol, 8 * torch.finfo(C.dtype).eps)
     curvature = None
     if family.quadratic:
         # h is quadratic in v: H does not depend on v, and one factor of it serves the Newton
