@@ -9,6 +9,7 @@ objective at given parameters (lme4's ``devFunOnly = TRUE``).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -412,29 +413,14 @@ def variational_result(prepared: Prepared, obj: VariationalObjective, vfit: Vari
                                                 or np.linalg.eigvalsh(-H).min() > 0))
     grad = vfit.gradient
     max_grad = float(np.max(np.abs(grad))) if grad.size else 0.0
-    messages = []
-    if design.dropped_columns:
-        msg = (f"fixed-effect model matrix is rank deficient so dropping "
-               f"{len(design.dropped_columns)} column / coefficient: "
-               f"{', '.join(design.dropped_columns)}")
-        messages.append(msg)
-        warnings.warn(msg, RankDeficiencyWarning, stacklevel=3)
-    if singular:
-        msg = "boundary (singular) fit: see help('isSingular')"
-        messages.append(msg)
-        warnings.warn(msg, SingularFitWarning, stacklevel=3)
-    if not vfit.converged:
-        msg = f"Variational fit did not converge ({vfit.message})"
-        messages.append(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-    if vfit.method == "adam":
-        messages.append("minibatch fit: standard errors not available")
-    if design.n_dropped_na:
-        messages.append(f"{design.n_dropped_na} observations deleted due to missingness")
+    messages = _fit_messages(
+        design, singular,
+        None if vfit.converged else f"Variational fit did not converge ({vfit.message})",
+        notes=["minibatch fit: standard errors not available"] if vfit.method == "adam" else [])
     diagnostics = Diagnostics(
         converged=vfit.converged, max_grad=max_grad, hessian_pd=hessian_pd, singular=singular,
         iterations=vfit.iterations, evaluations=vfit.evaluations,
-        optimizer_message=vfit.message, messages=tuple(messages))
+        optimizer_message=vfit.message, messages=messages)
     npar = (pr.p + pr.n_theta + (1 if fam.has_dispersion else 0)
             + sum(net.n_weights for net in nets))
     return NGMMResult(
@@ -516,31 +502,16 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     if opt.hessian_pd and grad.size:
         scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), grad))
     max_grad = float(np.max(np.minimum(scaled, np.abs(grad)))) if grad.size else 0.0
-    messages = []
-    if design.dropped_columns:
-        msg = (f"fixed-effect model matrix is rank deficient so dropping "
-               f"{len(design.dropped_columns)} column / coefficient: "
-               f"{', '.join(design.dropped_columns)}")
-        messages.append(msg)
-        warnings.warn(msg, RankDeficiencyWarning, stacklevel=3)
-    if singular:
-        msg = "boundary (singular) fit: see help('isSingular')"
-        messages.append(msg)
-        warnings.warn(msg, SingularFitWarning, stacklevel=3)
+    convergence = None
     if not opt.converged:
-        msg = f"Model failed to converge with max|grad| = {max_grad:.6g} (tol = 0.002)"
-        messages.append(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        convergence = f"Model failed to converge with max|grad| = {max_grad:.6g} (tol = 0.002)"
     elif not opt.hessian_pd and not singular:
-        msg = "Model is nearly unidentifiable: the Hessian is not positive definite"
-        messages.append(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-    if design.n_dropped_na:
-        messages.append(f"{design.n_dropped_na} observations deleted due to missingness")
+        convergence = "Model is nearly unidentifiable: the Hessian is not positive definite"
+    messages = _fit_messages(design, singular, convergence)
     diagnostics = Diagnostics(
         converged=opt.converged, max_grad=max_grad, hessian_pd=opt.hessian_pd,
         singular=singular, iterations=opt.iterations, evaluations=opt.evaluations,
-        optimizer_message=opt.message, messages=tuple(messages))
+        optimizer_message=opt.message, messages=messages)
     npar = (pr.p + pr.n_theta + (1 if fam.has_dispersion else 0)
             + sum(net.n_weights for net in nets))
     return NGMMResult(
@@ -550,6 +521,31 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
         random_coef=tuple(coefs), refit=refit, nets=tuple(net.cpu() for net in nets),
         history=history,
     )
+
+
+def _fit_messages(design: Design, singular: bool, convergence: str | None,
+                  notes: Sequence[str] = ()) -> tuple[str, ...]:
+    """The messages of a fit in lme4's words and order (rank deficiency, singular fit,
+    convergence, then ``notes`` and the rows dropped for missing values); each of the first
+    three is also warned, once, with its class."""
+    messages: list[str] = []
+
+    def warn(msg: str, category: type[Warning]) -> None:
+        messages.append(msg)
+        warnings.warn(msg, category, stacklevel=5)
+
+    if design.dropped_columns:
+        warn(f"fixed-effect model matrix is rank deficient so dropping "
+             f"{len(design.dropped_columns)} column / coefficient: "
+             f"{', '.join(design.dropped_columns)}", RankDeficiencyWarning)
+    if singular:
+        warn("boundary (singular) fit: see help('isSingular')", SingularFitWarning)
+    if convergence is not None:
+        warn(convergence, ConvergenceWarning)
+    messages.extend(notes)
+    if design.n_dropped_na:
+        messages.append(f"{design.n_dropped_na} observations deleted due to missingness")
+    return tuple(messages)
 
 
 def _is_singular(Ls: list[np.ndarray], rel: float, tol: float) -> bool:
