@@ -32,7 +32,7 @@ from ngmm_formula.families import Family
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 __all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "index_dtype",
-           "joint_split", "lambda_blocks", "matvec", "resolve_device"]
+           "joint_split", "lambda_blocks", "lstsq_fixed_order", "matvec", "resolve_device"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "double": torch.float64,
            "float": torch.float32}
@@ -110,6 +110,53 @@ def matvec(M: ArrayT, v: ArrayT) -> ArrayT:
     reduction over the contiguous last axis are summed in an order fixed by the shape alone.
     """
     return (M * v[None, :]).sum(axis=1)  # type: ignore[no-any-return, call-overload]
+
+
+def lstsq_fixed_order(X: torch.Tensor, y: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
+    r"""Least squares :math:`\arg\min_\beta \lVert y - X\beta \rVert` by Householder QR.
+
+    For each column :math:`j` the reflection :math:`I - 2 v v^\top / v^\top v`, with
+    :math:`v = x - \alpha e_1` and :math:`\alpha = -\operatorname{sign}(x_1) \lVert x
+    \rVert` for the column's part :math:`x` below the diagonal, is applied to the remaining
+    columns and to :math:`y`; then :math:`R \beta = Q^\top y` is solved by back
+    substitution. Every inner product is an elementwise product summed along one axis, in an
+    order fixed by the shape, so the result does not depend on memory alignment (LAPACK's
+    ``gels`` through MKL does, see :func:`~ngmm_formula.model.matvec`). Cost
+    :math:`O(n p^2)`, memory :math:`O(n p)`; a column whose diagonal element of :math:`R` is
+    below ``rtol`` times the largest gets coefficient 0 (rank deficiency).
+
+    Parameters
+    ----------
+    X : Tensor, shape (n, p)
+    y : Tensor, shape (n,)
+    rtol : float
+
+    Returns
+    -------
+    Tensor, shape (p,)
+    """
+    n, p = X.shape
+    R, b = X.clone(), y.clone()
+    for j in range(min(n, p)):
+        x = R[j:, j]
+        norm = torch.sqrt((x * x).sum())
+        if float(norm) == 0.0:
+            continue
+        alpha = -norm if float(x[0]) >= 0 else norm
+        v = x.clone()
+        v[0] = v[0] - alpha
+        vv = (v * v).sum()
+        scale = 2.0 / vv
+        R[j:, j:] -= scale * v[:, None] * (v[:, None] * R[j:, j:]).sum(0)[None, :]
+        b[j:] -= scale * v * (v * b[j:]).sum()
+    diag = torch.diagonal(R[:p, :p]).abs() if n >= p else torch.zeros(p, dtype=X.dtype)
+    keep = diag > rtol * float(diag.max()) if p else diag > 0
+    beta = torch.zeros(p, dtype=X.dtype, device=X.device)
+    for i in reversed(range(min(n, p))):
+        if not bool(keep[i]):
+            continue
+        beta[i] = (b[i] - (R[i, i + 1:] * beta[i + 1:]).sum()) / R[i, i]
+    return beta
 
 
 @dataclass(frozen=True)

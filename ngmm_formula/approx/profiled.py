@@ -73,7 +73,7 @@ import torch
 from ngmm_formula.approx.conditional import LOG_2PI, Blocks, gradient, neg_hessian
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
-from ngmm_formula.model import Problem
+from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
 
 __all__ = ["PLSSolution", "ProfiledLMM", "use_profiled"]
 
@@ -195,9 +195,10 @@ class ProfiledLMM:
             r = y - problem.offset
             beta0 = Xs.new_zeros(p)
             if p:
-                beta0 = torch.linalg.lstsq(Xs * sw[:, None], (r * sw)[:, None]
-                                           ).solution.squeeze(-1)
-                r = r - Xs @ beta0
+                # fixed-order kernels: the same bits whatever the memory alignment (a seed
+                # reproduces a Gaussian NGMM, whose final refit comes here, bit for bit)
+                beta0 = lstsq_fixed_order(Xs * sw[:, None], r * sw)
+                r = r - matvec(Xs, beta0)
             D, nb = blocks.dim, blocks.n_blocks
             zero_prior = Blocks(n_blocks=nb, dim=D, block_of_obs=blocks.block_of_obs,
                                 slot_pos=blocks.slot_pos,
@@ -214,7 +215,7 @@ class ProfiledLMM:
             return cls(terms=terms, n_theta=problem.n_theta, n_blocks=nb, dim=D,
                        per_group=per_group, M=M.cpu().numpy(),
                        P=P.reshape(nb, D, p).cpu().numpy(), zr=zr.cpu().numpy(),
-                       XtWX=((Xs * w[:, None]).T @ Xs).cpu().numpy(),
+                       XtWX=_gram(Xs, w).cpu().numpy(),
                        beta0=beta0.cpu().numpy(), rss0=float((w * r * r).sum()), n=n, p=p,
                        reml=problem.reml, const=const)
 
@@ -334,6 +335,14 @@ def _log_det_and_inverse(H: np.ndarray) -> tuple[float, np.ndarray]:
     inv = np.tril(inv)
     inv = inv + np.tril(inv, -1).T
     return log_det, inv[None]
+
+
+def _gram(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:math:`X^\top W X` column by column with :func:`~ngmm_formula.model.matvec` (a sum
+    in an order fixed by the shape; BLAS's ``gemm`` rounds by memory alignment)."""
+    Xw_T = (X * w[:, None]).T.contiguous()
+    cols = [matvec(Xw_T, X[:, j].contiguous()) for j in range(X.shape[1])]
+    return torch.stack(cols, dim=1) if cols else X.new_zeros(0, 0)
 
 
 def use_profiled(problem: Problem) -> bool:
