@@ -159,7 +159,8 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         train=first.train, validation=first.validation, best_epoch=first.best_epoch,
         stopped_early=first.stopped_early, seconds=time.perf_counter() - t0,
         n_validation_groups=first.n_validation_groups, lr=first.lr,
-        members=tuple(histories) if control.ensemble > 1 else ())
+        members=tuple(histories) if control.ensemble > 1 else (),
+        retrained_steps=sum(h.retrained_steps for h in histories))
 
 
 def _train_folds(problem: Problem, family: Family, approx: Approximation,
