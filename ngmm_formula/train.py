@@ -25,8 +25,16 @@ the other, each from the fitted GLMM with its own initial weights and its own va
 split (so that together they see every group), and their outputs are averaged
 (:class:`~ngmm_formula.networks.Ensemble`); beta, theta and sigma start the refit from the
 members' average. Averaging removes part of the variance that early stopping on a few
-held-out groups leaves in one network, at K times the training time; the default K = 3 keeps
-the 100,000-row benchmark within its time budget (measured in ``benchmarks/neural/README.md``).
+held-out groups leaves in one network, at K times the training time; the default is K = 1
+(three networks did not help on binomial data: ``benchmarks/neural/README.md``).
+
+**Retraining.** With ``Control.retrain`` the early-stopped network is replaced by one
+trained from the same initial weights on all groups for the selected number of epochs
+:math:`e^*`, replaying the learning rates of the first run. With ``Control.folds = K`` the
+groups are dealt into K disjoint folds, K networks are trained from the same initial weights
+with fold k held out, :math:`e^*` maximises their pooled validation curve
+:math:`\bar s(e) = \sum_k n_k s_k(e) / \sum_k n_k` (:math:`s_k` per observation, :math:`n_k`
+the fold's observations), and one network is trained on all groups for :math:`e^*` epochs.
 
 When training ends the networks are centred on the training data (the intercept absorbs the
 shift) and frozen, and the linear and variance parameters are refitted on all the data by
@@ -69,8 +77,10 @@ class TrainingHistory:
 
     With an ensemble the curve and the stopping information are those of the first network,
     ``seconds`` is the time of all of them, and ``members`` holds every network's own history.
+    With ``Control.folds = K`` the validation curve is the folds' pooled one, ``best_epoch``
+    its maximiser, ``train`` the first fold's curve and ``members`` the folds' histories.
     ``retrained_steps`` is the number of optimiser steps of the retraining on all groups
-    (``Control.retrain``; 0 without it).
+    (``Control.retrain`` or ``Control.folds``; 0 without them).
     """
 
     train: tuple[float, ...]
