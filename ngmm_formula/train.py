@@ -25,8 +25,16 @@ the other, each from the fitted GLMM with its own initial weights and its own va
 split (so that together they see every group), and their outputs are averaged
 (:class:`~ngmm_formula.networks.Ensemble`); beta, theta and sigma start the refit from the
 members' average. Averaging removes part of the variance that early stopping on a few
-held-out groups leaves in one network, at K times the training time; the default K = 3 keeps
-the 100,000-row benchmark within its time budget (measured in ``benchmarks/neural/README.md``).
+held-out groups leaves in one network, at K times the training time; the default is K = 1
+(three networks did not help on binomial data: ``benchmarks/neural/README.md``).
+
+**Retraining.** With ``Control.retrain`` the early-stopped network is replaced by one
+trained from the same initial weights on all groups for the selected number of epochs
+:math:`e^*`, replaying the learning rates of the first run. With ``Control.folds = K`` the
+groups are dealt into K disjoint folds, K networks are trained from the same initial weights
+with fold k held out, :math:`e^*` maximises their pooled validation curve
+:math:`\bar s(e) = \sum_k n_k s_k(e) / \sum_k n_k` (:math:`s_k` per observation, :math:`n_k`
+the fold's observations), and one network is trained on all groups for :math:`e^*` epochs.
 
 When training ends the networks are centred on the training data (the intercept absorbs the
 shift) and frozen, and the linear and variance parameters are refitted on all the data by
@@ -44,6 +52,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,6 +77,10 @@ class TrainingHistory:
 
     With an ensemble the curve and the stopping information are those of the first network,
     ``seconds`` is the time of all of them, and ``members`` holds every network's own history.
+    With ``Control.folds = K`` the validation curve is the folds' pooled one, ``best_epoch``
+    its maximiser, ``train`` the first fold's curve and ``members`` the folds' histories.
+    ``retrained_steps`` is the number of optimiser steps of the retraining on all groups
+    (``Control.retrain`` or ``Control.folds``; 0 without them).
     """
 
     train: tuple[float, ...]
@@ -78,6 +91,7 @@ class TrainingHistory:
     n_validation_groups: int
     lr: tuple[float, ...] = field(default=())
     members: tuple[TrainingHistory, ...] = field(default=())
+    retrained_steps: int = 0
 
 
 def _split_groups(groups: np.ndarray, n_groups: int, fraction: float,
@@ -125,6 +139,9 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
 
     t0 = time.perf_counter()
     start = copy.deepcopy(module.state_dict())
+    if control.folds > 1 and np.unique(split_groups).size >= 2 * control.folds:
+        return _train_folds(problem, family, approx, module, split_groups, control, seed,
+                            shard, start, t0)
     histories: list[TrainingHistory] = []
     members: list[list[CentredNetwork]] = [[] for _ in module.nets]
     linear: list[list[torch.Tensor]] = []
@@ -152,7 +169,56 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         train=first.train, validation=first.validation, best_epoch=first.best_epoch,
         stopped_early=first.stopped_early, seconds=time.perf_counter() - t0,
         n_validation_groups=first.n_validation_groups, lr=first.lr,
-        members=tuple(histories) if control.ensemble > 1 else ())
+        members=tuple(histories) if control.ensemble > 1 else (),
+        retrained_steps=sum(h.retrained_steps for h in histories))
+
+
+def _train_folds(problem: Problem, family: Family, approx: Approximation,
+                 module: LinearPredictor, split_groups: np.ndarray, control: Control,
+                 seed: int, shard: Shard | None, start: dict, t0: float) -> TrainingHistory:
+    r"""K-fold early stopping over groups, then one network trained on all groups.
+
+    The groups are dealt into ``K = control.folds`` disjoint folds; fold ``k``'s network
+    starts from the same weights (``start``) and is trained with fold ``k`` as validation
+    groups. The number of epochs is the maximiser of the pooled validation curve
+
+    .. math::
+
+        \bar s(e) = \frac{\sum_k n_k s_k(e)}{\sum_k n_k}, \qquad e \le \min_k E_k,
+
+    (``s_k`` the per-observation validation score of fold ``k``, ``n_k`` its number of
+    observations, ``E_k`` its number of epochs), and the network is trained again from
+    ``start`` on all groups for that many epochs with the folds' mean learning rates.
+    """
+    import time
+
+    n_groups = int(split_groups.max()) + 1
+    present = np.unique(split_groups)
+    rng = np.random.default_rng(seed)
+    fold = np.full(n_groups, -1)
+    fold[rng.permutation(present)] = np.arange(present.size) % control.folds
+    rows = np.bincount(split_groups, minlength=n_groups)
+    histories, weights = [], []
+    for k in range(control.folds):
+        module.load_state_dict(start)
+        histories.append(train_member(problem, family, approx, module, split_groups, control,
+                                      np.random.default_rng((seed, k)), shard,
+                                      held=fold == k))
+        weights.append(float(rows[fold == k].sum()))
+    length = min(len(h.validation) for h in histories)
+    curves = np.array([h.validation[:length] for h in histories])
+    w = np.array(weights)[:, None]
+    pooled = (w * curves).sum(0) / w.sum()
+    best = int(np.argmax(pooled)) + 1
+    schedule = np.array([h.lr[:best] for h in histories]).mean(0).tolist()
+    module.load_state_dict(start)
+    final = train_member(problem, family, approx, module, split_groups, control, rng, shard,
+                         schedule=schedule)
+    return TrainingHistory(
+        train=histories[0].train[:length], validation=tuple(float(v) for v in pooled),
+        best_epoch=best, stopped_early=all(h.stopped_early for h in histories),
+        seconds=time.perf_counter() - t0, n_validation_groups=int(present.size),
+        lr=tuple(schedule), members=tuple(histories), retrained_steps=final.retrained_steps)
 
 
 def _linear_params(module: LinearPredictor) -> list[torch.nn.Parameter]:
@@ -162,18 +228,28 @@ def _linear_params(module: LinearPredictor) -> list[torch.nn.Parameter]:
 
 def train_member(problem: Problem, family: Family, approx: Approximation,
                  module: LinearPredictor, split_groups: np.ndarray, control: Control,
-                 rng: np.random.Generator, shard: Shard | None = None) -> TrainingHistory:
+                 rng: np.random.Generator, shard: Shard | None = None, *,
+                 held: np.ndarray | None = None,
+                 schedule: Sequence[float] | None = None) -> TrainingHistory:
     """Train one set of networks (with beta, theta, log_sigma) by AdamW with early stopping.
 
     ``rng`` draws the validation groups and the order of the minibatches; the best
-    validation state is restored in ``module``. Parameters as :func:`train_networks`.
+    validation state is restored in ``module``. Parameters as :func:`train_networks`, and
+
+    held : ndarray of bool, shape (n_groups,), optional
+        The validation groups (default: a fraction ``control.validation`` drawn by ``rng``).
+    schedule : sequence of float, optional
+        Train on all groups, without validation, for ``len(schedule)`` epochs with these
+        learning rates (the retraining of ``Control.retrain`` and ``Control.folds``).
     """
     import time
 
     t0 = time.perf_counter()
     per_group_blocks = not approx.joint
     n_groups = int(split_groups.max()) + 1
-    held = _split_groups(split_groups, n_groups, control.validation, rng)
+    if held is None:
+        held = _split_groups(split_groups, n_groups, control.validation,
+                             rng) if schedule is None else np.zeros(n_groups, dtype=bool)
     train_groups = np.flatnonzero(~held & np.isin(np.arange(n_groups), split_groups))
     val_groups = np.flatnonzero(held)
 
@@ -184,10 +260,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
              else shard.owned(n_groups))  # the groups this process evaluates
     net_params = [p for net in module.nets for p in net.parameters()]
     other = _linear_params(module)
-    opt = torch.optim.AdamW([
-        {"params": net_params, "weight_decay": control.weight_decay},
-        {"params": other, "weight_decay": 0.0},
-    ], lr=control.lr)
+    initial = copy.deepcopy(module.state_dict()) if control.retrain else None
+    opt = _optimiser(net_params, other, control)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
     device = problem.y.device
@@ -224,6 +298,18 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
             cache[gs] = obj.mode.v
         return ll
 
+    def step(optimiser: torch.optim.Optimizer, batch: np.ndarray) -> float:
+        """One AdamW step on the minibatch ``batch``; returns its log-likelihood."""
+        ll = evaluate(batch, grad=True)
+        loss = -ll / int(sizes[batch].sum())
+        optimiser.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        if shard is not None:
+            shard.all_sum_grads(net_params + other)
+        optimiser.step()
+        return float(ll.detach())
+
     progress = _progress(control) if shard is None or shard.rank == 0 else None
     train_curve: list[float] = []
     val_curve: list[float] = []
@@ -231,24 +317,15 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     best_score, best_epoch, best_state, wait = -math.inf, 0, None, 0
     stopped = False
     steps = 0
-    for epoch in range(1, control.epochs + 1):
+    for epoch in range(1, control.epochs + 1 if schedule is None else 1):
         module.train()
         order = rng.permutation(train_groups)
         total, n_rows = 0.0, 0
         for start in range(0, order.size, batch_groups):
             batch = order[start:start + batch_groups]
-            n_b = int(sizes[batch].sum())
-            ll = evaluate(batch, grad=True)
-            loss = -ll / n_b
-            opt.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-            if shard is not None:
-                shard.all_sum_grads(net_params + other)
-            opt.step()
+            total += step(opt, batch)
             steps += 1
-            total += float(ll.detach())
-            n_rows += n_b
+            n_rows += int(sizes[batch].sum())
         module.eval()
         vll = 0.0
         if val_groups.size:
@@ -281,7 +358,22 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
             break
     if progress is not None:
         progress.close()
-    if best_state is not None:
+    retrained = 0
+    if schedule is None and initial is not None and val_groups.size and best_epoch:
+        schedule = lrs[:best_epoch]
+        module.load_state_dict(initial)
+    if schedule is not None:  # a fixed number of epochs on all groups
+        module.train()
+        opt = _optimiser(net_params, other, control)
+        everything = np.sort(np.concatenate([train_groups, val_groups]))
+        for lr in schedule:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            order = rng.permutation(everything)
+            for start in range(0, order.size, batch_groups):
+                step(opt, order[start:start + batch_groups])
+                retrained += 1
+    elif best_state is not None:
         module.load_state_dict(best_state)
     if shard is not None:  # the processes' weights agree to the last bit: rank 0's
         shard.sync(module)
@@ -289,7 +381,17 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     return TrainingHistory(train=tuple(train_curve), validation=tuple(val_curve),
                            best_epoch=best_epoch, stopped_early=stopped,
                            seconds=time.perf_counter() - t0,
-                           n_validation_groups=int(val_groups.size), lr=tuple(lrs))
+                           n_validation_groups=int(val_groups.size), lr=tuple(lrs),
+                           retrained_steps=retrained)
+
+
+def _optimiser(net_params: list[torch.nn.Parameter], other: list[torch.nn.Parameter],
+               control: Control) -> torch.optim.AdamW:
+    """AdamW with weight decay on the network weights only."""
+    return torch.optim.AdamW([
+        {"params": net_params, "weight_decay": control.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ], lr=control.lr)
 
 
 def _progress(control: Control):  # type: ignore[no-untyped-def]

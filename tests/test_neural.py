@@ -7,6 +7,8 @@ GLMMs, GPBoost and the oracle is measured by the vignettes (``vignettes/``), not
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -178,6 +180,49 @@ def test_same_seed_same_fit_in_one_process(binary: pd.DataFrame, binary_fit) -> 
     np.testing.assert_array_equal(again.fixef.to_numpy(), binary_fit.fixef.to_numpy())
     np.testing.assert_array_equal(again.theta.to_numpy(), binary_fit.theta.to_numpy())
     assert again.history.members[1].train == binary_fit.history.members[1].train
+
+
+FORMULA = "y ~ nn(x1, x2, hidden=(16, 16)) + x3 + (1 | g)"
+
+
+def test_retrain_is_training_on_all_groups_for_the_selected_epochs() -> None:
+    """``Control.retrain``: the network early-stopped on a validation split is discarded and
+    one is trained from the same initial weights on all 60 groups for the selected number of
+    epochs. On these data an epoch is a single minibatch (whose order does not matter) and the
+    learning rate is constant up to the best epoch, so this equals a fit without validation
+    for that many epochs, up to the conditional modes' warm starts (Newton tolerance 1e-7)."""
+    data = simulate_grouped(n_groups=60, n_per_group=40, family="binomial", effect="sine",
+                            seed=3)
+    ctl = Control(epochs=60, patience=9, min_steps=0, lr=0.03, progress=False)
+    fit = ngmm(FORMULA, data, "binomial", control=replace(ctl, retrain=True), seed=1)
+    plain = ngmm(FORMULA, data, "binomial", control=ctl, seed=1)
+    best = plain.history.best_epoch
+    assert fit.history.best_epoch == best < 60 and fit.history.retrained_steps == best
+    assert len(set(plain.history.lr[:best])) == 1
+    assert fit.history.validation == plain.history.validation
+    direct = ngmm(FORMULA, data, "binomial",
+                  control=replace(ctl, validation=0.0, epochs=best), seed=1)
+    np.testing.assert_allclose(fit.fitted, direct.fitted, rtol=1e-6)
+    assert np.abs(fit.fitted - plain.fitted).max() > 1e-4  # not the early-stopped network
+
+
+def test_folds_pool_validation_curves_then_retrain(binary) -> None:  # type: ignore[no-untyped-def]
+    """``Control.folds = 3``: three networks with disjoint validation folds covering the 60
+    groups; the number of epochs maximises their pooled (observation-weighted) validation
+    curve; one network is then trained on all groups for that many epochs."""
+    fit = ngmm(FORMULA, binary, "binomial",
+               control=Control(epochs=25, patience=5, progress=False, folds=3), seed=1)
+    h = fit.history
+    assert len(h.members) == 3 and sum(m.n_validation_groups for m in h.members) == 60
+    length = min(len(m.validation) for m in h.members)
+    # every group has 15 observations, so the observation weights are the group counts
+    w = np.array([m.n_validation_groups for m in h.members], dtype=float)[:, None]
+    pooled = (w * np.array([m.validation[:length] for m in h.members])).sum(0) / w.sum()
+    np.testing.assert_allclose(h.validation, pooled, rtol=1e-14)
+    assert h.best_epoch == int(np.argmax(pooled)) + 1 == h.retrained_steps
+    assert np.isfinite(fit.loglik)
+    with pytest.raises(NGMMError, match="folds"):
+        Control(folds=3, ensemble=2)
 
 
 def test_predict_new_data_uses_stored_standardisation(binary_fit, binary) -> None:  # type: ignore[no-untyped-def]
