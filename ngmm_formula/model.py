@@ -31,8 +31,9 @@ from ngmm_formula.families import Family
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
-__all__ = ["LinearPredictor", "Problem", "Standardisation", "build_problem", "index_dtype",
-           "joint_split", "lambda_blocks", "lstsq_fixed_order", "matvec", "resolve_device"]
+__all__ = ["LinearPredictor", "Problem", "RowsByGroup", "Standardisation", "build_problem",
+           "index_dtype", "joint_split", "lambda_blocks", "lstsq_fixed_order", "matvec",
+           "resolve_device"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "double": torch.float64,
            "float": torch.float32}
@@ -157,6 +158,37 @@ def lstsq_fixed_order(X: torch.Tensor, y: torch.Tensor, rtol: float = 1e-12) -> 
             continue
         beta[i] = (b[i] - (R[i, i + 1:] * beta[i + 1:]).sum()) / R[i, i]
     return beta
+
+
+@dataclass(frozen=True)
+class RowsByGroup:
+    """The rows of every group, to gather a minibatch of whole groups in O(its rows).
+
+    Attributes
+    ----------
+    order : ndarray
+        Row numbers sorted by group (stable: a group's rows keep their order).
+    sizes : ndarray
+        Rows per group.
+    starts : ndarray
+        Position in ``order`` of each group's first row.
+    """
+
+    order: np.ndarray
+    sizes: np.ndarray
+    starts: np.ndarray
+
+    @classmethod
+    def of(cls, group_of_row: np.ndarray, n_groups: int) -> RowsByGroup:
+        sizes = np.bincount(group_of_row, minlength=n_groups)
+        return cls(order=np.argsort(group_of_row, kind="stable"), sizes=sizes,
+                   starts=np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+
+    def rows(self, groups: np.ndarray) -> np.ndarray:
+        """The rows of ``groups``, group after group in the order given."""
+        counts = self.sizes[groups]
+        offsets = np.repeat(self.starts[groups] - np.cumsum(counts) + counts, counts)
+        return self.order[offsets + np.arange(counts.sum())]
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ import torch
 from ngmm_formula.approx import Approximation
 from ngmm_formula.families import Family
 from ngmm_formula.fit import Control, Objective
-from ngmm_formula.model import LinearPredictor, Problem
+from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup
 from ngmm_formula.networks import MLP, CentredNetwork, Ensemble
 
 if TYPE_CHECKING:
@@ -269,14 +269,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
                         device=device)
 
     # rows sorted by group once; a batch's rows are gathered from contiguous ranges
-    rows_by_group = np.argsort(split_groups, kind="stable")
-    sizes = np.bincount(split_groups, minlength=n_groups)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-
-    def rows_of(gs: np.ndarray) -> np.ndarray:
-        counts = sizes[gs]
-        offsets = np.repeat(starts[gs] - np.cumsum(counts) + counts, counts)
-        return rows_by_group[offsets + np.arange(counts.sum())]
+    by_group = RowsByGroup.of(split_groups, n_groups)
+    sizes, rows_of = by_group.sizes, by_group.rows
 
     def evaluate(groups: np.ndarray, *, grad: bool) -> torch.Tensor:
         """Log-likelihood of this process's part of ``groups`` (0 when it owns none)."""

@@ -110,7 +110,7 @@ import torch
 
 from ngmm_formula.approx.rules import gauss_hermite_rule
 from ngmm_formula.families import Family
-from ngmm_formula.model import LinearPredictor, Problem, lambda_blocks
+from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, lambda_blocks
 
 if TYPE_CHECKING:
     from ngmm_formula.fit import Control
@@ -560,15 +560,11 @@ def _stochastic(obj: VariationalObjective, control: Control, seed: int
              if module.nets and present.size >= 10 else 0)
     held = rng.choice(present, size=n_val, replace=False) if n_val else np.zeros(0, int)
     train_levels = np.setdiff1d(present, held)
-    rows_by_level = np.argsort(owner, kind="stable")
-    sizes = np.bincount(owner, minlength=n_loc)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    by_level = RowsByGroup.of(owner, n_loc)
+    sizes = by_level.sizes
 
     def rows_of(ls: np.ndarray) -> torch.Tensor:
-        counts = sizes[ls]
-        offsets = np.repeat(starts[ls] - np.cumsum(counts) + counts, counts)
-        return torch.as_tensor(np.sort(rows_by_level[offsets + np.arange(counts.sum())]),
-                               dtype=torch.long)
+        return torch.as_tensor(np.sort(by_level.rows(ls)), dtype=torch.long)
 
     val_rows = rows_of(np.sort(held)) if n_val else None
     per_batch = max(1, int(round(control.batch_size / max(1.0, obj.nobs / present.size))))
