@@ -26,6 +26,7 @@ which has the same interface (centring, number of weights) as one network.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -45,8 +46,9 @@ _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
 }
 
 
-class CentredNetwork(torch.nn.Module):
-    """A network whose output is shifted by a stored constant (set once by :meth:`centre`)."""
+class CentredNetwork(torch.nn.Module, abc.ABC):
+    """A network whose output is shifted by a stored constant (set once by :meth:`centre`);
+    subclasses define :meth:`raw`."""
 
     centre_value: torch.Tensor
 
@@ -54,9 +56,9 @@ class CentredNetwork(torch.nn.Module):
         super().__init__()
         self.register_buffer("centre_value", torch.zeros((), dtype=dtype))
 
+    @abc.abstractmethod
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         """The output before centring, shape (n,)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The centred output, shape (n,), in the dtype of the centring constant (float64
