@@ -28,3 +28,22 @@ def gamma_sim() -> pd.DataFrame:
 def dataset(name: str) -> pd.DataFrame:
     """A bundled data set, or ``gamma_sim``."""
     return gamma_sim() if name == "gamma_sim" else load(name)
+
+
+# The linear Gaussian reference fits of tests/reference/make_refs.R: (reference id, data set,
+# formula, REML), shared by the devfun tests of the full and the profiled objective.
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+LMER = [
+    # lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = TRUE) / REML = FALSE
+    ("sleep_reml", "sleepstudy", SLEEP, True),
+    ("sleep_ml", "sleepstudy", SLEEP, False),
+    # lmer(Reaction ~ Days + (Days || Subject), sleepstudy, REML = FALSE)
+    ("sleep_uncorr_ml", "sleepstudy", "Reaction ~ Days + (Days || Subject)", False),
+    # lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = TRUE)
+    ("penicillin_reml", "Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True),
+    # lmer(strength ~ 1 + (1 | batch/cask), Pastes, REML = TRUE)
+    ("pastes_reml", "Pastes", "strength ~ 1 + (1 | batch/cask)", True),
+    # lmer(Yield ~ 1 + (1 | Batch), Dyestuff, REML = TRUE) / REML = FALSE
+    ("dyestuff_reml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", True),
+    ("dyestuff_ml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", False),
+]

@@ -44,7 +44,7 @@ from ngmm_formula.api import Prepared, objective_at, prepare
 from ngmm_formula.families import get_family
 from ngmm_formula.fit import Objective
 from ngmm_formula.model import LinearPredictor, joint_split
-from tests.references import REFS, dataset
+from tests.references import LMER, REFS, SLEEP, dataset
 
 RTOL = 1e-6
 POINTS = ("optimum", "perturbed")
@@ -66,23 +66,6 @@ def prepared(data: str, formula: str, family: tuple[str, str | None], **kw: Any)
 
 # ------------------------------------------------------------------------------------------
 # lmer: devfun(theta) with beta and sigma profiled out
-
-SLEEP = "Reaction ~ Days + (Days | Subject)"
-LMER = [
-    # lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = TRUE)
-    ("sleep_reml", "sleepstudy", SLEEP, True),
-    # lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = FALSE)
-    ("sleep_ml", "sleepstudy", SLEEP, False),
-    # lmer(Reaction ~ Days + (Days || Subject), sleepstudy, REML = FALSE)
-    ("sleep_uncorr_ml", "sleepstudy", "Reaction ~ Days + (Days || Subject)", False),
-    # lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = TRUE)
-    ("penicillin_reml", "Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True),
-    # lmer(strength ~ 1 + (1 | batch/cask), Pastes, REML = TRUE)
-    ("pastes_reml", "Pastes", "strength ~ 1 + (1 | batch/cask)", True),
-    # lmer(Yield ~ 1 + (1 | Batch), Dyestuff, REML = TRUE) and REML = FALSE
-    ("dyestuff_reml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", True),
-    ("dyestuff_ml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", False),
-]
 
 
 @pytest.mark.parametrize("point", POINTS)

@@ -30,23 +30,8 @@ from ngmm_formula.api import Prepared, prepare
 from ngmm_formula.approx.profiled import ProfiledLMM
 from ngmm_formula.fit import Objective
 from ngmm_formula.model import LinearPredictor
-from tests.references import REFS, dataset
+from tests.references import LMER, REFS, SLEEP, dataset
 
-SLEEP = "Reaction ~ Days + (Days | Subject)"
-LMER = [
-    # lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = TRUE) / REML = FALSE
-    ("sleep_reml", "sleepstudy", SLEEP, True),
-    ("sleep_ml", "sleepstudy", SLEEP, False),
-    # lmer(Reaction ~ Days + (Days || Subject), sleepstudy, REML = FALSE)
-    ("sleep_uncorr_ml", "sleepstudy", "Reaction ~ Days + (Days || Subject)", False),
-    # lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = TRUE)
-    ("penicillin_reml", "Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True),
-    # lmer(strength ~ 1 + (1 | batch/cask), Pastes, REML = TRUE)
-    ("pastes_reml", "Pastes", "strength ~ 1 + (1 | batch/cask)", True),
-    # lmer(Yield ~ 1 + (1 | Batch), Dyestuff, REML = TRUE) / REML = FALSE
-    ("dyestuff_reml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", True),
-    ("dyestuff_ml", "Dyestuff", "Yield ~ 1 + (1 | Batch)", False),
-]
 IDS = [c[0] for c in LMER]
 _PREPARED: dict[tuple[Any, ...], Prepared] = {}
 
