@@ -43,7 +43,7 @@ and the fitted random-intercept SD (truth: 1). The gap closed is
 
 Usage::
 
-    python vignettes/nonlinear_synthetic.py            # full: 5 seeds, 3 families, 2 effects
+    python vignettes/nonlinear_synthetic.py            # full: 10 seeds, 3 families, 2 effects
     python vignettes/nonlinear_synthetic.py --quick    # CI: 1 seed, small data
     python vignettes/nonlinear_synthetic.py --seeds 1 --families binomial \
         --methods ngmm,glmm,oracle --control lr=0.01,patience=30
@@ -359,9 +359,21 @@ def plot_partial_dependence(pd_fits: dict, path: Path) -> None:
 parse_control = C.parse_control
 
 
+def _ranges(seeds: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0..2, 5"``."""
+    parts, start = [], seeds[0]
+    for a, b in zip(seeds, seeds[1:] + [None]):
+        if b != a + 1:
+            parts.append(str(a) if a == start else f"{start}..{a}")
+            start = b
+    return ", ".join(parts)
+
+
 def main() -> None:
     args = C.parse_args(__doc__.split("\n")[1], [
-        (("--seeds",), {"type": int, "default": None, "help": "number of seeds (5; quick 1)"}),
+        (("--seeds",), {"type": int, "default": None, "help": "number of seeds (10; quick 1)"}),
+        (("--first-seed",), {"type": int, "default": 0,
+                             "help": "seeds first, first + 1, ... (to add seeds to a run)"}),
         (("--families",), {"default": ",".join(FAMILIES)}),
         (("--effects",), {"default": "sine,linear"}),
         (("--methods",), {"default": ",".join(METHODS)}),
@@ -370,12 +382,15 @@ def main() -> None:
         (("--gpboost-effects",), {"default": "sine",
                                   "help": "effects on which GPBoost is fitted (its cross-"
                                           "validation dominates the run time)"}),
-        (("--from-csv",), {"default": None, "help": "rebuild the tables from a runs CSV"}),
+        (("--from-csv",), {"default": None,
+                           "help": "rebuild the tables from runs CSVs (comma-separated, "
+                                   "concatenated)"}),
         (("--tag",), {"default": "", "help": "suffix of the output files"}),
     ])
     sizes = ({"groups": 60, "per_group": 10, "test_per_group": 5, "new": 15} if args.quick
              else {"groups": 200, "per_group": 20, "test_per_group": 10, "new": 50})
-    n_seeds = args.seeds or (1 if args.quick else 5)
+    n_seeds = args.seeds or (1 if args.quick else 10)
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     families = args.families.split(",")
     effects = args.effects.split(",")
     methods = args.methods.split(",")
@@ -394,16 +409,17 @@ def main() -> None:
     print(f"sizes {sizes}, seeds {n_seeds}, control {ctl_kw or 'defaults'}, hidden "
           f"{args.hidden or 'default'}", flush=True)
 
-    pd_fits: dict = {"seed": 0}
+    pd_fits: dict = {"seed": seeds[0]}
     rows = []
     with C.Timer() as total:
         if args.from_csv:  # rebuild the tables of an earlier run
-            runs = pd.read_csv(args.from_csv)
-            n_seeds = runs.seed.nunique()
+            runs = pd.concat([pd.read_csv(p) for p in args.from_csv.split(",")],
+                             ignore_index=True)
+            seeds = sorted(runs.seed.unique())
         else:
             for effect in effects:
                 for family in families:
-                    for seed in range(n_seeds):
+                    for seed in seeds:
                         rows += one_run(family, effect, seed, sizes, methods, control,
                                         hidden, pd_fits)
             runs = pd.DataFrame(rows)
@@ -424,7 +440,7 @@ def main() -> None:
         "Neural terms on synthetic data", cmd,
         f"Sizes: {sizes['groups']} groups x {sizes['per_group']} training observations; "
         f"known-group test: {sizes['test_per_group']} new observations per training group; "
-        f"new-group test: {sizes['new']} groups x {sizes['per_group']}. Seeds 0..{n_seeds - 1}."
+        f"new-group test: {sizes['new']} groups x {sizes['per_group']}. Seeds {_ranges(seeds)}."
         f" Control: {ctl_kw or 'defaults'}; hidden: {args.hidden or 'default'}. "
         f"{gpb_note} "
         + (f"Tables rebuilt from {args.from_csv}. " if args.from_csv else
