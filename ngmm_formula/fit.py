@@ -68,9 +68,10 @@ class Control:
     lr : float
         AdamW learning rate. 1e-3: on the binomial synthetic benchmark (4,000 Bernoulli
         responses, where an epoch is one full-batch step) early stopping at 3e-3 left noisier
-        networks (gap closed 92.3% / 92.1% over seeds 0-4, against 94.9% / 94.2% at 1e-3 and
-        95.4% / 96.2% over seeds 5-9); at 100,000 rows 1e-3 costs ~20% more time and fits
-        the true effect more closely (benchmarks/neural/README.md).
+        networks (gap closed 92.3% / 92.1% on known / new groups over seeds 0-4, against
+        94.9% / 94.2% at 1e-3; 93.6% / 95.4% over seeds 0-19); gaussian and poisson are
+        unchanged. At 100,000 rows 1e-3 trains a few more epochs and fits the true effect
+        more closely (benchmarks/neural/README.md).
     weight_decay : float
         Decoupled weight decay on the network weights.
     batch_size : int

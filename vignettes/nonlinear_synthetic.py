@@ -43,7 +43,7 @@ and the fitted random-intercept SD (truth: 1). The gap closed is
 
 Usage::
 
-    python vignettes/nonlinear_synthetic.py            # full: 10 seeds, 3 families, 2 effects
+    python vignettes/nonlinear_synthetic.py            # full: 20 seeds, 3 families, 2 effects
     python vignettes/nonlinear_synthetic.py --quick    # CI: 1 seed, small data
     python vignettes/nonlinear_synthetic.py --seeds 1 --families binomial \
         --methods ngmm,glmm,oracle --control lr=0.01,patience=30
@@ -371,7 +371,7 @@ def _ranges(seeds: list[int]) -> str:
 
 def main() -> None:
     args = C.parse_args(__doc__.split("\n")[1], [
-        (("--seeds",), {"type": int, "default": None, "help": "number of seeds (10; quick 1)"}),
+        (("--seeds",), {"type": int, "default": None, "help": "number of seeds (20; quick 1)"}),
         (("--first-seed",), {"type": int, "default": 0,
                              "help": "seeds first, first + 1, ... (to add seeds to a run)"}),
         (("--families",), {"default": ",".join(FAMILIES)}),
@@ -389,7 +389,7 @@ def main() -> None:
     ])
     sizes = ({"groups": 60, "per_group": 10, "test_per_group": 5, "new": 15} if args.quick
              else {"groups": 200, "per_group": 20, "test_per_group": 10, "new": 50})
-    n_seeds = args.seeds or (1 if args.quick else 10)
+    n_seeds = args.seeds or (1 if args.quick else 20)
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     families = args.families.split(",")
     effects = args.effects.split(",")
