@@ -52,6 +52,7 @@ from ngmm_formula.model import (
     Problem,
     build_problem,
     lambda_blocks,
+    linear_part,
     matvec,
     resolve_device,
 )
@@ -262,7 +263,7 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
     obj = Objective(pr, fam, prepared.approximation, module, shard=shard)
     # the GLMM part (the networks' output is 0 at initialisation): the same parameters
     # without evaluating the networks, which would only cost time
-    glmm_obj = (Objective(pr, fam, prepared.approximation, _without_nets(module, pr, fam),
+    glmm_obj = (Objective(pr, fam, prepared.approximation, linear_part(module, pr),
                           shard=shard)
                 if module.nets else obj)
     if not profiled(obj):  # lmer's profiled fit starts at relative theta = 1 and needs no more
@@ -285,17 +286,6 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
                        refit=refit, nets=_nets(module), net_offset=net_offset,
                        history=history)
-
-
-def _without_nets(module: LinearPredictor, problem: Problem, family: Family
-                  ) -> LinearPredictor:
-    """A predictor that shares ``module``'s beta, theta and sigma (the same Parameter
-    objects) but has no networks."""
-    glmm = LinearPredictor(problem, family.has_dispersion)
-    glmm.beta, glmm.theta = module.beta, module.theta
-    if module.log_sigma is not None:
-        glmm.log_sigma = module.log_sigma
-    return glmm
 
 
 def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: int,

@@ -32,8 +32,8 @@ from ngmm_formula.families import Family
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 __all__ = ["LinearPredictor", "Problem", "RowsByGroup", "Standardisation", "build_problem",
-           "index_dtype", "joint_split", "lambda_blocks", "lstsq_fixed_order", "matvec",
-           "resolve_device"]
+           "index_dtype", "joint_split", "lambda_blocks", "linear_part", "lstsq_fixed_order",
+           "matvec", "resolve_device"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "double": torch.float64,
            "float": torch.float32}
@@ -465,3 +465,14 @@ class LinearPredictor(torch.nn.Module):
         if self.reml:
             parts.append(problem.Xs)
         return torch.cat(parts, dim=1)
+
+
+def linear_part(module: LinearPredictor, problem: Problem) -> LinearPredictor:
+    """A predictor that shares ``module``'s beta, theta and sigma (the same Parameter
+    objects) but has no networks: the GLMM part, for fits in which the networks' output is
+    zero or a known offset of ``problem``."""
+    glmm = LinearPredictor(problem, module.log_sigma is not None)
+    glmm.beta, glmm.theta = module.beta, module.theta
+    if module.log_sigma is not None:
+        glmm.log_sigma = module.log_sigma
+    return glmm
