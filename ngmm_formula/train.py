@@ -17,8 +17,11 @@ aside, and training stops when their marginal log-likelihood per observation has
 for ``Control.patience`` epochs; the best weights are restored. Neither early stopping nor
 the learning-rate decay acts during the first ``Control.min_steps`` optimiser steps (on small
 data an epoch is a single step, and stopping after a few dozen steps left networks that had
-learnt nothing: measured in ``benchmarks/neural/README.md``). The conditional modes of
-every group are kept between minibatches as warm starts of the Newton search.
+learnt nothing: measured in ``benchmarks/neural/README.md``). Before the first epoch the
+linear part (beta, theta, sigma) is refitted to the training groups alone, so that the
+validation groups are out of sample from the first epoch on (the GLMM start saw them). The
+conditional modes of every group are kept between minibatches as warm starts of the Newton
+search.
 
 **Ensembles.** ``Control.ensemble = K`` networks per ``nn()`` term are trained one after
 the other, each from the fitted GLMM with its own initial weights and its own validation

@@ -362,3 +362,28 @@ def test_bad_input() -> None:
         Control(lr=-1.0)
     with pytest.raises(NGMMError, match="ensemble"):
         Control(ensemble=0)
+
+
+def test_training_starts_from_the_glmm_of_the_training_groups() -> None:
+    """Before the first epoch the linear part is refitted to the training groups alone
+    (``train._fit_linear_part``): beta and the random-intercept SD then equal an ordinary
+    GLMM fit to those groups' rows (networks at their zero start), to the optimiser's
+    tolerance (1e-6). The validation groups are thereby out of sample from the first epoch."""
+    from ngmm_formula.train import _fit_linear_part
+
+    df = simulate_grouped(60, 10, "binomial", seed=4)
+    prepared = prepare("y ~ nn(x1, x2, hidden=(8,)) + x3 + (1 | g)", df, "binomial")
+    module = _module(prepared)
+    codes = df["g"].cat.codes.to_numpy()
+    train_groups = np.arange(0, 60, 3) + 1  # 20 of the 60 groups
+    rows = np.flatnonzero(np.isin(codes, train_groups))
+    _fit_linear_part(prepared.problem, prepared.family, prepared.approximation, module, rows,
+                     Control(), None)
+    beta = prepared.problem.standardisation.A @ module.beta.detach().numpy()
+    sub = df.iloc[rows].reset_index(drop=True)
+    sub["g"] = sub["g"].cat.remove_unused_categories()
+    ref = ngmm("y ~ x3 + (1 | g)", sub, "binomial", approx=prepared.approximation.kind,
+               nagq=prepared.approximation.nagq)
+    np.testing.assert_allclose(beta, ref.fixef.to_numpy(), rtol=1e-6, atol=1e-6)
+    assert float(module.theta.detach()[0]) == pytest.approx(float(ref.varcorr.sdcor.iloc[0]),
+                                                            rel=1e-6)
