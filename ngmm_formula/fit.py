@@ -69,9 +69,9 @@ class Control:
         AdamW learning rate. 1e-3: on the binomial synthetic benchmark (4,000 Bernoulli
         responses, where an epoch is one full-batch step) early stopping at 3e-3 left noisier
         networks (gap closed 92.3% / 92.1% on known / new groups over seeds 0-4, against
-        94.9% / 94.2% at 1e-3; 93.6% / 95.4% over seeds 0-19); gaussian and poisson are
-        unchanged. At 100,000 rows 1e-3 trains a few more epochs and fits the true effect
-        more closely (benchmarks/neural/README.md).
+        94.9% / 94.2% at 1e-3; 93.4% / 95.6% over seeds 0-19 with the current defaults);
+        gaussian and poisson are unchanged. At 100,000 rows 1e-3 trains a few more epochs
+        and fits the true effect more closely (benchmarks/neural/README.md).
     weight_decay : float
         Decoupled weight decay on the network weights.
     batch_size : int
@@ -89,22 +89,24 @@ class Control:
     ensemble : int
         Networks trained per ``nn()`` term (different initial weights and validation splits)
         whose outputs are averaged; 1 (the default) trains a single network. Training time
-        grows in proportion; over 5 seeds of the synthetic benchmark three networks gained
-        0.3-1.0 points of the closed gap on gaussian and poisson data, lost 0.3-2.7 on
-        binomial and took 2.4x the time (benchmarks/neural/README.md).
+        grows in proportion; over 5 seeds of the synthetic benchmark (at lr 3e-3) three
+        networks gained 0.3-1.0 points of the closed gap on gaussian and poisson data, lost
+        0.3-2.7 on binomial and took 2.4x the time; at lr 1e-3 five networks retrained on all
+        groups gave binomial 94.4% / 94.9% over 20 seeds (benchmarks/neural/README.md).
     retrain : bool
         After early stopping, train again from the same initial weights on all groups
         (validation groups included) for the selected number of epochs, replaying the
         learning rates of the first run; the networks then learn from 10% more groups at up
-        to twice the training time. On the binomial synthetic benchmark it did not help
-        (gap closed 91.5% / 91.2% vs 92.3% / 92.1%; benchmarks/neural/README.md).
+        to twice the training time. On the binomial synthetic benchmark at lr 3e-3 it did
+        not help (gap closed 91.5% / 91.2% vs 92.3% / 92.1%; benchmarks/neural/README.md).
     folds : int
         K > 1: K-fold early stopping over groups; the number of epochs maximises the pooled
         validation curve of K networks (each with one fold of the groups held out, all from
         the same initial weights), then one network is trained on all groups for that many
-        epochs (K + 1 trainings). Not combined with ``ensemble``. K = 3 raised the binomial
-        synthetic gap closed to 95.9% / 93.7% (known / new groups; default 92.3% / 92.1%) at
-        about 3x the fit time (benchmarks/neural/README.md).
+        epochs (K + 1 trainings). Not combined with ``ensemble``. At lr 3e-3, K = 3 raised
+        the binomial synthetic gap closed to 95.9% / 93.7% (known / new groups, 5 seeds;
+        one network 92.3% / 92.1%) at about 3x the fit time; at lr 1e-3 it gave 93.3% /
+        95.3% over 20 seeds, no better than one network (benchmarks/neural/README.md).
     refit : bool
         Refit the linear and variance parameters by L-BFGS after training.
     progress : bool or None
