@@ -318,8 +318,7 @@ def _freeze_networks(prepared: Prepared, module: LinearPredictor
             if intercept:  # centre on the training data; the intercept absorbs the shift
                 shift = net.centre(x)
                 module.beta[intercept[0]] += shift
-        net_out = sum((net(x) for net, x in zip(module.nets, pr.net_X)),
-                      torch.zeros_like(pr.y))
+        net_out = module.network_output(pr)
     module.nets.requires_grad_(False)
     linear = pr.with_offset(net_out)
     lin_module = LinearPredictor(linear, prepared.family.has_dispersion)

@@ -235,7 +235,6 @@ class Objective:
                 # consecutive block ranges of about CHUNK_ROWS rows (whole blocks)
                 cuts = np.searchsorted(ends, np.arange(CHUNK_ROWS, n, CHUNK_ROWS), side="left")
                 bounds = np.unique(np.concatenate([[0], cuts + 1, [pr.blocks.n_blocks]]))
-                bounds = bounds[bounds <= pr.blocks.n_blocks]
                 device = pr.y.device
                 self._chunks = []
                 for lo, hi in zip(bounds[:-1], bounds[1:]):

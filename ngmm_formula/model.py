@@ -459,6 +459,14 @@ class LinearPredictor(torch.nn.Module):
             eta = eta + net(x)
         return eta
 
+    def network_output(self, problem: Problem) -> torch.Tensor:
+        """Sum of the networks' outputs on ``problem``'s rows (zeros without networks): the
+        known offset of fits in which the networks are held fixed."""
+        out = torch.zeros_like(problem.y)
+        for net, x in zip(self.nets, problem.net_X):
+            out = out + net(x)
+        return out
+
     def slot_values(self, problem: Problem) -> torch.Tensor:
         """:math:`C = [Z_1 \\Lambda_1, \\dots, Z_K \\Lambda_K (, X_s)]`, shape (n, S)."""
         parts = [Z @ L for Z, L in zip(problem.Z, lambda_blocks(self.theta, self.q))]

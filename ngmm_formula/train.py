@@ -399,10 +399,7 @@ def _fit_linear_part(problem: Problem, family: Family, approx: Approximation,
     """
     sub = problem.subset(torch.as_tensor(rows, dtype=torch.long, device=problem.y.device))
     with torch.no_grad():
-        out = torch.zeros_like(sub.y)
-        for net, x in zip(module.nets, sub.net_X):
-            out = out + net(x)
-    fixed = sub.with_offset(out)
+        fixed = sub.with_offset(module.network_output(sub))
     optimise(Objective(fixed, family, approx, linear_part(module, fixed), shard=shard),
              max_iter=control.max_iter, gtol=1e-10, final_hessian=False)
 
