@@ -58,7 +58,7 @@ from ngmm_formula.model import (
 )
 from ngmm_formula.networks import CentredNetwork, make_network
 from ngmm_formula.results import Diagnostics, NGMMResult
-from ngmm_formula.train import TrainingHistory, train_networks
+from ngmm_formula.train import TrainingHistory, fit_linear_start, train_networks
 
 __all__ = ["Control", "ngmm", "objective_at", "prepare"]
 
@@ -160,7 +160,9 @@ def _nets(module: LinearPredictor) -> tuple[CentredNetwork, ...]:
 def _module(prepared: Prepared) -> LinearPredictor:
     pr = prepared.problem
     nets = tuple(make_network(ni.term, ni.X.shape[1], dtype=x.dtype, device=x.device,
-                              output_dtype=pr.y.dtype)
+                              output_dtype=pr.y.dtype,
+                              numeric=[e.kind == "numeric" for e in ni.encodings
+                                       for _ in e.columns])
                  for ni, x in zip(prepared.design.nets, pr.net_X))
     return LinearPredictor(pr, prepared.family.has_dispersion, nets)
 
@@ -277,10 +279,11 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
     history = None
     net_offset = None
     if module.nets:
-        # start the networks from the fitted GLMM (polished to a tight gradient so that runs
-        # with the same seed start training from the same point: L-BFGS-B's last bits vary
-        # with memory alignment); no Hessian at the end: no standard errors come from it
-        optimise(glmm_obj, max_iter=control.max_iter, gtol=1e-10, final_hessian=False)
+        # start the networks from the GLMM with their inputs entering linearly (polished to
+        # a tight gradient so that runs with the same seed start training from the same
+        # point: L-BFGS-B's last bits vary with memory alignment; no Hessian at the end: no
+        # standard errors come from it)
+        fit_linear_start(pr, fam, prepared.approximation, module, control, shard)
         history, obj, net_offset = _train(prepared, module, control, seed, shard)
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,

@@ -45,6 +45,7 @@ __all__ = [
     "NewData",
     "ReTerm",
     "build_design",
+    "full_rank_columns",
     "required_columns",
 ]
 
@@ -535,7 +536,7 @@ def lme4_name(name: str) -> str:
     return name.replace(" ** ", "^").replace("**", "^")
 
 
-def _full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> list[int]:
+def full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> list[int]:
     """Columns kept by R's pivoting QR (dqrdc2): a column is dropped when, after projecting
     out the kept columns before it, less than ``tol`` of its norm remains."""
     kept: list[int] = []
@@ -676,7 +677,7 @@ def build_design(
                            f"{exc}", formula.formula) from None
     X_full = np.asarray(mm, dtype=float)
     names_full = [lme4_name(c) for c in mm.columns]
-    kept = _full_rank_columns(X_full) if X_full.shape[1] else []
+    kept = full_rank_columns(X_full) if X_full.shape[1] else []
     dropped = tuple(names_full[j] for j in range(len(names_full)) if j not in kept)
     X = X_full[:, kept]
 

@@ -74,6 +74,14 @@ class Control:
         and fits the true effect more closely (benchmarks/neural/README.md).
     weight_decay : float
         Decoupled weight decay on the network weights.
+    input_noise : float
+        Standard deviation of the Gaussian noise added, during training only, to the
+        standardised numeric inputs of each network's nonlinear layers (not to its linear
+        path; :mod:`~ngmm_formula.networks`); 0 turns it off. Not used by
+        ``approx="variational"``. 0.1: on the binomial synthetic benchmark it raised the gap
+        closed by about 1 point (93.4% -> 94.3% on seeds 0-19, 93.6% -> 95.0% on seeds
+        20-39, known groups); 0.2 cost 3 points on new groups, 0.3 biased the fit (89% /
+        86%).
     batch_size : int
         Target observations per minibatch (rounded to whole groups).
     batch_groups : int or None
@@ -122,6 +130,7 @@ class Control:
     epochs: int = 300
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    input_noise: float = 0.1
     batch_size: int = 4096
     batch_groups: int | None = None
     validation: float = 0.1
@@ -139,6 +148,7 @@ class Control:
         checks = [
             ("max_iter", self.max_iter >= 1), ("epochs", self.epochs >= 1),
             ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
+            ("input_noise", 0 <= self.input_noise < float("inf")),
             ("batch_size", self.batch_size >= 1),
             ("batch_groups", self.batch_groups is None or self.batch_groups >= 1),
             ("validation", 0 <= self.validation < 1), ("patience", self.patience >= 1),

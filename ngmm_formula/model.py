@@ -240,6 +240,9 @@ class Problem:
     reml: bool
     net_X: tuple[torch.Tensor, ...]
     log_const: torch.Tensor
+    # training only: noise added to the inputs of each network's nonlinear layers (same
+    # shapes as net_X; empty: none). Set on a minibatch's subproblem by the trainer.
+    net_noise: tuple[torch.Tensor, ...] = ()
 
     @property
     def n_theta(self) -> int:
@@ -273,12 +276,13 @@ class Problem:
             Z=tuple(z[rows] for z in self.Z), q=self.q, n_levels=self.n_levels,
             blocks=sub_blocks, standardisation=self.standardisation, reml=self.reml,
             net_X=tuple(x[rows] for x in self.net_X), log_const=self.log_const[rows],
+            net_noise=tuple(e[rows] for e in self.net_noise),
         )
 
     def with_offset(self, extra: torch.Tensor) -> Problem:
         """The same problem with ``extra`` added to the offset and no network inputs
         (networks frozen after training enter as a known offset)."""
-        return dataclasses.replace(self, offset=self.offset + extra, net_X=())
+        return dataclasses.replace(self, offset=self.offset + extra, net_X=(), net_noise=())
 
 
 def build_problem(design: Design, family: Family, approx: Approximation, *,
@@ -451,12 +455,14 @@ class LinearPredictor(torch.nn.Module):
         self.nets = torch.nn.ModuleList(nets)
 
     def eta_fixed(self, problem: Problem) -> torch.Tensor:
-        """offset + X beta + sum of networks (X beta left out under REML: beta is integrated)."""
+        """offset + X beta + sum of networks (X beta left out under REML: beta is integrated);
+        the networks see ``problem.net_noise`` if it is set (training)."""
         eta = problem.offset
         if not self.reml and problem.p:
             eta = eta + matvec(problem.Xs, self.beta)
-        for net, x in zip(self.nets, problem.net_X):
-            eta = eta + net(x)
+        noise = problem.net_noise or (None,) * len(problem.net_X)
+        for net, x, e in zip(self.nets, problem.net_X, noise):
+            eta = eta + net(x, e)
         return eta
 
     def network_output(self, problem: Problem) -> torch.Tensor:

@@ -135,7 +135,7 @@ class NGMMResult:
             arch = " -> ".join([str(ni.X.shape[1]), *map(str, ni.term.hidden), "1"])
             out.append({
                 "label": ni.term.label, "inputs": ", ".join(ni.term.variables),
-                "architecture": f"{arch} ({ni.term.activation})",
+                "architecture": f"{arch} ({ni.term.activation}) + linear",
                 "n_weights": int(net.n_weights),
                 "variance_share": float(np.var(f)) / var_eta if var_eta > 0 else float("nan"),
             })

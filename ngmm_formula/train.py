@@ -10,7 +10,11 @@ group's integral is never split):
     \text{loss}_B = -\frac{1}{n_B} \sum_{g \in B} \log \int p(y_g \mid u; \psi)\,
     N(u; 0, I)\, du ,
 
-with decoupled weight decay on the network weights only, a learning rate halved when the
+with decoupled weight decay on the network weights only, Gaussian noise of standard deviation
+``Control.input_noise`` on the numeric inputs of the networks' nonlinear layers (drawn here,
+per minibatch, from a generator seeded by ``seed``: every process of a distributed fit draws
+the noise of the whole minibatch and keeps its own rows', so the fit does not depend on the
+number of processes), a learning rate halved when the
 validation score stalls (``ReduceLROnPlateau``), and early stopping on **held-out groups**:
 a fraction ``Control.validation`` of the levels of the (largest) grouping factor is set
 aside, and training stops when their marginal log-likelihood per observation has not improved
@@ -22,6 +26,11 @@ linear part (beta, theta, sigma) is refitted to the training groups alone, so th
 validation groups are out of sample from the first epoch on (the GLMM start saw them). The
 conditional modes of every group are kept between minibatches as warm starts of the Newton
 search.
+
+**Start.** Training starts from the GLMM in which every network's inputs enter linearly
+(:func:`fit_linear_start`): its coefficients of the standardised inputs become the networks'
+linear paths (:class:`~ngmm_formula.networks.MLP`), the output layers are zero, so the NGMM
+starts as that GLMM and early stopping shrinks towards it.
 
 **Ensembles.** ``Control.ensemble = K`` networks per ``nn()`` term are trained one after
 the other, each from the fitted GLMM with its own initial weights and its own validation
@@ -53,6 +62,7 @@ bit, in any process (the kernels whose rounding depends on memory alignment are 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -63,6 +73,7 @@ import numpy as np
 import torch
 
 from ngmm_formula.approx import Approximation
+from ngmm_formula.design import full_rank_columns
 from ngmm_formula.families import Family
 from ngmm_formula.fit import Control, Objective, optimise
 from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, linear_part
@@ -71,7 +82,7 @@ from ngmm_formula.networks import MLP, CentredNetwork, Ensemble
 if TYPE_CHECKING:
     from ngmm_formula.distributed import Shard
 
-__all__ = ["TrainingHistory", "train_networks"]
+__all__ = ["TrainingHistory", "fit_linear_start", "train_networks"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,54 @@ class TrainingHistory:
     lr: tuple[float, ...] = field(default=())
     members: tuple[TrainingHistory, ...] = field(default=())
     retrained_steps: int = 0
+
+
+def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
+                     module: LinearPredictor, control: Control,
+                     shard: Shard | None = None) -> list[list[int]]:
+    r"""Fit the GLMM in which the networks' inputs enter linearly, and start from it.
+
+    The fixed-effects matrix is extended by the standardised input columns of every network,
+    :math:`[X_s, N_1, \dots, N_K]`; columns aliased with earlier ones (an input that is also
+    a linear term, one level of a one-hot factor, an input shared by two networks) are left
+    out by the pivoting rank check of the fixed effects
+    (:func:`~ngmm_formula.design.full_rank_columns`). The GLMM is fitted by L-BFGS from
+    ``module``'s beta, theta and sigma (extra coefficients from 0); then beta, theta and sigma
+    are set to its estimates and network ``k``'s linear path :math:`\gamma_k` to the
+    coefficients of :math:`N_k` (0 for left-out columns). With the output layers at zero the
+    NGMM's linear predictor is then exactly that GLMM's.
+
+    Returns the kept input columns of every network (for tests and diagnostics).
+    """
+    nets = list(module.nets)
+    p = problem.p
+    blocks = [x.to(problem.Xs.dtype) for x in problem.net_X]
+    X_all = torch.cat([problem.Xs, *blocks], dim=1)
+    # every column of X is kept (the design's rank check already dropped aliased ones)
+    extra = [j for j in full_rank_columns(X_all.cpu().numpy()) if j >= p]
+    kept = list(range(p)) + extra
+    owner = np.concatenate([np.full(x.shape[1], k) for k, x in enumerate(blocks)])
+    column = np.concatenate([np.arange(x.shape[1]) for x in blocks])
+    augmented = dataclasses.replace(problem, Xs=X_all[:, kept], net_X=(), net_noise=())
+    glmm = linear_part(module, augmented)  # shares theta and sigma with module
+    with torch.no_grad():
+        glmm.beta = torch.nn.Parameter(torch.cat([
+            module.beta.detach(), module.beta.new_zeros(len(extra))]))
+    optimise(Objective(augmented, family, approx, glmm, shard=shard),
+             max_iter=control.max_iter, gtol=1e-10, final_hessian=False)
+    kept_by_net: list[list[int]] = [[] for _ in nets]
+    with torch.no_grad():
+        module.beta.copy_(glmm.beta[:p])
+        for net in nets:
+            if isinstance(net, MLP):
+                net.linear.weight.zero_()
+        for coef, j in zip(glmm.beta[p:], extra):
+            k, c = int(owner[j - p]), int(column[j - p])
+            kept_by_net[k].append(c)
+            net = nets[k]
+            if isinstance(net, MLP):
+                net.linear.weight[0, c] = coef
+    return kept_by_net
 
 
 def _split_groups(groups: np.ndarray, n_groups: int, fraction: float,
@@ -275,10 +334,34 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     device = problem.y.device
     cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype,
                         device=device)
+    # input noise: SD per input column of every network (0 for one-hot columns)
+    noise_sd = [torch.tensor(net.numeric, dtype=torch.float64) * control.input_noise
+                if isinstance(net, MLP) else None for net in module.nets]
+    noisy = control.input_noise > 0 and any(sd is not None and bool(sd.any())
+                                            for sd in noise_sd)
+    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+    def input_noise(groups: np.ndarray, own_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Noise of the rows ``own_rows`` among those of the minibatch ``groups``: drawn for
+        the whole minibatch in group order, so every process draws the same numbers."""
+        rows = rows_of(np.sort(groups))
+        pick = (torch.as_tensor(np.flatnonzero(np.isin(rows, own_rows)))
+                if own_rows.size < rows.size else None)
+        out = []
+        for sd, x in zip(noise_sd, problem.net_X):
+            if sd is None:
+                sd = torch.zeros(x.shape[1], dtype=torch.float64)
+            e = torch.randn(rows.size, x.shape[1], generator=noise_gen, dtype=torch.float64) * sd
+            out.append((e if pick is None else e[pick]).to(dtype=x.dtype, device=x.device))
+        return tuple(out)
 
     def evaluate(groups: np.ndarray, *, grad: bool) -> torch.Tensor:
-        """Log-likelihood of this process's part of ``groups`` (0 when it owns none)."""
+        """Log-likelihood of this process's part of ``groups`` (0 when it owns none); with
+        ``grad`` the networks see the input noise."""
         gs_np = np.sort(groups[owned[groups]])
+        noise = None
+        if grad and noisy:  # drawn before the early return: the stream stays in step
+            noise = input_noise(groups, rows_of(gs_np))
         if not gs_np.size:
             return problem.y.new_zeros(())
         gs = torch.as_tensor(gs_np, dtype=torch.long, device=device)
@@ -289,6 +372,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
         else:
             sub = problem.subset(rows)
             start = None
+        if noise is not None:
+            sub = dataclasses.replace(sub, net_noise=noise)
         obj = Objective(sub, family, approx, module, mode_tol=1e-7)
         with torch.set_grad_enabled(grad):
             ll = obj.per_block(start=start).sum()

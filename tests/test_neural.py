@@ -42,10 +42,11 @@ def binary_fit(binary: pd.DataFrame):  # type: ignore[no-untyped-def]
 def test_fit_has_networks_and_counts_their_weights(binary_fit) -> None:  # type: ignore[no-untyped-def]
     (term,) = binary_fit.nn_terms
     assert term["label"] == "nn(x1, x2)"
-    # 2 -> 16 -> 16 -> 1 without output bias: 2*16 + 16 + 16*16 + 16 + 16 = 336, twice
-    # (an ensemble of two networks)
-    assert term["n_weights"] == 2 * 336
-    assert binary_fit.npar == 2 + 1 + 2 * 336
+    # 2 -> 16 -> 16 -> 1 without output bias: 2*16 + 16 + 16*16 + 16 + 16 = 336, plus the
+    # linear path's 2, twice (an ensemble of two networks)
+    assert term["n_weights"] == 2 * 338
+    assert term["architecture"] == "2 -> 16 -> 16 -> 1 (relu) + linear"
+    assert binary_fit.npar == 2 + 1 + 2 * 338
     assert 0 < term["variance_share"] < 1
     assert binary_fit.history.best_epoch >= 1
     text = str(binary_fit.summary())
@@ -190,10 +191,12 @@ def test_retrain_is_training_on_all_groups_for_the_selected_epochs() -> None:
     one is trained from the same initial weights on all 60 groups for the selected number of
     epochs. On these data an epoch is a single minibatch (whose order does not matter) and the
     learning rate is constant up to the best epoch, so this equals a fit without validation
-    for that many epochs, up to the conditional modes' warm starts (Newton tolerance 1e-7)."""
+    for that many epochs, up to the conditional modes' warm starts (Newton tolerance 1e-7).
+    Without input noise: the retraining draws its noise after the first run's, the direct
+    fit from the start of the stream."""
     data = simulate_grouped(n_groups=60, n_per_group=40, family="binomial", effect="sine",
                             seed=3)
-    ctl = Control(epochs=60, patience=9, min_steps=0, lr=0.03, progress=False)
+    ctl = Control(epochs=60, patience=30, min_steps=0, lr=0.03, progress=False, input_noise=0)
     fit = ngmm(FORMULA, data, "binomial", control=replace(ctl, retrain=True), seed=1)
     plain = ngmm(FORMULA, data, "binomial", control=ctl, seed=1)
     best = plain.history.best_epoch
@@ -387,3 +390,116 @@ def test_training_starts_from_the_glmm_of_the_training_groups() -> None:
     np.testing.assert_allclose(beta, ref.fixef.to_numpy(), rtol=1e-6, atol=1e-6)
     assert float(module.theta.detach()[0]) == pytest.approx(float(ref.varcorr.sdcor.iloc[0]),
                                                             rel=1e-6)
+
+
+def test_networks_start_from_the_glmm_with_their_inputs_linear() -> None:
+    """``train.fit_linear_start``: the NGMM's starting linear predictor is the GLMM's in which
+    the network's inputs enter linearly -- the same fixed effects, random-intercept SD and
+    linear predictor as ``y ~ x1 + x2 + x3 + (1 | g)`` fitted by ``ngmm``, to the
+    optimisers' tolerance (1e-6), with the coefficients of x1 and x2 (on the standardised
+    inputs) in the network's linear path and its output layer at zero."""
+    from ngmm_formula.train import fit_linear_start
+
+    df = simulate_grouped(60, 10, "binomial", seed=4)
+    prepared = prepare("y ~ nn(x1, x2, hidden=(8,)) + x3 + (1 | g)", df, "binomial")
+    module = _module(prepared)
+    kept = fit_linear_start(prepared.problem, prepared.family, prepared.approximation, module,
+                            Control())
+    assert kept == [[0, 1]]
+    ref = ngmm("y ~ x1 + x2 + x3 + (1 | g)", df, "binomial",
+               approx=prepared.approximation.kind, nagq=prepared.approximation.nagq)
+    (net,) = module.nets
+    gamma = net.linear.weight.detach().double().numpy().ravel()
+    sd = np.array([e.scale for e in prepared.design.nets[0].encodings])
+    np.testing.assert_allclose(gamma / sd, ref.fixef[["x1", "x2"]].to_numpy(), rtol=1e-6)
+    with torch.no_grad():
+        eta = module.eta_fixed(prepared.problem).numpy()
+    np.testing.assert_allclose(eta, ref.predict(type="link", re_form="NA"), rtol=1e-6,
+                               atol=1e-6)
+    assert float(module.theta.detach()[0]) == pytest.approx(float(ref.varcorr.sdcor.iloc[0]),
+                                                            rel=1e-6)
+
+
+def test_linear_start_leaves_out_aliased_inputs() -> None:
+    """An input that is also a linear term, and the last level of a one-hot factor (aliased
+    with the intercept and the other levels), get no coefficient in the linear path (the
+    pivoting rank check of the fixed effects), and the fit runs."""
+    from ngmm_formula.train import fit_linear_start
+
+    df = simulate_grouped(60, 10, "binomial", seed=4)
+    df["f"] = pd.Categorical(np.array(["a", "b", "c"])[np.arange(len(df)) % 3])
+    prepared = prepare("y ~ nn(x1, x2, hidden=(8,)) + nn(x3, f, hidden=(8,)) + x1 + (1 | g)",
+                       df, "binomial")
+    module = _module(prepared)
+    kept = fit_linear_start(prepared.problem, prepared.family, prepared.approximation, module,
+                            Control())
+    # x1 is a linear term; f[c] = intercept - f[a] - f[b]
+    assert kept == [[1], [0, 1, 2]]
+    gamma = [net.linear.weight.detach().numpy().ravel() for net in module.nets]
+    assert gamma[0][0] == 0 and gamma[0][1] != 0 and gamma[1][3] == 0
+    fit = ngmm("y ~ nn(x1, x2, hidden=(8,)) + nn(x3, f, hidden=(8,)) + x1 + (1 | g)", df,
+               "binomial", control=Control(epochs=5, progress=False))
+    assert np.isfinite(fit.loglik)
+
+
+def test_mlp_is_a_linear_path_plus_a_body_that_sees_the_noise() -> None:
+    """``MLP.raw(x, noise) = gamma' x + body(x + noise)``; evaluation without noise."""
+    torch.manual_seed(0)
+    net = MLP(3, (5,), "relu", 0.0)
+    with torch.no_grad():
+        net.linear.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64))
+        net.body[-1].weight.normal_()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    e = 0.1 * torch.randn(7, 3, dtype=torch.float64)
+    expected = (x @ net.linear.weight.T + net.body(x + e)).squeeze(-1)
+    torch.testing.assert_close(net.raw(x, e), expected, rtol=0, atol=0)
+    torch.testing.assert_close(net.raw(x), (x @ net.linear.weight.T + net.body(x)).squeeze(-1),
+                               rtol=0, atol=0)
+    assert net.n_weights == 3 * 5 + 5 + 5 + 3
+
+
+def test_input_noise_perturbs_numeric_inputs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """During training the networks' numeric inputs get N(0, input_noise^2) noise, one-hot
+    columns none, and validation sees clean inputs. The SD is checked to 10% on 8,000
+    draws (its relative standard error is 0.8%)."""
+    seen: list[torch.Tensor | None] = []
+    raw = MLP.raw
+
+    def spy(self: MLP, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(None if noise is None else noise.detach().clone())
+        return raw(self, x, noise)
+
+    monkeypatch.setattr(MLP, "raw", spy)
+    df = simulate_grouped(80, 10, "binomial", seed=4)
+    df["f"] = pd.Categorical(np.array(["a", "b"])[np.arange(len(df)) % 2])
+    ngmm("y ~ nn(x1, f, hidden=(4,)) + (1 | g)", df, "binomial",
+         control=Control(epochs=10, min_steps=0, progress=False, input_noise=0.3))
+    noises = [e for e in seen if e is not None]
+    assert noises and any(e is None for e in seen)  # training steps noisy, validation clean
+    e = torch.cat(noises)
+    assert float(e[:, 1:].abs().max()) == 0.0
+    assert float(e[:, 0].std()) == pytest.approx(0.3, rel=0.1)
+
+
+def test_control_rejects_bad_input_noise() -> None:
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(NGMMError, match="input_noise"):
+            Control(input_noise=bad)
+
+
+def test_networks_pickled_without_a_linear_path_still_load() -> None:
+    """Model files written before the linear path existed hold MLPs without it: unpickled,
+    they get a zero linear path and compute what they computed."""
+    import pickle
+
+    torch.manual_seed(0)
+    net = MLP(2, (4,), "relu", 0.0)
+    with torch.no_grad():
+        net.body[-1].weight.normal_()
+    x = torch.randn(6, 2, dtype=torch.float64)
+    before = net.body(x).squeeze(-1)
+    del net._modules["linear"]
+    del net.__dict__["numeric"]
+    old = pickle.loads(pickle.dumps(net))
+    torch.testing.assert_close(old(x), before, rtol=0, atol=0)
+    assert old.numeric == (True, True)
