@@ -69,9 +69,12 @@ class Control:
         AdamW learning rate. 1e-3: on the binomial synthetic benchmark (4,000 Bernoulli
         responses, where an epoch is one full-batch step) early stopping at 3e-3 left noisier
         networks (gap closed 92.3% / 92.1% on known / new groups over seeds 0-4, against
-        94.9% / 94.2% at 1e-3; 93.4% / 95.6% over seeds 0-19 with the current defaults);
+        94.9% / 94.2% at 1e-3; 93.4% / 95.6% over seeds 0-19 before the linear start and
+        input noise of the networks, 94.7% / 95.5% with them);
         gaussian and poisson are unchanged. At 100,000 rows 1e-3 trains a few more epochs
-        and fits the true effect more closely (benchmarks/neural/README.md).
+        and fits the true effect more closely (benchmarks/neural/README.md). With both,
+        lr 5e-4 and ``min_steps`` 400 gained 0.4 points (95.6% / 96.6% against 95.2% /
+        96.3%, seeds 0-39) for about twice the epochs: not adopted.
     weight_decay : float
         Decoupled weight decay on the network weights.
     input_noise : float
