@@ -108,6 +108,11 @@ class TrainingHistory:
     retrained_steps: int = 0
 
 
+#: Input columns of all networks up to which one-hot columns join the GLMM start
+#: (:func:`fit_linear_start`).
+LINEAR_START_COLUMNS = 64
+
+
 def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
                      module: LinearPredictor, control: Control,
                      shard: Shard | None = None) -> list[list[int]]:
@@ -123,14 +128,26 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     coefficients of :math:`N_k` (0 for left-out columns). With the output layers at zero the
     NGMM's linear predictor is then exactly that GLMM's.
 
+    The rank check and the fit cost :math:`O(n k^2)` in the number of columns :math:`k`: when
+    the networks have more than :data:`LINEAR_START_COLUMNS` input columns, one-hot columns
+    of factors are left out of the start (their linear paths start at zero and train with the
+    rest); numeric inputs are always in it.
+
     Returns the kept input columns of every network (for tests and diagnostics).
     """
     nets = list(module.nets)
     p = problem.p
     blocks = [x.to(problem.Xs.dtype) for x in problem.net_X]
+    numeric = np.concatenate([
+        np.asarray(net.numeric if isinstance(net, MLP) else [True] * x.shape[1], dtype=bool)
+        for net, x in zip(nets, blocks)]) if blocks else np.zeros(0, dtype=bool)
+    candidates = (np.arange(numeric.size) if numeric.size <= LINEAR_START_COLUMNS
+                  else np.flatnonzero(numeric))
     X_all = torch.cat([problem.Xs, *blocks], dim=1)
     # every column of X is kept (the design's rank check already dropped aliased ones)
-    extra = [j for j in full_rank_columns(X_all.cpu().numpy()) if j >= p]
+    columns = np.concatenate([np.arange(p), p + candidates])
+    extra = [int(columns[j]) for j in full_rank_columns(X_all[:, columns].cpu().numpy())
+             if j >= p]
     kept = list(range(p)) + extra
     owner = np.concatenate([np.full(x.shape[1], k) for k, x in enumerate(blocks)])
     column = np.concatenate([np.arange(x.shape[1]) for x in blocks])

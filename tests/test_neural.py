@@ -503,3 +503,21 @@ def test_networks_pickled_without_a_linear_path_still_load() -> None:
     old = pickle.loads(pickle.dumps(net))
     torch.testing.assert_close(old(x), before, rtol=0, atol=0)
     assert old.numeric == (True, True)
+
+
+def test_linear_start_leaves_wide_factors_to_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above ``LINEAR_START_COLUMNS`` input columns only the numeric inputs join the GLMM
+    start (its cost is quadratic in the columns); the one-hot columns' linear paths stay 0."""
+    from ngmm_formula import train
+    from ngmm_formula.train import fit_linear_start
+
+    monkeypatch.setattr(train, "LINEAR_START_COLUMNS", 3)
+    df = simulate_grouped(60, 10, "binomial", seed=4)
+    df["f"] = pd.Categorical(np.array(["a", "b", "c"])[np.arange(len(df)) % 3])
+    prepared = prepare("y ~ nn(x1, f, hidden=(8,)) + (1 | g)", df, "binomial")
+    module = _module(prepared)
+    kept = fit_linear_start(prepared.problem, prepared.family, prepared.approximation, module,
+                            Control())
+    assert kept == [[0]]
+    gamma = module.nets[0].linear.weight.detach().numpy().ravel()
+    assert gamma[0] != 0 and not gamma[1:].any()
