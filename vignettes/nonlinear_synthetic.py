@@ -10,9 +10,9 @@ Split (per seed): ``simulate_grouped(G + G_new, m + m_test)``; the first ``G`` g
 their first ``m`` observations are the training data; their last ``m_test`` observations
 are the **known-group** test set (new observations of training groups); the last ``G_new``
 groups, ``m`` observations each, are the **new-group** test set. Full size: G = 200, m = 20
-(4000 training rows), m_test = 10 (2000 rows), G_new = 50 (1000 rows), 40 seeds: on the
+(4000 training rows), m_test = 10 (2000 rows), G_new = 50 (1000 rows), 60 seeds: on the
 binomial data the gap closed varies by about 4 points (SD) from seed to seed, so 20 seeds
-leave a standard error of 0.9 points on its mean and 40 seeds 0.6.
+leave a standard error of 0.9 points on its mean and 60 seeds 0.5.
 
 Methods:
 
@@ -44,7 +44,7 @@ and the fitted random-intercept SD (truth: 1). The gap closed is
 
 Usage::
 
-    python vignettes/nonlinear_synthetic.py            # full: 40 seeds, 3 families, 2 effects
+    python vignettes/nonlinear_synthetic.py            # full: 60 seeds, 3 families, 2 effects
     python vignettes/nonlinear_synthetic.py --quick    # CI: 1 seed, small data
     python vignettes/nonlinear_synthetic.py --seeds 1 --families binomial \
         --methods ngmm,glmm,oracle --control lr=0.01,patience=30
@@ -372,7 +372,7 @@ def _ranges(seeds: list[int]) -> str:
 
 def main() -> None:
     args = C.parse_args(__doc__.split("\n")[1], [
-        (("--seeds",), {"type": int, "default": None, "help": "number of seeds (40; quick 1)"}),
+        (("--seeds",), {"type": int, "default": None, "help": "number of seeds (60; quick 1)"}),
         (("--first-seed",), {"type": int, "default": 0,
                              "help": "seeds first, first + 1, ... (to add seeds to a run)"}),
         (("--families",), {"default": ",".join(FAMILIES)}),
@@ -390,7 +390,7 @@ def main() -> None:
     ])
     sizes = ({"groups": 60, "per_group": 10, "test_per_group": 5, "new": 15} if args.quick
              else {"groups": 200, "per_group": 20, "test_per_group": 10, "new": 50})
-    n_seeds = args.seeds or (1 if args.quick else 40)
+    n_seeds = args.seeds or (1 if args.quick else 60)
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     families = args.families.split(",")
     effects = args.effects.split(",")
