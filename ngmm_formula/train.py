@@ -352,10 +352,10 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype,
                         device=device)
     # input noise: SD per input column of every network (0 for one-hot columns)
-    noise_sd = [torch.tensor(net.numeric, dtype=torch.float64) * control.input_noise
-                if isinstance(net, MLP) else None for net in module.nets]
-    noisy = control.input_noise > 0 and any(sd is not None and bool(sd.any())
-                                            for sd in noise_sd)
+    noise_sd = [control.input_noise * torch.tensor(
+        net.numeric if isinstance(net, MLP) else [False] * x.shape[1], dtype=torch.float64)
+        for net, x in zip(module.nets, problem.net_X)]
+    noisy = any(bool(sd.any()) for sd in noise_sd)
     noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
 
     def input_noise(groups: np.ndarray, own_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -366,8 +366,6 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
                 if own_rows.size < rows.size else None)
         out = []
         for sd, x in zip(noise_sd, problem.net_X):
-            if sd is None:
-                sd = torch.zeros(x.shape[1], dtype=torch.float64)
             e = torch.randn(rows.size, x.shape[1], generator=noise_gen, dtype=torch.float64) * sd
             out.append((e if pick is None else e[pick]).to(dtype=x.dtype, device=x.device))
         return tuple(out)
