@@ -205,7 +205,13 @@ def test_retrain_is_training_on_all_groups_for_the_selected_epochs() -> None:
     assert fit.history.validation == plain.history.validation
     direct = ngmm(FORMULA, data, "binomial",
                   control=replace(ctl, validation=0.0, epochs=best), seed=1)
-    np.testing.assert_allclose(fit.fitted, direct.fitted, rtol=1e-6)
+    # Not bit for bit: the two fits warm-start the conditional modes differently (Newton
+    # tolerance 1e-7 on u), and the float32 network (eps 1.2e-7) carries those differences
+    # through `best` Adam steps; measured 1.6e-7 on the fitted probabilities, and 1.24e-6
+    # relative on a probability near 0.13 on another machine. 2e-5 absolute on a
+    # probability leaves a factor >100 for machines and is still 5x below the difference
+    # from the early-stopped network asserted next.
+    np.testing.assert_allclose(fit.fitted, direct.fitted, rtol=0, atol=2e-5)
     assert np.abs(fit.fitted - plain.fitted).max() > 1e-4  # not the early-stopped network
 
 
