@@ -48,6 +48,7 @@ __all__ = [
     "build_design",
     "full_rank_columns",
     "required_columns",
+    "check_spec_formula",
     "spec_from_data",
     "spec_to_data",
 ]
@@ -1103,3 +1104,33 @@ def spec_from_data(data: dict[str, Any]) -> Any:
     except Exception as exc:  # a KeyError, TypeError, ... of a malformed description
         raise ValueError(f"malformed model-spec description ({type(exc).__name__}: {exc})") \
             from None
+
+
+def check_spec_formula(spec: Any, expr: str) -> None:
+    """Check that a ModelSpec evaluates only the factors of the formula ``expr``.
+
+    Predicting new data evaluates the spec's factor expressions (Python code for ``log(x)``,
+    ``I(x**2)``); for a spec read from a model file this checks that they are exactly those
+    formulaic reads in the model's formula, so that what predicting evaluates is what the
+    formula (shown by the file's header) says.
+
+    Raises
+    ------
+    ValueError
+        Naming the first term or factor that the formula does not have.
+    """
+    expected = Formula(expr)
+    terms = [str(t) for t in expected]
+    if [str(t) for t in spec.formula] != terms:
+        raise ValueError(f"its terms {[str(t) for t in spec.formula][:6]} are not those of "
+                         f"'{expr}' {terms[:6]}")
+    allowed = {(f.expr, f.eval_method) for t in expected for f in t.factors}
+    used = [(f.expr, f.eval_method) for t in spec.formula for f in t.factors]
+    for s in spec.structure or ():
+        used += [(f.expr, f.eval_method) for f in s.term.factors]
+        used += [(sf.factor.factor.expr, sf.factor.factor.eval_method)
+                 for st in s.scoped_terms for sf in st.factors]
+    for factor, method in used:
+        if (factor, method) not in allowed:
+            raise ValueError(f"it evaluates '{factor[:60]}' ({method.value}), which is not a "
+                             f"factor of '{expr}'")

@@ -50,8 +50,9 @@ The container is ``<json_len: u64, big-endian> <model: UTF-8 JSON> <arrays: .npz
 :func:`load` checks, in order, the magic bytes (another kind of file), the format version
 (another version: the message names both), the header, the payload length (a truncated file)
 and its SHA-256 (a corrupted file), then rebuilds the result from the JSON and the arrays,
-and finally checks that the rebuilt model reproduces its stored linear predictor on the
-training data. Each failure raises :class:`ModelFileError` with a one-line message: a damaged
+checks that its formulaic encodings evaluate only the factors of the formula that the header
+shows, and finally checks that the rebuilt model reproduces its stored linear predictor on
+the training data. Each failure raises :class:`ModelFileError` with a one-line message: a damaged
 file never loads as a silently different model. :func:`save` refuses (with
 :class:`ModelFileError`) a model that holds something it could not rebuild from data: a
 custom :class:`~ngmm_formula.families.Family` subclass or network, a formulaic value of
@@ -67,10 +68,13 @@ again to convert it to version 2. Its container is a pickle (protocol 5) of
 
 .. note::
 
-    A model file holds the training data's model matrices, responses and weights (the
-    summary's residuals and ``simulate`` need them): share it as you would share the data.
-    Predicting new data evaluates the formula's expressions (``log(x)``, ``I(x**2)``) with
-    formulaic, as fitting did.
+    Predicting new data with a loaded model evaluates the Python expressions of its formula
+    (``log(x)``, ``I(x**2)``) with formulaic, as fitting did. :func:`load` checks that the
+    file's encodings evaluate nothing but the factors of the formula that its header shows:
+    read that formula (:func:`read_header`) before predicting with a model from a source you
+    do not trust. A model file also holds the training data's model matrices, responses and
+    weights (the summary's residuals and ``simulate`` need them): share it as you would share
+    the data.
 """
 
 from __future__ import annotations
@@ -105,12 +109,13 @@ from ngmm_formula.design import (
     NetEncoding,
     NetInput,
     ReTerm,
+    check_spec_formula,
     spec_from_data,
     spec_to_data,
 )
 from ngmm_formula.errors import NGMMError, NGMMWarning
 from ngmm_formula.families import Family, get_family
-from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula
+from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula, parse_formula
 from ngmm_formula.networks import network_from_data, network_to_data
 from ngmm_formula.results import Diagnostics, NGMMResult
 from ngmm_formula.train import TrainingHistory
@@ -724,6 +729,27 @@ def _check_consistent(fit: NGMMResult, source: str, versions: str) -> None:
                       f"difference {err:.3g} on the linear-predictor scale); {versions}")
 
 
+def _check_formula(fit: NGMMResult, header: dict[str, Any], source: str) -> None:
+    """Everything that predicting evaluates comes from the model's formula, the one the
+    header shows (:func:`read_header`): the parsed formula is the formula's, and each
+    formulaic ModelSpec evaluates only the factors of its part of the formula."""
+    d = fit.design
+    try:
+        if header.get("formula") != fit.formula:
+            raise ValueError(f"its header shows the formula {header.get('formula')!r}, its "
+                             f"model {fit.formula!r}")
+        if parse_formula(fit.formula) != d.formula or d.spec.formula != d.formula:
+            raise ValueError(f"its parsed formula is not that of {fit.formula!r}")
+        if len(d.spec.re_specs) != len(d.spec.re_terms):
+            raise ValueError("its random-effects terms do not match their encodings")
+        check_spec_formula(d.spec.fixed_spec, d.formula.fixed)
+        for (bar, _), spec in zip(d.spec.re_terms, d.spec.re_specs):
+            check_spec_formula(spec, bar.expr)
+    except Exception as exc:  # a ValueError above, or formulaic's parser on a forged formula
+        _fail(source, f"the model file is inconsistent: {str(exc)[:300]} (a damaged or "
+                      "crafted file)")
+
+
 def _unpickle(container: bytes) -> Any:
     """The version-1 container. Runs pickle: reached only with ``trusted=True``."""
     view = memoryview(container)
@@ -799,6 +825,8 @@ def loads(data: bytes, *, source: str = "<bytes>", trusted: bool = False) -> NGM
         fit = NGMMResult(**fields, refit=_LoadedRefit())
     except TypeError as exc:
         _fail(source, f"cannot rebuild the saved model ({exc}); {versions}")
+    if version == FORMAT_VERSION:
+        _check_formula(fit, header, source)
     _check_consistent(fit, source, versions)
     if saved != current:
         warnings.warn(f"{source}: {versions}; the model reproduces its fitted values, but "

@@ -608,3 +608,34 @@ def test_v1_fixture_loads_with_trusted(kind: str, tmp_path: Path) -> None:
     for key, values in make.predictions(again, kind).items():
         _same(values, expected[key])
     assert str(again.summary()) == str(fit.summary())
+
+
+def test_spec_evaluating_other_code_is_refused(tmp_path: Path) -> None:
+    """Predicting evaluates the specs' factor expressions: a file whose spec holds an
+    expression that its formula does not have, or whose header shows another formula, is
+    refused at load, before anything is evaluated."""
+    marker = tmp_path / "marker"
+    evil = f"__import__('os').mkdir({str(marker)!r})"
+
+    def fixed_spec(model: dict) -> dict:
+        return model["fields"]["design"]["fields"]["spec"]["fields"]["fixed_spec"]["data"]
+
+    def term(model: dict) -> None:
+        data = fixed_spec(model)
+        data["terms"][1]["factors"][0].update(expr=evil, eval_method="python")
+        data["formula"] = f"1 + {evil}"
+
+    def scoped(model: dict) -> None:
+        factor = fixed_spec(model)["structure"][1]["scoped_terms"][0]["factors"][0]["factor"]
+        factor.update(expr=evil, eval_method="python")
+
+    good_bytes = persist.dumps(fit_of("lmm"))
+    for edit, message in ((term, "its terms .* are not those of 'Days'"),
+                          (scoped, "it evaluates .*mkdir.* which is not a factor of 'Days'")):
+        with pytest.raises(ModelFileError, match=f"the model file is inconsistent: {message}"):
+            persist.loads(_rewrite_v2(good_bytes, edit))
+    version, header, container = _header_and_container(good_bytes)
+    forged = _file(version, dict(header, formula="Reaction ~ 1 + (1 | Subject)"), container)
+    with pytest.raises(ModelFileError, match="its header shows the formula"):
+        persist.loads(forged)
+    assert not marker.exists()
