@@ -58,10 +58,10 @@ file never loads as a silently different model. :func:`save` refuses (with
 custom :class:`~ngmm_formula.families.Family` subclass or network, a formulaic value of
 another type.
 
-Format version 1 (files written before 2026-12) held a pickle. Like any pickle it can run
-arbitrary code when loaded, so :func:`load` refuses it unless called with ``trusted=True``
-(``ngmm predict --trusted``): do that only for files you wrote yourself, and save the model
-again to convert it to version 2. Its container is a pickle (protocol 5) of
+Format version 1 (written by earlier versions of the package) held a pickle. Like any
+pickle it can run arbitrary code when loaded, so :func:`load` refuses it unless called with
+``trusted=True`` (``ngmm predict --trusted``): do that only for files you wrote yourself,
+and save the model again to convert it to version 2. Its container is a pickle (protocol 5) of
 ``{"fields": {name: value}}`` with numpy's arrays written as out-of-band buffers:
 ``<n_buffers: u32> <pickle_len: u64> <n_buffers x buffer_len: u64> <pickle> <buffers...>``
 (big-endian), behind the same magic bytes, header and checksum.

@@ -639,3 +639,17 @@ def test_spec_evaluating_other_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="its header shows the formula"):
         persist.loads(forged)
     assert not marker.exists()
+
+
+def test_ensemble_round_trip(tmp_path: Path) -> None:
+    """An ensemble of networks (and its members' training histories) round-trips."""
+    data = simulate_grouped(12, 8, "binomial", seed=2)
+    fit = ngmm("y ~ nn(x1, x2, hidden=(4,), activation='tanh') + (1 | g)", data, "binomial",
+               control=Control(epochs=2, ensemble=2, progress=False), seed=0)
+    back = persist.load(persist.save(fit, tmp_path / "e.ngmm"))
+    assert type(back.nets[0]).__name__ == "Ensemble" and len(back.nets[0].members) == 2
+    assert back.history == fit.history and len(back.history.members) == 2
+    new = data.iloc[::5]
+    _same(back.predict(new), fit.predict(new))
+    _same(back.predict(new, re_form="~0", type="link"), fit.predict(new, re_form="~0",
+                                                                    type="link"))
