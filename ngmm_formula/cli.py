@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", parents=[common], epilog=PREDICT_EXAMPLES,
                           formatter_class=raw, help="predict new data with a saved model",
                           description="Predict new data with a model saved by 'ngmm fit "
-                          "--save'. Load only model files from a source you trust.")
+                          "--save'. Loading a model file never runs code from it; model files "
+                          "of the old pickle format (version 1) need --trusted.")
     pred.add_argument("model", help="model file written by 'ngmm fit --save'")
     pred.add_argument("--data", required=True, metavar="FILE|DATASET",
                       help="CSV or Parquet file (or bundled data set) with the model's columns")
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "default: include every random effect")
     pred.add_argument("--no-new-levels", action="store_true",
                       help="a grouping level not in the training data is an error")
+    pred.add_argument("--trusted", action="store_true",
+                      help="also read a model file of the old pickle format (version 1), "
+                           "which can run code when loaded: only for files you wrote "
+                           "yourself")
     pred.set_defaults(handler=_run_predict)
 
     cmp_ = sub.add_parser("compare", parents=[model, common], epilog=COMPARE_EXAMPLES,
@@ -278,7 +283,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     out = None if args.out in (None, "-") else Path(args.out)
     if out is not None and not out.parent.is_dir():
         raise NGMMError(f"cannot write '{args.out}': the folder '{out.parent}' does not exist")
-    fit = persist.load(args.model)
+    fit = persist.load(args.model, trusted=args.trusted)
     data = read_data(args.data)
     pred = fit.predict(data, type=args.type, re_form=re_form,
                        allow_new_levels=not args.no_new_levels)

@@ -21,6 +21,7 @@ unseen grouping levels are flagged with index ``-1``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import warnings
@@ -47,6 +48,9 @@ __all__ = [
     "build_design",
     "full_rank_columns",
     "required_columns",
+    "check_spec_formula",
+    "spec_from_data",
+    "spec_to_data",
 ]
 
 NaAction = Literal["omit", "raise"]
@@ -780,3 +784,353 @@ def _vector_arg(value: Any, data: pd.DataFrame, what: str) -> np.ndarray | None:
         raise DataError(f"{what} must have one value per row of data ({len(data)}), got shape "
                         f"{arr.shape}")
     return arr
+
+
+# --------------------------------------------------------------------------------------------
+# formulaic's ModelSpec <-> plain data (for model files: data, not code)
+#
+# A ModelSpec is written field by field as JSON-compatible data (dicts with string keys,
+# lists, strings, numbers, booleans, None). Values inside it (transform and encoder state,
+# factor metadata) are tagged ``{"$": tag, ...}`` when JSON has no plain form for them; only
+# the formulaic value types named below are accepted, anything else is refused when writing
+# (a model file stores nothing that it cannot rebuild from data).
+
+#: Version of the plain-data layout of a ModelSpec written by :func:`spec_to_data`.
+SPEC_DATA_VERSION = 1
+
+
+def _contrast_classes() -> dict[str, type]:
+    from formulaic.transforms import contrasts as fc
+
+    return {"treatment": fc.TreatmentContrasts, "sas": fc.SASContrasts, "sum": fc.SumContrasts,
+            "helmert": fc.HelmertContrasts, "diff": fc.DiffContrasts, "poly": fc.PolyContrasts,
+            "custom": fc.CustomContrasts}
+
+
+def _float_to_data(x: float) -> Any:
+    if np.isfinite(x):
+        return x
+    return {"$": "float", "value": "nan" if np.isnan(x) else ("inf" if x > 0 else "-inf")}
+
+
+def _value_to_data(v: Any, where: str) -> Any:
+    """A formulaic state value as JSON-compatible data (see :func:`spec_to_data`)."""
+    from formulaic.parser.types import Factor
+    from formulaic.transforms.contrasts import ContrastsState
+    from formulaic.utils.sentinels import UNSET
+
+    if v is None or type(v) in (bool, str, int):
+        return v
+    if type(v) is float:
+        return _float_to_data(v)
+    if isinstance(v, np.generic) and v.dtype.kind in "biuf":
+        return {"$": "numpy", "dtype": v.dtype.str, "value": _value_to_data(v.item(), where)}
+    if type(v) is np.ndarray and v.dtype.kind in "biufU":
+        return {"$": "array", "dtype": v.dtype.str, "shape": list(v.shape),
+                "data": [_value_to_data(x, where) for x in v.ravel().tolist()]}
+    if type(v) is list:
+        return [_value_to_data(x, f"{where}[{k}]") for k, x in enumerate(v)]
+    if type(v) is tuple:
+        return {"$": "tuple", "items": [_value_to_data(x, f"{where}[{k}]")
+                                        for k, x in enumerate(v)]}
+    if type(v) is dict:
+        return {"$": "dict", "items": [[_value_to_data(k, where), _value_to_data(x, f"{where}"
+                                                                                 f"[{k!r}]")]
+                                       for k, x in v.items()]}
+    if v is UNSET:
+        return {"$": "UNSET"}
+    if type(v) is Factor.Kind:
+        return {"$": "Kind", "value": v.value}
+    if type(v) is ContrastsState:
+        return {"$": "ContrastsState",
+                "contrasts": _value_to_data(v.contrasts, f"{where}.contrasts"),
+                "levels": _value_to_data(v.levels, f"{where}.levels")}
+    for tag, cls in _contrast_classes().items():
+        if type(v) is cls:
+            c: Any = v
+            if tag == "custom":
+                params = {"contrasts": c.contrasts, "names": getattr(c, "contrast_names", None)}
+            else:
+                params = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+            return {"$": "Contrasts", "kind": tag,
+                    "params": {k: _value_to_data(x, f"{where}.{k}") for k, x in params.items()}}
+    raise TypeError(f"cannot store {where}: a value of type {type(v).__module__}."
+                    f"{type(v).__qualname__} is not one of the formulaic values that a model "
+                    "file can hold")
+
+
+def _value_from_data(d: Any) -> Any:
+    """Inverse of :func:`_value_to_data`; raises ValueError on anything else."""
+    if d is None or type(d) in (bool, str, int, float):
+        return d
+    if type(d) is list:
+        return [_value_from_data(x) for x in d]
+    if type(d) is not dict or not isinstance(d.get("$"), str):
+        raise ValueError(f"unexpected value {str(d)[:60]!r}")
+    tag = d["$"]
+    if tag == "float":
+        value = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}.get(d["value"])
+        if value is None:
+            raise ValueError(f"unexpected float {d['value']!r}")
+        return value
+    if tag == "numpy":
+        dtype = np.dtype(str(d["dtype"]))
+        if dtype.kind not in "biuf":
+            raise ValueError(f"unexpected numpy scalar type {dtype}")
+        return dtype.type(_value_from_data(d["value"]))
+    if tag == "array":
+        dtype = np.dtype(str(d["dtype"]))
+        if dtype.kind not in "biufU":
+            raise ValueError(f"unexpected array type {dtype}")
+        return np.array([_value_from_data(x) for x in d["data"]],
+                        dtype=dtype).reshape([int(n) for n in d["shape"]])
+    if tag == "tuple":
+        return tuple(_value_from_data(x) for x in d["items"])
+    if tag == "dict":
+        return {_hashable(_value_from_data(k)): _value_from_data(x) for k, x in d["items"]}
+    if tag == "UNSET":
+        from formulaic.utils.sentinels import UNSET
+
+        return UNSET
+    if tag == "Kind":
+        from formulaic.parser.types import Factor
+
+        return Factor.Kind(d["value"])
+    if tag == "ContrastsState":
+        from formulaic.transforms.contrasts import ContrastsState
+
+        return ContrastsState(contrasts=_value_from_data(d["contrasts"]),
+                              levels=_value_from_data(d["levels"]))
+    if tag == "Contrasts":
+        classes = _contrast_classes()
+        if d["kind"] not in classes:
+            raise ValueError(f"unknown contrasts {d['kind']!r}")
+        params = {str(k): _value_from_data(x) for k, x in dict(d["params"]).items()}
+        return classes[d["kind"]](**params)
+    raise ValueError(f"unknown value type {tag!r}")
+
+
+def _hashable(k: Any) -> Any:
+    if isinstance(k, list):
+        raise ValueError("a dictionary key cannot be a list")
+    return k
+
+
+def _factor_to_data(f: Any, where: str) -> dict[str, Any]:
+    return {"expr": str(f.expr), "eval_method": f.eval_method.value, "kind": f.kind.value,
+            "metadata": _value_to_data(f.metadata, f"{where} metadata")}
+
+
+def _factor_from_data(d: dict[str, Any]) -> Any:
+    from formulaic.parser.types import Factor
+
+    return Factor(str(d["expr"]), eval_method=str(d["eval_method"]), kind=str(d["kind"]),
+                  metadata=_value_from_data(d["metadata"]))
+
+
+def _term_to_data(t: Any, where: str) -> dict[str, Any]:
+    from formulaic.parser.types import Term
+
+    if type(t) is not Term:
+        raise TypeError(f"cannot store {where}: a term of type {type(t).__qualname__}")
+    return {"factors": [_factor_to_data(f, f"{where} {t}") for f in t.factors],
+            "origin": None if t.origin is None else _term_to_data(t.origin, where)}
+
+
+def _term_from_data(d: dict[str, Any]) -> Any:
+    from formulaic.parser.types import Term
+
+    origin = None if d["origin"] is None else _term_from_data(d["origin"])
+    return Term([_factor_from_data(f) for f in d["factors"]], origin=origin)
+
+
+def _scoped_term_to_data(st: Any, where: str) -> dict[str, Any]:
+    from formulaic.materializers.types import EvaluatedFactor, ScopedFactor, ScopedTerm
+    from formulaic.parser.types import Factor
+
+    if type(st) is not ScopedTerm:
+        raise TypeError(f"cannot store {where}: a scoped term of type {type(st).__qualname__}")
+    factors = []
+    for sf in st.factors:
+        ef = sf.factor
+        if type(sf) is not ScopedFactor or type(ef) is not EvaluatedFactor \
+                or type(ef.factor) is not Factor:
+            raise TypeError(f"cannot store {where}: a scoped factor of type "
+                            f"{type(sf).__qualname__}")
+        variables = None if ef.variables is None else [
+            {"name": str(v), "roles": sorted(r.value for r in v.roles), "source": v.source}
+            for v in sorted(ef.variables, key=str)]
+        factors.append({"factor": _factor_to_data(ef.factor, where), "variables": variables,
+                        "reduced": bool(sf.reduced)})
+    return {"factors": factors, "scale": _value_to_data(st.scale, f"{where} scale")}
+
+
+def _scoped_term_from_data(d: dict[str, Any]) -> Any:
+    from formulaic.materializers.types import EvaluatedFactor, ScopedFactor, ScopedTerm
+    from formulaic.utils.variables import Variable
+
+    factors = []
+    for f in d["factors"]:
+        variables = None if f["variables"] is None else {
+            Variable(str(v["name"]), roles=[str(r) for r in v["roles"]],
+                     source=None if v["source"] is None else str(v["source"]))
+            for v in f["variables"]}
+        ef = EvaluatedFactor(factor=_factor_from_data(f["factor"]), values=None,
+                             variables=variables)
+        factors.append(ScopedFactor(ef, reduced=bool(f["reduced"])))
+    return ScopedTerm(factors, scale=_value_from_data(d["scale"]))
+
+
+def spec_to_data(spec: Any) -> dict[str, Any]:
+    """formulaic's ``ModelSpec`` as JSON-compatible plain data (for model files).
+
+    Every field is written: the formula (its terms and factors), materializer, rank, NA and
+    output options, the structure (each term's scoped terms and columns), the state of the
+    stateful transforms (``scale``, ``center``, ``poly``, ...) and of the categorical
+    encoders (levels and contrasts). Only formulaic's own value types are accepted (terms,
+    factors, the built-in contrasts, ``UNSET``, numbers, strings, numpy scalars and arrays of
+    numbers or strings, and containers of them).
+
+    Parameters
+    ----------
+    spec : formulaic.ModelSpec
+
+    Returns
+    -------
+    dict
+        Rebuilt by :func:`spec_from_data`; ``json.dumps`` writes it as it is.
+
+    Raises
+    ------
+    TypeError
+        For a value outside those types, naming where it is in the spec.
+    """
+    from formulaic.formula import SimpleFormula
+    from formulaic.materializers.base import EncodedTermStructure
+    from formulaic.model_spec import ModelSpec
+
+    if type(spec) is not ModelSpec or type(spec.formula) is not SimpleFormula:
+        raise TypeError(f"cannot store a model spec of type {type(spec).__qualname__}")
+    structure = None
+    if spec.structure is not None:
+        structure = []
+        for s in spec.structure:
+            if type(s) is not EncodedTermStructure:
+                raise TypeError(f"cannot store a term structure of type "
+                                f"{type(s).__qualname__}")
+            structure.append({
+                "term": _term_to_data(s.term, "structure"),
+                "scoped_terms": [_scoped_term_to_data(st, f"the structure of term {s.term}")
+                                 for st in s.scoped_terms],
+                "columns": [str(c) for c in s.columns]})
+    encoder_state = []
+    for name, state in spec.encoder_state.items():
+        kind, values = state
+        encoder_state.append([str(name), _value_to_data(kind, f"encoder_state[{name!r}]"),
+                              _value_to_data(values, f"encoder_state[{name!r}]")])
+    return {
+        "version": SPEC_DATA_VERSION,
+        "formula": str(spec.formula),
+        "terms": [_term_to_data(t, "formula") for t in spec.formula],
+        "ordering": spec.formula.ordering.value,
+        "materializer": spec.materializer,
+        "materializer_params": _value_to_data(spec.materializer_params, "materializer_params"),
+        "ensure_full_rank": bool(spec.ensure_full_rank),
+        "na_action": spec.na_action.value,
+        "output": spec.output,
+        "cluster_by": spec.cluster_by.value,
+        "structure": structure,
+        "transform_state": _value_to_data(spec.transform_state, "transform_state"),
+        "encoder_state": encoder_state,
+    }
+
+
+def spec_from_data(data: dict[str, Any]) -> Any:
+    """Rebuild the formulaic ``ModelSpec`` written by :func:`spec_to_data`.
+
+    Parameters
+    ----------
+    data : dict
+
+    Returns
+    -------
+    formulaic.ModelSpec
+        Encodes new data exactly as the spec that was written.
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is not such a description (a damaged or foreign model file).
+    """
+    from formulaic.formula import SimpleFormula
+    from formulaic.materializers.base import EncodedTermStructure
+    from formulaic.model_spec import ModelSpec
+
+    try:
+        if not isinstance(data, dict) or data.get("version") != SPEC_DATA_VERSION:
+            raise ValueError("not a model-spec description of version "
+                             f"{SPEC_DATA_VERSION}")
+        formula = SimpleFormula([_term_from_data(t) for t in data["terms"]],
+                                _ordering=str(data["ordering"]))
+        if str(formula) != data["formula"]:
+            raise ValueError(f"its terms give the formula '{formula}', not "
+                             f"'{data['formula']}'")
+        structure = None
+        if data["structure"] is not None:
+            structure = [EncodedTermStructure(
+                _term_from_data(s["term"]),
+                [_scoped_term_from_data(st) for st in s["scoped_terms"]],
+                [str(c) for c in s["columns"]]) for s in data["structure"]]
+        encoder_state = {str(name): (_value_from_data(kind), _value_from_data(values))
+                         for name, kind, values in data["encoder_state"]}
+        transform_state = _value_from_data(data["transform_state"])
+        if not isinstance(transform_state, dict):
+            raise ValueError("its transform state is not a dictionary")
+        output = data["output"]
+        return ModelSpec(
+            formula=formula,
+            materializer=None if data["materializer"] is None else str(data["materializer"]),
+            materializer_params=_value_from_data(data["materializer_params"]),
+            ensure_full_rank=bool(data["ensure_full_rank"]),
+            na_action=str(data["na_action"]),
+            output=None if output is None else str(output),
+            cluster_by=str(data["cluster_by"]),
+            structure=structure,
+            transform_state=transform_state,
+            encoder_state=encoder_state,
+        )
+    except ValueError:
+        raise
+    except Exception as exc:  # a KeyError, TypeError, ... of a malformed description
+        raise ValueError(f"malformed model-spec description ({type(exc).__name__}: {exc})") \
+            from None
+
+
+def check_spec_formula(spec: Any, expr: str) -> None:
+    """Check that a ModelSpec evaluates only the factors of the formula ``expr``.
+
+    Predicting new data evaluates the spec's factor expressions (Python code for ``log(x)``,
+    ``I(x**2)``); for a spec read from a model file this checks that they are exactly those
+    formulaic reads in the model's formula, so that what predicting evaluates is what the
+    formula (shown by the file's header) says.
+
+    Raises
+    ------
+    ValueError
+        Naming the first term or factor that the formula does not have.
+    """
+    expected = Formula(expr)
+    terms = [str(t) for t in expected]
+    if [str(t) for t in spec.formula] != terms:
+        raise ValueError(f"its terms {[str(t) for t in spec.formula][:6]} are not those of "
+                         f"'{expr}' {terms[:6]}")
+    allowed = {(f.expr, f.eval_method) for t in expected for f in t.factors}
+    used = [(f.expr, f.eval_method) for t in spec.formula for f in t.factors]
+    for s in spec.structure or ():
+        used += [(f.expr, f.eval_method) for f in s.term.factors]
+        used += [(sf.factor.factor.expr, sf.factor.factor.eval_method)
+                 for st in s.scoped_terms for sf in st.factors]
+    for factor, method in used:
+        if (factor, method) not in allowed:
+            raise ValueError(f"it evaluates '{factor[:60]}' ({method.value}), which is not a "
+                             f"factor of '{expr}'")

@@ -49,12 +49,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ngmm_formula.formula import NNTerm
 
-__all__ = ["MLP", "CentredNetwork", "Ensemble", "make_network"]
+__all__ = ["MLP", "CentredNetwork", "Ensemble", "NETWORKS", "make_network", "network_from_data",
+           "network_to_data"]
 
 _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "relu": torch.nn.ReLU,
@@ -101,6 +103,18 @@ class CentredNetwork(torch.nn.Module, abc.ABC):
     @property
     def n_weights(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The architecture as plain JSON data (no weights): what :meth:`from_config` needs to
+        build the same network, whose :meth:`~torch.nn.Module.load_state_dict` then takes
+        this one's ``state_dict()``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: dict[str, Any]) -> CentredNetwork:
+        """A network of the architecture ``config`` (from :meth:`config`); its weights are
+        placeholders until a ``state_dict`` is loaded."""
 
 
 class MLP(CentredNetwork):
@@ -150,6 +164,32 @@ class MLP(CentredNetwork):
         self.linear = torch.nn.Linear(in_features, 1, bias=False, dtype=dtype)
         torch.nn.init.zeros_(self.linear.weight)
 
+    def config(self) -> dict[str, Any]:
+        first = self.body[0]
+        assert isinstance(first, torch.nn.Linear)
+        linears = [m for m in self.body if isinstance(m, torch.nn.Linear)]
+        activations = [name for m in self.body for name, cls in _ACTIVATIONS.items()
+                       if type(m) is cls]
+        dropouts = [m.p for m in self.body if isinstance(m, torch.nn.Dropout)]
+        return {"in_features": first.in_features,
+                "hidden": [lin.out_features for lin in linears[:-1]],
+                "activation": activations[0] if activations else "relu",
+                "dropout": float(dropouts[0]) if dropouts else 0.0,
+                "dtype": _dtype_name(self.linear.weight.dtype),
+                "output_dtype": _dtype_name(self.centre_value.dtype),
+                "numeric": [bool(b) for b in self.numeric]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MLP:
+        activation = str(config["activation"])
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}")
+        net = cls(int(config["in_features"]), tuple(int(h) for h in config["hidden"]),
+                  activation, float(config["dropout"]), dtype=_dtype(config["dtype"]),
+                  numeric=[bool(b) for b in config["numeric"]])
+        net.centre_value = torch.zeros((), dtype=_dtype(config["output_dtype"]))
+        return net
+
     def __setstate__(self, state: dict) -> None:
         # networks pickled before the linear path existed (model files of 2026-11-24/25)
         super().__setstate__(state)
@@ -197,11 +237,76 @@ class Ensemble(CentredNetwork):
         super().__init__(members[0].centre_value.dtype)
         self.members = torch.nn.ModuleList(members)
 
+    def config(self) -> dict[str, Any]:
+        return {"members": [network_to_data(m) for m in self.members],
+                "output_dtype": _dtype_name(self.centre_value.dtype)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Ensemble:
+        net = cls([network_from_data(m) for m in config["members"]])
+        net.centre_value = torch.zeros((), dtype=_dtype(config["output_dtype"]))
+        return net
+
     def raw(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         total = self.members[0](x, noise)
         for net in self.members[1:]:  # a fixed order: reproducible bit for bit
             total = total + net(x, noise)
         return total / len(self.members)
+
+
+#: The networks a model file can hold, by stable name (never by module path).
+NETWORKS: dict[str, type[CentredNetwork]] = {"MLP": MLP, "Ensemble": Ensemble}
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise TypeError(f"a network with weights of dtype {dtype} cannot be described")
+
+
+def _dtype(name: Any) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}")
+    return _DTYPES[name]
+
+
+def network_to_data(net: torch.nn.Module) -> dict[str, Any]:
+    """``{"type": name, "config": architecture}`` of a built-in network (:data:`NETWORKS`).
+
+    Raises
+    ------
+    TypeError
+        For a network of another class (a custom network is code, not data).
+    """
+    for name, cls in NETWORKS.items():
+        if type(net) is cls:
+            return {"type": name, "config": net.config()}  # type: ignore[operator]
+    raise TypeError(f"a network of type {type(net).__qualname__} is not one of the built-in "
+                    f"networks ({', '.join(NETWORKS)})")
+
+
+def network_from_data(data: dict[str, Any]) -> CentredNetwork:
+    """The network described by :func:`network_to_data` (weights not loaded).
+
+    Raises
+    ------
+    ValueError
+        If ``data`` names no built-in network or is malformed.
+    """
+    name = data.get("type") if isinstance(data, dict) else None
+    if not isinstance(name, str) or name not in NETWORKS:
+        raise ValueError(f"unknown network type {name!r} (built-in: {', '.join(NETWORKS)})")
+    config = data.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"network {name}: its configuration is not a dictionary")
+    try:
+        return NETWORKS[name].from_config(config)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"network {name}: malformed configuration ({exc})") from None
 
 
 def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64,
