@@ -197,6 +197,8 @@ def test_variance_components_match_mixedlm(formula: str, name: str) -> None:
     assert sm.ok, sm.status
     for n in ours.random.index:
         assert rel(sm.random[n], ours.random[n]) < 1e-3
+    # tight for two optimisers: these designs are balanced, so the GLS intercept is the grand
+    # mean whatever the variance components (measured: 1e-13)
     assert rel(sm.fixef["(Intercept)"], ours.fixef["(Intercept)"]) < 1e-6
     assert abs(sm.loglik - ours.loglik) < 1e-3
 

@@ -102,9 +102,12 @@ def test_fit_from_parquet_equals_fit_from_frame(wide: tuple[pd.DataFrame, Path])
     for source in (path, str(path), pads.dataset(path)):
         fit = ngmm(CBPP, source, "binomial", approx="laplace")
         # the same rows and columns: the same fit (up to L-BFGS-B's last bits, which vary
-        # with memory alignment)
+        # with memory alignment; measured: equal). Should they differ, both stop at
+        # max|gradient| < 1e-6: log L is flat there (Var x g^2 ~1e-13, so 1e-12 relative
+        # holds), the fixed effects move by Var x g <= 0.18 x 1e-6 on coefficients of size
+        # >= 0.99 (2e-7 relative), so 1e-6 (was 1e-7)
         assert fit.loglik == pytest.approx(from_frame.loglik, rel=1e-12)
-        np.testing.assert_allclose(fit.fixef, from_frame.fixef, rtol=1e-7)
+        np.testing.assert_allclose(fit.fixef, from_frame.fixef, rtol=1e-6)
         # glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial)
         assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-3)
     assert ngmm(CBPP, path, "binomial", approx="laplace").data_name == "cbpp_wide.parquet"

@@ -163,7 +163,7 @@ def test_ensemble_averages_its_members(binary_fit, binary) -> None:  # type: ign
     assert all(isinstance(m, MLP) for m in (a, b))
     assert not torch.equal(a.body[0].weight, b.body[0].weight)
     x = torch.as_tensor(binary_fit.design.nets[0].X)
-    with torch.no_grad():
+    with torch.no_grad():  # the same operations in the same order, one process: equal
         np.testing.assert_allclose(net(x).numpy(), ((a(x) + b(x)) / 2 - net.centre_value)
                                    .numpy(), rtol=0, atol=1e-15)
     h = binary_fit.history
@@ -393,6 +393,8 @@ def test_training_starts_from_the_glmm_of_the_training_groups() -> None:
     sub["g"] = sub["g"].cat.remove_unused_categories()
     ref = ngmm("y ~ x3 + (1 | g)", sub, "binomial", approx=prepared.approximation.kind,
                nagq=prepared.approximation.nagq)
+    # both stop at max|gradient| <= 1e-6 (the reference; this one 1e-10), so parameters agree
+    # to Var x 1e-6 <= ~3e-8 on 200 rows of 20 groups (measured 2e-9): 1e-6 on any machine
     np.testing.assert_allclose(beta, ref.fixef.to_numpy(), rtol=1e-6, atol=1e-6)
     assert float(module.theta.detach()[0]) == pytest.approx(float(ref.varcorr.sdcor.iloc[0]),
                                                             rel=1e-6)
@@ -417,6 +419,7 @@ def test_networks_start_from_the_glmm_with_their_inputs_linear() -> None:
     (net,) = module.nets
     gamma = net.linear.weight.detach().double().numpy().ravel()
     sd = np.array([e.scale for e in prepared.design.nets[0].encodings])
+    # as above: Var x 1e-6 <= ~1e-8 on 600 rows (measured 5e-8 on eta, 1e-9 on the rest)
     np.testing.assert_allclose(gamma / sd, ref.fixef[["x1", "x2"]].to_numpy(), rtol=1e-6)
     with torch.no_grad():
         eta = module.eta_fixed(prepared.problem).numpy()
