@@ -25,6 +25,7 @@ from ngmm_formula.approx.variational import (
     fit_variational,
     profiled_elbo,
 )
+from ngmm_formula.checks import check_separation
 from ngmm_formula.design import Design, build_design, required_columns, tril_pairs
 from ngmm_formula.distributed import Shard, connect, shard_groups
 from ngmm_formula.errors import (
@@ -106,6 +107,9 @@ def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
     design = build_design(parsed, data, binomial=fam.name == "binomial", weights=weights,
                           offset=offset, na_action=control.na_action)  # type: ignore[arg-type]
     fam.validate_response(design.y, design.weights, design.response_name)
+    fam.check_response_varies(design.y, design.weights, design.response_name)
+    fam.check_levels([(t.group, t.n_levels, t.q) for t in design.re_terms], design.nobs)
+    check_separation(design, fam, stacklevel=4)
     for col, name in zip(design.X.T, design.fixed_names):
         if not np.isfinite(col).all():
             raise DataError(f"fixed-effect column '{name}' has NaN or infinite values")
@@ -222,7 +226,12 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
     -------
     NGMMResult
     """
-    control = control or Control()
+    control = Control() if control is None else control
+    if not isinstance(control, Control):
+        raise NGMMError(f"control must be a Control object (e.g. control=Control(max_iter="
+                        f"500)), got {type(control).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise NGMMError(f"seed must be a whole number, got {seed!r} ({type(seed).__name__})")
     with torch_threads(control.threads):
         return _ngmm(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                      points=points, weights=weights, offset=offset, reml=reml, control=control,

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import pandas as pd
 
-from ngmm_formula.errors import FormulaError, NGMMError, NGMMWarning
+from ngmm_formula.errors import FormulaError, NewLevelsError, NGMMError, NGMMWarning
 
 __all__ = ["build_parser", "main", "read_data"]
 
@@ -285,8 +285,13 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise NGMMError(f"cannot write '{args.out}': the folder '{out.parent}' does not exist")
     fit = persist.load(args.model, trusted=args.trusted)
     data = read_data(args.data)
-    pred = fit.predict(data, type=args.type, re_form=re_form,
-                       allow_new_levels=not args.no_new_levels)
+    try:
+        pred = fit.predict(data, type=args.type, re_form=re_form,
+                           allow_new_levels=not args.no_new_levels)
+    except NewLevelsError as exc:  # the Python advice (allow_new_levels=True) in CLI words
+        raise NewLevelsError(exc.group, exc.levels,
+                             advice="leave out --no-new-levels to predict them with a zero "
+                                    "random effect") from None
     table = pd.DataFrame({"prediction": pred}, index=data.index)
     table.index.name = data.index.name or "row"
     if out is None:

@@ -34,7 +34,8 @@ import scipy.sparse as sp
 from formulaic import Formula
 from formulaic.errors import DataMismatchWarning
 
-from ngmm_formula.errors import DataError, FormulaError
+from ngmm_formula.checks import SCALE_RATIO, column_scale_problems
+from ngmm_formula.errors import DataError, FormulaError, NewLevelsError, ScaleWarning
 from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula
 
 __all__ = [
@@ -151,7 +152,11 @@ class NetEncoding:
 
     def encode(self, values: pd.Series) -> np.ndarray:
         if self.kind == "numeric":
-            x = np.asarray(values, dtype=float)
+            try:
+                x = np.asarray(values, dtype=float)
+            except (TypeError, ValueError):
+                raise DataError(f"nn() input '{self.variable}' is {values.dtype} but was "
+                                "numeric in the training data") from None
             return ((x - self.center) / self.scale)[:, None]
         codes = pd.Index(list(self.levels)).get_indexer(pd.Index(values.astype(str)))  # -1: unseen
         if (codes < 0).any():
@@ -240,6 +245,7 @@ class DesignSpec:
             cols = [c for c in needed if data[c].isna().any()]
             raise DataError(f"newdata has missing values in {cols} ({int(na.sum())} rows); "
                             "drop or impute them before predicting")
+        data = self._conform(data, needed)
         X_full = _reapply(self.fixed_spec, data)
         X = X_full[:, list(self.kept_columns)]
         zs, gis, flags = [], [], []
@@ -251,9 +257,7 @@ class DesignSpec:
             new = bool((idx < 0).any())
             if new and not allow_new_levels:
                 unseen = sorted(set(np.asarray(labels)[idx < 0]))[:5]
-                raise DataError(f"grouping factor '{bar.group}' has levels not in the training "
-                                f"data: {unseen}; use allow_new_levels=True to predict them "
-                                "with a zero random effect")
+                raise NewLevelsError(bar.group, unseen)
             gis.append(idx)
             flags.append(new)
         nets = tuple(
@@ -266,6 +270,47 @@ class DesignSpec:
         return NewData(X=X, offset=offset, Zraw=tuple(zs), group_index=tuple(gis),
                        net_X=nets, new_levels=tuple(flags), y=y, weights=w,
                        row_index=data.index)
+
+
+    def _conform(self, data: pd.DataFrame, needed: list[str]) -> pd.DataFrame:
+        """Check ``data``'s columns against the kinds the training data had, and give a
+        factor that arrives as numbers its training levels' type (strings: ``1`` -> ``"1"``);
+        returns a new frame where a column was converted (the caller's is never changed).
+
+        Raises DataError for a column that was numeric in training but is not here (a CSV
+        column with a stray string reads as text) and for infinite values.
+        """
+        kinds: dict[str, tuple[Any, Any]] = {}
+        for spec in (self.fixed_spec, *self.re_specs):
+            for var, (kind, state) in spec.encoder_state.items():
+                if var in data.columns:
+                    kinds[var] = (getattr(kind, "value", kind), state)
+        for encs in self.net_encodings:
+            for e in encs:
+                kinds.setdefault(e.variable, ("numerical" if e.kind == "numeric"
+                                              else "categorical", {}))
+        converted: dict[str, pd.Series] = {}
+        for var, (kind, state) in kinds.items():
+            col = data[var]
+            numeric = (pd.api.types.is_numeric_dtype(col)
+                       and not isinstance(col.dtype, pd.CategoricalDtype))
+            if kind == "numerical" and not numeric and not pd.api.types.is_bool_dtype(col):
+                raise DataError(f"newdata column '{var}' is {col.dtype} but was numeric in the "
+                                "training data; convert it (e.g. pd.to_numeric(newdata"
+                                f"['{var}'])) before predicting")
+            if kind == "categorical" and numeric and isinstance(state, dict):
+                levels = state.get("categories") or []
+                if levels and all(isinstance(c, str) for c in levels):
+                    converted[var] = col.astype(str)
+        for var in needed:
+            col = data[var]
+            if (pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+                    and not isinstance(col.dtype, pd.CategoricalDtype)):
+                n_inf = int(np.isinf(np.asarray(col, dtype=float)).sum())
+                if n_inf:
+                    raise DataError(f"newdata column '{var}' has infinite values in {n_inf} "
+                                    "row(s)")
+        return data.assign(**converted) if converted else data
 
 
 @dataclass(frozen=True)
@@ -386,6 +431,11 @@ def _check_frame(data: Any, what: str) -> None:
         raise DataError(f"{what} must be a pandas DataFrame, got {type(data).__name__}")
     if len(data) == 0:
         raise DataError(f"{what} has no rows")
+    duplicated = data.columns[data.columns.duplicated()]
+    if len(duplicated):
+        names = sorted({str(c) for c in duplicated})
+        raise DataError(f"{what} has duplicate column names {names}: rename or drop the "
+                        "copies (e.g. data.loc[:, ~data.columns.duplicated()])")
 
 
 def _formulaic_names(expr: str) -> set[str]:
@@ -620,6 +670,10 @@ def build_design(
         raise DataError(f"variable(s) {missing} in the formula '{formula.formula}' are not "
                         f"columns of the data (columns: {list(data.columns)[:12]})")
 
+    empty = [c for c in needed if data[c].isna().all()]
+    if empty:
+        raise DataError(f"column(s) {empty} used by the formula have no non-missing values: "
+                        "no rows left to fit")
     n_all = len(data)
     w_user = _vector_arg(weights, data, "weights")
     o_user = _vector_arg(offset, data, "offset")
@@ -635,7 +689,8 @@ def build_design(
         if v is not None:
             na |= ~np.isfinite(v)
             if na_action == "raise" and (~np.isfinite(v)).any():
-                raise DataError(f"{name} has missing or infinite values")
+                raise DataError(f"{name} has missing values in "
+                                f"{int((~np.isfinite(v)).sum())} row(s)")
     if na.any():
         if na_action == "raise":
             cols = [c for c in needed if data[c].isna().any()]
@@ -681,6 +736,7 @@ def build_design(
                            f"{exc}", formula.formula) from None
     X_full = np.asarray(mm, dtype=float)
     names_full = [lme4_name(c) for c in mm.columns]
+    _check_scales(X_full, names_full, "fixed-effect")
     kept = full_rank_columns(X_full) if X_full.shape[1] else []
     dropped = tuple(names_full[j] for j in range(len(names_full)) if j not in kept)
     X = X_full[:, kept]
@@ -701,6 +757,10 @@ def build_design(
             _check_finite_numeric(frame[name], name)
         term_mm = Formula(bar.expr).get_model_matrix(frame, na_action="raise")
         cnms = tuple(lme4_name(c) for c in term_mm.columns)
+        overflow, _ = column_scale_problems(np.asarray(term_mm, dtype=float), list(cnms))
+        if overflow:
+            raise DataError(_overflow_message(overflow, f"random-effects term ({bar.expr} | "
+                                                        f"{bar.group})"))
         if not cnms:
             raise DataError(f"random-effects term ({bar.expr} | {bar.group}) has no columns")
         raw_terms.append((bar, tuple(levels), gidx, np.asarray(term_mm, dtype=float), cnms,
@@ -751,6 +811,25 @@ def build_design(
     )
 
 
+def _overflow_message(columns: list[str], where: str) -> str:
+    return (f"{where} column(s) {columns} have values so large that their squares overflow "
+            "(beyond about 1e154): the fit cannot use them; rescale them (e.g. divide by "
+            "their standard deviation or use another unit)")
+
+
+def _check_scales(X: np.ndarray, names: list[str], where: str) -> None:
+    """DataError for columns whose squares overflow, :class:`ScaleWarning` for columns on an
+    extreme scale (see :func:`ngmm_formula.checks.column_scale_problems`)."""
+    overflow, extreme = column_scale_problems(X, names)
+    if overflow:
+        raise DataError(_overflow_message(overflow, where))
+    if extreme:
+        warnings.warn(f"{where} column(s) {extreme} are on a scale more than "
+                      f"{SCALE_RATIO:.0e} times larger or smaller than the other columns': "
+                      "rescale them (e.g. divide by their standard deviation) to keep the fit "
+                      "accurate", ScaleWarning, stacklevel=4)
+
+
 def _check_groups_survive(formula: ParsedFormula, before: pd.DataFrame, after: pd.DataFrame,
                           needed: list[str]) -> None:
     """A grouping level that had rows before NA removal but none after is an error: its
@@ -775,14 +854,30 @@ def _check_finite_numeric(col: pd.Series, name: str) -> None:
 def _vector_arg(value: Any, data: pd.DataFrame, what: str) -> np.ndarray | None:
     if value is None:
         return None
+    label = what
     if isinstance(value, str):
         if value not in data.columns:
             raise DataError(f"{what}='{value}' is not a column of the data")
+        label = f"{what}='{value}' (column '{value}')"
         value = data[value]
-    arr = np.asarray(value, dtype=float)
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        kind = getattr(value, "dtype", type(value).__name__)
+        raise DataError(f"{label} must be numeric, got {kind} values") from None
     if arr.shape != (len(data),):
-        raise DataError(f"{what} must have one value per row of data ({len(data)}), got shape "
-                        f"{arr.shape}")
+        raise DataError(f"{label} must have one value per row of data ({len(data)}), got "
+                        f"shape {arr.shape}")
+    n_inf = int(np.isinf(arr).sum())
+    if n_inf:
+        raise DataError(f"{label} has infinite values in {n_inf} row(s) (first at row "
+                        f"{int(np.flatnonzero(np.isinf(arr))[0])}); give finite values (NaN "
+                        "counts as missing and drops the row)")
+    if what == "weights" and (arr < 0).any():
+        n_neg = int((arr < 0).sum())
+        raise DataError(f"{label} must be non-negative; {n_neg} row(s) are negative (first "
+                        f"at row {int(np.flatnonzero(arr < 0)[0])}: "
+                        f"{arr[arr < 0][0]:.6g})")
     return arr
 
 

@@ -52,3 +52,43 @@ class SingularFitWarning(NGMMWarning):
 
 class RankDeficiencyWarning(NGMMWarning):
     """Columns of the fixed-effects model matrix were aliased and dropped."""
+
+
+class NewLevelsError(DataError):
+    """New data have levels of a grouping factor that the training data did not have, and
+    prediction was asked not to allow them (``allow_new_levels=False``).
+
+    Attributes
+    ----------
+    group : str
+        The grouping factor.
+    levels : list of str
+        Up to five of the unseen levels.
+    """
+
+    def __init__(self, group: str, levels: list[str],
+                 advice: str = "use allow_new_levels=True to predict them with a zero random "
+                               "effect"):
+        self.group = group
+        self.levels = levels
+        super().__init__(f"grouping factor '{group}' has levels not in the training data: "
+                         f"{levels}; {advice}")
+
+
+class SeparationWarning(NGMMWarning):
+    r"""The response is (quasi-)completely separated by fixed-effect columns.
+
+    Some direction :math:`b` of the fixed effects fits every observation at least as well the
+    further it goes (see :mod:`ngmm_formula.checks`): the estimates of the columns named are
+    infinite, and the fit returns huge values with huge standard errors. A warning, not an
+    error, as lme4 and glmmTMB fit such data too (with convergence warnings at most): the
+    other estimates can still be of use, and quasi-complete separation by a rare factor level
+    is common. Remedies: drop or merge the column (level), or use a penalised (Firth) or
+    Bayesian fit with a proper prior on the fixed effects.
+    """
+
+
+class ScaleWarning(NGMMWarning):
+    """A fixed-effect column is on an extreme scale compared with the others (lme4's "Some
+    predictor variables are on very different scales"): rescale it (e.g. divide by its
+    standard deviation) to keep the optimiser accurate."""

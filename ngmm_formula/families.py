@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -904,6 +905,57 @@ class Family(ABC):
             )
         self._validate_support(y, w, name)
 
+    # -- data checks before a fit -------------------------------------------------------------
+
+    def check_response_varies(self, y: np.ndarray, weights: np.ndarray, name: str) -> None:
+        """Raise when the response leaves nothing to fit (lme4: "Response is constant").
+
+        Only rows with positive weight count. By default a constant response is an error (a
+        Gaussian's or Gamma's dispersion would go to zero: the likelihood is unbounded);
+        families override :meth:`_degenerate_response` (binomial: all successes or all
+        failures; counts: all zero).
+
+        Raises
+        ------
+        DataError
+            Naming the response and the value it is stuck at.
+        """
+        y = np.asarray(y, dtype=float)[np.asarray(weights, dtype=float) > 0]
+        if y.size == 0:
+            raise DataError(f"response {name!r}: every row has zero weight")
+        reason = self._degenerate_response(y)
+        if reason is not None:
+            raise DataError(f"{self.name} response {name!r} {reason}; there is nothing to "
+                            "fit (lme4: 'Response is constant')")
+
+    def _degenerate_response(self, y: np.ndarray) -> str | None:
+        if np.ptp(y) == 0:
+            return f"is constant (every value is {y[0]:.6g})"
+        return None
+
+    def check_levels(self, terms: Sequence[tuple[str, int, int]], nobs: int) -> None:
+        """Raise when random effects cannot be told apart from the residual (lmer's
+        ``check.nobs.vs.nlev`` and ``check.nobs.vs.nRE``); only models with a residual
+        variance on the linear-predictor scale (Gaussian, identity link) check this, as
+        ``glmer`` ignores it by default.
+
+        Parameters
+        ----------
+        terms : sequence of (grouping factor, number of levels, columns q)
+        nobs : int
+        """
+        return None
+
+    def separation_signs(self, y: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        r"""The constraints that make a direction of the fixed effects separate the data.
+
+        Returns, per row, :math:`s_i = +1` (the fit improves as :math:`\eta_i` grows without
+        bound), :math:`-1` (as it falls), 0 (the row pins :math:`\eta_i`) or NaN (zero weight:
+        no constraint); None when this family cannot have infinite estimates this way (see
+        :func:`ngmm_formula.checks.separating_columns`).
+        """
+        return None
+
     def _nonfinite_hint(self) -> str:
         return ""
 
@@ -1133,6 +1185,24 @@ class Gaussian(Family):
     def _validate_support(self, y: np.ndarray, w: np.ndarray, name: str) -> None:
         return None
 
+    def check_levels(self, terms: Sequence[tuple[str, int, int]], nobs: int) -> None:
+        if not self.quadratic:
+            return
+        for group, n_levels, _ in terms:
+            if n_levels >= nobs:
+                raise DataError(
+                    f"grouping factor {group!r} has {n_levels} levels for {nobs} observations: "
+                    "the number of levels of each grouping factor must be < the number of "
+                    "observations, or its variance cannot be told apart from the residual "
+                    "variance (as lmer's check.nobs.vs.nlev)")
+        total = sum(n_levels * q for _, n_levels, q in terms)
+        if total >= nobs:
+            names = ", ".join(repr(g) for g, _, _ in terms)
+            raise DataError(
+                f"the random effects of {names} number {total}, not fewer than the {nobs} "
+                "observations: the random-effects variances and the residual variance are "
+                "probably unidentifiable (as lmer's check.nobs.vs.nRE)")
+
     def simulate(
         self,
         mu: np.ndarray,
@@ -1283,6 +1353,20 @@ class Binomial(Family):
             "; a row with zero trials gives the proportion 0/0: drop it or set its proportion to 0"
         )
 
+    def _degenerate_response(self, y: np.ndarray) -> str | None:
+        if (y == 1).all():
+            return "is a success in every row (all 1)"
+        if (y == 0).all():
+            return "is a failure in every row (all 0)"
+        return None
+
+    def separation_signs(self, y: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        """+1 for all-success rows, -1 for all-failure rows, 0 for proportions strictly in
+        between (a row of cbind counts with successes and failures counts as both)."""
+        y = np.asarray(y, dtype=float)
+        signs = np.where(y >= 1, 1.0, np.where(y <= 0, -1.0, 0.0))
+        return np.where(np.asarray(weights, dtype=float) > 0, signs, np.nan)
+
     def _validate_support(self, y: np.ndarray, w: np.ndarray, name: str) -> None:
         trials = bool(np.any(w > 1))
         bad = y < 0
@@ -1418,6 +1502,13 @@ class Poisson(_PositiveMeanFamily):
     def _validate_support(self, y: np.ndarray, w: np.ndarray, name: str) -> None:
         _validate_counts(self.name, y, name)
 
+    def _degenerate_response(self, y: np.ndarray) -> str | None:
+        return _no_counts(y)
+
+    def separation_signs(self, y: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        """Log link: -1 for zero counts (a level with only zeros has an estimate of -inf)."""
+        return _count_separation_signs(self.link, y, weights)
+
     def simulate(
         self,
         mu: np.ndarray,
@@ -1443,6 +1534,20 @@ class Poisson(_PositiveMeanFamily):
 
     def _statsmodels_family(self, smf: Any, link: Any, sigma: float | None) -> Any:
         return smf.Poisson(link=link)
+
+
+def _count_separation_signs(link: Link, y: np.ndarray, weights: np.ndarray
+                            ) -> np.ndarray | None:
+    """Log link: a zero count may fall without bound (-1), a positive one pins eta (0)."""
+    if link.name != "log":
+        return None
+    y = np.asarray(y, dtype=float)
+    signs = np.where(y <= 0, -1.0, 0.0)
+    return np.where(np.asarray(weights, dtype=float) > 0, signs, np.nan)
+
+
+def _no_counts(y: np.ndarray) -> str | None:
+    return "is zero in every row" if (y == 0).all() else None
 
 
 def _validate_counts(family: str, y: np.ndarray, name: str) -> None:
@@ -1546,6 +1651,13 @@ class NegativeBinomial(_PositiveMeanFamily):
 
     def _validate_support(self, y: np.ndarray, w: np.ndarray, name: str) -> None:
         _validate_counts(self.name, y, name)
+
+    def _degenerate_response(self, y: np.ndarray) -> str | None:
+        return _no_counts(y)
+
+    def separation_signs(self, y: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        """Log link: -1 for zero counts (a level with only zeros has an estimate of -inf)."""
+        return _count_separation_signs(self.link, y, weights)
 
     def simulate(
         self,

@@ -1,0 +1,269 @@
+r"""Data checks run before a fit: separation and the scale of the model-matrix columns.
+
+Separation
+----------
+A fixed effect has an infinite maximum-likelihood estimate when some direction :math:`b \ne 0`
+of the coefficients moves every observation's fitted value towards its response without ever
+moving one away (Albert & Anderson 1984). For a 0/1 response :math:`y_i` that is
+
+.. math::
+
+    x_i^\top b \ge 0 \ (y_i = 1), \qquad x_i^\top b \le 0 \ (y_i = 0),
+    \qquad \text{with } x_i^\top b \ne 0 \text{ for at least one } i,
+
+(complete separation when every inequality is strict, quasi-complete otherwise). The log-
+likelihood then increases without bound along :math:`b` -- also once the random effects are
+integrated out, since each conditional likelihood increases along it -- and an optimiser
+returns huge estimates with huge standard errors instead of stopping. As R's
+``detectseparation`` (Konis 2007), the search is a linear programme. Writing the constraints
+of each row as :math:`s_i x_i^\top b \ge 0` with :math:`s_i = \pm 1`, and :math:`x_i^\top b = 0`
+for rows with :math:`s_i = 0` (a row that must not move: a binomial proportion strictly
+between 0 and 1, a positive Poisson count), the programme
+
+.. math::
+
+    \min_b \ \|D b\|_1 \quad\text{subject to}\quad s_i x_i^\top b \ge 0,\quad
+    x_j^\top b = 0 \ (s_j = 0),\quad \sum_i s_i x_i^\top b \ge 1,
+
+with :math:`D` the columns' root mean squares, is feasible exactly when the data are
+separated; the :math:`\ell_1` objective makes the direction sparse, so that its non-zero
+entries name the few columns that separate rather than every column the cone happens to
+contain. Which constraints the response gives (:math:`s_i`) is the family's business
+(:meth:`~ngmm_formula.families.Family.separation_signs`).
+
+The programme is solved by constraint generation: first on a subset of rows (every row of the
+rarer kind up to :data:`SUBSET_ROWS` / 2, and random others), then adding the rows the
+candidate direction violates, until it satisfies every row or the subset programme is
+infeasible. An infeasible subset programme proves that the full data are not separated (fewer
+constraints admit more directions); a direction that satisfies every row proves that they
+are. Ordinary (not separated) data thus cost one small programme: about 10 ms for
+100,000 rows and 5 columns, against 1.4 s for the programme on all rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import linprog
+
+from ngmm_formula.errors import SeparationWarning
+
+if TYPE_CHECKING:
+    from ngmm_formula.design import Design
+    from ngmm_formula.families import Family
+
+__all__ = ["SUBSET_ROWS", "check_separation", "column_scale_problems", "separating_columns"]
+
+#: Rows in the first linear programme of the separation check (and rows added per round).
+SUBSET_ROWS = 2000
+#: Most violated rows added to the programme per round of constraint generation.
+ADD_ROWS = 5000
+#: A column whose root mean square differs from the median of the others' by more than this
+#: factor is reported as on an extreme scale.
+SCALE_RATIO = 1e8
+
+
+def _solve(A_ub: np.ndarray, A_eq: np.ndarray, total: np.ndarray) -> np.ndarray | None:
+    r"""The programme of the module docstring on the rows given (already signed: ``A_ub`` rows
+    are :math:`s_i x_i`), normalised by ``total`` (:math:`\sum_i s_i x_i` over *every*
+    row); returns the direction or None when infeasible."""
+    p = total.size
+    # variables b = b_plus - b_minus, both >= 0; objective sum(b_plus + b_minus)
+    c = np.ones(2 * p)
+    ub = np.vstack([np.hstack([-A_ub, A_ub]),                   # s_i x_i b >= 0
+                    np.hstack([-total, total])[None, :]])       # sum_i s_i x_i b >= 1
+    b_ub = np.zeros(ub.shape[0])
+    b_ub[-1] = -1.0
+    eq = np.hstack([A_eq, -A_eq]) if A_eq.shape[0] else None
+    res = linprog(c, A_ub=ub, b_ub=b_ub, A_eq=eq,
+                  b_eq=np.zeros(A_eq.shape[0]) if eq is not None else None,
+                  bounds=(0, None), method="highs")
+    if res.status != 0:  # 2: infeasible (no separation); anything else: treat as none found
+        return None
+    return np.asarray(res.x[:p] - res.x[p:])
+
+
+def _direction(Xs: np.ndarray, s: np.ndarray, cols: np.ndarray, first: np.ndarray,
+               max_rounds: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """A separating direction on the columns ``cols`` of the scaled matrix, by constraint
+    generation from the rows ``first``; returns it (None: no separation) and the rows used."""
+    Xc = Xs[:, cols]
+    A = Xc * s[:, None]
+    total = A.sum(0)  # the normalisation over every row: see the module docstring
+    row_norm = np.linalg.norm(Xc, axis=1)
+    n = len(s)
+    chosen = first
+    for _ in range(max_rounds):
+        b = _solve(A[chosen[s[chosen] != 0]], Xc[chosen[s[chosen] == 0]], total)
+        if b is None:
+            return None, chosen
+        # HiGHS meets the constraints to about 1e-7: a row of the programme "violated" by
+        # less is satisfied, and so is any row already in it
+        tol = 1e-6 * float(np.abs(b).max()) * np.maximum(row_norm, 1.0)
+        slack = np.where(s != 0, A @ b, -np.abs(Xc @ b))
+        violated = np.setdiff1d(np.flatnonzero(slack < -tol), chosen, assume_unique=True)
+        if violated.size == 0:
+            return b, chosen
+        if chosen.size >= n:
+            break
+        worst = violated[np.argsort(slack[violated])[:ADD_ROWS]]
+        chosen = np.union1d(chosen, worst)
+    every = np.arange(n)
+    return _solve(A[s != 0], Xc[s == 0], total), every
+
+
+def separating_columns(X: np.ndarray, signs: np.ndarray, *, seed: int = 0,
+                       max_rounds: int = 20) -> list[int] | None:
+    r"""The columns of a separating direction of ``X``, or None if the data are not separated.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n, p)
+        Full-rank fixed-effects model matrix (finite values).
+    signs : ndarray, shape (n,)
+        :math:`s_i`: +1 where the fitted value may only increase (:math:`x_i^\top b \ge 0`),
+        -1 where it may only decrease, 0 where it must stay (:math:`x_i^\top b = 0`), NaN for
+        rows that carry no information (zero weight) and are left out.
+    seed : int
+        Seeds the choice of the first subset of rows (the answer does not depend on it).
+    max_rounds : int
+        Rounds of constraint generation before a programme is solved on every row.
+
+    Returns
+    -------
+    list of int or None
+        Indices of the columns that separate: the support of the sparsest direction found
+        (columns scaled to unit root mean square; :math:`|b_j| > 10^{-6} \max_k |b_k|`),
+        pruned greedily -- smallest :math:`|b_j|` first, a column goes when the others still
+        separate without it -- so that no named column is superfluous.
+    """
+    X = np.asarray(X, dtype=float)
+    s = np.asarray(signs, dtype=float)
+    keep = np.isfinite(s)
+    X, s = X[keep], s[keep]
+    n, p = X.shape
+    if p == 0 or n == 0 or not (s != 0).any():
+        return None
+    rms = np.sqrt(np.mean(X * X, axis=0))
+    rms[rms == 0] = 1.0
+    Xs = X / rms
+    if n <= SUBSET_ROWS:
+        first = np.arange(n)
+    else:
+        rng = np.random.default_rng(seed)
+        half = SUBSET_ROWS // 2
+        first = np.unique(np.concatenate([rng.permutation(np.flatnonzero(s == k))[:half]
+                                          for k in (1.0, -1.0, 0.0)]))
+    cols = np.arange(p)
+    b, rows = _direction(Xs, s, cols, first, max_rounds)
+    if b is None:
+        return None
+    support = cols[np.abs(b) > 1e-6 * float(np.abs(b).max())]
+    weights = dict(zip(cols.tolist(), np.abs(b).tolist()))
+    for j in sorted(support.tolist(), key=lambda k: weights[k]):
+        if support.size == 1:
+            break
+        rest = support[support != j]
+        b_rest, rows = _direction(Xs, s, rest, rows, max_rounds)
+        if b_rest is not None:
+            support = rest[np.abs(b_rest) > 1e-6 * float(np.abs(b_rest).max())]
+    return [int(j) for j in support]
+
+
+def column_scale_problems(X: np.ndarray, names: list[str] | tuple[str, ...]
+                          ) -> tuple[list[str], list[str]]:
+    r"""Columns whose scale the fit cannot handle, and columns on an extreme scale.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n, p)
+        A model matrix (finite values).
+    names : sequence of str
+        The columns' names.
+
+    Returns
+    -------
+    overflow : list of str
+        Columns whose sum of squares overflows float64 (:math:`\max_i |x_{ij}| >
+        \sqrt{\text{DBL\_MAX} / n}`): cross-products and norms of them are infinite, so the
+        rank check and the fit cannot use them.
+    extreme : list of str
+        Non-constant columns whose root mean square is more than :data:`SCALE_RATIO` times
+        the lower median of all columns' root mean squares (the intercept's is 1), or less
+        than the upper median divided by it (lme4 warns
+        "Some predictor variables are on very different scales" from a ratio of 1e3; here only
+        ratios that cost the optimiser accuracy are reported).
+    """
+    X = np.asarray(X, dtype=float)
+    n, p = X.shape
+    if n == 0 or p == 0:
+        return [], []
+    peak = np.abs(X).max(axis=0)
+    limit = np.sqrt(np.finfo(float).max / max(n, 1))
+    overflow = [names[j] for j in range(p) if peak[j] > limit]
+    safe = np.where(peak > 0, peak, 1.0)
+    with np.errstate(over="ignore", under="ignore"):
+        rms = safe * np.sqrt(np.mean((X / safe) ** 2, axis=0))  # no overflow in the squares
+    rms = np.where(peak > 0, rms, 0.0)
+    constant = np.ptp(X, axis=0) == 0
+    finite = rms[rms > 0]
+    if finite.size < 2:
+        return overflow, []
+    ordered = np.sort(finite)
+    lower, upper = ordered[(ordered.size - 1) // 2], ordered[ordered.size // 2]
+    extreme = [names[j] for j in range(p)
+               if not constant[j] and names[j] not in overflow and rms[j] > 0
+               and (rms[j] > SCALE_RATIO * lower or rms[j] < upper / SCALE_RATIO)]
+    return overflow, extreme
+
+
+def check_separation(design: Design, family: Family, *, stacklevel: int = 2) -> list[str]:
+    r"""Warn (:class:`~ngmm_formula.errors.SeparationWarning`) when the response is separated.
+
+    The family gives the row constraints
+    (:meth:`~ngmm_formula.families.Family.separation_signs`: binomial families, and Poisson
+    and negative binomial with the log link); the columns are the fixed effects :math:`X`
+    and the standardised input columns of the ``nn()`` terms, taken linearly. The networks'
+    inputs are included because the fit of a neural model starts from the GLMM in which they
+    enter linearly (:func:`~ngmm_formula.train.fit_linear_start`), whose coefficients
+    diverge along a separating input just like a fixed effect's; a network can separate in
+    nonlinear ways too, which no linear check sees (its weights are kept finite by the
+    weight decay and early stopping of the training). Input columns aliased with earlier
+    ones (an input that is also a fixed effect, a level of a one-hot factor) are left out as
+    the linear start leaves them out.
+
+    A warning, not an error: see :class:`~ngmm_formula.errors.SeparationWarning`.
+
+    Returns
+    -------
+    list of str
+        The separating columns named in the warning (empty when there is none).
+    """
+    from ngmm_formula.design import full_rank_columns
+
+    signs = family.separation_signs(design.y, design.weights)
+    if signs is None or design.nobs == 0:
+        return []
+    blocks, names = [design.X], list(design.fixed_names)
+    for ni in design.nets:
+        blocks.append(ni.X)
+        names += [f"{ni.term.label}: input {c}" for c in ni.columns]
+    X = np.hstack(blocks) if len(blocks) > 1 else design.X
+    cols = list(range(X.shape[1]))
+    if len(blocks) > 1:
+        cols = full_rank_columns(X)
+        X = X[:, cols]
+    found = separating_columns(X, signs)
+    if not found:
+        return []
+    named = [names[cols[j]] for j in found]
+    warnings.warn(
+        f"the {family.name} response '{design.response_name}' is separated by the fixed-effect "
+        f"column(s) {named}: some combination of them fits every observation at least as well "
+        "the further it goes, so their estimates are infinite (not identifiable) and the fit "
+        "reports huge values with huge standard errors; drop or merge the column(s) (a factor "
+        "level with only one outcome), or use a penalised (Firth) or Bayesian fit",
+        SeparationWarning, stacklevel=stacklevel)
+    return named
