@@ -314,7 +314,8 @@ class _Checker(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
         if isinstance(func, ast.Name) and func.id not in self.src.quoted:
-            if func.id in _BUILTIN_NAMES and (self.names is None or func.id not in self.names):
+            if (func.id in _BUILTIN_NAMES and not _is_dunder(func.id)
+                    and (self.names is None or func.id not in self.names)):
                 raise self.fail(f"'{func.id}()' is not allowed in a formula: Python's "
                                 "built-in functions are not formula transforms", func)
             if (self.names is not None and func.id not in TRANSFORMS
