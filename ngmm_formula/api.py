@@ -9,7 +9,7 @@ objective at given parameters (lme4's ``devFunOnly = TRUE``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,13 +74,14 @@ class Prepared:
     problem: Problem
 
 
-def load_data(parsed: ParsedFormula, data: Any, weights: Any = None, offset: Any = None
-              ) -> pd.DataFrame:
+def load_data(parsed: ParsedFormula, data: Any, weights: Any = None, offset: Any = None,
+              context: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The data frame of a fit: ``data`` itself, or the columns the model uses read from a
     Parquet/CSV file or a pyarrow Dataset (:func:`ngmm_formula.io.read_data`)."""
     if isinstance(data, pd.DataFrame) or not is_data_source(data):
         return data  # build_design names what is wrong with anything else
-    cols = required_columns(parsed, with_response=True)
+    cols = required_columns(parsed, with_response=True,
+                            context=context if isinstance(context, Mapping) else None)
     cols += [a for a in (weights, offset) if isinstance(a, str)]
     return read_data(data, cols)
 
@@ -89,12 +90,12 @@ def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
             approx: str = "auto", nagq: int | None = None, truncation: float | None = None,
             points: int | None = None, weights: Any = None, offset: Any = None,
             reml: bool | None = None, control: Control | None = None,
-            device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
-            ) -> Prepared:
+            device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+            context: Mapping[str, Any] | None = None) -> Prepared:
     """Parse, build the design, validate it against the family and lay out the blocks.
 
-    ``device`` and ``dtype`` as :func:`ngmm`; ``data`` a DataFrame, a Parquet/CSV path or a
-    pyarrow Dataset.
+    ``device``, ``dtype`` and ``context`` as :func:`ngmm`; ``data`` a DataFrame, a
+    Parquet/CSV path or a pyarrow Dataset.
     """
     control = control or Control()
     dev, dt = resolve_device(device, dtype)
@@ -103,9 +104,10 @@ def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
     if not parsed.bars:
         raise DataError(f"no random-effects terms in the formula '{formula}': add one such "
                         "as (1 | group)")
-    data = load_data(parsed, data, weights, offset)
+    data = load_data(parsed, data, weights, offset, context)
     design = build_design(parsed, data, binomial=fam.name == "binomial", weights=weights,
-                          offset=offset, na_action=control.na_action)  # type: ignore[arg-type]
+                          offset=offset, na_action=control.na_action,  # type: ignore[arg-type]
+                          context=context)
     fam.validate_response(design.y, design.weights, design.response_name)
     fam.check_response_varies(design.y, design.weights, design.response_name)
     fam.check_levels([(t.group, t.n_levels, t.q) for t in design.re_terms], design.nobs)
@@ -176,7 +178,7 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
          points: int | None = None, weights: Any = None, offset: Any = None,
          reml: bool | None = None, control: Control | None = None, seed: int = 0,
          device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         distributed: bool = False) -> NGMMResult:
+         distributed: bool = False, context: Mapping[str, Any] | None = None) -> NGMMResult:
     """Fit a (neural) generalized linear mixed model.
 
     Parameters
@@ -221,10 +223,26 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
         same arguments; models with one grouping factor only (see
         :mod:`ngmm_formula.distributed`, and :func:`ngmm_formula.fit_distributed` for local
         worker processes and the ``torchrun`` commands for several machines).
+    context : mapping, optional
+        Extra names the formula may use, e.g. ``{"winsor": my_function, "k": 3.0}`` for
+        ``y ~ winsor(x) + I(x * k) + (1 | g)`` (patsy's ``eval_env``, formulaic's
+        ``context``). The formula is evaluated on the data as Python expressions (as in patsy
+        and R), restricted to the data's columns, the formula transforms
+        (:data:`ngmm_formula.safety.TRANSFORMS`: ``log``, ``sqrt``, ``scale``, ``poly``,
+        ``C``, ``I``, ``np.<f>``, ...) and these names; the caller's variables are never
+        visible, and dunder names and attributes are refused before anything is evaluated.
+        ``predict`` reuses the context of the fit; a model file keeps it only as far as its
+        format can store functions (re-fit, or predict in the session that fitted, otherwise).
 
     Returns
     -------
     NGMMResult
+
+    Raises
+    ------
+    FormulaError
+        A malformed formula, a name that is neither a column, a transform nor a ``context``
+        name, or an expression that reaches Python's internals.
     """
     control = Control() if control is None else control
     if not isinstance(control, Control):
@@ -235,14 +253,15 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
     with torch_threads(control.threads):
         return _ngmm(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                      points=points, weights=weights, offset=offset, reml=reml, control=control,
-                     seed=seed, device=device, dtype=dtype, distributed=distributed)
+                     seed=seed, device=device, dtype=dtype, distributed=distributed,
+                     context=context)
 
 
 def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
           nagq: int | None, truncation: float | None, points: int | None, weights: Any,
           offset: Any, reml: bool | None, control: Control, seed: int,
           device: str | torch.device, dtype: str | torch.dtype | None = None,
-          distributed: bool = False) -> NGMMResult:
+          distributed: bool = False, context: Mapping[str, Any] | None = None) -> NGMMResult:
     torch.manual_seed(seed)
     if distributed and approx == "variational":
         raise NGMMError("distributed=True is not available with approx='variational' (its "
@@ -250,16 +269,16 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
     if distributed:
         device = connect(str(device))
     source = data
-    data = load_data(parse_formula(formula), data, weights, offset)
+    data = load_data(parse_formula(formula), data, weights, offset, context)
     data_name = getattr(data, "attrs", {}).get("name") if isinstance(data, pd.DataFrame) else None
     prepared = prepare(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                        points=points, weights=weights, offset=offset, reml=reml,
-                       control=control, device=device, dtype=dtype)
+                       control=control, device=device, dtype=dtype, context=context)
 
     def refit(**kw: Any) -> NGMMResult:
         args = dict(approx=approx, nagq=nagq, truncation=truncation, points=points,
                     weights=weights, offset=offset, reml=reml, control=control, seed=seed,
-                    device=device, dtype=dtype, distributed=distributed)
+                    device=device, dtype=dtype, distributed=distributed, context=context)
         args.update(kw)
         return ngmm(formula, source, family, **args)  # type: ignore[arg-type]
 

@@ -17,6 +17,13 @@ The design holds everything the engine needs as arrays, in lme4's notation:
 the standardisation of network inputs are kept in :class:`DesignSpec` so that
 :meth:`DesignSpec.new_data` encodes new data exactly as the training data were encoded;
 unseen grouping levels are flagged with index ``-1``.
+
+Formula expressions are evaluated by formulaic on the data, with the formula transforms and the
+names of ``context=`` (never the caller's variables): before anything is materialised the
+formula is checked again with the data's column names (:func:`parse_formula` with ``names=``)
+and every Python factor formulaic parsed is checked by :func:`~ngmm_formula.safety.check_python`
+(:func:`_checked_formula`), so that nothing but the data, the transforms and ``context=`` is
+reachable.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import dataclasses
 import functools
 import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -33,10 +41,12 @@ import pandas as pd
 import scipy.sparse as sp
 from formulaic import Formula
 from formulaic.errors import DataMismatchWarning
+from formulaic.formula import SimpleFormula
 
 from ngmm_formula.checks import SCALE_RATIO, column_scale_problems
 from ngmm_formula.errors import DataError, FormulaError, NewLevelsError, ScaleWarning
-from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula
+from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula, parse_formula
+from ngmm_formula.safety import EXTRA_TRANSFORMS, IDENTIFIER, check_python
 
 __all__ = [
     "Design",
@@ -207,6 +217,10 @@ class DesignSpec:
     Holds formulaic's ``ModelSpec`` of the fixed part and of each term's columns, the levels of
     the grouping factors, the network input encodings and the fixed-effect columns kept after
     the rank check.
+
+    ``context`` is the mapping passed as ``ngmm(..., context=)``: functions are code, not
+    data, so a model file may not be able to keep it; encoding new data for a formula that
+    uses a name of ``context`` then raises a :class:`FormulaError` that names it.
     """
 
     formula: ParsedFormula
@@ -218,6 +232,7 @@ class DesignSpec:
     net_encodings: tuple[tuple[NetEncoding, ...], ...]
     binomial_levels: tuple[str, str] | None
     binomial: bool = False
+    context: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def new_data(self, data: pd.DataFrame, *, with_response: bool = False,
                  allow_new_levels: bool = True) -> NewData:
@@ -235,22 +250,24 @@ class DesignSpec:
             If False, a grouping level absent from the training data raises DataError.
         """
         _check_frame(data, "newdata")
-        needed = required_columns(self.formula, with_response=with_response)
+        context = getattr(self, "context", None)  # absent in files written before it existed
+        needed = required_columns(self.formula, with_response=with_response, context=context)
         missing = [v for v in needed if v not in data.columns]
         if missing:
             raise DataError(f"newdata is missing the column(s) {missing} used by the formula "
                             f"'{self.formula.formula}'")
+        parse_formula(self.formula.formula, names=_known_names(data, context))
         na = _na_rows(data, needed)
         if na.any():
             cols = [c for c in needed if data[c].isna().any()]
             raise DataError(f"newdata has missing values in {cols} ({int(na.sum())} rows); "
                             "drop or impute them before predicting")
         data = self._conform(data, needed)
-        X_full = _reapply(self.fixed_spec, data)
+        X_full = _reapply(self.fixed_spec, data, context)
         X = X_full[:, list(self.kept_columns)]
         zs, gis, flags = [], [], []
         for (bar, levels), spec in zip(self.re_terms, self.re_specs, strict=True):
-            zs.append(_reapply(spec, data))
+            zs.append(_reapply(spec, data, context))
             labels = _group_labels(data, bar)
             # -1: unseen
             idx = pd.Index(list(levels)).get_indexer(pd.Index(labels)).astype(np.int64)
@@ -263,10 +280,10 @@ class DesignSpec:
         nets = tuple(
             np.hstack([e.encode(data[e.variable]) for e in encs]) for encs in self.net_encodings
         )
-        offset = _offset_terms(self.formula, data, None)
+        offset = _offset_terms(self.formula, data, None, context)
         y, w = (None, np.ones(len(data)))
         if with_response:
-            y, w = _response(self.formula, data, self.binomial, self.binomial_levels)
+            y, w = _response(self.formula, data, self.binomial, self.binomial_levels, context)
         return NewData(X=X, offset=offset, Zraw=tuple(zs), group_index=tuple(gis),
                        net_X=nets, new_levels=tuple(flags), y=y, weights=w,
                        row_index=data.index)
@@ -407,13 +424,17 @@ class Design:
 # helpers
 
 
-def _reapply(spec: Any, data: pd.DataFrame) -> np.ndarray:
+def _reapply(spec: Any, data: pd.DataFrame, context: Mapping[str, Any] | None = None
+             ) -> np.ndarray:
     """Apply a training ModelSpec to new data. A factor level that the training data did not
     have is an error: formulaic only warns and encodes such rows as the reference level."""
+    _check_factors(spec.formula, data, context)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataMismatchWarning)
         try:
-            return np.asarray(spec.get_model_matrix(data, na_action="raise"), dtype=float)
+            return np.asarray(spec.get_model_matrix(data, na_action="raise",
+                                                    context=_formulaic_context(context)),
+                              dtype=float)
         except DataMismatchWarning as exc:
             mismatch = str(exc)
     bad = []
@@ -438,22 +459,82 @@ def _check_frame(data: Any, what: str) -> None:
                         "copies (e.g. data.loc[:, ~data.columns.duplicated()])")
 
 
-def _formulaic_names(expr: str) -> set[str]:
+def _formulaic_names(expr: str, exclude: Mapping[str, Any] | None = None) -> set[str]:
+    """The data columns formulaic needs for ``expr``: its required variables less the
+    functions it calls (transforms, ``context=`` functions) and the names of ``exclude``."""
     try:
-        return {str(v) for v in Formula(expr).required_variables}
+        variables = Formula(expr).required_variables
     except Exception as exc:  # formulaic's own parser errors
         raise FormulaError(f"cannot read the expression '{expr}': {exc}", None) from None
+    return {str(v) for v in variables
+            if v.roles != {v.Role.CALLABLE} and str(v) not in (exclude or {})
+            and str(v) not in EXTRA_TRANSFORMS}
 
 
-def required_columns(formula: ParsedFormula, *, with_response: bool = True) -> list[str]:
+def _formulaic_context(context: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What formulaic may look names up in besides the data: this package's transforms
+    (:data:`~ngmm_formula.safety.EXTRA_TRANSFORMS`) and the user's ``context=``."""
+    return {**EXTRA_TRANSFORMS, **(context or {})}
+
+
+def _known_names(data: pd.DataFrame, context: Mapping[str, Any] | None) -> set[str]:
+    """Names a formula on ``data`` may use besides the transforms: columns and context."""
+    return {str(c) for c in data.columns} | set(context or {})
+
+
+def _check_context(context: Any) -> Mapping[str, Any] | None:
+    if context is None:
+        return None
+    if not isinstance(context, Mapping):
+        raise FormulaError(f"context must be a mapping of names to values, got "
+                           f"{type(context).__name__}")
+    for key in context:
+        if not isinstance(key, str) or not IDENTIFIER.fullmatch(key) or key.startswith("__"):
+            raise FormulaError(f"context name {key!r} is not a plain identifier (no dunder "
+                               "names)")
+    return context
+
+
+def _check_factors(formula: Any, data: pd.DataFrame, context: Mapping[str, Any] | None
+                   ) -> None:
+    """Check every Python factor of a formulaic formula (as formulaic parsed it) before it is
+    materialised: a second line behind the checks of :func:`parse_formula`."""
+    names = _known_names(data, context)
+    for term in _terms(formula):
+        for factor in term.factors:
+            if getattr(factor.eval_method, "value", None) == "python":
+                check_python(str(factor.expr), None, 0, names)
+
+
+def _terms(formula: Any) -> list[Any]:
+    """The terms of a formulaic formula: each part of a model formula is a one-sided
+    ``SimpleFormula`` (bars and the response were split out by the parser)."""
+    if not isinstance(formula, SimpleFormula):
+        raise FormulaError(f"unexpected structured formula '{formula}' (a '~' or '|' in a "
+                           "part of the formula)")
+    return list(formula)
+
+
+def _checked_formula(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None
+                     ) -> Formula:
+    """``Formula(expr)`` after :func:`_check_factors` (parsing evaluates nothing)."""
+    formula = Formula(expr)
+    _check_factors(formula, data, context)
+    return formula
+
+
+def required_columns(formula: ParsedFormula, *, with_response: bool = True,
+                     context: Mapping[str, Any] | None = None) -> list[str]:
     """The data columns ``formula`` uses (what a file reader needs to read), in formula order.
 
     Response (if ``with_response``), fixed part, offsets, random-effects terms and their
-    grouping factors, ``nn()`` inputs.
+    grouping factors, ``nn()`` inputs. Functions called in the formula and the names of
+    ``context`` are not columns.
     """
     names: list[str] = []
 
     def add(ns: set[str] | tuple[str, ...]) -> None:
+        ns = {v for v in ns if v not in (context or {})} if isinstance(ns, set) else ns
         for v in sorted(ns) if isinstance(ns, set) else ns:
             if v not in names:
                 names.append(v)
@@ -482,22 +563,27 @@ def _na_rows(data: pd.DataFrame, columns: list[str]) -> np.ndarray:
     return np.array(data[columns].isna().any(axis=1), dtype=bool)
 
 
-def _evaluate(expr: str, data: pd.DataFrame) -> np.ndarray:
+def _evaluate(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None = None
+              ) -> np.ndarray:
     """Evaluate one R/formulaic expression (``log(t)``, ``size - incidence``) to a vector."""
-    mm = Formula(f"0 + I({expr})").get_model_matrix(data, na_action="ignore")
+    check_python(expr, None, 0, _known_names(data, context))
+    mm = _checked_formula(f"0 + I({expr})", data, context).get_model_matrix(
+        data, na_action="ignore", context=_formulaic_context(context))
     return np.asarray(mm, dtype=float)[:, 0]
 
 
 def _offset_terms(formula: ParsedFormula, data: pd.DataFrame,
-                  offset: np.ndarray | None) -> np.ndarray:
+                  offset: np.ndarray | None, context: Mapping[str, Any] | None = None
+                  ) -> np.ndarray:
     total = np.zeros(len(data)) if offset is None else np.asarray(offset, dtype=float).copy()
     for o in formula.offsets:
-        total += _evaluate(o, data)
+        total += _evaluate(o, data, context)
     return total
 
 
 def _response(formula: ParsedFormula, data: pd.DataFrame, binomial: bool,
-              binomial_levels: tuple[str, str] | None = None
+              binomial_levels: tuple[str, str] | None = None,
+              context: Mapping[str, Any] | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
     """Return (y, weights multiplier): cbind -> proportion and trials; factor -> 0/1."""
     n = len(data)
@@ -505,7 +591,7 @@ def _response(formula: ParsedFormula, data: pd.DataFrame, binomial: bool,
         s_expr, f_expr = formula.response_cbind
         if not binomial:
             raise DataError("a cbind(successes, failures) response needs family='binomial'")
-        s, f = _evaluate(s_expr, data), _evaluate(f_expr, data)
+        s, f = _evaluate(s_expr, data, context), _evaluate(f_expr, data, context)
         if (f < 0).any():
             raise DataError(f"binomial response cbind({s_expr}, {f_expr}): failure count "
                             f"'{f_expr}' is below zero in {int((f < 0).sum())} rows")
@@ -536,7 +622,7 @@ def _response(formula: ParsedFormula, data: pd.DataFrame, binomial: bool,
                             "counts as success, as in R)")
         y = (np.asarray(cat.astype(str)) == levels[1]).astype(float)
         return y, np.ones(n)
-    y = _evaluate(name, data) if col is None else np.asarray(col, dtype=float)
+    y = _evaluate(name, data, context) if col is None else np.asarray(col, dtype=float)
     return y, np.ones(n)
 
 
@@ -639,6 +725,7 @@ def build_design(
     weights: np.ndarray | pd.Series | str | None = None,
     offset: np.ndarray | pd.Series | str | None = None,
     na_action: NaAction = "omit",
+    context: Mapping[str, Any] | None = None,
 ) -> Design:
     """Evaluate a parsed formula on a data frame.
 
@@ -656,19 +743,31 @@ def build_design(
     na_action : {"omit", "raise"}
         Drop rows with missing values in any variable the model uses (and report how many, as
         R's ``na.omit``), or raise.
+    context : mapping, optional
+        Extra names the formula may use (functions or values), as formulaic's ``context``;
+        besides them only the data's columns and the formula transforms are reachable.
 
     Returns
     -------
     Design
+
+    Raises
+    ------
+    FormulaError
+        A name of the formula that is neither a column, a transform nor a ``context`` name,
+        or an expression that reaches Python's internals (before anything is evaluated).
     """
     _check_frame(data, "data")
+    context = _check_context(context)
     if na_action not in ("omit", "raise"):
         raise DataError(f"na_action must be 'omit' or 'raise', got {na_action!r}")
-    needed = required_columns(formula, with_response=True)
+    needed = required_columns(formula, with_response=True, context=context)
     missing = [v for v in needed if v not in data.columns]
     if missing:
         raise DataError(f"variable(s) {missing} in the formula '{formula.formula}' are not "
                         f"columns of the data (columns: {list(data.columns)[:12]})")
+    # the names of the formula against the data's columns, with a caret, before any evaluation
+    parse_formula(formula.formula, names=_known_names(data, context))
 
     empty = [c for c in needed if data[c].isna().all()]
     if empty:
@@ -708,7 +807,7 @@ def build_design(
 
     # response
     response_name = formula.lhs
-    y, trials = _response(formula, frame, binomial)
+    y, trials = _response(formula, frame, binomial, None, context)
     if not np.isfinite(y).all():
         raise DataError(f"response '{response_name}' has infinite values")
     w = trials if w_user is None else trials * w_user
@@ -724,11 +823,12 @@ def build_design(
             binomial_levels = (str(cats[0]), str(cats[1]))
 
     # fixed part
-    for name in _formulaic_names(formula.fixed):
+    for name in _formulaic_names(formula.fixed, context):
         _check_finite_numeric(frame[name], name)
     try:
-        mm = Formula(formula.fixed).get_model_matrix(frame, na_action="raise",
-                                                     ensure_full_rank=True)
+        mm = _checked_formula(formula.fixed, frame, context).get_model_matrix(
+            frame, na_action="raise", ensure_full_rank=True,
+            context=_formulaic_context(context))
     except FormulaError:
         raise
     except Exception as exc:
@@ -753,9 +853,10 @@ def build_design(
                             f"{len(levels)} level; a random effect needs at least 2")
         labels = _group_labels(frame, bar)
         gidx = pd.Categorical(labels, categories=levels).codes.astype(np.int32)
-        for name in _formulaic_names(bar.expr):
+        for name in _formulaic_names(bar.expr, context):
             _check_finite_numeric(frame[name], name)
-        term_mm = Formula(bar.expr).get_model_matrix(frame, na_action="raise")
+        term_mm = _checked_formula(bar.expr, frame, context).get_model_matrix(
+            frame, na_action="raise", context=_formulaic_context(context))
         cnms = tuple(lme4_name(c) for c in term_mm.columns)
         overflow, _ = column_scale_problems(np.asarray(term_mm, dtype=float), list(cnms))
         if overflow:
@@ -790,8 +891,9 @@ def build_design(
         net_encodings=tuple(ni.encodings for ni in nets),
         binomial_levels=binomial_levels,
         binomial=binomial,
+        context=context,
     )
-    off = _offset_terms(formula, frame, o_user)
+    off = _offset_terms(formula, frame, o_user, context)
     if not np.isfinite(off).all():
         raise DataError("the offset has infinite values")
     return Design(

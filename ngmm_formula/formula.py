@@ -17,15 +17,25 @@ is split at its top-level ``+``/``-`` operators into
 Bars must be removed before formulaic sees the string because formulaic reads ``|`` as the
 separator of a multi-part formula. A malformed formula raises :class:`FormulaError` quoting the
 formula with a caret under the offending position.
+
+Every Python expression of the formula (the fixed part, the bar terms' left sides and grouping
+factors, the ``nn()``, ``offset()`` and ``cbind()`` arguments, the response) is checked by
+:mod:`ngmm_formula.safety` before anything is evaluated: no dunder names or attributes, no
+attribute access but ``np.<f>``/``numpy.<f>``/``contr.<c>``, no subscripts, lambdas,
+comprehensions or calls of Python's built-ins. Given the data's column names
+(``parse_formula(formula, names=...)``, as the design layer does), every name must moreover be
+a column, a formula transform or a name passed in ``context=``.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from ngmm_formula.errors import FormulaError
+from ngmm_formula.safety import IDENTIFIER, check_identifier, check_python, check_terms
 
 __all__ = ["BarTerm", "NNTerm", "ParsedFormula", "parse_formula", "ACTIVATIONS"]
 
@@ -33,7 +43,6 @@ __all__ = ["BarTerm", "NNTerm", "ParsedFormula", "parse_formula", "ACTIVATIONS"]
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "elu", "sigmoid", "softplus")
 
 _NN_DEFAULTS: dict[str, object] = {"hidden": (64, 64), "activation": "relu", "dropout": 0.0}
-_IDENT = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,8 @@ class BarTerm:
         The left side of the bar, the term's model formula (``"1"``, ``"1 + Days"``,
         ``"0 + Days"``).
     group : str
-        The grouping factor, possibly an interaction such as ``"BROOD:LOCATION"``.
+        The grouping factor, possibly an interaction such as ``"BROOD:LOCATION"``; a column
+        name that is not an identifier keeps its backticks (``"`my g`:school"``).
     correlated : bool
         False for the terms produced by expanding ``||`` (their covariance is diagonal).
     """
@@ -57,8 +67,8 @@ class BarTerm:
 
     @property
     def group_factors(self) -> tuple[str, ...]:
-        """The data columns whose interaction forms the grouping factor."""
-        return tuple(p.strip() for p in self.group.split(":"))
+        """The data columns whose interaction forms the grouping factor (unquoted)."""
+        return tuple(_unquote(p) for p, _ in _split_outside_backticks(self.group, ":"))
 
     def __str__(self) -> str:
         return f"({self.expr} | {self.group})"
@@ -220,6 +230,28 @@ def _split_top(text: str, seps: str) -> list[tuple[str, int, str]]:
     return out
 
 
+def _split_outside_backticks(text: str, sep: str) -> list[tuple[str, int]]:
+    """Split ``text`` at ``sep`` outside backtick-quoted names: (piece, offset of the piece)."""
+    out: list[tuple[str, int]] = []
+    start = 0
+    quoted = False
+    for i, ch in enumerate(text):
+        if ch == "`":
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            out.append((text[start:i], start))
+            start = i + 1
+    out.append((text[start:], start))
+    return out
+
+
+def _unquote(name: str) -> str:
+    name = name.strip()
+    if len(name) >= 2 and name.startswith("`") and name.endswith("`"):
+        return name[1:-1]
+    return name
+
+
 def _strip_with_offset(chunk: str, offset: int) -> tuple[str, int]:
     lead = len(chunk) - len(chunk.lstrip())
     return chunk.strip(), offset + lead
@@ -264,7 +296,8 @@ def _expression_names(expr: str) -> set[str]:
 # bar terms
 
 
-def _expand_bar(inner: str, pos: int, formula: str) -> list[BarTerm]:
+def _expand_bar(inner: str, pos: int, formula: str,
+                names: Collection[str] | None = None) -> list[BarTerm]:
     parts = _split_top(inner, "|")
     if len(parts) == 3 and parts[1][0] == "" :
         # "a || g": the middle chunk between the two bars is empty
@@ -284,9 +317,10 @@ def _expand_bar(inner: str, pos: int, formula: str) -> list[BarTerm]:
                     "intercept", formula, lpos)
     if not grp:
         raise _fail("missing grouping factor after '|' in a random-effects term", formula, gpos)
-    groups = _expand_slash(grp, gpos, formula)
+    groups = _expand_slash(grp, gpos, formula, names)
     if "nn(" in lhs.replace(" ", ""):
         raise _fail("nn() terms cannot appear inside a random-effects term", formula, lpos)
+    check_terms(lhs, formula, lpos, names)
     terms: list[BarTerm] = []
     for g in groups:
         if double:
@@ -296,26 +330,39 @@ def _expand_bar(inner: str, pos: int, formula: str) -> list[BarTerm]:
     return terms
 
 
-def _expand_slash(grp: str, pos: int, formula: str) -> list[str]:
-    """lme4's expandSlash: ``a/b/c`` -> ``c:b:a``, ``b:a``, ``a`` (innermost first)."""
-    for bad in ("+", "*", "-", "|", "~"):
-        depth = 0
-        for i, ch in enumerate(grp):
-            depth += ch == "("
-            depth -= ch == ")"
-            if ch == bad and depth == 0:
-                raise _fail(f"grouping factor '{grp}' may only combine variables with ':' "
-                            "or '/'", formula, pos + i)
-    pieces = [p.strip() for p in grp.split("/")]
-    for k, p in enumerate(pieces):
-        if not p:
+def _expand_slash(grp: str, pos: int, formula: str,
+                  names: Collection[str] | None = None) -> list[str]:
+    """lme4's expandSlash: ``a/b/c`` -> ``c:b:a``, ``b:a``, ``a`` (innermost first).
+
+    Each factor is a column name: any identifier valid in the fixed part (``élève``,
+    ``Sepal.Length``) or a backtick-quoted name (``` `my g` ```), checked by
+    :func:`~ngmm_formula.safety.check_identifier`.
+    """
+    depth = 0
+    quoted = False
+    for i, ch in enumerate(grp):
+        if ch == "`":
+            quoted = not quoted
+        if quoted:
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch in "+*-|~" and depth == 0:
+            raise _fail(f"grouping factor '{grp}' may only combine variables with ':' "
+                        "or '/'", formula, pos + i)
+    pieces: list[str] = []
+    for piece, poff in _split_outside_backticks(grp, "/"):
+        if not piece.strip():
             raise _fail("empty factor in a nested grouping 'a/b'", formula, pos)
-        for factor in p.split(":"):
-            f = factor.strip()
-            if not (_IDENT.match(f) or (f.startswith("`") and f.endswith("`"))):
-                raise _fail(f"grouping factor '{f}' must be a column name", formula,
-                            pos + grp.find(f))
-        pieces[k] = ":".join(x.strip() for x in p.split(":"))
+        factors = []
+        for factor, foff in _split_outside_backticks(piece, ":"):
+            f, fpos = _strip_with_offset(factor, pos + poff + foff)
+            if not f:
+                raise _fail("empty factor in an interaction 'a:b'", formula, fpos)
+            bare = check_identifier(f, formula, fpos, names, what="grouping factor")
+            # backticks only where a name needs them (so "`g`" and "g" are the same factor)
+            factors.append(bare if IDENTIFIER.fullmatch(bare) else f"`{bare}`")
+        pieces.append(":".join(factors))
     out = []
     for k in range(len(pieces), 0, -1):
         out.append(":".join(reversed(pieces[:k])))
@@ -355,7 +402,8 @@ def _normalise(expr: str) -> str:
 # nn terms
 
 
-def _parse_nn(inner: str, pos: int, formula: str) -> NNTerm:
+def _parse_nn(inner: str, pos: int, formula: str,
+              names: Collection[str] | None = None) -> NNTerm:
     try:
         call = ast.parse(f"nn({inner})", mode="eval").body
     except SyntaxError as exc:
@@ -365,6 +413,8 @@ def _parse_nn(inner: str, pos: int, formula: str) -> NNTerm:
     variables: list[str] = []
     for arg in call.args:
         if isinstance(arg, ast.Name):
+            check_identifier(arg.id, formula, pos + max(0, arg.col_offset - 3), names,
+                             what="nn() input")
             variables.append(arg.id)
         else:
             seg = ast.get_source_segment(f"nn({inner})", arg) or "?"
@@ -411,13 +461,20 @@ def _parse_nn(inner: str, pos: int, formula: str) -> NNTerm:
 # entry point
 
 
-def parse_formula(formula: str) -> ParsedFormula:
+def parse_formula(formula: str, *, names: Collection[str] | None = None) -> ParsedFormula:
     """Parse an lme4-style formula with optional ``nn()`` terms.
+
+    Every Python expression of the formula is checked before anything is evaluated
+    (:mod:`ngmm_formula.safety`).
 
     Parameters
     ----------
     formula : str
         ``response ~ fixed + nn(...) + (re | group) + offset(...)``.
+    names : collection of str, optional
+        The names the data provide: their columns and the names passed in ``context=``. When
+        given, every name in the formula must be one of them or a formula transform
+        (:data:`ngmm_formula.safety.TRANSFORMS`); the design layer passes them.
 
     Returns
     -------
@@ -459,8 +516,15 @@ def parse_formula(formula: str) -> ParsedFormula:
                         "failures)", formula, lhs_pos)
         cbind = (_normalise(args[0]), _normalise(args[1]))
         response = None
+        inner_pos = lhs_pos + lhs.index("(") + 1
+        for arg, aoff, _ in _split_top(inner, ","):
+            check_python(arg, formula, inner_pos + aoff, names, what="cbind() argument")
     elif "|" in lhs:
         raise _fail("'|' is not allowed in the response", formula, lhs_pos + lhs.find("|"))
+    elif IDENTIFIER.fullmatch(lhs) or (lhs.startswith("`") and lhs.endswith("`")):
+        check_identifier(lhs, formula, lhs_pos, None, what="response")
+    else:
+        check_python(lhs, formula, lhs_pos, names, what="response")
     if not rhs_text.strip():
         raise _fail("nothing on the right of '~'", formula, len(formula))
 
@@ -484,7 +548,7 @@ def parse_formula(formula: str) -> ParsedFormula:
             if len(_split_top(body, "|")) > 1:
                 if sep == "-":
                     raise _fail("a random-effects term cannot be subtracted", formula, pos)
-                expanded = _expand_bar(body, pos + 1, formula)
+                expanded = _expand_bar(body, pos + 1, formula, names)
                 bars.extend(expanded)
                 bar_pos.extend([pos] * len(expanded))
                 continue
@@ -492,12 +556,14 @@ def parse_formula(formula: str) -> ParsedFormula:
         if nn_inner is not None:
             if sep == "-":
                 raise _fail("an nn() term cannot be subtracted", formula, pos)
-            nns.append(_parse_nn(nn_inner, pos + text.index("(") + 1, formula))
+            nns.append(_parse_nn(nn_inner, pos + text.index("(") + 1, formula, names))
             continue
         off_inner = _call_parts(text, "offset")
         if off_inner is not None:
             if not off_inner.strip():
                 raise _fail("offset() needs an expression", formula, pos)
+            check_python(off_inner, formula, pos + text.index("(") + 1, names,
+                         what="offset() expression")
             offsets.append(_normalise(off_inner))
             continue
         bar_at = _first_top_bar(text)
@@ -507,6 +573,7 @@ def parse_formula(formula: str) -> ParsedFormula:
         if re.search(r"(?<![A-Za-z0-9_.])nn\s*\(", text):
             raise _fail("nn() must be a term of its own, added with '+'", formula,
                         pos + text.find("nn"))
+        check_terms(text, formula, pos, names)
         fixed.append(f"{'- ' if sep == '-' else ('+ ' if fixed else '')}{_normalise(text)}")
     fixed_rhs = " ".join(fixed).strip()
     if not fixed_rhs:

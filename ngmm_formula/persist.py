@@ -290,6 +290,8 @@ class _Writer:
         for f in dataclasses.fields(v):
             x = getattr(v, f.name)
             at = f"{where}.{f.name}"
+            if tag == "DesignSpec" and f.name == "context":
+                continue  # the user's context= holds functions, code: not saved (see save())
             if tag == "DesignSpec" and f.name == "fixed_spec":
                 fields[f.name] = self.model_spec(x, at)
             elif tag == "DesignSpec" and f.name == "re_specs":
@@ -424,7 +426,9 @@ def save(fit: NGMMResult, path: str | os.PathLike[str]) -> Path:
 
     The file is written to a temporary file in the same folder and then renamed, so an
     interrupted save never leaves a truncated model where a good one was. The ``refit``
-    closure is not saved (see the module docstring).
+    closure is not saved (see the module docstring), nor the functions of ``ngmm(...,
+    context=)`` (they are code): a loaded model whose formula calls one of them raises
+    :class:`~ngmm_formula.errors.FormulaError` naming it when it predicts.
 
     Parameters
     ----------
