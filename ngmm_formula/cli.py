@@ -4,7 +4,8 @@
   formula to a CSV/Parquet file (or a bundled data set by name, see
   ``ngmm_formula.datasets.available()``), prints the lme4-style summary and optionally saves
   the model (:mod:`ngmm_formula.persist`);
-* ``ngmm predict model.ngmm --data new.csv --out pred.csv [--type link] [--re-form "~0"]``
+* ``ngmm predict model.ngmm --data new.csv --out pred.csv [--type link] [--re-form "~0"]
+  [--allow-new-levels]``
   writes one column ``prediction``, indexed as the input rows;
 * ``ngmm compare FORMULA [FORMULA ...] --data ... --family ...`` fits each formula and prints
   the comparison with the linear GLMM that statsmodels fits (:mod:`ngmm_formula.compare`).
@@ -30,7 +31,7 @@ from typing import Any, NoReturn
 
 import pandas as pd
 
-from ngmm_formula.errors import FormulaError, NGMMError, NGMMWarning
+from ngmm_formula.errors import DataError, FormulaError, NGMMError, NGMMWarning
 
 __all__ = ["build_parser", "main", "read_data"]
 
@@ -48,8 +49,9 @@ PREDICT_EXAMPLES = """examples:
   ngmm predict contra.ngmm --data new_women.csv --re-form "~0"     # to standard output
 
 The output has one column, prediction, indexed as the rows of --data (a column "row" for a
-CSV input: 0, 1, 2, ...). Grouping levels not in the training data get a zero random effect
-unless --no-new-levels. Quote "~0": unquoted, the shell expands ~0 to the current folder.
+CSV input: 0, 1, 2, ...). A grouping level not in the training data is an error (as lme4's
+allow.new.levels = FALSE) unless --allow-new-levels gives it a zero random effect.
+Quote "~0": unquoted, the shell expands ~0 to the current folder.
 """
 
 COMPARE_EXAMPLES = """examples:
@@ -62,7 +64,7 @@ COMPARE_EXAMPLES = """examples:
 
 EXAMPLES = """examples (see 'ngmm COMMAND --help' for more):
   ngmm fit "Reaction ~ Days + (Days | Subject)" --data sleepstudy --save sleep.ngmm
-  ngmm predict sleep.ngmm --data new_subjects.csv --out pred.csv
+  ngmm predict sleep.ngmm --data new_subjects.csv --out pred.csv --allow-new-levels
   ngmm compare "cbind(incidence, size - incidence) ~ period + (1 | herd)" --data cbpp \\
       --family binomial
 """
@@ -161,8 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--re-form", default=None, dest="re_form", metavar='"~0"',
                       help='"~0": population-level prediction (random effects set to zero); '
                            "default: include every random effect")
-    pred.add_argument("--no-new-levels", action="store_true",
-                      help="a grouping level not in the training data is an error")
+    levels = pred.add_mutually_exclusive_group()
+    levels.add_argument("--allow-new-levels", action="store_true",
+                        help="grouping levels not in the training data get a zero random "
+                             "effect (default: they are an error, as lme4)")
+    levels.add_argument("--no-new-levels", action="store_true",
+                        help="a grouping level not in the training data is an error (the "
+                             "default)")
     pred.set_defaults(handler=_run_predict)
 
     cmp_ = sub.add_parser("compare", parents=[model, common], epilog=COMPARE_EXAMPLES,
@@ -280,8 +287,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise NGMMError(f"cannot write '{args.out}': the folder '{out.parent}' does not exist")
     fit = persist.load(args.model)
     data = read_data(args.data)
-    pred = fit.predict(data, type=args.type, re_form=re_form,
-                       allow_new_levels=not args.no_new_levels)
+    try:
+        pred = fit.predict(data, type=args.type, re_form=re_form,
+                           allow_new_levels=args.allow_new_levels)
+    except DataError as exc:
+        text = str(exc).replace("allow_new_levels=True", "--allow-new-levels")
+        raise DataError(text.replace('re_form="~0"', '--re-form "~0"')) from None
     table = pd.DataFrame({"prediction": pred}, index=data.index)
     table.index.name = data.index.name or "row"
     if out is None:

@@ -223,7 +223,8 @@ class DesignSpec:
         with_response : bool
             Also evaluate the response (for held-out log-likelihoods).
         allow_new_levels : bool
-            If False, a grouping level absent from the training data raises DataError.
+            If False, a grouping level absent from the training data raises DataError; if
+            True it gets index -1. (``NGMMResult.predict`` passes False by default, as lme4.)
         """
         _check_frame(data, "newdata")
         needed = required_columns(self.formula, with_response=with_response)
@@ -246,10 +247,14 @@ class DesignSpec:
             idx = pd.Index(list(levels)).get_indexer(pd.Index(labels)).astype(np.int64)
             new = bool((idx < 0).any())
             if new and not allow_new_levels:
-                unseen = sorted(set(np.asarray(labels)[idx < 0]))[:5]
-                raise DataError(f"grouping factor '{bar.group}' has levels not in the training "
-                                f"data: {unseen}; use allow_new_levels=True to predict them "
-                                "with a zero random effect")
+                unseen = sorted(set(np.asarray(labels)[idx < 0]), key=str)
+                shown = ", ".join(repr(v) for v in unseen[:5])
+                more = f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
+                raise DataError(f"grouping factor '{bar.group}' has {len(unseen)} level(s) not "
+                                f"in the training data: {shown}{more}; use "
+                                "allow_new_levels=True to predict them with a zero random "
+                                "effect (lme4's allow.new.levels), or re_form=\"~0\" for "
+                                "population-level predictions")
             gis.append(idx)
             flags.append(new)
         nets = tuple(

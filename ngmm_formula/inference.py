@@ -828,7 +828,7 @@ def _norm_inter(t: np.ndarray, alpha: float) -> float:
 
 
 def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
-               re_form: str | None = None, allow_new_levels: bool = True) -> np.ndarray:
+               re_form: str | None = None, allow_new_levels: bool = False) -> np.ndarray:
     r"""Standard errors of the linear predictor :math:`\hat\eta = x^\top\hat\beta + z^\top\hat b`.
 
     .. math::
@@ -844,8 +844,9 @@ def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
     ``predictInterval``-style): it ignores the covariance between :math:`\hat\beta` and the
     conditional modes, the covariance between the modes of different grouping factors
     (crossed or nested terms), the uncertainty of the variance parameters and of ``nn()``
-    networks (treated as fixed). Levels absent from the training data and ``re_form="~0"``
-    get the fixed part only. The scale is the link's; a response-scale interval is
+    networks (treated as fixed). Levels absent from the training data (with
+    ``allow_new_levels=True``; otherwise they raise, as lme4) and ``re_form="~0"`` get the
+    fixed part only. The scale is the link's; a response-scale interval is
     :math:`g^{-1}(\hat\eta \pm z\,\operatorname{se})`.
 
     Parameters
@@ -870,7 +871,8 @@ def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
         Zs = [t.Zraw for t in design.re_terms]
         gis = [t.group_index for t in design.re_terms]
     else:
-        nd = design.spec.new_data(newdata, allow_new_levels=allow_new_levels)
+        nd = design.spec.new_data(newdata,
+                                  allow_new_levels=allow_new_levels or re_form is not None)
         X, Zs, gis = nd.X, list(nd.Zraw), list(nd.group_index)
     V = fit.vcov.to_numpy()
     var = np.einsum("ij,jk,ik->i", X, V, X)
