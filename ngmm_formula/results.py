@@ -105,8 +105,16 @@ class NGMMResult:
         return -2.0 * self.loglik
 
     @property
+    def n_weights(self) -> int:
+        """Weights of the ``nn()`` networks (0 without them); ``npar`` includes them."""
+        return int(sum(int(net.n_weights) for net in self.nets))
+
+    @property
     def df_resid(self) -> int:
-        return self.nobs - self.npar
+        """``nobs`` minus the statistical parameters (fixed effects, variance parameters,
+        dispersion): for a neural fit the networks are held fixed, as for the standard
+        errors, so this is ``nobs - (npar - n_weights)`` (AIC and BIC count the weights)."""
+        return max(0, self.nobs - (self.npar - self.n_weights))
 
     @property
     def t_stat(self) -> bool:

@@ -101,10 +101,20 @@ class Summary:
     neural_terms : pandas.DataFrame or None
         ``Term, Inputs, Architecture, Weights, Share of var(eta)`` per ``nn()`` term (the
         share of the variance of the linear predictor explained by the network), or None.
+        Printed as ``Term, Architecture, Weights, Var share`` (the inputs are in the term's
+        label), or one line per term when that table would pass the width.
     notes : tuple of str
         Notes printed after the neural-terms table.
     warnings : tuple of str
         The fit's diagnostics messages, printed last.
+    npar : int
+        Parameters that AIC and BIC count (``fit.npar``: network weights included).
+    network_weights : int
+        Weights of all the networks (0 without ``nn()`` terms). With networks a line under
+        the fit statistics says what AIC, BIC and df.resid count: the ``npar -
+        network_weights`` statistical parameters (fixed effects, variance parameters,
+        dispersion) and the weights; ``df.resid`` is ``nobs`` minus the statistical
+        parameters (the networks held fixed, as the standard errors are), never negative.
     """
 
     title: str
@@ -122,6 +132,8 @@ class Summary:
     neural_terms: pd.DataFrame | None
     notes: tuple[str, ...]
     warnings: tuple[str, ...]
+    npar: int = 0
+    network_weights: int = 0
 
     def to_string(self, width: int = WIDTH) -> str:
         """The summary in lme4's layout, wrapped (where lme4 wraps) at ``width`` columns."""
@@ -169,13 +181,20 @@ def summarize(fit: Any, correlation: bool | None = None) -> Summary:
     if fit.data_name:
         header.append(f"   Data: {fit.data_name}")
 
+    nn = list(fit.nn_terms or [])
+    npar = int(fit.npar)
+    network_weights = sum(int(t["n_weights"]) for t in nn)
+    df_resid = float(fit.df_resid)
+    if network_weights:  # nobs minus the statistical parameters, as NGMMResult.df_resid
+        df_resid = float(max(0, int(fit.nobs) - (npar - network_weights)))
+
     reml = bool(fit.reml)
     if reml:
         fit_stats = pd.Series({"REML": -2.0 * float(fit.loglik)})
     else:
         fit_stats = pd.Series({
             "AIC": float(fit.aic), "BIC": float(fit.bic), "logLik": float(fit.loglik),
-            "-2*log(L)": float(fit.deviance), "df.resid": float(fit.df_resid),
+            "-2*log(L)": float(fit.deviance), "df.resid": df_resid,
         })
 
     varcorr = fit.varcorr
@@ -189,7 +208,6 @@ def summarize(fit: Any, correlation: bool | None = None) -> Summary:
     p = len(fixed_effects)
     show_corr = (p <= COR_MAX) if correlation is None else bool(correlation)
 
-    nn = list(fit.nn_terms or [])
     neural, notes = _neural_terms_table(nn, list(fixed_effects.index))
 
     return Summary(
@@ -208,6 +226,8 @@ def summarize(fit: Any, correlation: bool | None = None) -> Summary:
         neural_terms=neural,
         notes=tuple(notes),
         warnings=tuple(str(w) for w in (fit.warnings_text or [])),
+        npar=npar,
+        network_weights=network_weights,
     )
 
 
@@ -325,8 +345,8 @@ def _neural_terms_table(nn: list[dict[str, Any]], fixef_names: list[str]
         })
     table = pd.DataFrame(rows, columns=["Term", "Inputs", "Architecture", "Weights",
                                         "Share of var(eta)"])
-    total = int(table["Weights"].sum())
-    notes.append(f"AIC and BIC count the networks' {total} weights as parameters.")
+    notes.append("Var share: the term's share of var(eta), the variance of the linear "
+                 "predictor on the training data.")
     for inputs_list, r in zip(inputs_lists, rows):
         both = [v for v in inputs_list
                 if v and any(_coef_uses(name, v) for name in fixef_names)]
@@ -362,6 +382,10 @@ def _render_summary(s: Summary, width: int) -> str:
         cells = _r_format(values, 7)
         cells[-1] = _r_format([values[-1]], 7)[0]
         out += _named_vector_lines(cells, [str(k) for k in s.fit_stats.index], width)
+    if s.network_weights and not s.reml:
+        stat = s.npar - s.network_weights
+        out += _strwrap(f"npar = {stat} + {s.network_weights:,} network weights: AIC, BIC "
+                        f"count all; df.resid = nobs - {stat}", width, exdent=2)
     out.append("")
 
     out.append("Scaled residuals: ")
@@ -396,21 +420,33 @@ def _render_summary(s: Summary, width: int) -> str:
     if s.neural_terms is not None and len(s.neural_terms):
         out.append("")
         out.append("Neural terms:")
-        nt = s.neural_terms
-        columns = [
-            [str(v) for v in nt["Term"]],
-            [str(v) for v in nt["Inputs"]],
-            [str(v) for v in nt["Architecture"]],
-            [str(int(v)) for v in nt["Weights"]],
-            [c.strip() for c in _r_format(list(nt["Share of var(eta)"]), 3)],
-        ]
-        rows = [list(r) for r in zip(*columns)]
-        out += _matrix_lines(rows, [""] * len(rows), list(nt.columns),
-                             right=[False, False, False, True, True], width=width)
+        out += _neural_terms_lines(s.neural_terms, width)
     for note in s.notes:
         out += _strwrap(note, width, exdent=2)
     out += list(s.warnings)
     return "\n".join(out)
+
+
+def _neural_terms_lines(nt: pd.DataFrame, width: int) -> list[str]:
+    """The neural-terms table (the inputs are in each term's label), or one wrapped line
+    per term when the table would pass ``width``."""
+    terms = [str(v) for v in nt["Term"]]
+    labelled = all(str(i) in t or not str(i) for t, i in zip(terms, nt["Inputs"]))
+    if not labelled:
+        terms = [f"{t} [{i}]" for t, i in zip(terms, nt["Inputs"])]
+    arch = [str(v) for v in nt["Architecture"]]
+    weights = [f"{int(v):,}" for v in nt["Weights"]]
+    share = [c.strip() for c in _r_format(list(nt["Share of var(eta)"]), 3)]
+    rows = [list(r) for r in zip(terms, arch, weights, share)]
+    lines = _matrix_lines(rows, [""] * len(rows), ["Term", "Architecture", "Weights",
+                                                   "Var share"],
+                          right=[False, False, True, True], width=width)
+    if len(lines) == len(rows) + 1 and max(len(x) for x in lines) <= width:
+        return lines
+    out: list[str] = []
+    for t, a, w, v in rows:
+        out += _strwrap(f" {t}: {a}; {w} weights; var share {v}", width, exdent=4)
+    return out
 
 
 def _title_lines(title: str, tag: str, width: int) -> list[str]:
