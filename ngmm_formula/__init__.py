@@ -28,11 +28,15 @@ from ngmm_formula.results import NGMMResult
 __version__ = "0.1.0"
 
 
-def anova(*fits: NGMMResult):  # type: ignore[no-untyped-def]
-    """Likelihood-ratio table of nested fits, as lme4's ``anova(m1, m2)``."""
+def anova(*fits: NGMMResult, refit: bool = True, **named_fits: NGMMResult):  # type: ignore[no-untyped-def]
+    """Likelihood-ratio table of nested fits, as lme4's ``anova(m1, m2)``.
+
+    ``anova(m0=fit0, m1=fit1)`` names the rows m0 and m1; positional fits are named by
+    ``fit.name`` or their formula (:func:`ngmm_formula.summary.anova`).
+    """
     from ngmm_formula.summary import anova as _anova
 
-    return _anova(*fits)
+    return _anova(*fits, refit=refit, **named_fits)
 
 
 __all__ = [

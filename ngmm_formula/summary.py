@@ -56,6 +56,9 @@ WIDTH = 80
 #: print.summary.merMod: ``digits = max(3, getOption("digits") - 3)``.
 _DIGITS = 4
 
+#: Longest formula used as an anova row name (the table's columns take 58 characters).
+_ANOVA_ROWNAME_MAX = WIDTH - 59
+
 _SIGNIF_LEGEND = "0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1"
 _REFIT_MESSAGE = "refitting model(s) with ML (instead of REML)"
 
@@ -556,8 +559,11 @@ class AnovaTable(pd.DataFrame):
 
 
 def anova(*fits: Any, model_names: Sequence[str] | None = None,
-          refit: bool = True) -> AnovaTable:
+          refit: bool = True, **named_fits: Any) -> AnovaTable:
     r"""Likelihood-ratio tests of nested models, as lme4's ``anova(m1, m2, ...)``.
+
+    ``anova(m0=fit0, m1=fit1)`` names the rows ``m0`` and ``m1`` (lme4 takes the names of
+    the variables, which Python cannot see: keywords are the way to give them).
 
     Parameters
     ----------
@@ -566,10 +572,14 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
         Each needs ``npar, aic, bic, loglik, nobs, formula, data_name, name, reml`` and
         ``refit_ml()``.
     model_names : sequence of str, optional
-        Row names; default ``fit.name`` or ``"m1", "m2", ...`` by position.
+        Row names of all the models, positional ones first.
     refit : bool
         Refit REML fits by maximum likelihood first (lme4's default), with the message
         ``refitting model(s) with ML (instead of REML)`` on stderr.
+    **named_fits : NGMMResult
+        Models named by their keyword (after the positional ones). A positional model is
+        named by ``fit.name`` or else by its formula (what lme4 prints under "Models:");
+        when those names clash, ``"m1", "m2", ...`` by position.
 
     Returns
     -------
@@ -592,9 +602,9 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
     """
     if len(fits) == 1 and isinstance(fits[0], (list, tuple)):
         fits = tuple(fits[0])
-    if len(fits) < 2:
-        raise NGMMError(f"anova needs at least two fitted models to compare; got {len(fits)}")
-    mods = list(fits)
+    mods = list(fits) + list(named_fits.values())
+    if len(mods) < 2:
+        raise NGMMError(f"anova needs at least two fitted models to compare; got {len(mods)}")
 
     nobs = [int(m.nobs) for m in mods]
     if len(set(nobs)) > 1:
@@ -616,8 +626,14 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
         if len(names) != len(mods):
             raise NGMMError(f"model_names has {len(names)} names for {len(mods)} models")
     else:
-        names = [str(m.name) if getattr(m, "name", None) else f"m{i + 1}"
-                 for i, m in enumerate(mods)]
+        names = [str(m.name) if getattr(m, "name", None) else " ".join(str(m.formula).split())
+                 for m in fits] + list(named_fits)
+        # positional names when formulas clash (one formula, two families) or are too long
+        # for the table to fit in WIDTH columns (the heading lists the formulas anyway)
+        longest = max(len(n) for n in names[:len(fits)]) if fits else 0
+        if len(set(names)) != len(names) or longest > _ANOVA_ROWNAME_MAX:
+            names = [str(m.name) if getattr(m, "name", None) else f"m{i + 1}"
+                     for i, m in enumerate(fits)] + list(named_fits)
     if len(set(names)) != len(names):
         warnings.warn("duplicate model names; assigning generic names", stacklevel=2)
         names = [f"MODEL{i + 1}" for i in range(len(mods))]
@@ -655,7 +671,8 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
     if data_name:
         heading.append(f"Data: {data_name}")
     heading.append("Models:")
-    heading += [f"{n}: {m.formula}" for n, m in zip(names, mods)]
+    heading += [str(m.formula) if n == " ".join(str(m.formula).split()) else f"{n}: {m.formula}"
+                for n, m in zip(names, mods)]
     table.attrs["heading"] = heading
     return table
 

@@ -571,6 +571,32 @@ def test_anova_default_names_by_position() -> None:
     assert list(tab.index) == ["small", "big"]
 
 
+def test_anova_keyword_names() -> None:
+    # R: anova(m0, m1) names the rows by the variables; in Python: anova(m0=..., m1=...)
+    import ngmm_formula
+
+    for fn in (anova, ngmm_formula.anova):
+        tab = fn(m1=cbpp_fit(), m0=cbpp0_fit())
+        assert list(tab.index) == ["m0", "m1"]
+        assert tab.attrs["heading"][2:] == [
+            "m0: cbind(incidence, size - incidence) ~ 1 + (1 | herd)",
+            "m1: cbind(incidence, size - incidence) ~ period + (1 | herd)"]
+        assert str(tab) == _text(ANOVA_TEXT)
+    # positional and keyword together: positional ones by name or position
+    tab = anova(cbpp0_fit(), full=cbpp_fit())
+    assert list(tab.index) == ["m1", "full"]
+
+
+def test_anova_short_formulas_name_the_rows() -> None:
+    small, big = cbpp0_fit(), cbpp_fit()
+    small.formula, big.formula = "y ~ 1 + (1 | g)", "y ~ x + (1 | g)"
+    small.data_name = big.data_name = None
+    tab = anova(big, small)
+    assert list(tab.index) == ["y ~ 1 + (1 | g)", "y ~ x + (1 | g)"]
+    assert tab.attrs["heading"] == ["Models:", "y ~ 1 + (1 | g)", "y ~ x + (1 | g)"]
+    assert max(len(line) for line in str(tab).splitlines()) <= 80
+
+
 # R: print(anova(mi, m)), lme4 >= 1.1-36 header
 SLEEP_ANOVA_TEXT = """
 Data: sleepstudy$
