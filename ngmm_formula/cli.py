@@ -27,11 +27,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ngmm_formula.errors import DataError, FormulaError, NGMMError, NGMMWarning
+
+if TYPE_CHECKING:  # pandas, torch and the engine are imported by the subcommands only, so
+    import pandas as pd  # that the argument parsing and --help start in a fraction of a second
 
 __all__ = ["build_parser", "main", "read_data"]
 
@@ -279,6 +280,8 @@ def _population(value: str | None) -> str | None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from ngmm_formula import persist
 
     re_form = _population(args.re_form)
