@@ -307,6 +307,13 @@ class Design:
     response_name: str
     spec: DesignSpec
 
+    def __repr__(self) -> str:
+        # the arrays are fields; a printed Design showed all of them (kB)
+        terms = ", ".join(f"{t.name}: {t.n_levels} levels x {t.q}" for t in self.re_terms)
+        nets = f", {len(self.nets)} nn() terms" if self.nets else ""
+        return (f"<Design {self.formula.formula!r}: {self.nobs} rows, {self.X.shape[1]} "
+                f"fixed-effect columns, random effects {{{terms}}}{nets}>")
+
     @property
     def nobs(self) -> int:
         return int(self.y.shape[0])
