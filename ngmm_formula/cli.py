@@ -4,7 +4,8 @@
   formula to a CSV/Parquet file (or a bundled data set by name, see
   ``ngmm_formula.datasets.available()``), prints the lme4-style summary and optionally saves
   the model (:mod:`ngmm_formula.persist`);
-* ``ngmm predict model.ngmm --data new.csv --out pred.csv [--type link] [--re-form "~0"]``
+* ``ngmm predict model.ngmm --data new.csv --out pred.csv [--type link] [--re-form "~0"]
+  [--allow-new-levels]``
   writes one column ``prediction``, indexed as the input rows;
 * ``ngmm compare FORMULA [FORMULA ...] --data ... --family ...`` fits each formula and prints
   the comparison with the linear GLMM that statsmodels fits (:mod:`ngmm_formula.compare`).
@@ -26,11 +27,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ngmm_formula.errors import FormulaError, NewLevelsError, NGMMError, NGMMWarning
+
+if TYPE_CHECKING:  # pandas, torch and the engine are imported by the subcommands only, so
+    import pandas as pd  # that the argument parsing and --help start in a fraction of a second
 
 __all__ = ["build_parser", "main", "read_data"]
 
@@ -48,8 +50,9 @@ PREDICT_EXAMPLES = """examples:
   ngmm predict contra.ngmm --data new_women.csv --re-form "~0"     # to standard output
 
 The output has one column, prediction, indexed as the rows of --data (a column "row" for a
-CSV input: 0, 1, 2, ...). Grouping levels not in the training data get a zero random effect
-unless --no-new-levels. Quote "~0": unquoted, the shell expands ~0 to the current folder.
+CSV input: 0, 1, 2, ...). A grouping level not in the training data is an error (as lme4's
+allow.new.levels = FALSE) unless --allow-new-levels gives it a zero random effect.
+Quote "~0": unquoted, the shell expands ~0 to the current folder.
 """
 
 COMPARE_EXAMPLES = """examples:
@@ -62,7 +65,7 @@ COMPARE_EXAMPLES = """examples:
 
 EXAMPLES = """examples (see 'ngmm COMMAND --help' for more):
   ngmm fit "Reaction ~ Days + (Days | Subject)" --data sleepstudy --save sleep.ngmm
-  ngmm predict sleep.ngmm --data new_subjects.csv --out pred.csv
+  ngmm predict sleep.ngmm --data new_subjects.csv --out pred.csv --allow-new-levels
   ngmm compare "cbind(incidence, size - incidence) ~ period + (1 | herd)" --data cbpp \\
       --family binomial
 """
@@ -162,8 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--re-form", default=None, dest="re_form", metavar='"~0"',
                       help='"~0": population-level prediction (random effects set to zero); '
                            "default: include every random effect")
-    pred.add_argument("--no-new-levels", action="store_true",
-                      help="a grouping level not in the training data is an error")
+    levels = pred.add_mutually_exclusive_group()
+    levels.add_argument("--allow-new-levels", action="store_true",
+                        help="grouping levels not in the training data get a zero random "
+                             "effect (default: they are an error, as lme4)")
+    levels.add_argument("--no-new-levels", action="store_true",
+                        help="a grouping level not in the training data is an error (the "
+                             "default)")
     pred.add_argument("--trusted", action="store_true",
                       help="also read a model file of the old pickle format (version 1), "
                            "which can run code when loaded: only for files you wrote "
@@ -277,6 +285,8 @@ def _population(value: str | None) -> str | None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from ngmm_formula import persist
 
     re_form = _population(args.re_form)
@@ -287,11 +297,12 @@ def _run_predict(args: argparse.Namespace) -> int:
     data = read_data(args.data)
     try:
         pred = fit.predict(data, type=args.type, re_form=re_form,
-                           allow_new_levels=not args.no_new_levels)
+                           allow_new_levels=args.allow_new_levels)
     except NewLevelsError as exc:  # the Python advice (allow_new_levels=True) in CLI words
         raise NewLevelsError(exc.group, exc.levels,
-                             advice="leave out --no-new-levels to predict them with a zero "
-                                    "random effect") from None
+                             advice="use --allow-new-levels to predict them with a zero "
+                                    "random effect, or --re-form \"~0\" for population-level "
+                                    "predictions") from None
     table = pd.DataFrame({"prediction": pred}, index=data.index)
     table.index.name = data.index.name or "row"
     if out is None:

@@ -501,9 +501,10 @@ def _ngmm_column(fit: NGMMResult, label: str, notes: _Notes,
         notes.add(f"{label}: {msg}")
     heldout: dict[str, float] = {}
     if newdata is not None:
-        nd = fit.design.spec.new_data(newdata)
+        nd = fit.design.spec.new_data(newdata, allow_new_levels=True)
         y, w = _new_response(fit.design, newdata)
-        eta = fit.predict(newdata, type="link")
+        # held-out groups are intended here: they are scored with a zero random effect
+        eta = fit.predict(newdata, type="link", allow_new_levels=True)
         _note_new_levels(nd.group_index, notes)
         heldout = _heldout(fit.family, y, w, eta, fit.sigma)
     return ModelColumn(
@@ -1204,7 +1205,7 @@ def _auc(score: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
 def _heldout_statsmodels(res: _SMFit, linear: NGMMResult, prepared: Prepared,
                          newdata: pd.DataFrame) -> dict[str, float]:
     design = prepared.design
-    nd = design.spec.new_data(newdata)
+    nd = design.spec.new_data(newdata, allow_new_levels=True)
     y, w = _new_response(design, newdata)
     beta = np.array([res.fixef[n] for n in design.fixed_names])
     eta = nd.offset + nd.X @ beta
@@ -1221,7 +1222,7 @@ def _heldout_statsmodels(res: _SMFit, linear: NGMMResult, prepared: Prepared,
 def _new_response(design: Design, newdata: pd.DataFrame
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Response and binomial trials of ``newdata``, encoded as in training."""
-    nd = design.spec.new_data(newdata, with_response=True)
+    nd = design.spec.new_data(newdata, with_response=True, allow_new_levels=True)
     assert nd.y is not None
     return nd.y, nd.weights
 

@@ -247,7 +247,8 @@ class DesignSpec:
         with_response : bool
             Also evaluate the response (for held-out log-likelihoods).
         allow_new_levels : bool
-            If False, a grouping level absent from the training data raises DataError.
+            If False, a grouping level absent from the training data raises DataError; if
+            True it gets index -1. (``NGMMResult.predict`` passes False by default, as lme4.)
         """
         _check_frame(data, "newdata")
         context = getattr(self, "context", None)  # absent in files written before it existed
@@ -273,8 +274,7 @@ class DesignSpec:
             idx = pd.Index(list(levels)).get_indexer(pd.Index(labels)).astype(np.int64)
             new = bool((idx < 0).any())
             if new and not allow_new_levels:
-                unseen = sorted(set(np.asarray(labels)[idx < 0]))[:5]
-                raise NewLevelsError(bar.group, unseen)
+                raise NewLevelsError(bar.group, list(set(np.asarray(labels)[idx < 0])))
             gis.append(idx)
             flags.append(new)
         nets = tuple(
@@ -367,6 +367,13 @@ class Design:
     row_index: pd.Index
     response_name: str
     spec: DesignSpec
+
+    def __repr__(self) -> str:
+        # the arrays are fields; a printed Design showed all of them (kB)
+        terms = ", ".join(f"{t.name}: {t.n_levels} levels x {t.q}" for t in self.re_terms)
+        nets = f", {len(self.nets)} nn() terms" if self.nets else ""
+        return (f"<Design {self.formula.formula!r}: {self.nobs} rows, {self.X.shape[1]} "
+                f"fixed-effect columns, random effects {{{terms}}}{nets}>")
 
     @property
     def nobs(self) -> int:

@@ -63,16 +63,19 @@ class NewLevelsError(DataError):
     group : str
         The grouping factor.
     levels : list of str
-        Up to five of the unseen levels.
+        The unseen levels (the message shows five).
     """
 
     def __init__(self, group: str, levels: list[str],
                  advice: str = "use allow_new_levels=True to predict them with a zero random "
-                               "effect"):
+                               "effect (lme4's allow.new.levels), or re_form=\"~0\" for "
+                               "population-level predictions"):
         self.group = group
-        self.levels = levels
-        super().__init__(f"grouping factor '{group}' has levels not in the training data: "
-                         f"{levels}; {advice}")
+        self.levels = sorted(levels, key=str)
+        shown = ", ".join(repr(v) for v in self.levels[:5])
+        more = f" and {len(self.levels) - 5} more" if len(self.levels) > 5 else ""
+        super().__init__(f"grouping factor '{group}' has {len(self.levels)} level(s) not in "
+                         f"the training data: {shown}{more}; {advice}")
 
 
 class SeparationWarning(NGMMWarning):

@@ -36,10 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import sys
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -203,7 +207,11 @@ def confint(fit: NGMMResult, method: str = "wald", level: float = 0.95, *,
     old_names : bool
         lme4's ``oldNames = TRUE`` row names (``.sig01``, ``.sigma``).
     workers : int
-        Worker processes for the bootstrap refits (1 refits in this process).
+        Worker processes for the bootstrap refits (1 refits in this process). The workers
+        import the main script again, as every Python multiprocessing program: in a script
+        the call must sit under ``if __name__ == "__main__":``; a script without that block
+        gets an NGMMError that says so (before any worker starts) rather than being re-run
+        in every worker.
     **fit_kwargs
         Extra arguments of the refits (``weights=``, ``offset=``, ``control=``), which
         results do not record; ``approx``, ``nagq``, ``truncation``, ``points`` and ``reml``
@@ -768,9 +776,15 @@ def _boot(fit: NGMMResult, data: pd.DataFrame, level: float, nsim: int, seed: in
         finally:
             _JOB = None
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, nsim), mp_context=_mp_context(),
-                                 initializer=_init_worker, initargs=(job,)) as ex:
-            reps = list(ex.map(_refit_one, tasks, chunksize=max(1, nsim // (4 * workers))))
+        _check_main_guard(workers)
+        try:
+            with ProcessPoolExecutor(max_workers=min(workers, nsim), mp_context=_mp_context(),
+                                     initializer=_init_worker, initargs=(job,)) as ex:
+                reps = list(ex.map(_refit_one, tasks,
+                                   chunksize=max(1, nsim // (4 * workers))))
+        except BrokenProcessPool:
+            raise NGMMError("a bootstrap worker process died; if this runs from a script, "
+                            "check its guard" + _GUARD_HINT.format(what="the script")) from None
     replicates = pd.DataFrame(np.vstack([r[0] for r in reps]), columns=names)
     errors = [r[2] for r in reps if r[2] is not None]
     ok = replicates.notna().all(axis=1)
@@ -789,6 +803,44 @@ def _boot(fit: NGMMResult, data: pd.DataFrame, level: float, nsim: int, seed: in
     out.attrs["n_not_converged"] = int(sum(not r[1] for r in reps if r[2] is None))
     out.attrs["estimate"] = parameters(fit, old_names).to_numpy()
     return out
+
+
+_GUARD_HINT = (
+    ": the worker processes import {what} again (Python's multiprocessing does) and would "
+    "re-run its code; put that code under 'if __name__ == \"__main__\":', or pass "
+    "workers=1 to refit in this process")
+
+_GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]|['"]__main__['"]\s*==\s*__name__""")
+
+
+def _check_main_guard(workers: int) -> None:
+    """Raise NGMMError, before any worker starts, where the workers would re-run the caller's
+    script: a worker process imports the main module (as ``__mp_main__``), so a script whose
+    ``confint("boot")`` is not under ``if __name__ == "__main__":`` would be fitted again in
+    every worker and fail there with multiprocessing's "bootstrapping phase" error. Also
+    raises when called from such a re-import (inside a worker)."""
+    import multiprocessing as mp
+
+    if getattr(mp.current_process(), "_inheriting", False) or (
+            mp.parent_process() is not None and __import__("__main__").__name__ == "__mp_main__"):
+        raise NGMMError(f"confint('boot', workers={workers}) was called in a worker process "
+                        "that was importing the main script" + _GUARD_HINT.format(
+                            what="the script"))
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")):
+        return  # `python -m package`: multiprocessing does not re-import it
+    path = getattr(main, "__file__", None)
+    if path is None:  # interactive, `python -c`, notebooks: nothing is re-imported
+        return
+    try:
+        source = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    if _GUARD.search(source) is None:
+        raise NGMMError(f"confint('boot', workers={workers}) refits in worker processes, and "
+                        f"the script {Path(path).name} has no 'if __name__ == "
+                        "\"__main__\":' block" + _GUARD_HINT.format(what="it"))
 
 
 def _mp_context() -> Any:
@@ -828,7 +880,7 @@ def _norm_inter(t: np.ndarray, alpha: float) -> float:
 
 
 def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
-               re_form: str | None = None, allow_new_levels: bool = True) -> np.ndarray:
+               re_form: str | None = None, allow_new_levels: bool = False) -> np.ndarray:
     r"""Standard errors of the linear predictor :math:`\hat\eta = x^\top\hat\beta + z^\top\hat b`.
 
     .. math::
@@ -844,8 +896,9 @@ def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
     ``predictInterval``-style): it ignores the covariance between :math:`\hat\beta` and the
     conditional modes, the covariance between the modes of different grouping factors
     (crossed or nested terms), the uncertainty of the variance parameters and of ``nn()``
-    networks (treated as fixed). Levels absent from the training data and ``re_form="~0"``
-    get the fixed part only. The scale is the link's; a response-scale interval is
+    networks (treated as fixed). Levels absent from the training data (with
+    ``allow_new_levels=True``; otherwise they raise, as lme4) and ``re_form="~0"`` get the
+    fixed part only. The scale is the link's; a response-scale interval is
     :math:`g^{-1}(\hat\eta \pm z\,\operatorname{se})`.
 
     Parameters
@@ -870,7 +923,8 @@ def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
         Zs = [t.Zraw for t in design.re_terms]
         gis = [t.group_index for t in design.re_terms]
     else:
-        nd = design.spec.new_data(newdata, allow_new_levels=allow_new_levels)
+        nd = design.spec.new_data(newdata,
+                                  allow_new_levels=allow_new_levels or re_form is not None)
         X, Zs, gis = nd.X, list(nd.Zraw), list(nd.group_index)
     V = fit.vcov.to_numpy()
     var = np.einsum("ij,jk,ik->i", X, V, X)

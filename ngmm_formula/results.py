@@ -105,8 +105,16 @@ class NGMMResult:
         return -2.0 * self.loglik
 
     @property
+    def n_weights(self) -> int:
+        """Weights of the ``nn()`` networks (0 without them); ``npar`` includes them."""
+        return int(sum(int(net.n_weights) for net in self.nets))
+
+    @property
     def df_resid(self) -> int:
-        return self.nobs - self.npar
+        """``nobs`` minus the statistical parameters (fixed effects, variance parameters,
+        dispersion): for a neural fit the networks are held fixed, as for the standard
+        errors, so this is ``nobs - (npar - n_weights)`` (AIC and BIC count the weights)."""
+        return max(0, self.nobs - (self.npar - self.n_weights))
 
     @property
     def t_stat(self) -> bool:
@@ -217,7 +225,7 @@ class NGMMResult:
         return inference.profile(self, parm, level, **kw)
 
     def predict_se(self, newdata: pd.DataFrame | None = None, re_form: str | None = None,
-                   allow_new_levels: bool = True) -> np.ndarray:
+                   allow_new_levels: bool = False) -> np.ndarray:
         """Link-scale standard errors of predictions
         (:func:`ngmm_formula.inference.predict_se`)."""
         from ngmm_formula import inference
@@ -275,7 +283,7 @@ class NGMMResult:
 
     # ---------------------------------------------------------------- prediction
     def predict(self, newdata: pd.DataFrame | None = None, type: str = "response",
-                re_form: str | None = None, allow_new_levels: bool = True) -> np.ndarray:
+                re_form: str | None = None, allow_new_levels: bool = False) -> np.ndarray:
         """Predictions as lme4's ``predict.merMod``.
 
         Parameters
@@ -287,7 +295,10 @@ class NGMMResult:
             None includes every random effect (conditional prediction); ``"~0"`` (or
             ``"~ 0"``, ``NA``-like) sets them to zero (population prediction).
         allow_new_levels : bool
-            Levels not in the training data get a zero random effect (True) or raise.
+            As lme4's ``allow.new.levels``: by default (False) a grouping level not in the
+            training data raises :class:`~ngmm_formula.DataError` naming the factor and the
+            levels; True gives such levels a zero random effect. Ignored with
+            ``re_form="~0"``, which uses no random effect.
         """
         if type not in ("response", "link"):
             raise NGMMError(f"type must be 'response' or 'link', got {type!r}")
@@ -297,7 +308,8 @@ class NGMMResult:
         if newdata is None:
             eta = self.eta if use_re else self._eta_fixed_train()
         else:
-            nd = self.design.spec.new_data(newdata, allow_new_levels=allow_new_levels)
+            nd = self.design.spec.new_data(newdata,
+                                           allow_new_levels=allow_new_levels or not use_re)
             eta = nd.offset + matvec(nd.X, self.fixef.to_numpy())
             eta = eta + self._net_part(nd.net_X)
             if use_re:

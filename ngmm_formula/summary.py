@@ -56,6 +56,9 @@ WIDTH = 80
 #: print.summary.merMod: ``digits = max(3, getOption("digits") - 3)``.
 _DIGITS = 4
 
+#: Longest formula used as an anova row name (the table's columns take 58 characters).
+_ANOVA_ROWNAME_MAX = WIDTH - 59
+
 _SIGNIF_LEGEND = "0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1"
 _REFIT_MESSAGE = "refitting model(s) with ML (instead of REML)"
 
@@ -101,10 +104,20 @@ class Summary:
     neural_terms : pandas.DataFrame or None
         ``Term, Inputs, Architecture, Weights, Share of var(eta)`` per ``nn()`` term (the
         share of the variance of the linear predictor explained by the network), or None.
+        Printed as ``Term, Architecture, Weights, Var share`` (the inputs are in the term's
+        label), or one line per term when that table would pass the width.
     notes : tuple of str
         Notes printed after the neural-terms table.
     warnings : tuple of str
         The fit's diagnostics messages, printed last.
+    npar : int
+        Parameters that AIC and BIC count (``fit.npar``: network weights included).
+    network_weights : int
+        Weights of all the networks (0 without ``nn()`` terms). With networks a line under
+        the fit statistics says what AIC, BIC and df.resid count: the ``npar -
+        network_weights`` statistical parameters (fixed effects, variance parameters,
+        dispersion) and the weights; ``df.resid`` is ``nobs`` minus the statistical
+        parameters (the networks held fixed, as the standard errors are), never negative.
     """
 
     title: str
@@ -122,6 +135,8 @@ class Summary:
     neural_terms: pd.DataFrame | None
     notes: tuple[str, ...]
     warnings: tuple[str, ...]
+    npar: int = 0
+    network_weights: int = 0
 
     def to_string(self, width: int = WIDTH) -> str:
         """The summary in lme4's layout, wrapped (where lme4 wraps) at ``width`` columns."""
@@ -169,13 +184,20 @@ def summarize(fit: Any, correlation: bool | None = None) -> Summary:
     if fit.data_name:
         header.append(f"   Data: {fit.data_name}")
 
+    nn = list(fit.nn_terms or [])
+    npar = int(fit.npar)
+    network_weights = sum(int(t["n_weights"]) for t in nn)
+    df_resid = float(fit.df_resid)
+    if network_weights:  # nobs minus the statistical parameters, as NGMMResult.df_resid
+        df_resid = float(max(0, int(fit.nobs) - (npar - network_weights)))
+
     reml = bool(fit.reml)
     if reml:
         fit_stats = pd.Series({"REML": -2.0 * float(fit.loglik)})
     else:
         fit_stats = pd.Series({
             "AIC": float(fit.aic), "BIC": float(fit.bic), "logLik": float(fit.loglik),
-            "-2*log(L)": float(fit.deviance), "df.resid": float(fit.df_resid),
+            "-2*log(L)": float(fit.deviance), "df.resid": df_resid,
         })
 
     varcorr = fit.varcorr
@@ -189,7 +211,6 @@ def summarize(fit: Any, correlation: bool | None = None) -> Summary:
     p = len(fixed_effects)
     show_corr = (p <= COR_MAX) if correlation is None else bool(correlation)
 
-    nn = list(fit.nn_terms or [])
     neural, notes = _neural_terms_table(nn, list(fixed_effects.index))
 
     return Summary(
@@ -208,6 +229,8 @@ def summarize(fit: Any, correlation: bool | None = None) -> Summary:
         neural_terms=neural,
         notes=tuple(notes),
         warnings=tuple(str(w) for w in (fit.warnings_text or [])),
+        npar=npar,
+        network_weights=network_weights,
     )
 
 
@@ -325,8 +348,8 @@ def _neural_terms_table(nn: list[dict[str, Any]], fixef_names: list[str]
         })
     table = pd.DataFrame(rows, columns=["Term", "Inputs", "Architecture", "Weights",
                                         "Share of var(eta)"])
-    total = int(table["Weights"].sum())
-    notes.append(f"AIC and BIC count the networks' {total} weights as parameters.")
+    notes.append("Var share: the term's share of var(eta), the variance of the linear "
+                 "predictor on the training data.")
     for inputs_list, r in zip(inputs_lists, rows):
         both = [v for v in inputs_list
                 if v and any(_coef_uses(name, v) for name in fixef_names)]
@@ -362,6 +385,10 @@ def _render_summary(s: Summary, width: int) -> str:
         cells = _r_format(values, 7)
         cells[-1] = _r_format([values[-1]], 7)[0]
         out += _named_vector_lines(cells, [str(k) for k in s.fit_stats.index], width)
+    if s.network_weights and not s.reml:
+        stat = s.npar - s.network_weights
+        out += _strwrap(f"npar = {stat} + {s.network_weights:,} network weights: AIC, BIC "
+                        f"count all; df.resid = nobs - {stat}", width, exdent=2)
     out.append("")
 
     out.append("Scaled residuals: ")
@@ -396,21 +423,33 @@ def _render_summary(s: Summary, width: int) -> str:
     if s.neural_terms is not None and len(s.neural_terms):
         out.append("")
         out.append("Neural terms:")
-        nt = s.neural_terms
-        columns = [
-            [str(v) for v in nt["Term"]],
-            [str(v) for v in nt["Inputs"]],
-            [str(v) for v in nt["Architecture"]],
-            [str(int(v)) for v in nt["Weights"]],
-            [c.strip() for c in _r_format(list(nt["Share of var(eta)"]), 3)],
-        ]
-        rows = [list(r) for r in zip(*columns)]
-        out += _matrix_lines(rows, [""] * len(rows), list(nt.columns),
-                             right=[False, False, False, True, True], width=width)
+        out += _neural_terms_lines(s.neural_terms, width)
     for note in s.notes:
         out += _strwrap(note, width, exdent=2)
     out += list(s.warnings)
     return "\n".join(out)
+
+
+def _neural_terms_lines(nt: pd.DataFrame, width: int) -> list[str]:
+    """The neural-terms table (the inputs are in each term's label), or one wrapped line
+    per term when the table would pass ``width``."""
+    terms = [str(v) for v in nt["Term"]]
+    labelled = all(str(i) in t or not str(i) for t, i in zip(terms, nt["Inputs"]))
+    if not labelled:
+        terms = [f"{t} [{i}]" for t, i in zip(terms, nt["Inputs"])]
+    arch = [str(v) for v in nt["Architecture"]]
+    weights = [f"{int(v):,}" for v in nt["Weights"]]
+    share = [c.strip() for c in _r_format(list(nt["Share of var(eta)"]), 3)]
+    rows = [list(r) for r in zip(terms, arch, weights, share)]
+    lines = _matrix_lines(rows, [""] * len(rows), ["Term", "Architecture", "Weights",
+                                                   "Var share"],
+                          right=[False, False, True, True], width=width)
+    if len(lines) == len(rows) + 1 and max(len(x) for x in lines) <= width:
+        return lines
+    out: list[str] = []
+    for t, a, w, v in rows:
+        out += _strwrap(f" {t}: {a}; {w} weights; var share {v}", width, exdent=4)
+    return out
 
 
 def _title_lines(title: str, tag: str, width: int) -> list[str]:
@@ -520,8 +559,11 @@ class AnovaTable(pd.DataFrame):
 
 
 def anova(*fits: Any, model_names: Sequence[str] | None = None,
-          refit: bool = True) -> AnovaTable:
+          refit: bool = True, **named_fits: Any) -> AnovaTable:
     r"""Likelihood-ratio tests of nested models, as lme4's ``anova(m1, m2, ...)``.
+
+    ``anova(m0=fit0, m1=fit1)`` names the rows ``m0`` and ``m1`` (lme4 takes the names of
+    the variables, which Python cannot see: keywords are the way to give them).
 
     Parameters
     ----------
@@ -530,10 +572,14 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
         Each needs ``npar, aic, bic, loglik, nobs, formula, data_name, name, reml`` and
         ``refit_ml()``.
     model_names : sequence of str, optional
-        Row names; default ``fit.name`` or ``"m1", "m2", ...`` by position.
+        Row names of all the models, positional ones first.
     refit : bool
         Refit REML fits by maximum likelihood first (lme4's default), with the message
         ``refitting model(s) with ML (instead of REML)`` on stderr.
+    **named_fits : NGMMResult
+        Models named by their keyword (after the positional ones). A positional model is
+        named by ``fit.name`` or else by its formula (what lme4 prints under "Models:");
+        when those names clash, ``"m1", "m2", ...`` by position.
 
     Returns
     -------
@@ -556,9 +602,9 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
     """
     if len(fits) == 1 and isinstance(fits[0], (list, tuple)):
         fits = tuple(fits[0])
-    if len(fits) < 2:
-        raise NGMMError(f"anova needs at least two fitted models to compare; got {len(fits)}")
-    mods = list(fits)
+    mods = list(fits) + list(named_fits.values())
+    if len(mods) < 2:
+        raise NGMMError(f"anova needs at least two fitted models to compare; got {len(mods)}")
 
     nobs = [int(m.nobs) for m in mods]
     if len(set(nobs)) > 1:
@@ -580,8 +626,14 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
         if len(names) != len(mods):
             raise NGMMError(f"model_names has {len(names)} names for {len(mods)} models")
     else:
-        names = [str(m.name) if getattr(m, "name", None) else f"m{i + 1}"
-                 for i, m in enumerate(mods)]
+        names = [str(m.name) if getattr(m, "name", None) else " ".join(str(m.formula).split())
+                 for m in fits] + list(named_fits)
+        # positional names when formulas clash (one formula, two families) or are too long
+        # for the table to fit in WIDTH columns (the heading lists the formulas anyway)
+        longest = max(len(n) for n in names[:len(fits)]) if fits else 0
+        if len(set(names)) != len(names) or longest > _ANOVA_ROWNAME_MAX:
+            names = [str(m.name) if getattr(m, "name", None) else f"m{i + 1}"
+                     for i, m in enumerate(fits)] + list(named_fits)
     if len(set(names)) != len(names):
         warnings.warn("duplicate model names; assigning generic names", stacklevel=2)
         names = [f"MODEL{i + 1}" for i in range(len(mods))]
@@ -619,7 +671,8 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
     if data_name:
         heading.append(f"Data: {data_name}")
     heading.append("Models:")
-    heading += [f"{n}: {m.formula}" for n, m in zip(names, mods)]
+    heading += [str(m.formula) if n == " ".join(str(m.formula).split()) else f"{n}: {m.formula}"
+                for n, m in zip(names, mods)]
     table.attrs["heading"] = heading
     return table
 

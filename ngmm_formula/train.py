@@ -107,6 +107,34 @@ class TrainingHistory:
     members: tuple[TrainingHistory, ...] = field(default=())
     retrained_steps: int = 0
 
+    @property
+    def epochs(self) -> int:
+        """Number of epochs run (of the first network, as the curves)."""
+        return len(self.train)
+
+    @property
+    def best_score(self) -> float:
+        """Validation objective per observation at ``best_epoch`` (NaN without validation)."""
+        if not self.validation or not 1 <= self.best_epoch <= len(self.validation):
+            return math.nan
+        return float(self.validation[self.best_epoch - 1])
+
+    def __repr__(self) -> str:
+        # a few numbers, not the curves (``.train``, ``.validation``, ``.lr`` hold them)
+        parts = [f"{self.epochs} epochs", "stopped early" if self.stopped_early
+                 else "ran all epochs", f"best epoch {self.best_epoch}"]
+        if self.validation:
+            parts.append(f"validation {self.best_score:.4f}/obs at best "
+                         f"({self.n_validation_groups} held-out groups)")
+        if self.train:
+            parts.append(f"train {self.train[-1]:.4f}/obs at the end")
+        if self.retrained_steps:
+            parts.append(f"retrained {self.retrained_steps} steps on all groups")
+        if self.members:
+            parts.append(f"{len(self.members)} members")
+        parts.append(f"{self.seconds:.1f} s")
+        return f"<TrainingHistory: {', '.join(parts)}>"
+
 
 #: Input columns of all networks up to which one-hot columns join the GLMM start
 #: (:func:`fit_linear_start`).
@@ -455,7 +483,7 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
             stopped = True
             break
     if progress is not None:
-        progress.close()
+        _close_progress(progress, len(train_curve), best_epoch, stopped)
     retrained = 0
     if schedule is None and initial is not None and val_groups.size and best_epoch:
         schedule = lrs[:best_epoch]
@@ -519,4 +547,15 @@ def _progress(control: Control):  # type: ignore[no-untyped-def]
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=control.epochs, desc="ngmm", unit="epoch", leave=False)
+    return tqdm(total=control.epochs, desc="ngmm", unit="epoch", leave=True)
+
+
+def _close_progress(progress, epochs: int, best_epoch: int,  # type: ignore[no-untyped-def]
+                    stopped: bool) -> None:
+    """End the bar at 100%: on early stopping its total becomes the epochs run (the bar
+    would otherwise stay at, say, 74%) and the postfix says where training stopped."""
+    if stopped:
+        progress.total = epochs
+        progress.set_postfix_str(f"early stopping at epoch {epochs} (best {best_epoch})",
+                                 refresh=False)
+    progress.close()

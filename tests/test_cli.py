@@ -92,7 +92,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run | Path]:
         procs["script"] = _start(["--help"], tmp, program=[script])
     out: dict[str, Run | Path] = {name: Run(p) for name, p in procs.items()}
     out["predict"] = Run(_start(["predict", "model.ngmm", "--data", "new.csv", "--out",
-                                 "pred.csv"], tmp))
+                                 "pred.csv", "--allow-new-levels"], tmp))
     out["folder"] = tmp
     return out
 
@@ -146,7 +146,7 @@ def test_fit_save_predict_round_trip(runs: dict[str, Run | Path]) -> None:
     assert list(pred.columns) == ["prediction"] and pred.index.name == "row"
     assert list(pred.index) == list(new.index) == list(range(12))
     # bit for bit: the CSV holds the shortest repr of each float
-    expected = model.predict(new)
+    expected = model.predict(new, allow_new_levels=True)
     assert pred["prediction"].to_numpy().tobytes() == expected.tobytes()
     assert np.all((expected > 0) & (expected < 1))
 
@@ -245,15 +245,18 @@ def test_predict_options(capsys: pytest.CaptureFixture[str], sleep_model: tuple[
     new.index = pd.Index([10, 20, 30], name="id")
     new.to_parquet(tmp_path / "new.parquet")
     assert cli.main(["predict", str(model), "--data", str(tmp_path / "new.parquet"), "--out",
-                     str(tmp_path / "p.parquet"), "--quiet"]) == 0
+                     str(tmp_path / "p.parquet"), "--quiet", "--allow-new-levels"]) == 0
     assert capsys.readouterr().err == ""
     got = pd.read_parquet(tmp_path / "p.parquet")
     assert list(got.index) == [10, 20, 30] and got.index.name == "id"
-    assert got["prediction"].to_numpy().tobytes() == fit.predict(new).tobytes()
+    assert got["prediction"].to_numpy().tobytes() == \
+        fit.predict(new, allow_new_levels=True).tobytes()
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--no-new-levels"], "grouping factor 'Subject' has levels not in the training data"),
+    ([], "grouping factor 'Subject' has 1 level(s) not in the training data: '999'; use "
+         "--allow-new-levels"),
+    (["--no-new-levels"], "grouping factor 'Subject' has 1 level(s) not in the training data"),
     (["--re-form", "/home/me"], "--re-form must be \"~0\""),
     (["--out", "no/such/folder/p.csv"], "cannot write 'no/such/folder/p.csv': the folder"),
 ])

@@ -332,7 +332,7 @@ def test_predict_se_fixed_plus_conditional_variance() -> None:
     nd = data.iloc[[0, 1]].copy()
     nd["Subject"] = nd["Subject"].astype(str)
     nd.loc[nd.index[1], "Subject"] = "999"
-    se_new = predict_se(fit, nd)
+    se_new = predict_se(fit, nd, allow_new_levels=True)
     assert se_new[0] == pytest.approx(se[0], rel=1e-12)
     assert se_new[1] == pytest.approx(se0[1], rel=1e-12)
     assert se_new[1] < se[1]

@@ -240,7 +240,8 @@ def test_predict_new_data_uses_stored_standardisation(binary_fit, binary) -> Non
     new = binary.iloc[:5].copy()
     new["g"] = "unseen"
     pop = binary_fit.predict(binary.iloc[:5], re_form="~0")
-    np.testing.assert_allclose(binary_fit.predict(new), pop, rtol=1e-10)
+    np.testing.assert_allclose(binary_fit.predict(new, allow_new_levels=True), pop,
+                               rtol=1e-10)
     with pytest.raises(DataError, match="x2"):
         binary_fit.predict(binary.drop(columns="x2"))
 

@@ -153,7 +153,7 @@ def test_predict_new_level_is_population_prediction() -> None:
     new = data.iloc[[0, 1, 15]].copy()
     new["Subject"] = new["Subject"].cat.add_categories(["new"])
     new.iloc[2, new.columns.get_loc("Subject")] = "new"
-    pred = fit.predict(new)
+    pred = fit.predict(new, allow_new_levels=True)
     beta = fit.fixef
     # R: predict(fit, newdata, allow.new.levels = TRUE): the new level gets b = 0
     assert pred[2] == pytest.approx(beta["(Intercept)"] + beta["Days"] * new["Days"].iloc[2],
@@ -178,9 +178,28 @@ def test_predict_new_level_raises_when_not_allowed() -> None:
     new = load("cbpp").iloc[:2].copy()
     new["herd"] = new["herd"].cat.add_categories(["99"])
     new.iloc[1, new.columns.get_loc("herd")] = "99"
-    with pytest.raises(DataError, match="herd"):
-        fit.predict(new, allow_new_levels=False)
-    assert np.isfinite(fit.predict(new)).all()  # allowed by default
+    # as lme4's allow.new.levels = FALSE: the default raises, naming the factor, the unseen
+    # level and the argument that allows it
+    for call in (lambda: fit.predict(new), lambda: fit.predict(new, allow_new_levels=False),
+                 lambda: fit.predict_se(new)):
+        with pytest.raises(DataError, match=r"'herd' has 1 level\(s\) not in the training "
+                           r"data: '99'; use allow_new_levels=True"):
+            call()
+    assert np.isfinite(fit.predict(new, allow_new_levels=True)).all()
+    assert np.isfinite(fit.predict_se(new, allow_new_levels=True)).all()
+    # population-level predictions use no random effect: new levels do not matter
+    np.testing.assert_array_equal(fit.predict(new, re_form="~0"),
+                                  fit.predict(new, re_form="~0", allow_new_levels=True))
+    assert np.isfinite(fit.predict_se(new, re_form="~0")).all()
+
+
+def test_predict_new_levels_message_lists_at_most_five() -> None:
+    fit = fit_of("cbpp_logit_laplace")
+    new = pd.concat([load("cbpp").iloc[:1]] * 7, ignore_index=True)
+    new["herd"] = [f"new{i}" for i in range(7)]
+    with pytest.raises(DataError, match=r"7 level\(s\) .*'new0', 'new1', 'new2', 'new3', "
+                       r"'new4' and 2 more; use allow_new_levels=True"):
+        fit.predict(new)
 
 
 def test_predict_bad_arguments() -> None:

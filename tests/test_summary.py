@@ -485,13 +485,39 @@ def test_neural_terms_block_and_warnings() -> None:
     i = lines.index("Neural terms:")
     assert lines[i - 1] == ""
     assert lines[i + 1:] == [
-        " Term     Inputs Architecture         Weights Share of var(eta)",
-        " nn(x, w) x, w   MLP(2-32-32-1, relu)    1153             0.213",
-        "AIC and BIC count the networks' 1153 weights as parameters.",
+        " Term     Architecture         Weights Var share",
+        " nn(x, w) MLP(2-32-32-1, relu)   1,153     0.213",
+        "Var share: the term's share of var(eta), the variance of the linear predictor",
+        "  on the training data.",
         "Note: x enters nn(x, w) and the linear part; its linear coefficient is not",
         "  interpretable on its own.",
         "Model failed to converge with max|grad| = 0.0123 (tol = 0.002)",
     ]
+    # the weights are counted apart from the statistical parameters, and df.resid never
+    # goes negative (npar = 6 here, of which 1153 weights cannot be)
+    f.npar, f.df_resid = 6 + 1153, 400 - 6 - 1153
+    s = summarize(f)
+    assert s.npar == 1159 and s.network_weights == 1153
+    assert s.fit_stats["df.resid"] == 394
+    text = str(s)
+    assert "\nnpar = 6 + 1,153 network weights: AIC, BIC count all; df.resid = nobs - 6\n" \
+        in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_neural_terms_block_never_wraps() -> None:
+    f = three_fit()
+    f.npar = 6 + 2 * 8577
+    long = "nn(age, livch, urban, children, education, income, region, hidden=(64, 64))"
+    f.nn_terms = [{"label": long, "inputs": "age, livch", "architecture":
+                   "12 -> 64 -> 64 -> 1 (relu) + linear", "n_weights": 8577,
+                   "variance_share": 0.153},
+                  {"label": "nn(x)", "inputs": "x", "architecture":
+                   "1 -> 64 -> 64 -> 1 (relu) + linear", "n_weights": 8577,
+                   "variance_share": 0.021}]
+    text = str(summarize(f))
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert "8,577 weights; var share 0.153" in text and "17,154 network weights" in text
 
 
 def test_no_family_line_only_for_gaussian_identity() -> None:
@@ -543,6 +569,32 @@ def test_anova_default_names_by_position() -> None:
     assert tab.attrs["heading"][2] == "m2: cbind(incidence, size - incidence) ~ 1 + (1 | herd)"
     tab = anova(cbpp0_fit(), cbpp_fit(), model_names=["small", "big"])
     assert list(tab.index) == ["small", "big"]
+
+
+def test_anova_keyword_names() -> None:
+    # R: anova(m0, m1) names the rows by the variables; in Python: anova(m0=..., m1=...)
+    import ngmm_formula
+
+    for fn in (anova, ngmm_formula.anova):
+        tab = fn(m1=cbpp_fit(), m0=cbpp0_fit())
+        assert list(tab.index) == ["m0", "m1"]
+        assert tab.attrs["heading"][2:] == [
+            "m0: cbind(incidence, size - incidence) ~ 1 + (1 | herd)",
+            "m1: cbind(incidence, size - incidence) ~ period + (1 | herd)"]
+        assert str(tab) == _text(ANOVA_TEXT)
+    # positional and keyword together: positional ones by name or position
+    tab = anova(cbpp0_fit(), full=cbpp_fit())
+    assert list(tab.index) == ["m1", "full"]
+
+
+def test_anova_short_formulas_name_the_rows() -> None:
+    small, big = cbpp0_fit(), cbpp_fit()
+    small.formula, big.formula = "y ~ 1 + (1 | g)", "y ~ x + (1 | g)"
+    small.data_name = big.data_name = None
+    tab = anova(big, small)
+    assert list(tab.index) == ["y ~ 1 + (1 | g)", "y ~ x + (1 | g)"]
+    assert tab.attrs["heading"] == ["Models:", "y ~ 1 + (1 | g)", "y ~ x + (1 | g)"]
+    assert max(len(line) for line in str(tab).splitlines()) <= 80
 
 
 # R: print(anova(mi, m)), lme4 >= 1.1-36 header

@@ -24,9 +24,9 @@ Cross-validation, 5 folds each (fold assignment seeded, identical for all models
 * **within groups**: every group's rows are shuffled and dealt to the folds in turn (a
   random starting fold per group), so each test fold holds new observations of groups
   present in training; they are scored conditionally on the fitted conditional modes
-  (``fit.predict(test, type="link")``; a group with a single row has no training rows in
-  the fold that holds it and gets a zero random effect -- this affects 3 grouseticks
-  broods and no other group);
+  (``fit.predict(test, type="link", allow_new_levels=True)``; a group with a single row
+  has no training rows in the fold that holds it and gets a zero random effect -- this
+  affects 3 grouseticks broods and no other group);
 * **held-out groups**: the groups are dealt to 5 folds, and each test fold is scored by the
   marginal log-likelihood of each whole held-out group (random effects integrated over the
   fitted distribution: Gauss--Hermite for a random intercept, the exact multivariate normal
@@ -147,7 +147,7 @@ def score(spec: Spec, fit, test: pd.DataFrame, known: bool) -> dict[str, np.ndar
     y = response(spec, test)
     sigma = fit.sigma if spec.family == "gaussian" else None
     if known:
-        eta = np.asarray(fit.predict(test, type="link"))
+        eta = np.asarray(fit.predict(test, type="link", allow_new_levels=True))
         ll = C.log_density(spec.family, y, eta, sigma)
         mu = C.inverse_link(spec.family, eta)
     else:
