@@ -437,7 +437,7 @@ def test_cli_predict_refuses_v1_without_trusted(tmp_path: Path,
     assert "old pickle format" in capsys.readouterr().err
     out = tmp_path / "pred.csv"
     assert cli.main(["predict", str(FIXTURES / "v1_lmm.ngmm"), "--data", str(data), "--out",
-                     str(out), "--trusted", "--quiet"]) == 0
+                     str(out), "--trusted", "--allow-new-levels", "--quiet"]) == 0
     assert len(pd.read_csv(out)) == len(newdata_of("lmm"))
 
 
