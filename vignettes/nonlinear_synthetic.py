@@ -69,8 +69,7 @@ FAMILIES = ("gaussian", "binomial", "poisson")
 METHODS = ("ngmm", "glmm", "statsmodels", "gpboost", "oracle")
 LABELS = {"ngmm": "NGMM", "glmm": "GLMM (ngmm)", "statsmodels": "statsmodels",
           "gpboost": "GPBoost", "oracle": "oracle"}
-GPB_PARAMS = {"learning_rate": 0.1, "max_depth": 3, "num_leaves": 8, "min_data_in_leaf": 20,
-              "verbose": -1}
+GPB_PARAMS = C.GPB_PARAMS
 GPB_EFFECTS = {"sine"}  # GPBoost is compared on the nonlinear truth only (--gpboost-effects)
 GPB_CV = {"nfold": 4, "max_rounds": 1000}  # quick mode: 2 folds, 300 rounds
 
@@ -153,40 +152,8 @@ def gpboost_available() -> str | None:
 
 
 def fit_gpboost(train: pd.DataFrame, family: str, seed: int) -> tuple[C.Estimates, dict]:
-    import gpboost as gpb
-
-    lik = {"gaussian": "gaussian", "binomial": "bernoulli_logit", "poisson": "poisson"}[family]
-    feats = ["x1", "x2", "x3"]
-    X, y, g = train[feats].to_numpy(), train["y"].to_numpy(float), train["g"].astype(str)
-    params = dict(GPB_PARAMS, seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cv = gpb.cv(params=params, train_set=gpb.Dataset(X, y),
-                    gp_model=gpb.GPModel(group_data=g.to_numpy(), likelihood=lik),
-                    use_gp_model_for_validation=True, nfold=GPB_CV["nfold"],
-                    num_boost_round=GPB_CV["max_rounds"],
-                    early_stopping_rounds=20, verbose_eval=False, seed=seed)
-        key = next(k for k in cv if k.endswith("-mean"))
-        rounds = int(np.argmin(cv[key])) + 1
-        gp = gpb.GPModel(group_data=g.to_numpy(), likelihood=lik)
-        bst = gpb.train(params=params, train_set=gpb.Dataset(X, y), gp_model=gp,
-                        num_boost_round=rounds)
-        p = bst.predict(data=X, group_data_pred=g.to_numpy(), pred_latent=True)
-    re = pd.Series(np.asarray(p["random_effect_mean"]), index=g.to_numpy())
-    b_hat = re.groupby(level=0).first().to_dict()
-    cp = gp.get_cov_pars()
-    sd_b = float(np.sqrt(cp["Group_1"].iloc[0]))
-    sigma = float(np.sqrt(cp["Error_var"].iloc[0])) if family == "gaussian" else None
-
-    def eta_fixed(d: pd.DataFrame) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = bst.predict(data=d[feats].to_numpy(), group_data_pred=d["g"].astype(str)
-                              .to_numpy(), pred_latent=True)
-        return np.asarray(out["fixed_effect"])
-
-    return C.Estimates(eta_fixed, b_hat, sd_b, sigma), {"rounds": rounds,
-                                                        "cv_metric": key}
+    return C.fit_gpboost(train, family, seed, lambda d: d[["x1", "x2", "x3"]].to_numpy(),
+                         nfold=GPB_CV["nfold"], max_rounds=GPB_CV["max_rounds"])
 
 
 def run_method(method: str, train: pd.DataFrame, family: str, seed: int, control: Control,

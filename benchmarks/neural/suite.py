@@ -240,38 +240,7 @@ def _features(shape: Shape, d: pd.DataFrame) -> np.ndarray:
 
 def fit_gpboost(shape: Shape, train: pd.DataFrame, family: str, seed: int
                 ) -> tuple[C.Estimates, dict]:
-    import gpboost as gpb
-
-    lik = {"gaussian": "gaussian", "binomial": "bernoulli_logit", "poisson": "poisson"}[family]
-    X, y = _features(shape, train), train["y"].to_numpy(float)
-    g = train["g"].astype(str).to_numpy()
-    params = {"learning_rate": 0.1, "max_depth": 3, "num_leaves": 8, "min_data_in_leaf": 20,
-              "verbose": -1, "seed": seed}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cv = gpb.cv(params=params, train_set=gpb.Dataset(X, y),
-                    gp_model=gpb.GPModel(group_data=g, likelihood=lik),
-                    use_gp_model_for_validation=True, nfold=4, num_boost_round=1000,
-                    early_stopping_rounds=20, verbose_eval=False, seed=seed)
-        key = next(k for k in cv if k.endswith("-mean"))
-        rounds = int(np.argmin(cv[key])) + 1
-        gp = gpb.GPModel(group_data=g, likelihood=lik)
-        bst = gpb.train(params=params, train_set=gpb.Dataset(X, y), gp_model=gp,
-                        num_boost_round=rounds)
-        p = bst.predict(data=X, group_data_pred=g, pred_latent=True)
-    b_hat = pd.Series(np.asarray(p["random_effect_mean"]), index=g).groupby(level=0).first()
-    cp = gp.get_cov_pars()
-    sd_b = float(np.sqrt(cp["Group_1"].iloc[0]))
-    sigma = float(np.sqrt(cp["Error_var"].iloc[0])) if family == "gaussian" else None
-
-    def eta_fixed(d: pd.DataFrame) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = bst.predict(data=_features(shape, d),
-                              group_data_pred=d["g"].astype(str).to_numpy(), pred_latent=True)
-        return np.asarray(out["fixed_effect"])
-
-    return C.Estimates(eta_fixed, b_hat.to_dict(), sd_b, sigma), {"rounds": rounds}
+    return C.fit_gpboost(train, family, seed, lambda d: _features(shape, d))
 
 
 def _gaussian_sigma(family: str, y: np.ndarray, eta: np.ndarray) -> float | None:
