@@ -256,6 +256,7 @@ def fit_lightgbm(shape: Shape, train: pd.DataFrame, family: str, seed: int
     params = {"objective": objective, "learning_rate": 0.1, "max_depth": 3, "num_leaves": 8,
               "min_data_in_leaf": 20, "verbose": -1, "seed": seed}
     cv = lgb.cv(params, lgb.Dataset(X, y), num_boost_round=1000, nfold=4, seed=seed,
+                stratified=family == "binomial",
                 callbacks=[lgb.early_stopping(20, verbose=False)])
     key = next(k for k in cv if k.endswith("-mean"))
     rounds = len(cv[key])
