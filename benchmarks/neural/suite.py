@@ -213,10 +213,13 @@ def _estimates(fit) -> C.Estimates:  # type: ignore[no-untyped-def]
     return est
 
 
+NGMM_CONTROL: dict = {}  # ``--control``: options of Control for the NGMM (default: none)
+
+
 def fit_ngmm(shape: Shape, train: pd.DataFrame, family: str, seed: int
              ) -> tuple[C.Estimates, dict]:
     fit = _quiet_fit(f"y ~ nn({', '.join(shape.inputs)}) + x3 + {shape.bar}", train, family,
-                     seed)
+                     seed, Control(progress=False, **NGMM_CONTROL))
     h = fit.history
     return _estimates(fit), {"epochs": len(h.train), "best_epoch": h.best_epoch}
 
@@ -458,8 +461,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--tag", default=None, help="name of the results files")
+    p.add_argument("--control", default="{}",
+                   help="JSON options of Control for the NGMM, e.g. '{\"epochs\": 500}' "
+                        "(screening candidate defaults; the suite's figures use none)")
     p.add_argument("--from-csv", nargs="*", default=None, help="tables from earlier runs")
     a = p.parse_args(argv)
+    NGMM_CONTROL.update(json.loads(a.control))
     if a.from_csv:
         runs = pd.concat([pd.read_csv(f) for f in a.from_csv], ignore_index=True)
     else:
