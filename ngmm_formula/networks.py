@@ -89,7 +89,7 @@ import torch
 from ngmm_formula.formula import NNTerm
 
 __all__ = ["MLP", "CentredNetwork", "Ensemble", "NETWORKS", "EMBEDDING_PRIOR_PRECISION",
-           "embedding_dim", "make_network", "network_from_data", "network_to_data"]
+           "embedding_dim", "input_label", "make_network", "network_from_data", "network_to_data"]
 
 #: Precision of the Gaussian prior on every entry of an embedding table (module docs).
 EMBEDDING_PRIOR_PRECISION = 1.0
@@ -498,6 +498,18 @@ def network_from_data(data: dict[str, Any]) -> CentredNetwork:
         return NETWORKS[name].from_config(config)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"network {name}: malformed configuration ({exc})") from None
+
+
+def input_label(net: torch.nn.Module, width: int) -> str:
+    """The input side of a network's architecture for summaries: its number of input
+    columns ``width``, or with embedded factors the other columns plus each factor's
+    embedding, e.g. ``"1 + 10000x16"`` (levels x width)."""
+    while isinstance(net, Ensemble):
+        net = net.members[0]
+    if not isinstance(net, MLP) or not net.tables:
+        return str(width)
+    embeds = [f"{t.num_embeddings - 1}x{t.embedding_dim}" for t in net.tables]
+    return " + ".join([str(int(net.dense_columns.numel())), *embeds])
 
 
 def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64,

@@ -31,6 +31,7 @@ from ngmm_formula.design import Design
 from ngmm_formula.errors import DataError, NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import matvec
+from ngmm_formula.networks import input_label
 
 __all__ = ["NGMMResult", "Diagnostics"]
 
@@ -140,7 +141,8 @@ class NGMMResult:
         var_eta = float(np.var(self.eta))
         for ni, net, f in zip(self.design.nets, self.nets, self._net_outputs(
                 tuple(ni.X for ni in self.design.nets))):
-            arch = " -> ".join([str(ni.X.shape[1]), *map(str, ni.term.hidden), "1"])
+            arch = " -> ".join([input_label(net, ni.X.shape[1]), *map(str, ni.term.hidden),
+                                "1"])
             out.append({
                 "label": ni.term.label, "inputs": ", ".join(ni.term.variables),
                 "architecture": f"{arch} ({ni.term.activation}) + linear",

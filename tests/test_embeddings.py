@@ -208,3 +208,12 @@ def test_training_learns_level_effects_outside_the_glmm_start() -> None:
     assert net.tables[0].weight.abs().sum() > 0
     pdp = fit.partial_dependence(0, "h")
     assert np.corrcoef(pdp["effect"].to_numpy(), a)[0, 1] > 0.9
+
+
+def test_summary_shows_the_embedding(factor_fit) -> None:  # type: ignore[no-untyped-def]
+    fit, _, _ = factor_fit
+    (term,) = fit.nn_terms
+    # 1 numeric column + 30 levels x 11; weights: tables 31 x 11 and 31 x 1, first layer
+    # (1 + 11) x 16 + 16, output 16, linear path 1
+    assert term["architecture"] == "1 + 30x11 -> 16 -> 1 (relu) + linear"
+    assert term["n_weights"] == 31 * 11 + 31 + 12 * 16 + 16 + 16 + 1
