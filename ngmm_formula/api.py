@@ -168,7 +168,9 @@ def _module(prepared: Prepared) -> LinearPredictor:
     nets = tuple(make_network(ni.term, ni.X.shape[1], dtype=x.dtype, device=x.device,
                               output_dtype=pr.y.dtype,
                               numeric=[e.kind == "numeric" for e in ni.encodings
-                                       for _ in e.columns])
+                                       for _ in e.columns],
+                              factors=[len(e.levels) if e.kind == "embedded" else 0
+                                       for e in ni.encodings for _ in e.columns])
                  for ni, x in zip(prepared.design.nets, pr.net_X))
     return LinearPredictor(pr, prepared.family.has_dispersion, nets)
 

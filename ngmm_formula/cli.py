@@ -299,10 +299,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         pred = fit.predict(data, type=args.type, re_form=re_form,
                            allow_new_levels=args.allow_new_levels)
     except NewLevelsError as exc:  # the Python advice (allow_new_levels=True) in CLI words
-        raise NewLevelsError(exc.group, exc.levels,
-                             advice="use --allow-new-levels to predict them with a zero "
-                                    "random effect, or --re-form \"~0\" for population-level "
-                                    "predictions") from None
+        advice = ("use --allow-new-levels to predict them with a zero random effect, or "
+                  "--re-form \"~0\" for population-level predictions"
+                  if exc.what == "grouping factor" else
+                  "use --allow-new-levels to predict them as a level without data (the "
+                  "network's zero 'unseen' embedding)")
+        raise NewLevelsError(exc.group, exc.levels, advice=advice, what=exc.what) from None
     table = pd.DataFrame({"prediction": pred}, index=data.index)
     table.index.name = data.index.name or "row"
     if out is None:

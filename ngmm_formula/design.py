@@ -52,6 +52,7 @@ __all__ = [
     "Design",
     "tril_pairs",
     "DesignSpec",
+    "EMBED_MIN_LEVELS",
     "NetEncoding",
     "NetInput",
     "NewData",
@@ -140,27 +141,66 @@ class ReTerm:
                 for i, j in tril_pairs(self.q)]
 
 
+#: Factors of ``nn()`` inputs with more levels than this enter their network through a learnt
+#: embedding (kind ``"embedded"``: one column of integer codes) instead of one-hot columns
+#: (kind ``"categorical"``); see :class:`NetEncoding`. 0: every factor. One-hot input
+#: showed no advantage where measured: on ``benchmarks/neural/suite.py``'s ``factor`` shape
+#: (a 60-level factor; dev half, 5 seeds) embeddings closed more of the GLMM-to-oracle gap
+#: in every family (known / new groups: gaussian 78.6 / 82.2 % against 75.2 / 80.9 %,
+#: binomial 53.5 / 54.0 against 19.8 / 29.6, poisson 93.3 / 93.1 against 92.1 / 92.3), and
+#: one code column costs O(n) where one-hot columns cost O(n x levels). Kept as a constant
+#: so that the one-hot encoding stays reachable (and model files written before embeddings,
+#: whose factors are one-hot, load and predict as they did).
+EMBED_MIN_LEVELS = 0
+
+
 @dataclass(frozen=True)
 class NetEncoding:
     """How one ``nn()`` input variable is encoded (learnt on the training data).
 
-    Numeric variables are standardised, ``(x - center) / scale``; categorical ones are
-    one-hot encoded over ``levels`` (all levels, no reference level).
+    Numeric variables are standardised, ``(x - center) / scale``. Factors are either one-hot
+    encoded over ``levels`` (kind ``"categorical"``: all levels, no reference level) or, with
+    more than :data:`EMBED_MIN_LEVELS` levels (kind ``"embedded"``), held as one column of
+    integer codes ``0 .. len(levels) - 1`` (stored as floats in the input matrix, exact up to
+    :data:`MAX_EMBEDDED_LEVELS`) that the network looks up in a learnt embedding table
+    (:class:`~ngmm_formula.networks.MLP`): memory O(n + levels x dim) instead of
+    O(n x levels).
+
+    **New levels.** A level absent from the training data raises
+    :class:`~ngmm_formula.errors.NewLevelsError` unless ``allow_new_levels`` (the flag of
+    ``predict``); then an embedded factor gets the code ``len(levels)``, the network's
+    reserved *unseen* row, which is zero -- the value the embeddings' shrinkage pulls every
+    level towards, i.e. the estimate for a level without data -- and a one-hot factor gets an
+    all-zero row (the same thing for a one-hot first layer).
     """
 
     variable: str
-    kind: Literal["numeric", "categorical"]
+    kind: Literal["numeric", "categorical", "embedded"]
     center: float = 0.0
     scale: float = 1.0
     levels: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
-        if self.kind == "numeric":
+        if self.kind in ("numeric", "embedded"):
             return [self.variable]
         return [f"{self.variable}[{lv}]" for lv in self.levels]
 
-    def encode(self, values: pd.Series) -> np.ndarray:
+    @property
+    def unseen_code(self) -> int:
+        """The code of a level not in the training data (embedded factors)."""
+        return len(self.levels)
+
+    def encode(self, values: pd.Series, *, allow_new_levels: bool = False) -> np.ndarray:
+        """The input columns of ``values``, shape (n, len(columns)).
+
+        Raises
+        ------
+        DataError
+            A numeric variable that is not numeric here.
+        NewLevelsError
+            A factor level absent from the training data, unless ``allow_new_levels``.
+        """
         if self.kind == "numeric":
             try:
                 x = np.asarray(values, dtype=float)
@@ -169,18 +209,31 @@ class NetEncoding:
                                 "numeric in the training data") from None
             return ((x - self.center) / self.scale)[:, None]
         codes = pd.Index(list(self.levels)).get_indexer(pd.Index(values.astype(str)))  # -1: unseen
-        if (codes < 0).any():
-            bad = sorted(set(values.astype(str)[codes < 0]))[:5]
-            raise DataError(f"nn() input '{self.variable}' has levels not seen in the "
-                            f"training data: {bad}")
+        unseen = codes < 0
+        if unseen.any() and not allow_new_levels:
+            raise NewLevelsError(self.variable, list(set(values.astype(str)[unseen])),
+                                 what="nn() input", advice=NEW_INPUT_LEVELS_ADVICE)
+        if self.kind == "embedded":
+            return np.where(unseen, self.unseen_code, codes).astype(float)[:, None]
         out = np.zeros((len(values), len(self.levels)))
-        out[np.arange(len(values)), codes] = 1.0
+        seen = np.flatnonzero(~unseen)
+        out[seen, codes[seen]] = 1.0
         return out
+
+
+#: Levels of one embedded factor up to which its float32 codes are exact integers (2^24).
+MAX_EMBEDDED_LEVELS = 1 << 24
+
+#: What :class:`~ngmm_formula.errors.NewLevelsError` advises for new levels of an ``nn()``
+#: input factor.
+NEW_INPUT_LEVELS_ADVICE = ("use allow_new_levels=True to predict them as a level without "
+                           "data (the network's zero 'unseen' embedding)")
 
 
 @dataclass(frozen=True)
 class NetInput:
-    """Input matrix of one ``nn()`` term: standardised numeric and one-hot columns."""
+    """Input matrix of one ``nn()`` term: standardised numeric, one-hot and code columns
+    (:class:`NetEncoding`)."""
 
     term: NNTerm
     encodings: tuple[NetEncoding, ...]
@@ -235,7 +288,8 @@ class DesignSpec:
     context: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def new_data(self, data: pd.DataFrame, *, with_response: bool = False,
-                 allow_new_levels: bool = True) -> NewData:
+                 allow_new_levels: bool = True,
+                 allow_new_input_levels: bool = False) -> NewData:
         """Encode ``data`` as the training data were encoded.
 
         Parameters
@@ -249,6 +303,11 @@ class DesignSpec:
         allow_new_levels : bool
             If False, a grouping level absent from the training data raises DataError; if
             True it gets index -1. (``NGMMResult.predict`` passes False by default, as lme4.)
+        allow_new_input_levels : bool
+            The same for the levels of factors among the ``nn()`` inputs: False (default)
+            raises :class:`~ngmm_formula.errors.NewLevelsError`, True gives them the fallback
+            of :meth:`NetEncoding.encode` (``NGMMResult.predict`` passes its
+            ``allow_new_levels``).
         """
         _check_frame(data, "newdata")
         context = getattr(self, "context", None)  # absent in files written before it existed
@@ -278,7 +337,9 @@ class DesignSpec:
             gis.append(idx)
             flags.append(new)
         nets = tuple(
-            np.hstack([e.encode(data[e.variable]) for e in encs]) for encs in self.net_encodings
+            np.hstack([e.encode(data[e.variable], allow_new_levels=allow_new_input_levels)
+                       for e in encs])
+            for encs in self.net_encodings
         )
         offset = _offset_terms(self.formula, data, None, context)
         y, w = (None, np.ones(len(data)))
@@ -715,7 +776,12 @@ def _encode_net(term: NNTerm, data: pd.DataFrame) -> NetInput:
             sd = float(x.std())
             encs.append(NetEncoding(v, "numeric", float(x.mean()), sd if sd > 0 else 1.0))
         else:
-            encs.append(NetEncoding(v, "categorical", levels=tuple(_factor_levels(col))))
+            levels = tuple(_factor_levels(col))
+            if len(levels) > MAX_EMBEDDED_LEVELS:
+                raise DataError(f"nn() input '{v}' has {len(levels)} levels; at most "
+                                f"{MAX_EMBEDDED_LEVELS} are supported")
+            encs.append(NetEncoding(v, "embedded" if len(levels) > EMBED_MIN_LEVELS
+                                    else "categorical", levels=levels))
     X = np.hstack([e.encode(data[e.variable]) for e in encs])
     return NetInput(term, tuple(encs), _frozen(X))
 

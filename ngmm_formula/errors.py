@@ -55,26 +55,31 @@ class RankDeficiencyWarning(NGMMWarning):
 
 
 class NewLevelsError(DataError):
-    """New data have levels of a grouping factor that the training data did not have, and
-    prediction was asked not to allow them (``allow_new_levels=False``).
+    """New data have levels of a grouping factor (or of a factor among the ``nn()`` inputs)
+    that the training data did not have, and prediction was asked not to allow them
+    (``allow_new_levels=False``).
 
     Attributes
     ----------
     group : str
-        The grouping factor.
+        The grouping factor (or the ``nn()`` input).
     levels : list of str
         The unseen levels (the message shows five).
+    what : str
+        "grouping factor" or "nn() input".
     """
 
     def __init__(self, group: str, levels: list[str],
                  advice: str = "use allow_new_levels=True to predict them with a zero random "
                                "effect (lme4's allow.new.levels), or re_form=\"~0\" for "
-                               "population-level predictions"):
+                               "population-level predictions",
+                 what: str = "grouping factor"):
         self.group = group
         self.levels = sorted(levels, key=str)
+        self.what = what
         shown = ", ".join(repr(v) for v in self.levels[:5])
         more = f" and {len(self.levels) - 5} more" if len(self.levels) > 5 else ""
-        super().__init__(f"grouping factor '{group}' has {len(self.levels)} level(s) not in "
+        super().__init__(f"{what} '{group}' has {len(self.levels)} level(s) not in "
                          f"the training data: {shown}{more}; {advice}")
 
 

@@ -924,7 +924,8 @@ def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
         gis = [t.group_index for t in design.re_terms]
     else:
         nd = design.spec.new_data(newdata,
-                                  allow_new_levels=allow_new_levels or re_form is not None)
+                                  allow_new_levels=allow_new_levels or re_form is not None,
+                                  allow_new_input_levels=allow_new_levels)
         X, Zs, gis = nd.X, list(nd.Zraw), list(nd.group_index)
     V = fit.vcov.to_numpy()
     var = np.einsum("ij,jk,ik->i", X, V, X)

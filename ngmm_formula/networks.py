@@ -43,20 +43,66 @@ networks trained from different initial weights and validation splits,
     f(x) = \frac{1}{K} \sum_{k=1}^{K} f_k(x; w_k) - \bar f ,
 
 which has the same interface (centring, number of weights) as one network.
+
+**Factor inputs as embeddings.** A factor input of kind ``"embedded"``
+(:class:`~ngmm_formula.design.NetEncoding`; every factor input of a new fit) arrives as one
+column of integer codes. Level :math:`l` of factor :math:`j` enters the body as a learnt
+vector :math:`e_{jl} \in \mathbb{R}^{d_j}` (``torch.nn.Embedding``), concatenated with the
+standardised numeric inputs, and the linear path as a learnt scalar :math:`\gamma_{jl}`
+(the GLMM's per-level coefficient, one-hot dummies of a factor being a per-level scalar):
+
+.. math::
+
+    f(x; w) = \gamma_{\text{num}}^\top x_{\text{num}} + \sum_j \gamma_{j, l_j}
+              + W_{L+1}\, a(\cdots a(W_1 [x_{\text{num}} + \epsilon, e_{1 l_1}, \dots]
+              + c_1) \cdots) - \bar f .
+
+Memory is :math:`O(n + \text{levels} \times d)` where one-hot columns take
+:math:`O(n \times \text{levels})` (a 10,000-level factor over 20,000 rows: 1.6 GB per copy in
+float64). The width is :func:`embedding_dim`, :math:`d = \min(16, \mathrm{round}(1.6\,
+L^{0.56}))` for :math:`L` levels: fastai's rule of thumb for tabular embeddings (Howard and
+Gugger, 2020), capped at 16 -- a quarter of the default hidden width, and at 10,000 levels
+160,000 weights, about 8 weights per row on the benchmark of issue 13. The embeddings start
+at zero (every level equal, as in the GLMM start), and :math:`\gamma_{jl}` at the GLMM's
+per-level coefficients when the factor's dummies fit in the start
+(:data:`~ngmm_formula.train.LINEAR_START_COLUMNS` columns in all), else at zero.
+
+*Shrinkage.* Both tables carry a Gaussian prior :math:`N(0, 1)` per entry (the scale of a
+standardised input; :meth:`MLP.penalty`), added to the training objective as
+:math:`-\tfrac12 \sum_{jl} (\lVert e_{jl} \rVert^2 + \gamma_{jl}^2)` (per observation:
+divided by the number of training observations): a level seen in few rows is pulled
+towards zero as a random effect is, and a level with no training rows stays at zero.
+Row :math:`L` of each table is reserved for levels not in the training data: it is zero and
+never trained (``padding_idx``), so a new level is predicted as a level without data, the
+shrinkage target. Prediction uses it only with ``allow_new_levels=True`` (else
+:class:`~ngmm_formula.errors.NewLevelsError`, as for grouping factors).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ngmm_formula.formula import NNTerm
 
-__all__ = ["MLP", "CentredNetwork", "Ensemble", "NETWORKS", "make_network", "network_from_data",
-           "network_to_data"]
+__all__ = ["MLP", "CentredNetwork", "Ensemble", "NETWORKS", "EMBEDDING_PRIOR_PRECISION",
+           "embedding_dim", "input_label", "make_network", "network_from_data", "network_to_data"]
+
+#: Precision of the Gaussian prior on every entry of an embedding table (module docs).
+EMBEDDING_PRIOR_PRECISION = 1.0
+
+#: Largest embedding width :func:`embedding_dim` gives.
+MAX_EMBEDDING_DIM = 16
+
+
+def embedding_dim(levels: int) -> int:
+    r"""Width of the embedding of a factor with ``levels`` levels:
+    :math:`\min(16, \max(1, \mathrm{round}(1.6\, L^{0.56})))` (module docs): 2 levels -> 2,
+    10 -> 6, 60 and more -> 16."""
+    return int(min(MAX_EMBEDDING_DIM, max(1, round(1.6 * max(levels, 1) ** 0.56))))
 
 _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "relu": torch.nn.ReLU,
@@ -100,6 +146,11 @@ class CentredNetwork(torch.nn.Module, abc.ABC):
         self.train(was)
         return shift
 
+    def penalty(self) -> torch.Tensor:
+        """Minus the log-prior of the weights that carry one (0 here; the embeddings of
+        :class:`MLP`), added to the training loss."""
+        return self.centre_value.new_zeros(())
+
     @property
     def n_weights(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -131,26 +182,61 @@ class MLP(CentredNetwork):
     numeric : sequence of bool, optional
         Which input columns are standardised numeric variables (the ones the trainer's input
         noise perturbs); default all.
+    factors : sequence of int, optional
+        Per input column, the number of levels of the embedded factor whose codes it holds
+        (0: not a code column); default none.
+    embed_dims : sequence of int, optional
+        Width of each embedded factor's embedding, in column order (default
+        :func:`embedding_dim`).
 
     Attributes
     ----------
     body : torch.nn.Sequential
         The layers of the MLP, the output layer last (initialised at zero).
     linear : torch.nn.Linear
-        The linear path :math:`\gamma^\top x` (no bias; initialised at zero, set to the
-        GLMM's coefficients before training).
+        The linear path :math:`\gamma^\top x` of the columns that are not codes (no bias;
+        initialised at zero, set to the GLMM's coefficients before training).
+    embeddings, level_effects : torch.nn.ModuleList of torch.nn.Embedding
+        Per embedded factor: the table of ``levels + 1`` rows that the body sees, and the
+        per-level scalars of the linear path; row ``levels`` is the zero "unseen" row.
     """
+
+    dense_columns: torch.Tensor
+    code_columns: torch.Tensor
 
     def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str,
                  dropout: float, dtype: torch.dtype = torch.float64,
-                 numeric: Sequence[bool] | None = None):
+                 numeric: Sequence[bool] | None = None, factors: Sequence[int] | None = None,
+                 embed_dims: Sequence[int] | None = None):
         super().__init__(dtype)
         self.numeric = tuple(numeric) if numeric is not None else (True,) * in_features
         if len(self.numeric) != in_features:
             raise ValueError(f"MLP: numeric has {len(self.numeric)} entries for "
                              f"{in_features} input columns")
+        self.factors = tuple(int(k) for k in factors) if factors is not None else (
+            0,) * in_features
+        if len(self.factors) != in_features or any(k < 0 for k in self.factors):
+            raise ValueError(f"MLP: factors must hold {in_features} level counts >= 0")
+        levels = [k for k in self.factors if k]
+        dims = ([int(d) for d in embed_dims] if embed_dims is not None
+                else [embedding_dim(k) for k in levels])
+        if len(dims) != len(levels) or any(d < 1 for d in dims):
+            raise ValueError(f"MLP: embed_dims must hold {len(levels)} widths >= 1")
+        self.embed_dims = tuple(dims)
+        dense = [j for j, k in enumerate(self.factors) if not k]
+        codes = [j for j, k in enumerate(self.factors) if k]
+        self.register_buffer("dense_columns", torch.tensor(dense, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("code_columns", torch.tensor(codes, dtype=torch.long),
+                             persistent=False)
+        self.embeddings = torch.nn.ModuleList(
+            torch.nn.Embedding(k + 1, d, padding_idx=k, dtype=dtype) for k, d in zip(levels, dims))
+        self.level_effects = torch.nn.ModuleList(
+            torch.nn.Embedding(k + 1, 1, padding_idx=k, dtype=dtype) for k in levels)
+        for emb in [*self.tables, *self.level_tables]:
+            torch.nn.init.zeros_(emb.weight)  # every level equal at the start: the GLMM
         layers: list[torch.nn.Module] = []
-        width = in_features
+        width = len(dense) + sum(dims)
         for h in hidden:
             layers.append(torch.nn.Linear(width, h, dtype=dtype))
             layers.append(_ACTIVATIONS[activation]())
@@ -161,37 +247,59 @@ class MLP(CentredNetwork):
         torch.nn.init.zeros_(out.weight)  # start at f = 0: the GLMM
         layers.append(out)
         self.body = torch.nn.Sequential(*layers)
-        self.linear = torch.nn.Linear(in_features, 1, bias=False, dtype=dtype)
+        self.linear = torch.nn.Linear(len(dense), 1, bias=False, dtype=dtype)
         torch.nn.init.zeros_(self.linear.weight)
 
+    @property
+    def tables(self) -> list[torch.nn.Embedding]:
+        """The embedding tables that the body sees, one per embedded factor."""
+        return cast("list[torch.nn.Embedding]", list(self.embeddings))
+
+    @property
+    def level_tables(self) -> list[torch.nn.Embedding]:
+        """The per-level scalars of the linear path, one table per embedded factor."""
+        return cast("list[torch.nn.Embedding]", list(self.level_effects))
+
+    @property
+    def in_features(self) -> int:
+        """Number of input columns (numeric, one-hot and code columns)."""
+        return len(self.numeric)
+
     def config(self) -> dict[str, Any]:
-        first = self.body[0]
-        assert isinstance(first, torch.nn.Linear)
         linears = [m for m in self.body if isinstance(m, torch.nn.Linear)]
         activations = [name for m in self.body for name, cls in _ACTIVATIONS.items()
                        if type(m) is cls]
         dropouts = [m.p for m in self.body if isinstance(m, torch.nn.Dropout)]
-        return {"in_features": first.in_features,
-                "hidden": [lin.out_features for lin in linears[:-1]],
-                "activation": activations[0] if activations else "relu",
-                "dropout": float(dropouts[0]) if dropouts else 0.0,
-                "dtype": _dtype_name(self.linear.weight.dtype),
-                "output_dtype": _dtype_name(self.centre_value.dtype),
-                "numeric": [bool(b) for b in self.numeric]}
+        out = {"in_features": self.in_features,
+               "hidden": [lin.out_features for lin in linears[:-1]],
+               "activation": activations[0] if activations else "relu",
+               "dropout": float(dropouts[0]) if dropouts else 0.0,
+               "dtype": _dtype_name(self.linear.weight.dtype),
+               "output_dtype": _dtype_name(self.centre_value.dtype),
+               "numeric": [bool(b) for b in self.numeric]}
+        if any(self.factors):  # absent: a network without embeddings (files before them)
+            out["factors"] = list(self.factors)
+            out["embed_dims"] = list(self.embed_dims)
+        return out
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MLP:
         activation = str(config["activation"])
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}")
+        factors = config.get("factors")
+        dims = config.get("embed_dims")
         net = cls(int(config["in_features"]), tuple(int(h) for h in config["hidden"]),
                   activation, float(config["dropout"]), dtype=_dtype(config["dtype"]),
-                  numeric=[bool(b) for b in config["numeric"]])
+                  numeric=[bool(b) for b in config["numeric"]],
+                  factors=None if factors is None else [int(k) for k in factors],
+                  embed_dims=None if dims is None else [int(d) for d in dims])
         net.centre_value = torch.zeros((), dtype=_dtype(config["output_dtype"]))
         return net
 
     def __setstate__(self, state: dict) -> None:
-        # networks pickled before the linear path existed (model files of 2026-11-24/25)
+        # networks pickled before the linear path existed (model files of 2026-11-24/25),
+        # or before embeddings
         super().__setstate__(state)
         first = self.body[0]
         assert isinstance(first, torch.nn.Linear)
@@ -201,25 +309,101 @@ class MLP(CentredNetwork):
             torch.nn.init.zeros_(self.linear.weight)
         if "numeric" not in self.__dict__:
             self.numeric = (True,) * first.in_features
+        if "factors" not in self.__dict__:
+            self.factors = (0,) * len(self.numeric)
+            self.embed_dims = ()
+            self.embeddings = torch.nn.ModuleList()
+            self.level_effects = torch.nn.ModuleList()
+            self.register_buffer("dense_columns", torch.arange(len(self.numeric)),
+                                 persistent=False)
+            self.register_buffer("code_columns", torch.zeros(0, dtype=torch.long),
+                                 persistent=False)
 
     @torch.no_grad()
     def reset(self) -> None:
         """New initial weights from torch's global generator (as at construction): PyTorch's
-        default initialisation of the hidden layers, zero output layer, no centring. The
-        linear path keeps its weights (the GLMM start of every member of an ensemble)."""
+        default initialisation of the hidden layers, zero output layer and embeddings, no
+        centring. The linear path (and the per-level scalars) keeps its weights (the GLMM
+        start of every member of an ensemble)."""
         linears = [m for m in self.body if isinstance(m, torch.nn.Linear)]
         for lin in linears[:-1]:
             lin.reset_parameters()
         torch.nn.init.zeros_(linears[-1].weight)
+        for emb in self.tables:
+            torch.nn.init.zeros_(emb.weight)
         self.centre_value.zero_()
+
+    def penalty(self) -> torch.Tensor:
+        r"""Minus the log-prior of the embedding tables, up to a constant:
+        :math:`\frac{\lambda}{2} \sum (\lVert e_{jl} \rVert^2 + \gamma_{jl}^2)` with
+        :math:`\lambda` = :data:`EMBEDDING_PRIOR_PRECISION` (0 without embedded factors)."""
+        total = self.centre_value.new_zeros(())
+        for emb in [*self.tables, *self.level_tables]:
+            total = total + emb.weight.square().sum().to(total.dtype)
+        return 0.5 * EMBEDDING_PRIOR_PRECISION * total
 
     def raw(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The layers in the weights' dtype and device (``x`` is cast to them: the caller may
-        hold float64 inputs for a float32 network); ``noise`` is added to the body's input."""
+        hold float64 inputs for a float32 network); ``noise`` is added to the body's numeric
+        input. Code columns are looked up in the embedding tables."""
         w = self.linear.weight
         x = x.to(dtype=w.dtype, device=w.device)
-        body_in = x if noise is None else x + noise.to(dtype=w.dtype, device=w.device)
-        return (self.body(body_in) + self.linear(x)).squeeze(-1)  # type: ignore[no-any-return]
+        if not self.embeddings:
+            body_in = x if noise is None else x + noise.to(dtype=w.dtype, device=w.device)
+            return (self.body(body_in) + self.linear(x)).squeeze(-1)  # type: ignore[no-any-return]
+        dense = x.index_select(1, self.dense_columns)
+        codes = x.index_select(1, self.code_columns).round().long()
+        body_dense = dense if noise is None else dense + noise.to(
+            dtype=w.dtype, device=w.device).index_select(1, self.dense_columns)
+        parts = [body_dense] + [emb(codes[:, j]) for j, emb in enumerate(self.tables)]
+        out = self.body(torch.cat(parts, dim=1)) + self.linear(dense)
+        for j, lev in enumerate(self.level_tables):
+            out = out + lev(codes[:, j])
+        return out.squeeze(-1)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------ the linear path as a GLMM
+    def linear_columns(self, x: torch.Tensor, expand: bool = True
+                       ) -> tuple[torch.Tensor, list[bool]]:
+        """The columns of which the linear path is a linear function, for the GLMM start
+        (:func:`~ngmm_formula.train.fit_linear_start`), and which of them are numeric: the
+        input columns that are not codes, then (with ``expand``) the one-hot dummies of each
+        embedded factor's levels, shape (n, :meth:`linear_width`)."""
+        dense = x.index_select(1, self.dense_columns.to(x.device))
+        numeric = [self.numeric[j] for j in self.dense_columns.tolist()]
+        if not expand or not self.embeddings:
+            return dense, numeric
+        parts = [dense]
+        for j, k in zip(self.code_columns.tolist(), [k for k in self.factors if k]):
+            codes = x[:, j].round().long()
+            parts.append(torch.nn.functional.one_hot(codes.clamp(max=k), k + 1)[:, :k]
+                         .to(x.dtype))
+            numeric += [False] * k
+        return torch.cat(parts, dim=1), numeric
+
+    def linear_width(self, expand: bool = True) -> int:
+        """Number of columns of :meth:`linear_columns`."""
+        return int(self.dense_columns.numel()) + (sum(self.factors) if expand else 0)
+
+    @torch.no_grad()
+    def set_linear(self, coef: torch.Tensor) -> None:
+        """Set the linear path to the coefficients ``coef`` of :meth:`linear_columns` (with
+        ``expand`` if it has :meth:`linear_width` entries, else the per-level scalars to 0)."""
+        n_dense = int(self.dense_columns.numel())
+        w = self.linear.weight
+        w.copy_(coef[:n_dense].to(w).reshape(1, -1))
+        start = n_dense
+        for lev in self.level_tables:
+            lev.weight.zero_()
+            k = lev.num_embeddings - 1
+            if coef.numel() >= start + k:
+                lev.weight[:k, 0] = coef[start:start + k].to(lev.weight)
+            start += k
+
+    def linear_coefficients(self) -> torch.Tensor:
+        """The linear path as coefficients of :meth:`linear_columns` (``expand``)."""
+        parts = [self.linear.weight.detach().reshape(-1)]
+        parts += [lev.weight.detach()[:-1, 0] for lev in self.level_tables]
+        return torch.cat(parts)
 
 
 class Ensemble(CentredNetwork):
@@ -246,6 +430,13 @@ class Ensemble(CentredNetwork):
         net = cls([network_from_data(m) for m in config["members"]])
         net.centre_value = torch.zeros((), dtype=_dtype(config["output_dtype"]))
         return net
+
+    def penalty(self) -> torch.Tensor:
+        total = self.centre_value.new_zeros(())
+        for net in self.members:
+            assert isinstance(net, CentredNetwork)
+            total = total + net.penalty()
+        return total
 
     def raw(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         total = self.members[0](x, noise)
@@ -309,18 +500,33 @@ def network_from_data(data: dict[str, Any]) -> CentredNetwork:
         raise ValueError(f"network {name}: malformed configuration ({exc})") from None
 
 
+def input_label(net: torch.nn.Module, width: int) -> str:
+    """The input side of a network's architecture for summaries: its number of input
+    columns ``width``, or with embedded factors the other columns plus each factor's
+    embedding, e.g. ``"1 + 10000x16"`` (levels x width)."""
+    while isinstance(net, Ensemble):
+        net = net.members[0]
+    if not isinstance(net, MLP) or not net.tables:
+        return str(width)
+    embeds = [f"{t.num_embeddings - 1}x{t.embedding_dim}" for t in net.tables]
+    return " + ".join([str(int(net.dense_columns.numel())), *embeds])
+
+
 def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64,
                  device: str | torch.device = "cpu", output_dtype: torch.dtype | None = None,
-                 numeric: Sequence[bool] | None = None) -> MLP:
+                 numeric: Sequence[bool] | None = None,
+                 factors: Sequence[int] | None = None) -> MLP:
     """The network of one ``nn()`` term, with its weights in ``dtype`` on ``device``.
 
     The weights are initialised on the CPU in float64 from torch's generator and then
     converted, so a seed gives the same starting network whatever the dtype and device.
     ``output_dtype`` (default ``dtype``) is the dtype of the output and of its centring
     constant: float64 weights are not needed for a float64 output. ``numeric`` marks the
-    standardised numeric input columns (:class:`MLP`).
+    standardised numeric input columns and ``factors`` the code columns of embedded factors
+    with their numbers of levels (:class:`MLP`).
     """
-    net = MLP(in_features, term.hidden, term.activation, term.dropout, numeric=numeric)
+    net = MLP(in_features, term.hidden, term.activation, term.dropout, numeric=numeric,
+              factors=factors)
     net.to(device=device, dtype=dtype)
     net.centre_value = torch.zeros((), dtype=output_dtype or dtype, device=device)
     return net

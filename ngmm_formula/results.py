@@ -31,6 +31,7 @@ from ngmm_formula.design import Design
 from ngmm_formula.errors import DataError, NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import matvec
+from ngmm_formula.networks import input_label
 
 __all__ = ["NGMMResult", "Diagnostics"]
 
@@ -140,7 +141,8 @@ class NGMMResult:
         var_eta = float(np.var(self.eta))
         for ni, net, f in zip(self.design.nets, self.nets, self._net_outputs(
                 tuple(ni.X for ni in self.design.nets))):
-            arch = " -> ".join([str(ni.X.shape[1]), *map(str, ni.term.hidden), "1"])
+            arch = " -> ".join([input_label(net, ni.X.shape[1]), *map(str, ni.term.hidden),
+                                "1"])
             out.append({
                 "label": ni.term.label, "inputs": ", ".join(ni.term.variables),
                 "architecture": f"{arch} ({ni.term.activation}) + linear",
@@ -192,6 +194,9 @@ class NGMMResult:
             else:
                 values = np.asarray(grid, dtype=float)
             codes = [np.array([(v - enc.center) / enc.scale]) for v in values]
+        elif enc.kind == "embedded":  # one column of level codes
+            values = np.array(enc.levels, dtype=object)
+            codes = [np.array([float(j)]) for j in range(len(enc.levels))]
         else:
             values = np.array(enc.levels, dtype=object)
             codes = [np.eye(width)[j] for j in range(width)]
@@ -298,7 +303,9 @@ class NGMMResult:
             As lme4's ``allow.new.levels``: by default (False) a grouping level not in the
             training data raises :class:`~ngmm_formula.DataError` naming the factor and the
             levels; True gives such levels a zero random effect. Ignored with
-            ``re_form="~0"``, which uses no random effect.
+            ``re_form="~0"``, which uses no random effect. Unseen levels of a factor among
+            the ``nn()`` inputs raise the same way (also with ``re_form="~0"``); True predicts
+            them as a level without data (:class:`~ngmm_formula.design.NetEncoding`).
         """
         if type not in ("response", "link"):
             raise NGMMError(f"type must be 'response' or 'link', got {type!r}")
@@ -309,7 +316,8 @@ class NGMMResult:
             eta = self.eta if use_re else self._eta_fixed_train()
         else:
             nd = self.design.spec.new_data(newdata,
-                                           allow_new_levels=allow_new_levels or not use_re)
+                                           allow_new_levels=allow_new_levels or not use_re,
+                                           allow_new_input_levels=allow_new_levels)
             eta = nd.offset + matvec(nd.X, self.fixef.to_numpy())
             eta = eta + self._net_part(nd.net_X)
             if use_re:

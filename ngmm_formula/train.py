@@ -159,16 +159,26 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     The rank check and the fit cost :math:`O(n k^2)` in the number of columns :math:`k`: when
     the networks have more than :data:`LINEAR_START_COLUMNS` input columns, one-hot columns
     of factors are left out of the start (their linear paths start at zero and train with the
-    rest); numeric inputs are always in it.
+    rest); numeric inputs are always in it. An embedded factor's input column holds codes:
+    it joins the start as its levels' one-hot dummies (:meth:`~ngmm_formula.networks.MLP.
+    linear_columns`), whose coefficients become its per-level scalars, when the networks'
+    columns so counted are at most :data:`LINEAR_START_COLUMNS`; else its scalars start at 0.
 
-    Returns the kept input columns of every network (for tests and diagnostics).
+    Returns the kept columns of every network's :meth:`~ngmm_formula.networks.MLP.
+    linear_columns` (for tests and diagnostics).
     """
     nets = list(module.nets)
     p = problem.p
-    blocks = [x.to(problem.Xs.dtype) for x in problem.net_X]
-    numeric = np.concatenate([
-        np.asarray(net.numeric if isinstance(net, MLP) else [True] * x.shape[1], dtype=bool)
-        for net, x in zip(nets, blocks)]) if blocks else np.zeros(0, dtype=bool)
+    # the columns of which each linear path is a function: inputs that are not codes, and
+    # the one-hot dummies of embedded factors when all of them fit in the start
+    expand = sum(net.linear_width() for net in nets
+                 if isinstance(net, MLP)) <= LINEAR_START_COLUMNS
+    parts = [net.linear_columns(x.to(problem.Xs.dtype), expand) if isinstance(net, MLP)
+             else (x.to(problem.Xs.dtype), [True] * x.shape[1])
+             for net, x in zip(nets, problem.net_X)]
+    blocks = [b for b, _ in parts]
+    numeric = np.concatenate([np.asarray(flags, dtype=bool) for _, flags in parts]
+                             ) if blocks else np.zeros(0, dtype=bool)
     candidates = (np.arange(numeric.size) if numeric.size <= LINEAR_START_COLUMNS
                   else np.flatnonzero(numeric))
     X_all = torch.cat([problem.Xs, *blocks], dim=1)
@@ -187,17 +197,16 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     optimise(Objective(augmented, family, approx, glmm, shard=shard),
              max_iter=control.max_iter, gtol=1e-10, final_hessian=False)
     kept_by_net: list[list[int]] = [[] for _ in nets]
+    gammas = [torch.zeros(b.shape[1], dtype=b.dtype) for b in blocks]
     with torch.no_grad():
         module.beta.copy_(glmm.beta[:p])
-        for net in nets:
-            if isinstance(net, MLP):
-                net.linear.weight.zero_()
         for coef, j in zip(glmm.beta[p:], extra):
             k, c = int(owner[j - p]), int(column[j - p])
             kept_by_net[k].append(c)
-            net = nets[k]
+            gammas[k][c] = coef
+        for net, gamma in zip(nets, gammas):
             if isinstance(net, MLP):
-                net.linear.weight[0, c] = coef
+                net.set_linear(gamma)
     return kept_by_net
 
 
@@ -424,10 +433,18 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
             cache[gs] = obj.mode.v
         return ll
 
+    # the embeddings' prior (networks.MLP.penalty), per training observation; counted by
+    # one process of a distributed fit (the gradients are summed over the processes)
+    n_train = [max(1, int(sizes[train_groups].sum()))]  # all groups' rows when retraining
+    penalised = [net for net in module.nets if isinstance(net, CentredNetwork)
+                 and (shard is None or shard.rank == 0)]
+
     def step(optimiser: torch.optim.Optimizer, batch: np.ndarray) -> float:
         """One AdamW step on the minibatch ``batch``; returns its log-likelihood."""
         ll = evaluate(batch, grad=True)
         loss = -ll / int(sizes[batch].sum())
+        for net in penalised:
+            loss = loss + net.penalty() / n_train[0]
         optimiser.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
@@ -492,6 +509,7 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
         module.train()
         opt = _optimiser(net_params, other, control)
         everything = np.sort(np.concatenate([train_groups, val_groups]))
+        n_train[0] = max(1, int(sizes[everything].sum()))
         for lr in schedule:
             for group in opt.param_groups:
                 group["lr"] = lr

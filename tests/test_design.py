@@ -20,7 +20,7 @@ import pytest
 
 from ngmm_formula.datasets import load
 from ngmm_formula.design import Design, build_design
-from ngmm_formula.errors import DataError
+from ngmm_formula.errors import DataError, NewLevelsError
 from ngmm_formula.formula import parse_formula
 
 REFS = Path(__file__).parent / "reference" / "lme4_refs.json"
@@ -451,11 +451,12 @@ def test_design_arrays_are_read_only() -> None:
 # network inputs
 
 
-def test_net_inputs_standardised_and_one_hot(contra: tuple[pd.DataFrame, Design]) -> None:
+def test_net_inputs_standardised_and_factor_codes(contra: tuple[pd.DataFrame, Design]
+                                                  ) -> None:
     df, d = contra
     (net,) = d.nets
     assert net.term.variables == ("age", "livch")
-    assert net.columns == ["age", "livch[0]", "livch[1]", "livch[2]", "livch[3+]"]
+    assert net.columns == ["age", "livch"]
     age = net.X[:, 0]
     # standardised on the training data (population sd, ddof = 0)
     np.testing.assert_allclose(age.mean(), 0.0, atol=1e-12)
@@ -464,12 +465,35 @@ def test_net_inputs_standardised_and_one_hot(contra: tuple[pd.DataFrame, Design]
     assert enc_age.kind == "numeric"
     np.testing.assert_allclose(enc_age.center, df["age"].mean(), rtol=1e-12)
     np.testing.assert_allclose(enc_age.scale, df["age"].std(ddof=0), rtol=1e-12)
-    # one-hot over all levels, in R's order, no reference level
-    assert enc_livch.kind == "categorical"
+    # a factor is one column of codes over its levels in R's order (an embedding's rows)
+    assert enc_livch.kind == "embedded"
     assert enc_livch.levels == ("0", "1", "2", "3+")
+    np.testing.assert_array_equal(net.X[:, 1], df["livch"].cat.codes)
+
+
+def test_net_factor_one_hot_below_the_embedding_threshold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``EMBED_MIN_LEVELS`` at or above a factor's levels it is one-hot encoded over all
+    levels (no reference level), as before embeddings; an unseen level is an error unless
+    allowed, then an all-zero row."""
+    import ngmm_formula.design as design_module
+
+    monkeypatch.setattr(design_module, "EMBED_MIN_LEVELS", 3)
+    df = _frame()
+    d = build_design(parse_formula("y ~ x + nn(z, f) + (1 | g)"), df)
+    (net,) = d.nets
+    assert net.columns == ["z", "f[lo]", "f[mid]", "f[hi]"]
+    assert net.encodings[1].kind == "categorical"
     onehot = net.X[:, 1:]
     np.testing.assert_array_equal(onehot.sum(axis=1), np.ones(len(df)))
-    np.testing.assert_array_equal(onehot.argmax(axis=1), df["livch"].cat.codes)
+    np.testing.assert_array_equal(onehot.argmax(axis=1), df["f"].cat.codes)
+    new = df.iloc[:2].astype({"f": str})
+    new.loc[new.index[0], "f"] = "new"
+    with pytest.raises(NewLevelsError, match=r"nn\(\) input 'f' has 1 level"):
+        d.spec.new_data(new)
+    nd = d.spec.new_data(new, allow_new_input_levels=True)
+    np.testing.assert_array_equal(nd.net_X[0][0, 1:], np.zeros(3))
+    np.testing.assert_array_equal(nd.net_X[0][1, 1:], onehot[1])
 
 
 def test_net_encoding_reapplied_to_new_data(contra: tuple[pd.DataFrame, Design]) -> None:
@@ -489,8 +513,14 @@ def test_net_unseen_level_in_new_data() -> None:
     d = build_design(parse_formula("y ~ x + nn(f, z)"), df)
     sub = df.iloc[:2].astype({"f": str})
     sub.loc[sub.index[0], "f"] = "new"
-    with pytest.raises(DataError, match=r"nn\(\) input 'f' has levels not seen.*'new'"):
+    with pytest.raises(NewLevelsError, match=r"nn\(\) input 'f' has 1 level\(s\) not in the "
+                                             r"training data: 'new'; use allow_new_levels"):
         d.spec.new_data(sub)
+    # allowed: the reserved code len(levels), the network's zero "unseen" row
+    enc = d.nets[0].encodings[0]
+    nd = d.spec.new_data(sub, allow_new_input_levels=True)
+    assert nd.net_X[0][0, 0] == enc.unseen_code == len(enc.levels)
+    assert nd.net_X[0][1, 0] == enc.levels.index(str(sub["f"].iloc[1]))
 
 
 def test_net_constant_input_has_unit_scale() -> None:

@@ -445,7 +445,7 @@ def test_linear_start_leaves_out_aliased_inputs() -> None:
                             Control())
     # x1 is a linear term; f[c] = intercept - f[a] - f[b]
     assert kept == [[1], [0, 1, 2]]
-    gamma = [net.linear.weight.detach().numpy().ravel() for net in module.nets]
+    gamma = [net.linear_coefficients().numpy() for net in module.nets]
     assert gamma[0][0] == 0 and gamma[0][1] != 0 and gamma[1][3] == 0
     fit = ngmm("y ~ nn(x1, x2, hidden=(8,)) + nn(x3, f, hidden=(8,)) + x1 + (1 | g)", df,
                "binomial", control=Control(epochs=5, progress=False))
@@ -529,5 +529,5 @@ def test_linear_start_leaves_wide_factors_to_training(monkeypatch: pytest.Monkey
     kept = fit_linear_start(prepared.problem, prepared.family, prepared.approximation, module,
                             Control())
     assert kept == [[0]]
-    gamma = module.nets[0].linear.weight.detach().numpy().ravel()
+    gamma = module.nets[0].linear_coefficients().numpy()
     assert gamma[0] != 0 and not gamma[1:].any()

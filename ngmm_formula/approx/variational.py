@@ -111,6 +111,7 @@ import torch
 from ngmm_formula.approx.rules import gauss_hermite_rule
 from ngmm_formula.families import Family
 from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, lambda_blocks
+from ngmm_formula.networks import CentredNetwork
 
 if TYPE_CHECKING:
     from ngmm_formula.fit import Control
@@ -604,6 +605,9 @@ def _stochastic(obj: VariationalObjective, control: Control, seed: int
             # unbiased for the training levels' ELBO; the local term's KL has no gradient
             # in the parameters stepped here (its Gaussians were just set by local_update)
             elbo = ll * (train_levels.size / batch.size) - kl_others()
+            for net in module.nets:  # the embeddings' prior (networks.MLP.penalty)
+                if isinstance(net, CentredNetwork):
+                    elbo = elbo - net.penalty()
             opt.zero_grad(set_to_none=True)
             (-elbo / n_train).backward()
             opt.step()
