@@ -221,12 +221,14 @@ def test_profiled_fit_matches_lmer_tightly(ref_id: str, data: str, formula: str,
     assert fit.diagnostics.converged and fit.diagnostics.hessian_pd
 
 
-def test_large_crossed_blocks_keep_the_block_elimination() -> None:
-    """The profiled route is taken with one grouping factor (any size, REML too) and for
-    small crossed blocks; a crossed block large enough for the block elimination of
-    approx/factor.py (190 coordinates, 40 outside the largest factor) keeps the full
-    objective, which does not factorise the whole dense joint block."""
-    from ngmm_formula.approx.profiled import use_profiled
+def test_large_crossed_blocks_take_the_blocked_factorisation() -> None:
+    """Every linear Gaussian model is fitted through the profiled objective: with one
+    grouping factor (any size, REML too) and small crossed blocks by the dense
+    :class:`ProfiledLMM`; a crossed block large enough for a block elimination (190
+    coordinates, 40 outside the largest factor) by the blocked sparse factorisation of
+    approx/blocked.py, which does not factorise the whole dense joint block."""
+    from ngmm_formula.approx.blocked import BlockedLMM
+    from ngmm_formula.approx.profiled import profiled_objective, use_profiled
     from ngmm_formula.fit import profiled
 
     rng = np.random.default_rng(11)
@@ -237,11 +239,12 @@ def test_large_crossed_blocks_keep_the_block_elimination() -> None:
     crossed = prepare("y ~ 1 + (1 | g) + (1 | h)", d, reml=True)
     assert crossed.problem.blocks.split is not None
     assert not use_profiled(crossed.problem)
+    assert isinstance(profiled_objective(crossed.problem), BlockedLMM)
     module = LinearPredictor(crossed.problem, True)
-    assert not profiled(Objective(crossed.problem, crossed.family, crossed.approximation,
-                                  module))
+    assert profiled(Objective(crossed.problem, crossed.family, crossed.approximation, module))
     one_factor = prepare("y ~ 1 + (1 | g)", d, reml=True)  # a joint REML block of 151
     assert one_factor.problem.blocks.split is not None
     assert use_profiled(one_factor.problem)
+    assert isinstance(profiled_objective(one_factor.problem), ProfiledLMM)
     for ref_id, data, formula, reml in LMER:
         assert use_profiled(prepared(data, formula, reml=reml).problem), ref_id
