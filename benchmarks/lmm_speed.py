@@ -136,7 +136,7 @@ def _sd_diff(ours: dict[tuple[str, str], float], theirs: dict[str, float]) -> fl
     are named ``Subject``, ``Subject.1``, ...)."""
     worst = 0.0
     for key, s_r in theirs.items():
-        grp, _, var = key.partition(":")
+        grp, _, var = key.rpartition(":")
         if grp == "Residual":
             cand = [s for (g, _), s in ours.items() if g == "Residual"]
         else:

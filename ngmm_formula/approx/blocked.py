@@ -101,6 +101,9 @@ class BlockedLMM:
     P_a: np.ndarray  # (m_A, q_A, p + 1): Z'W [r0, X_s], A rows
     P_b: np.ndarray  # (dim_B, p + 1)
     perm: np.ndarray  # joint coordinate of each (A, B) coordinate
+    scalar: bool  # every term has q = 1 (Lambda diagonal)
+    ab_rows: np.ndarray  # row of each stored nonzero of M_ab, M_bb (CSR)
+    bb_rows: np.ndarray
     q: tuple[int, ...]
     n_levels: tuple[int, ...]
     XtWX: np.ndarray
@@ -177,12 +180,22 @@ class BlockedLMM:
                 cols.append(new_of[base + j] - na)
                 tidx.append(np.full(mk, tstart[k] + e))
         pa = tril_pairs(q_a)
+        M_ab, M_bb = M[:na, na:].tocsr(), M[na:, na:].tocsr()
+        M_ab.sort_indices()
+        M_bb.sort_indices()
+        lam_rows, lam_cols, lam_tidx = _cat(rows), _cat(cols), _cat(tidx)
+        scalar = all(k == 1 for k in q)
+        if scalar:  # Lambda_B diagonal: its theta index by B coordinate
+            order = np.argsort(lam_rows)
+            lam_rows, lam_cols, lam_tidx = lam_rows[order], lam_cols[order], lam_tidx[order]
         return cls(
-            q_a=q_a, m_a=m_a, dim_b=D - na,
+            q_a=q_a, m_a=m_a, dim_b=D - na, scalar=scalar,
+            ab_rows=np.repeat(np.arange(na), np.diff(M_ab.indptr)),
+            bb_rows=np.repeat(np.arange(D - na), np.diff(M_bb.indptr)),
             a_rows=np.array([i for i, _ in pa]), a_cols=np.array([j for _, j in pa]),
             a_tidx=tstart[a] + np.arange(len(pa)),
-            lam_rows=_cat(rows), lam_cols=_cat(cols), lam_tidx=_cat(tidx),
-            M_aa=M_aa, M_ab=M[:na, na:].tocsr(), M_bb=M[na:, na:].tocsr(),
+            lam_rows=lam_rows, lam_cols=lam_cols, lam_tidx=lam_tidx,
+            M_aa=M_aa, M_ab=M_ab, M_bb=M_bb,
             P_a=P[:na].reshape(m_a, q_a, p + 1), P_b=P[na:], perm=perm, q=tuple(q),
             n_levels=tuple(levels), XtWX=XtWX,
             beta0=beta0.cpu().numpy(), rss0=rss0, n=n, p=p, n_theta=problem.n_theta,
@@ -190,30 +203,46 @@ class BlockedLMM:
 
     # ----------------------------------------------------------------------------------------
 
-    def _factor(self, theta: np.ndarray) -> tuple[float, np.ndarray, sp.csr_matrix,
-                                                  sp.csr_matrix, object, bool, np.ndarray]:
+    def _factor(self, theta: np.ndarray, dense: bool = False
+                ) -> tuple[float, np.ndarray, sp.csr_matrix, sp.csr_matrix, object, bool,
+                           np.ndarray]:
         r"""Factorise :math:`H_\theta`: :math:`\log|H|`, :math:`R_A`, :math:`C`,
-        :math:`\Lambda_B`, the factor of :math:`S` (dense Cholesky or SuperLU), which, and
-        :math:`\Lambda_A`."""
+        :math:`\Lambda_B`, the factor of :math:`S` (dense Cholesky or SuperLU; dense if
+        ``dense``), which, and :math:`\Lambda_A`."""
         q, m, nb = self.q_a, self.m_a, self.dim_b
         La = np.zeros((q, q))
         La[self.a_rows, self.a_cols] = theta[self.a_tidx]
-        Lb = sp.csr_matrix((theta[self.lam_tidx], (self.lam_rows, self.lam_cols)),
-                           shape=(nb, nb))
-        Haa = La.T @ self.M_aa @ La + np.eye(q)
-        Ra = np.linalg.cholesky(Haa)  # LinAlgError if not positive definite (round-off)
-        Ra_inv = np.linalg.inv(Ra)  # lower triangular, (m, q, q)
-        # C = R_A^{-1} (I (x) Lambda_A') M_AB Lambda_B: one block-diagonal sparse left factor
-        left = Ra_inv @ La.T
-        if q == 1:
-            Lft = sp.diags(left.reshape(-1))
+        if self.scalar:
+            # every Lambda_k is a scalar: Lambda diagonal, every product elementwise on the
+            # stored nonzeros of the cross-products (no sparse-sparse product but C'C)
+            lam_b = theta[self.lam_tidx]
+            lam_a = float(La[0, 0])
+            ra = np.sqrt(lam_a * lam_a * self.M_aa.reshape(-1) + 1.0)
+            Ra, Ra_inv = ra.reshape(m, 1, 1), (1.0 / ra).reshape(m, 1, 1)
+            Lb = sp.diags(lam_b).tocsr()
+            M_ab, M_bb = self.M_ab, self.M_bb
+            C = sp.csr_matrix((M_ab.data * (lam_a / ra)[self.ab_rows] * lam_b[M_ab.indices],
+                               M_ab.indices, M_ab.indptr), shape=M_ab.shape)
+            Hbb = sp.csr_matrix((M_bb.data * lam_b[self.bb_rows] * lam_b[M_bb.indices],
+                                 M_bb.indices, M_bb.indptr), shape=M_bb.shape)
+            S = Hbb + sp.identity(nb, format="csr") - C.T @ C
         else:
-            Lft = sp.bsr_matrix((left, np.arange(m), np.arange(m + 1)),
-                                shape=(m * q, m * q)).tocsr()
-        C = (Lft @ (self.M_ab @ Lb)).tocsr()
-        S = (Lb.T @ self.M_bb @ Lb + sp.identity(nb, format="csr") - C.T @ C)
+            Lb = sp.csr_matrix((theta[self.lam_tidx], (self.lam_rows, self.lam_cols)),
+                               shape=(nb, nb))
+            Haa = La.T @ self.M_aa @ La + np.eye(q)
+            Ra = np.linalg.cholesky(Haa)  # LinAlgError if not positive definite (round-off)
+            Ra_inv = np.linalg.inv(Ra)  # lower triangular, (m, q, q)
+            # C = R_A^{-1} (I (x) Lambda_A') M_AB Lambda_B: a block-diagonal sparse left factor
+            left = Ra_inv @ La.T
+            if q == 1:
+                Lft = sp.diags(left.reshape(-1))
+            else:
+                Lft = sp.bsr_matrix((left, np.arange(m), np.arange(m + 1)),
+                                    shape=(m * q, m * q)).tocsr()
+            C = (Lft @ (self.M_ab @ Lb)).tocsr()
+            S = (Lb.T @ self.M_bb @ Lb + sp.identity(nb, format="csr") - C.T @ C)
         log_det = 2.0 * float(np.log(np.diagonal(Ra, axis1=1, axis2=2)).sum())
-        dense = nb <= DENSE_DIM or S.nnz > DENSE_FILL * nb * nb
+        dense = dense or nb <= DENSE_DIM or S.nnz > DENSE_FILL * nb * nb
         fac: object
         if dense:
             c, info = scipy.linalg.lapack.dpotrf(S.toarray(), lower=True, clean=False)
@@ -240,11 +269,14 @@ class BlockedLMM:
     def _pls(self, theta: np.ndarray) -> tuple[_PLS, tuple]:
         log_det, Ra_inv, C, Lb, fac, dense, La = self._factor(theta)
         # K = Lambda' Z'W [r0, X] in (A, B) order; V_A = R_A^{-1} K_A, V_B = K_B - C' V_A
-        Ka = np.einsum("ji,ljk->lik", La, self.P_a)
-        Va = Ra_inv @ Ka
-        Vb = np.asarray(Lb.T @ self.P_b) - C.T @ Va.reshape(-1, self.p + 1)
+        if self.q_a == 1:
+            Va = (Ra_inv.reshape(-1) * La[0, 0])[:, None, None] * self.P_a
+        else:
+            Va = Ra_inv @ np.matmul(La.T, self.P_a)
+        Va2 = Va.reshape(-1, self.p + 1)
+        Vb = np.asarray(Lb.T @ self.P_b) - C.T @ Va2
         SiVb = self._solve_s(fac, dense, Vb)
-        G = np.einsum("lik,lij->kj", Va, Va) + Vb.T @ SiVb
+        G = Va2.T @ Va2 + Vb.T @ SiVb
         p = self.p
         S_X = self.XtWX - G[1:, 1:]
         rss = self.rss0 - G[0, 0]
@@ -314,16 +346,13 @@ class BlockedLMM:
         :math:`(H^{-1})_{AA,l} = H_{AA,l}^{-1} + \tilde C_l S^{-1} \tilde C_l^\top`
         (:math:`\tilde C = R_A^{-\top} C`) and :math:`(H^{-1})_{BB} = S^{-1}` (formed once,
         dense)."""
-        _, Ra_inv, C, _, fac, dense, _ = self._factor(theta)
+        _, Ra_inv, C, _, fac, _, _ = self._factor(theta, dense=True)
         q, m, nb = self.q_a, self.m_a, self.dim_b
-        if dense:
-            assert isinstance(fac, np.ndarray)
-            inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)
-            if info != 0:
-                raise np.linalg.LinAlgError("singular")
-            Sinv = np.tril(inv) + np.tril(inv, -1).T
-        else:
-            Sinv = fac.solve(np.eye(nb))  # type: ignore[attr-defined]
+        assert isinstance(fac, np.ndarray)
+        inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)
+        if info != 0:
+            raise np.linalg.LinAlgError("singular")
+        Sinv = np.tril(inv) + np.tril(inv, -1).T
         # C~ = R_A^{-T} C, block-diagonal left factor as in _factor
         RiT = np.transpose(Ra_inv, (0, 2, 1))
         Lft = (sp.diags(RiT.reshape(-1)) if q == 1 else

@@ -19,13 +19,14 @@ from ngmm_formula.approx.profiled import ProfiledLMM
 from tests.approx.test_profiled import _weighted_data, prepared, values
 from tests.references import REFS
 
-FORMULAS = ["y ~ x + (x | g) + (1 | h)", "y ~ 0 + (1 | g) + (x | h)",
+FORMULAS = ["y ~ x + (1 | g) + (1 | h)", "y ~ x + (x | g) + (1 | h)", "y ~ 0 + (1 | g) + (x | h)",
             "y ~ x + (x | h) + (x || g)"]
 
 
 def _theta(n: int) -> np.ndarray:
     theta = np.linspace(0.3, 1.2, n)
-    theta[1] = -0.2
+    if n > 2:
+        theta[1] = -0.2
     return theta
 
 
@@ -63,7 +64,7 @@ def test_equals_the_dense_profiled_objective(formula: str, reml: bool, sparse_sc
 
 
 def test_a_nonpositive_definite_point_is_minus_infinity() -> None:
-    p = prepared(_weighted_data(), FORMULAS[0], reml=True, weights="w", offset="off").problem
+    p = prepared(_weighted_data(), FORMULAS[1], reml=True, weights="w", offset="off").problem
     blk = BlockedLMM.of(p)
     assert blk.value(np.full(p.n_theta, np.nan)) == -np.inf
 
