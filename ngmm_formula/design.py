@@ -651,7 +651,7 @@ def _factor_levels(col: pd.Series) -> list[str]:
         # as strings iterated over every row: 0.09 s of Chem97's 31,022 rows)
         codes = np.asarray(col.cat.codes)
         cats = col.cat.categories
-        return [str(cats[i]) for i in np.unique(codes[codes >= 0])]
+        return [str(c) for c in cats[np.unique(codes[codes >= 0])].tolist()]
     values = col.dropna().unique()
     if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
         return [str(v) for v in sorted(values)]
