@@ -65,6 +65,9 @@ __all__ = ["BlockedLMM", "ConditionalFactor"]
 #: SuperLU 77 ms) and STAR (0.8%: LAPACK 89 ms, SuperLU 6 ms).
 DENSE_FILL = 0.05
 DENSE_DIM = 200
+#: The conditional variances of the first block's levels sum over the pairs of nonzeros of
+#: each row of C when there are at most this many pairs (else dense products, by pieces).
+PAIRS_MAX = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -359,8 +362,21 @@ class BlockedLMM:
                sp.bsr_matrix((RiT, np.arange(m), np.arange(m + 1)), shape=(m * q, m * q)))
         Ct = (Lft @ C).tocsr()
         V_a = np.einsum("lji,ljk->lik", Ra_inv, Ra_inv)  # H_AA,l^{-1} = R^{-T} R^{-1}
+        counts = np.diff(Ct.indptr)
+        if q == 1 and int((counts * counts).sum()) <= PAIRS_MAX:
+            # sum over the pairs (b, b') of each row's nonzeros of C~_lb S^{-1}_bb' C~_lb'
+            row_of = np.repeat(np.arange(m), counts)
+            rep = counts[row_of]
+            left = np.repeat(np.arange(Ct.nnz), rep)
+            first = np.cumsum(rep) - rep
+            right = Ct.indptr[row_of[left]] + np.arange(int(rep.sum())) - np.repeat(first, rep)
+            vals = Ct.data[left] * Sinv[Ct.indices[left], Ct.indices[right]] * Ct.data[right]
+            V_a[:, 0, 0] += np.bincount(row_of[left], vals, minlength=m)
+            m_dense = 0
+        else:
+            m_dense = m
         chunk = max(1, (1 << 22) // max(1, nb * q))  # levels per piece: <= 32 MB dense
-        for lo in range(0, m, chunk):
+        for lo in range(0, m_dense, chunk):
             hi = min(m, lo + chunk)
             Cc = Ct[lo * q:hi * q]
             T = np.asarray(Cc @ Sinv).reshape(hi - lo, q, nb)

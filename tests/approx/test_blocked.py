@@ -30,11 +30,15 @@ def _theta(n: int) -> np.ndarray:
     return theta
 
 
+@pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("sparse_schur", [False, True])
 @pytest.mark.parametrize("reml", [True, False])
 @pytest.mark.parametrize("formula", FORMULAS)
 def test_equals_the_dense_profiled_objective(formula: str, reml: bool, sparse_schur: bool,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             pairs: bool, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    if not pairs:  # the conditional variances by dense products
+        monkeypatch.setattr(blocked, "PAIRS_MAX", -1)
     if sparse_schur:  # SuperLU for every Schur complement
         monkeypatch.setattr(blocked, "DENSE_DIM", 0)
         monkeypatch.setattr(blocked, "DENSE_FILL", 2.0)
