@@ -11,10 +11,12 @@ scale, ``theta``, ``log_sigma``) in float64, started from a GLM fit; L-BFGS (sci
 L-BFGS-B, whose line search satisfies the strong Wolfe conditions) until the gradient is small,
 then Newton steps with the Hessian from central differences of the exact gradient, which is
 also the Hessian used for standard errors (as lme4 does for ``glmer``). A linear Gaussian
-model (exact integral, no networks) is fitted as ``lmer`` fits it: the same optimiser over
-lme4's relative theta alone, on the profiled objective of
-:mod:`~ngmm_formula.approx.profiled` (beta and sigma in closed form given theta, standard
-errors of beta from the same factorisation).
+model (exact integral, no networks) is fitted as ``lmer`` fits it: over lme4's relative
+theta alone, on the profiled objective (beta and sigma in closed form given theta, standard
+errors of beta from the same factorisation): the same optimiser with the analytic gradient
+of :mod:`~ngmm_formula.approx.profiled` for one grouping factor and small joint blocks, and
+a derivative-free one (COBYQA, as lmer's BOBYQA) on the blocked sparse factorisation of
+:mod:`~ngmm_formula.approx.blocked` for larger crossed and nested factors.
 """
 
 from __future__ import annotations

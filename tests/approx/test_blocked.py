@@ -88,3 +88,50 @@ def test_devfun_matches_lme4(ref_id: str, data: str, formula: str, point: str) -
     assert -2 * blk.value(theta) == pytest.approx(rec["value"], rel=1e-10)
     # R: sigma from the profiled pwrss (make_refs.R)
     assert blk.solve(theta).sigma == pytest.approx(rec["sigma_hat"], rel=1e-10)
+
+
+@pytest.mark.parametrize(("ref_id", "data", "formula"), [
+    # lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = TRUE)
+    ("penicillin_reml", "Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+    # lmer(strength ~ 1 + (1 | batch/cask), Pastes, REML = TRUE)
+    ("pastes_reml", "Pastes", "strength ~ 1 + (1 | batch/cask)"),
+])
+def test_whole_fit_matches_lme4(ref_id: str, data: str, formula: str,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit through the blocked route (forced: these blocks are small enough for the dense
+    one) and its derivative-free optimiser, with the results' modes and conditional
+    variances from the blocked factor, against lme4 at test_joint_blocks.py's tolerances
+    (log-likelihood 1e-3 absolute, SDs 5e-3 and standard errors 1e-2 relative, modes and
+    conditional variances 1e-3); measured: log-likelihood within 1e-8."""
+    import pandas as pd
+
+    from ngmm_formula import ngmm
+    from ngmm_formula.approx import profiled
+    from tests.references import dataset
+
+    monkeypatch.setattr(profiled, "DENSE_MAX_DIM", 0)
+    monkeypatch.setattr("ngmm_formula.model.DENSE_JOINT_MAX_DIM", 0)
+    fit = ngmm(formula, dataset(data), reml=True)
+    ref = REFS[ref_id]
+    assert fit.diagnostics.converged and fit.diagnostics.hessian_pd
+    # R: logLik(fit)
+    assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-3)
+    ours = fit.varcorr[fit.varcorr["group"] != "Residual"]
+    theirs = pd.DataFrame(ref["varcorr"])
+    theirs = theirs[(theirs["grp"] != "Residual") & theirs["var2"].isna()]
+    # R: as.data.frame(VarCorr(fit))$sdcor
+    np.testing.assert_allclose(ours["sdcor"], theirs["sdcor"], rtol=5e-3)
+    # R: sqrt(diag(vcov(fit)))
+    np.testing.assert_allclose(np.sqrt(np.diag(fit.vcov.to_numpy())),
+                               list(ref["se"].values()), rtol=1e-2)
+    for factor, rec in ref["ranef"]["by_factor"].items():
+        cols = rec["columns"]
+        modes = np.array([[r["condval"][c] for c in cols] for r in rec["levels"]])
+        condvar = np.array([r["condvar"] for r in rec["levels"]])
+        re = fit.ranef[factor]
+        # R: ranef(fit, condVar = TRUE)[[factor]] and its "postVar"
+        np.testing.assert_allclose(re.to_numpy(), modes, rtol=1e-3,
+                                   atol=1e-3 * np.abs(modes).max(), err_msg=factor)
+        post = np.transpose(re.attrs["postVar"], (2, 0, 1))
+        np.testing.assert_allclose(post, condvar, rtol=1e-3,
+                                   atol=1e-3 * np.abs(condvar).max(), err_msg=factor)
