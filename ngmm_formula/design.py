@@ -708,8 +708,11 @@ def _group_labels(data: pd.DataFrame, bar: BarTerm) -> np.ndarray:
 def _factor_levels(col: pd.Series) -> list[str]:
     """Levels as R's ``factor()`` gives them: factor order (unused dropped) or sorted values."""
     if isinstance(col.dtype, pd.CategoricalDtype):
-        present = set(col.dropna().astype(str))
-        return [str(c) for c in col.cat.categories if str(c) in present]
+        # the used categories in their order, from the integer codes (a set of the values
+        # as strings iterated over every row: 0.09 s of Chem97's 31,022 rows)
+        codes = np.asarray(col.cat.codes)
+        cats = col.cat.categories
+        return [str(c) for c in cats[np.unique(codes[codes >= 0])].tolist()]
     values = col.dropna().unique()
     if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
         return [str(v) for v in sorted(values)]

@@ -11,10 +11,12 @@ scale, ``theta``, ``log_sigma``) in float64, started from a GLM fit; L-BFGS (sci
 L-BFGS-B, whose line search satisfies the strong Wolfe conditions) until the gradient is small,
 then Newton steps with the Hessian from central differences of the exact gradient, which is
 also the Hessian used for standard errors (as lme4 does for ``glmer``). A linear Gaussian
-model (exact integral, no networks) is fitted as ``lmer`` fits it: the same optimiser over
-lme4's relative theta alone, on the profiled objective of
-:mod:`~ngmm_formula.approx.profiled` (beta and sigma in closed form given theta, standard
-errors of beta from the same factorisation).
+model (exact integral, no networks) is fitted as ``lmer`` fits it: over lme4's relative
+theta alone, on the profiled objective (beta and sigma in closed form given theta, standard
+errors of beta from the same factorisation): the same optimiser with the analytic gradient
+of :mod:`~ngmm_formula.approx.profiled` for one grouping factor and small joint blocks, and
+a derivative-free one (COBYQA, as lmer's BOBYQA) on the blocked sparse factorisation of
+:mod:`~ngmm_formula.approx.blocked` for larger crossed and nested factors.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.adaptive import log_marginal
 from ngmm_formula.approx.conditional import ConditionalMode, find_mode
-from ngmm_formula.approx.profiled import ProfiledLMM, use_profiled
+from ngmm_formula.approx.profiled import ProfiledLMM, profiled_objective
+from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, lstsq_fixed_order, matvec
@@ -197,6 +200,8 @@ class Objective:
         self.mode: ConditionalMode | None = None
         self.mode_tol = mode_tol
         self._chunks: list[Objective] | None = None
+        # (parameters, log-likelihood, modes) of a profiled fit's solution: all_blocks there
+        self.solved: tuple[bytes, torch.Tensor, ConditionalMode] | None = None
 
     def per_block(self, *, warm: bool = True, start: torch.Tensor | None = None
                   ) -> torch.Tensor:
@@ -291,7 +296,10 @@ class Objective:
 
     def all_blocks(self) -> tuple[torch.Tensor, ConditionalMode]:
         """Log marginal likelihood and conditional mode of every block of the whole problem at
-        the current parameters (no gradient; gathered from all processes under a shard)."""
+        the current parameters (no gradient; gathered from all processes under a shard);
+        those of a profiled fit's solution (:attr:`solved`) while the parameters are its."""
+        if self.solved is not None and self.solved[0] == _state(self.module):
+            return self.solved[1], self.solved[2]
         with torch.no_grad():
             ll = self.per_block(warm=True)
         assert self.mode is not None
@@ -302,6 +310,12 @@ class Objective:
 
 # --------------------------------------------------------------------------------------------
 # flat parameter vector <-> module
+
+
+def _state(module: LinearPredictor) -> bytes:
+    """The linear parameters' bits (beta, theta, log_sigma)."""
+    ps = [module.beta, module.theta] + ([] if module.log_sigma is None else [module.log_sigma])
+    return b"".join(p.detach().cpu().numpy().tobytes() for p in ps)
 
 
 def _params(module: LinearPredictor) -> list[torch.nn.Parameter]:
@@ -504,10 +518,10 @@ def theta_start(obj: Objective, scales: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03
 def profiled(obj: Objective) -> bool:
     """Whether ``obj`` is fitted through lmer's profiled objective: an exact Gaussian integral
     (identity link) with a linear predictor free of networks, in one process (a distributed
-    fit's shard holds part of the groups), in a layout where it is the cheaper route
-    (:func:`~ngmm_formula.approx.profiled.use_profiled`)."""
+    fit's shard holds part of the groups); any layout
+    (:func:`~ngmm_formula.approx.profiled.profiled_objective`)."""
     return (obj.approx.kind == "exact" and not obj.module.nets and not obj.problem.net_X
-            and obj.shard is None and use_profiled(obj.problem))
+            and obj.shard is None)
 
 
 def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
@@ -555,13 +569,16 @@ def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_ste
     r"""lmer's fit: maximise the profiled log-likelihood :math:`\tilde\ell(\theta)` over
     the relative theta (started from the module's ``theta / sigma``), then set beta, theta
     (absolute: :math:`\hat\sigma\theta`) and log_sigma to the profiled solution."""
-    prof = ProfiledLMM.of(obj.problem)
+    prof = profiled_objective(obj.problem)
     m = obj.module
     sigma0 = float(m.log_sigma.detach().exp()) if m.log_sigma is not None else 1.0
     theta0 = m.theta.detach().cpu().numpy() / sigma0
-    value_and_grad = prof.value_and_grad
-    opt = _maximise(value_and_grad, theta0, max_iter=max_iter, gtol=gtol,
-                    newton_steps=newton_steps)
+    if isinstance(prof, ProfiledLMM):
+        opt = _maximise(prof.value_and_grad, theta0, max_iter=max_iter, gtol=gtol,
+                        newton_steps=newton_steps)
+    else:  # the blocked sparse factorisation has no gradient: lme4's way, derivative-free
+        opt = maximise_derivative_free(prof.value, theta0, theta_lower(obj.problem.q),
+                                       max_eval=max(max_iter, 50))
     sol = prof.solve(opt.x)
     with torch.no_grad():
         m.theta.copy_(torch.as_tensor(opt.x * sol.sigma))
@@ -570,6 +587,13 @@ def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_ste
         if not obj.problem.reml and obj.problem.p:
             m.beta.copy_(torch.as_tensor(sol.beta))
     obj.forget_modes()
+    if not isinstance(prof, ProfiledLMM):
+        # the results' modes and conditional variances from the same factorisation (the
+        # full objective would search the modes and factorise the joint block again)
+        v, factor = prof.conditional(opt.x, sol.sigma)
+        mode = ConditionalMode(v=torch.as_tensor(v), factor=factor, iterations=0,
+                               converged=True)
+        obj.solved = (_state(m), torch.tensor([sol.loglik], dtype=torch.float64), mode)
     return dataclasses.replace(opt, profiled=True, cov_beta=sol.cov_beta)
 
 
@@ -635,3 +659,63 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         evaluations=n_eval, message=str(res.message), converged=max_grad < 0.002,
         hessian_pd=hessian_pd,
     )
+
+
+def theta_lower(q: tuple[int, ...]) -> np.ndarray:
+    """lme4's lower bounds of theta: 0 on the diagonals of the :math:`\\Lambda_k`, none below."""
+    return np.array([0.0 if i == j else -np.inf for k in q for i, j in tril_pairs(k)])
+
+
+def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarray,
+                             lower: np.ndarray, *, max_eval: int = 2000,
+                             rel_step: float = 1e-4) -> Optimum:
+    """Maximise ``value`` without derivatives, as lmer does with BOBYQA: scipy's COBYQA (a
+    trust-region method on quadratic interpolation models, Powell's successor to BOBYQA) under
+    the bounds ``lower``, from a trust radius of 1 down to 1e-5.
+
+    Then the gradient and Hessian by finite differences of values, for the convergence check
+    of :func:`_maximise` (as lme4's ``deriv12`` after BOBYQA): central differences for the
+    gradient and the diagonal, one-sided ones for the cross terms, ``1 + 2k + k(k-1)/2``
+    evaluations for ``k`` parameters.
+    """
+    n_eval = 0
+    x0 = np.maximum(np.asarray(x0, dtype=float), lower)
+
+    def f(x: np.ndarray) -> float:
+        nonlocal n_eval
+        n_eval += 1
+        v = value(x)
+        return -v if math.isfinite(v) else 1e300
+
+    res = scipy.optimize.minimize(
+        f, x0, method="COBYQA", bounds=scipy.optimize.Bounds(lower, np.inf),
+        options={"initial_tr_radius": 1.0, "final_tr_radius": 1e-5, "maxfev": max_eval})
+    x = np.asarray(res.x, dtype=float)
+    k = x.size
+    h = rel_step * np.maximum(1.0, np.abs(x))
+    f0 = value(x)
+    up = np.array([value(x + h[i] * np.eye(k)[i]) for i in range(k)])
+    down = np.array([value(x - h[i] * np.eye(k)[i]) for i in range(k)])
+    grad = (up - down) / (2 * h)
+    H = np.diag((up - 2 * f0 + down) / (h * h))
+    for i in range(k):
+        for j in range(i):
+            step = x.copy()
+            step[i] += h[i]
+            step[j] += h[j]
+            H[i, j] = H[j, i] = (value(step) - up[i] - up[j] + f0) / (h[i] * h[j])
+    n_eval += 1 + 2 * k + k * (k - 1) // 2
+    finite = bool(np.isfinite(H).all() and np.isfinite(grad).all())
+    eig = np.linalg.eigvalsh(-H) if H.size and finite else np.array([1.0 if finite else -1.0])
+    hessian_pd = bool(eig.min() > 0)
+    # lme4's check.conv.grad, on the parameters off their bounds (a gradient at a bound,
+    # pointing out of the feasible set, is the optimum's, as lme4 drops boundary parameters)
+    free = ~((x <= lower) & (grad < 0))
+    g = np.where(free, grad, 0.0)
+    scaled = np.abs(g)
+    if hessian_pd:
+        scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), g))
+    max_grad = float(np.max(np.minimum(scaled, np.abs(g)))) if g.size else 0.0
+    return Optimum(x=x, loglik=f0, gradient=grad, hessian=H, iterations=int(res.nit),
+                   evaluations=n_eval, message=str(res.message),
+                   converged=bool(max_grad < 0.002 and finite), hessian_pd=hessian_pd)

@@ -221,27 +221,33 @@ def test_profiled_fit_matches_lmer_tightly(ref_id: str, data: str, formula: str,
     assert fit.diagnostics.converged and fit.diagnostics.hessian_pd
 
 
-def test_large_crossed_blocks_keep_the_block_elimination() -> None:
-    """The profiled route is taken with one grouping factor (any size, REML too) and for
-    small crossed blocks; a crossed block large enough for the block elimination of
-    approx/factor.py (190 coordinates, 40 outside the largest factor) keeps the full
-    objective, which does not factorise the whole dense joint block."""
-    from ngmm_formula.approx.profiled import use_profiled
+def test_large_crossed_blocks_take_the_blocked_factorisation() -> None:
+    """Every linear Gaussian model is fitted through the profiled objective: with one
+    grouping factor (any size, REML too) and small crossed blocks (up to DENSE_MAX_DIM
+    coordinates) by the dense :class:`ProfiledLMM`; a larger crossed block (640 coordinates,
+    40 outside the largest factor) by the blocked sparse factorisation of approx/blocked.py,
+    which does not factorise the whole dense joint block."""
+    from ngmm_formula.approx.blocked import BlockedLMM
+    from ngmm_formula.approx.profiled import profiled_objective, use_profiled
     from ngmm_formula.fit import profiled
 
     rng = np.random.default_rng(11)
-    n = 1500
-    g, h = rng.integers(0, 150, n), rng.integers(0, 40, n)
-    d = pd.DataFrame({"y": rng.normal(size=n) + rng.normal(size=150)[g] + rng.normal(size=40)[h],
+    n = 3000
+    g, h = rng.integers(0, 600, n), rng.integers(0, 40, n)
+    d = pd.DataFrame({"y": rng.normal(size=n) + rng.normal(size=600)[g] + rng.normal(size=40)[h],
                       "g": pd.Categorical(g), "h": pd.Categorical(h)})
     crossed = prepare("y ~ 1 + (1 | g) + (1 | h)", d, reml=True)
     assert crossed.problem.blocks.split is not None
     assert not use_profiled(crossed.problem)
+    assert isinstance(profiled_objective(crossed.problem), BlockedLMM)
     module = LinearPredictor(crossed.problem, True)
-    assert not profiled(Objective(crossed.problem, crossed.family, crossed.approximation,
-                                  module))
-    one_factor = prepare("y ~ 1 + (1 | g)", d, reml=True)  # a joint REML block of 151
+    assert profiled(Objective(crossed.problem, crossed.family, crossed.approximation, module))
+    small = prepare("y ~ 1 + (1 | g) + (1 | h)", d[d["g"].astype(int) < 150], reml=True)
+    assert small.problem.blocks.split is not None  # 190 coordinates: dense, as a whole
+    assert isinstance(profiled_objective(small.problem), ProfiledLMM)
+    one_factor = prepare("y ~ 1 + (1 | g)", d, reml=True)  # a joint REML block of 601
     assert one_factor.problem.blocks.split is not None
     assert use_profiled(one_factor.problem)
+    assert isinstance(profiled_objective(one_factor.problem), ProfiledLMM)
     for ref_id, data, formula, reml in LMER:
         assert use_profiled(prepared(data, formula, reml=reml).problem), ref_id

@@ -1,0 +1,168 @@
+"""The blocked sparse profiled objective (:mod:`ngmm_formula.approx.blocked`).
+
+Both it and the dense :class:`~ngmm_formula.approx.profiled.ProfiledLMM` evaluate the same
+closed form, so values, estimates and the diagonal blocks of :math:`H_\\theta^{-1}` agree to
+round-off (1e-10 relative; measured below 1e-12) on layouts with weights, an offset, a vector
+term in the first block or after it, and either factorisation of the Schur complement (dense
+LAPACK or SuperLU, forced by the thresholds). Against lme4: ``devfun(theta)`` of the crossed
+and nested reference fits (as test_profiled.py, 1e-10 relative).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ngmm_formula.approx.blocked as blocked
+from ngmm_formula.approx.blocked import BlockedLMM
+from ngmm_formula.approx.profiled import ProfiledLMM
+from tests.approx.test_profiled import _weighted_data, prepared, values
+from tests.references import REFS
+
+FORMULAS = ["y ~ x + (1 | g) + (1 | h)", "y ~ x + (x | g) + (1 | h)", "y ~ 0 + (1 | g) + (x | h)",
+            "y ~ x + (x | h) + (x || g)"]
+
+
+def _theta(n: int) -> np.ndarray:
+    theta = np.linspace(0.3, 1.2, n)
+    if n > 2:
+        theta[1] = -0.2
+    return theta
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+@pytest.mark.parametrize("sparse_schur", [False, True])
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("formula", FORMULAS)
+def test_equals_the_dense_profiled_objective(formula: str, reml: bool, sparse_schur: bool,
+                                             pairs: bool, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    if not pairs:  # the conditional variances by dense products
+        monkeypatch.setattr(blocked, "PAIRS_MAX", -1)
+    if sparse_schur:  # SuperLU for every Schur complement
+        monkeypatch.setattr(blocked, "DENSE_DIM", 0)
+        monkeypatch.setattr(blocked, "DENSE_FILL", 2.0)
+    else:
+        monkeypatch.setattr(blocked, "DENSE_DIM", 10**9)
+    p = prepared(_weighted_data(), formula, reml=reml, weights="w", offset="off").problem
+    dense, blk = ProfiledLMM.of(p), BlockedLMM.of(p)
+    theta = _theta(p.n_theta)
+    value, _ = dense.value_and_grad(theta)
+    assert blk.value(theta) == pytest.approx(value, rel=1e-10)
+    a, b = dense.solve(theta), blk.solve(theta)
+    assert b.loglik == pytest.approx(a.loglik, rel=1e-10)
+    assert b.sigma == pytest.approx(a.sigma, rel=1e-10)
+    np.testing.assert_allclose(b.beta, a.beta, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b.cov_beta, a.cov_beta, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(b.u, a.u.reshape(1, -1), rtol=1e-9, atol=1e-12)
+    # the conditional variances: diagonal blocks of H^{-1}, term by term
+    st = dense._pls(theta)
+    Hinv = st.Hinv[0]
+    _, factor = blk.conditional(theta, b.sigma)
+    start = 0
+    for k, (q, m) in enumerate(zip(p.q, p.n_levels)):
+        idx = start + np.arange(m)[:, None] * q + np.arange(q)[None, :]
+        start += q * m
+        expect = Hinv[idx[:, :, None], idx[:, None, :]]
+        np.testing.assert_allclose(factor.blocks[k], expect, rtol=1e-9, atol=1e-13)
+
+
+def test_a_nonpositive_definite_point_is_minus_infinity() -> None:
+    p = prepared(_weighted_data(), FORMULAS[1], reml=True, weights="w", offset="off").problem
+    blk = BlockedLMM.of(p)
+    assert blk.value(np.full(p.n_theta, np.nan)) == -np.inf
+
+
+@pytest.mark.parametrize("point", ["optimum", "perturbed"])
+@pytest.mark.parametrize(("ref_id", "data", "formula"), [
+    # lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = TRUE)
+    ("penicillin_reml", "Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+    # lmer(strength ~ 1 + (1 | batch/cask), Pastes, REML = TRUE)
+    ("pastes_reml", "Pastes", "strength ~ 1 + (1 | batch/cask)"),
+])
+def test_devfun_matches_lme4(ref_id: str, data: str, formula: str, point: str) -> None:
+    rec = REFS[ref_id]["devfun"][point]
+    blk = BlockedLMM.of(prepared(data, formula, reml=True).problem)
+    theta = values(rec["theta"])
+    # R: dd <- update(fit, devFunOnly = TRUE); dd(theta)
+    assert -2 * blk.value(theta) == pytest.approx(rec["value"], rel=1e-10)
+    # R: sigma from the profiled pwrss (make_refs.R)
+    assert blk.solve(theta).sigma == pytest.approx(rec["sigma_hat"], rel=1e-10)
+
+
+@pytest.mark.parametrize(("ref_id", "data", "formula"), [
+    # lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = TRUE)
+    ("penicillin_reml", "Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+    # lmer(strength ~ 1 + (1 | batch/cask), Pastes, REML = TRUE)
+    ("pastes_reml", "Pastes", "strength ~ 1 + (1 | batch/cask)"),
+])
+def test_whole_fit_matches_lme4(ref_id: str, data: str, formula: str,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit through the blocked route (forced: these blocks are small enough for the dense
+    one) and its derivative-free optimiser, with the results' modes and conditional
+    variances from the blocked factor, against lme4 at test_joint_blocks.py's tolerances
+    (log-likelihood 1e-3 absolute, SDs 5e-3 and standard errors 1e-2 relative, modes and
+    conditional variances 1e-3); measured: log-likelihood within 1e-8."""
+    import pandas as pd
+
+    from ngmm_formula import ngmm
+    from ngmm_formula.approx import profiled
+    from tests.references import dataset
+
+    monkeypatch.setattr(profiled, "DENSE_MAX_DIM", 0)
+    monkeypatch.setattr("ngmm_formula.model.DENSE_JOINT_MAX_DIM", 0)
+    fit = ngmm(formula, dataset(data), reml=True)
+    ref = REFS[ref_id]
+    assert fit.diagnostics.converged and fit.diagnostics.hessian_pd
+    # R: logLik(fit)
+    assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-3)
+    ours = fit.varcorr[fit.varcorr["group"] != "Residual"]
+    theirs = pd.DataFrame(ref["varcorr"])
+    theirs = theirs[(theirs["grp"] != "Residual") & theirs["var2"].isna()]
+    # R: as.data.frame(VarCorr(fit))$sdcor
+    np.testing.assert_allclose(ours["sdcor"], theirs["sdcor"], rtol=5e-3)
+    # R: sqrt(diag(vcov(fit)))
+    np.testing.assert_allclose(np.sqrt(np.diag(fit.vcov.to_numpy())),
+                               list(ref["se"].values()), rtol=1e-2)
+    for factor, rec in ref["ranef"]["by_factor"].items():
+        cols = rec["columns"]
+        modes = np.array([[r["condval"][c] for c in cols] for r in rec["levels"]])
+        condvar = np.array([r["condvar"] for r in rec["levels"]])
+        re = fit.ranef[factor]
+        # R: ranef(fit, condVar = TRUE)[[factor]] and its "postVar"
+        np.testing.assert_allclose(re.to_numpy(), modes, rtol=1e-3,
+                                   atol=1e-3 * np.abs(modes).max(), err_msg=factor)
+        post = np.transpose(re.attrs["postVar"], (2, 0, 1))
+        np.testing.assert_allclose(post, condvar, rtol=1e-3,
+                                   atol=1e-3 * np.abs(condvar).max(), err_msg=factor)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_whole_fit_with_a_vector_first_block_equals_the_dense_route(
+        reml: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights, an offset and a correlated (x | h) term in the first block: the fit through
+    the blocked route (forced) equals the one through the dense profiled objective, which has
+    an analytic gradient: log-likelihood 1e-6 absolute, fixed effects, SDs and standard
+    errors 1e-3 relative (the derivative-free optimiser stops within 1e-5 in theta), and the
+    modes and conditional variances 1e-3."""
+    from ngmm_formula import ngmm
+    from ngmm_formula.approx import profiled
+
+    d = _weighted_data()
+    formula = "y ~ x + (x | h) + (1 | g)"
+    dense = ngmm(formula, d, reml=reml, weights="w", offset="off")
+    monkeypatch.setattr(profiled, "DENSE_MAX_DIM", 0)
+    monkeypatch.setattr("ngmm_formula.model.DENSE_JOINT_MAX_DIM", 0)
+    forced = prepared(d, formula, reml=reml, weights="w", offset="off").problem
+    assert isinstance(profiled.profiled_objective(forced), BlockedLMM)
+    blk = ngmm(formula, d, reml=reml, weights="w", offset="off")
+    assert blk.diagnostics.converged
+    assert blk.loglik == pytest.approx(dense.loglik, abs=1e-6)
+    np.testing.assert_allclose(blk.fixef, dense.fixef, rtol=1e-3)
+    np.testing.assert_allclose(blk.varcorr["sdcor"], dense.varcorr["sdcor"], rtol=1e-3)
+    np.testing.assert_allclose(np.diag(blk.vcov), np.diag(dense.vcov), rtol=2e-3)
+    for g in ("h", "g"):
+        a, b = dense.ranef[g].to_numpy(), blk.ranef[g].to_numpy()
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max())
+        pa, pb = dense.ranef[g].attrs["postVar"], blk.ranef[g].attrs["postVar"]
+        np.testing.assert_allclose(pb, pa, rtol=1e-3, atol=1e-3 * np.abs(pa).max())
