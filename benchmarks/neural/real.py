@@ -29,9 +29,9 @@ S-shaped function of the average GCSE score; immunisation may depend on the comm
 indigenous share differently for Ladino and indigenous mothers. Exam leaves out ``type``
 (it is ``schgend != "mixed"``); Chem97 and guImmun use one grouping factor (school,
 community) where the data have two nested ones (lea/school, comm/mom), because GPBoost's
-comparison here is a single grouped random intercept. Exam (``vignettes`` found the network
-unused there) and sleepstudy (180 rows) are the sets where the NGMM should only match the
-GLMM.
+comparison here is a single grouped random intercept. Exam (where the issue's first trial
+found the network unused) and sleepstudy (180 rows) are the sets where the NGMM should only
+match the GLMM.
 
 Methods (``--methods``): ``ngmm`` (Control defaults, or ``--control``), ``glmm`` (this
 package's linear GLMM), ``gpboost`` (``vignettes/_common.fit_gpboost``: trees of depth 3 with
