@@ -36,9 +36,14 @@ sets <- list(
   Pastes = lme4::Pastes,
   Dyestuff = lme4::Dyestuff,
   InstEval = lme4::InstEval,
-  Contraception = mlmRev::Contraception
+  Contraception = mlmRev::Contraception,
+  Exam = mlmRev::Exam,
+  # Chem97$student is the row number (levels "1".."31022", one row each): left out, so that
+  # levels.csv does not grow by 31022 rows that say nothing.
+  Chem97 = mlmRev::Chem97[, setdiff(names(mlmRev::Chem97), "student")],
+  guImmun = mlmRev::guImmun
 )
-compressed <- c("InstEval")
+compressed <- c("InstEval", "Chem97")
 
 # Shortest of 15 or 17 significant digits that reads back to the identical double.
 format_double <- function(x) {

@@ -94,18 +94,8 @@ SPECS = (
 
 # ---------------------------------------------------------------------------- folds
 
-def within_group_folds(groups: pd.Series, k: int, rng: np.random.Generator) -> np.ndarray:
-    fold = np.empty(len(groups), dtype=int)
-    for _, idx in groups.groupby(groups, observed=True).indices.items():
-        idx = rng.permutation(idx)
-        fold[idx] = (rng.integers(k) + np.arange(idx.size)) % k
-    return fold
-
-
-def group_folds(groups: pd.Series, k: int, rng: np.random.Generator) -> np.ndarray:
-    levels = rng.permutation(pd.unique(groups.astype(str)))
-    of = {lev: i % k for i, lev in enumerate(levels)}
-    return groups.astype(str).map(of).to_numpy()
+within_group_folds = C.within_group_folds  # shared with benchmarks/neural/real.py
+group_folds = C.group_folds
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -118,8 +108,6 @@ def response(spec: Spec, d: pd.DataFrame) -> np.ndarray:
 
 def gaussian_marginal(fit, d: pd.DataFrame, y: np.ndarray, group: str) -> np.ndarray:
     """Exact log-likelihood of each new group: y_g ~ N(mean, Z S Z' + sigma^2 I)."""
-    from scipy.stats import multivariate_normal
-
     mean = np.asarray(fit.predict(d, type="link", re_form="~0"))
     vc = fit.varcorr
     rows = vc[vc.group == group]
@@ -133,13 +121,8 @@ def gaussian_marginal(fit, d: pd.DataFrame, y: np.ndarray, group: str) -> np.nda
             j = names.index(r.var2)
             S[i, j] = S[j, i] = r.vcov
     cols = [np.ones(len(d)) if n == "(Intercept)" else d[n].to_numpy(float) for n in names]
-    Z = np.column_stack(cols)
-    out = []
-    for _, idx in d.groupby(group, observed=True).indices.items():
-        Zg = Z[idx]
-        cov = Zg @ S @ Zg.T + fit.sigma**2 * np.eye(idx.size)
-        out.append(multivariate_normal(mean[idx], cov).logpdf(y[idx]))
-    return np.array(out)
+    codes = pd.factorize(d[group].astype(str))[0]
+    return C.gaussian_group_loglik(y, mean, np.column_stack(cols), S, fit.sigma, codes)
 
 
 def score(spec: Spec, fit, test: pd.DataFrame, known: bool) -> dict[str, np.ndarray]:

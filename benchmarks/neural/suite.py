@@ -246,79 +246,15 @@ def fit_gpboost(shape: Shape, train: pd.DataFrame, family: str, seed: int
     return C.fit_gpboost(train, family, seed, lambda d: _features(shape, d))
 
 
-def _gaussian_sigma(family: str, y: np.ndarray, eta: np.ndarray) -> float | None:
-    return float(np.std(y - eta)) if family == "gaussian" else None
-
-
 def fit_lightgbm(shape: Shape, train: pd.DataFrame, family: str, seed: int
                  ) -> tuple[C.Estimates, dict]:
-    import lightgbm as lgb
-
-    objective = {"gaussian": "regression", "binomial": "binary", "poisson": "poisson"}[family]
-    X, y = _features(shape, train), train["y"].to_numpy(float)
-    params = {"objective": objective, "learning_rate": 0.1, "max_depth": 3, "num_leaves": 8,
-              "min_data_in_leaf": 20, "verbose": -1, "seed": seed}
-    cv = lgb.cv(params, lgb.Dataset(X, y), num_boost_round=1000, nfold=4, seed=seed,
-                stratified=family == "binomial",
-                callbacks=[lgb.early_stopping(20, verbose=False)])
-    key = next(k for k in cv if k.endswith("-mean"))
-    rounds = len(cv[key])
-    bst = lgb.train(params, lgb.Dataset(X, y), num_boost_round=rounds)
-
-    def eta_fixed(d: pd.DataFrame) -> np.ndarray:
-        return np.asarray(bst.predict(_features(shape, d), raw_score=True))
-
-    sigma = _gaussian_sigma(family, y, eta_fixed(train))
-    return C.Estimates(eta_fixed, {}, 0.0, sigma), {"rounds": rounds}
+    return C.fit_lightgbm(train, family, seed, lambda d: _features(shape, d))
 
 
 def fit_mlp(shape: Shape, train: pd.DataFrame, family: str, seed: int
             ) -> tuple[C.Estimates, dict]:
     """A plain MLP without random effects: what hand-written torch code would do."""
-    import torch
-
-    torch.manual_seed(seed)
-    X = _features(shape, train)
-    mean, sd = X.mean(0), X.std(0) + 1e-12
-    y = torch.tensor(train["y"].to_numpy(float), dtype=torch.float32)
-    Xt = torch.tensor((X - mean) / sd, dtype=torch.float32)
-    net = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 64), torch.nn.ReLU(),
-                              torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = {
-        "gaussian": torch.nn.functional.mse_loss,
-        "binomial": torch.nn.functional.binary_cross_entropy_with_logits,
-        "poisson": lambda e, t: torch.nn.functional.poisson_nll_loss(e, t, log_input=True),
-    }[family]
-    perm = torch.randperm(len(y))
-    n_val = max(1, len(y) // 5)
-    val, tr = perm[:n_val], perm[n_val:]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    best, best_state, since = np.inf, None, 0
-    epochs = 0
-    for epochs in range(1, 501):  # noqa: B007 (the count is reported)
-        for idx in tr[torch.randperm(len(tr))].split(256):
-            opt.zero_grad()
-            loss_fn(net(Xt[idx]).squeeze(1), y[idx]).backward()
-            opt.step()
-        with torch.no_grad():
-            v = float(loss_fn(net(Xt[val]).squeeze(1), y[val]))
-        if v < best - 1e-6:
-            best, since = v, 0
-            best_state = {k: t.clone() for k, t in net.state_dict().items()}
-        else:
-            since += 1
-            if since >= 20:
-                break
-    assert best_state is not None
-    net.load_state_dict(best_state)
-
-    def eta_fixed(d: pd.DataFrame) -> np.ndarray:
-        with torch.no_grad():
-            xd = torch.tensor((_features(shape, d) - mean) / sd, dtype=torch.float32)
-            return net(xd).squeeze(1).numpy().astype(float)
-
-    sigma = _gaussian_sigma(family, train["y"].to_numpy(float), eta_fixed(train))
-    return C.Estimates(eta_fixed, {}, 0.0, sigma), {"epochs": epochs}
+    return C.fit_mlp(train, family, seed, lambda d: _features(shape, d))
 
 
 FITTERS = {"ngmm": fit_ngmm, "glmm": fit_glmm, "oracle": fit_oracle, "gpboost": fit_gpboost,

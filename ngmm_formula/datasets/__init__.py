@@ -18,13 +18,17 @@ name               rows x cols  R source
 ``Dyestuff``       30 x 2       ``lme4::Dyestuff``
 ``InstEval``       73421 x 7    ``lme4::InstEval``
 ``Contraception``  1934 x 6     ``mlmRev::Contraception``
+``Exam``           4059 x 10    ``mlmRev::Exam``
+``Chem97``         31022 x 7    ``mlmRev::Chem97`` (no
+                                ``student``: the row number)
+``guImmun``        2159 x 13    ``mlmRev::guImmun``
 =================  ===========  ==========================
 
 Provenance, citations and licences are in ``datasets/README.md``; the files were written by
-``datasets/export_datasets.R``. Besides one CSV per data set (``InstEval.csv.gz`` compressed)
-the export writes ``columns.csv`` (R's class of every column: double, integer, factor,
-ordered) and ``levels.csv`` (every factor's levels in R's order), which a CSV file cannot
-carry; :func:`load` uses both to rebuild the frame.
+``datasets/export_datasets.R``. Besides one CSV per data set (``InstEval.csv.gz`` and
+``Chem97.csv.gz`` compressed) the export writes ``columns.csv`` (R's class of every column:
+double, integer, factor, ordered) and ``levels.csv`` (every factor's levels in R's order), which
+a CSV file cannot carry; :func:`load` uses both to rebuild the frame.
 
 Where the files are found
 -------------------------

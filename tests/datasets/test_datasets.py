@@ -26,6 +26,11 @@ SHAPES = {
     "InstEval": ((73421, 7), ["s", "d", "studage", "lectage", "service", "dept"],
                  ["studage", "lectage"]),
     "Contraception": ((1934, 6), ["woman", "district", "use", "livch", "urban"], []),
+    "Exam": ((4059, 10), ["school", "schgend", "vr", "intake", "sex", "type", "student"], []),
+    # mlmRev::Chem97 without its column student (the row number)
+    "Chem97": ((31022, 7), ["lea", "school", "gender"], []),
+    "guImmun": ((2159, 13), ["kid", "mom", "comm", "immun", "kid2p", "mom25p", "ord", "ethn",
+                            "momEd", "husEd", "momWork", "rural"], []),
 }
 
 # (name, column): (nlevels(d[[column]]), head(levels(d[[column]]), 3))
@@ -42,6 +47,12 @@ LEVELS = {
     ("InstEval", "studage"): (4, ["2", "4", "6"]),
     ("Contraception", "district"): (60, ["1", "2", "3"]),
     ("Contraception", "livch"): (4, ["0", "1", "2"]),
+    ("Exam", "vr"): (3, ["bottom 25%", "mid 50%", "top 25%"]),
+    ("Exam", "schgend"): (3, ["mixed", "boys", "girls"]),
+    ("Chem97", "school"): (2410, ["1", "2", "3"]),
+    ("Chem97", "gender"): (2, ["M", "F"]),
+    ("guImmun", "comm"): (161, ["1", "36", "38"]),
+    ("guImmun", "kid"): (2159, ["2", "269", "272"]),
 }
 
 
@@ -83,6 +94,11 @@ def test_values_match_r() -> None:
     assert load("sleepstudy")["Reaction"].iloc[1] == 258.7047
     counts = load("VerbAgg")["resp"].value_counts(sort=False)
     assert counts.tolist() == [3973, 2081, 1530]
+    # R: head(mlmRev::Chem97$score, 2); head(Chem97$gcsescore, 2); table(guImmun$immun)
+    chem = load("Chem97")
+    assert chem["score"].iloc[:2].tolist() == [4.0, 10.0]
+    assert chem["gcsescore"].iloc[:2].tolist() == [6.625, 7.625]
+    assert load("guImmun")["immun"].value_counts(sort=False).tolist() == [1195, 964]
 
 
 def test_name_lookup_is_case_insensitive() -> None:
