@@ -4,7 +4,8 @@ The variance of the latent (link-scale) response is split into
 
 .. math::
 
-    \sigma^2_f = \widehat{\operatorname{Var}}_i\bigl(x_i^\top\hat\beta + \textstyle\sum_k f_k(x_i)\bigr),
+    \sigma^2_f = \widehat{\operatorname{Var}}_i\bigl(x_i^\top\hat\beta
+                 + \textstyle\sum_k f_k(x_i)\bigr),
     \qquad
     \sigma^2_r = \sum_{\text{terms } t} \frac1n \sum_i z_{ti}^\top \Sigma_t z_{ti},
     \qquad
