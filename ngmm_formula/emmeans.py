@@ -198,12 +198,13 @@ class EMMeans:
                 rows.append((f"{labels[a]} - {labels[b]}", est, se))
             if not rows:
                 continue
-            est = np.array([r[1] for r in rows])
-            se = np.array([r[2] for r in rows])
-            z = est / se
-            p_raw = 2.0 * stats.norm.sf(np.abs(z))
+            est_v = np.array([r[1] for r in rows])
+            se_v = np.array([r[2] for r in rows])
+            z = est_v / se_v
+            p_raw: np.ndarray = 2.0 * stats.norm.sf(np.abs(z))
+            p: np.ndarray
             if adjust == "tukey":
-                p = stats.studentized_range.sf(np.sqrt(2.0) * np.abs(z), k, np.inf)
+                p = np.asarray(stats.studentized_range.sf(np.sqrt(2.0) * np.abs(z), k, np.inf))
             elif adjust == "holm":
                 order = np.argsort(p_raw)
                 m = len(p_raw)

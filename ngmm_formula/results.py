@@ -283,7 +283,8 @@ class NGMMResult:
 
     # ---------------------------------------------------------------- prediction
     def predict(self, newdata: pd.DataFrame | None = None, type: str = "response",
-                re_form: str | None = None, allow_new_levels: bool = False) -> np.ndarray:
+                re_form: str | None = None, allow_new_levels: bool = False, *,
+                interval: str | None = None, level: float = 0.95, **kw: Any) -> Any:
         """Predictions as lme4's ``predict.merMod``.
 
         Parameters
@@ -299,7 +300,21 @@ class NGMMResult:
             training data raises :class:`~ngmm_formula.DataError` naming the factor and the
             levels; True gives such levels a zero random effect. Ignored with
             ``re_form="~0"``, which uses no random effect.
+        interval : None, "confidence" or "prediction"
+            None returns the predictions as an array; otherwise a DataFrame with columns
+            ``fit``, ``se``, ``lwr``, ``upr`` at coverage ``level`` (further keywords
+            ``method="auto"|"delta"|"simulation"``, ``nsim``, ``seed``; see
+            :func:`ngmm_formula.intervals.predict_interval`).
         """
+        if interval is not None:
+            from ngmm_formula.intervals import predict_interval
+
+            return predict_interval(self, newdata, interval=interval,  # type: ignore[arg-type]
+                                    level=level, type=type,  # type: ignore[arg-type]
+                                    re_form=re_form, allow_new_levels=allow_new_levels, **kw)
+        if kw:
+            raise NGMMError(f"unexpected keyword(s) {sorted(kw)} (method, nsim and seed "
+                            "go with interval=)")
         if type not in ("response", "link"):
             raise NGMMError(f"type must be 'response' or 'link', got {type!r}")
         if re_form is not None and re_form.replace(" ", "") not in ("~0", "NA"):
