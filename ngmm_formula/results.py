@@ -232,6 +232,37 @@ class NGMMResult:
 
         return inference.predict_se(self, newdata, re_form, allow_new_levels)
 
+    def emmeans(self, specs: str | list[str], by: str | list[str] | None = None, *,
+                type: str = "link", **kw: Any) -> Any:
+        """Estimated marginal means, with ``.pairs(adjust=)`` for contrasts, as R's
+        ``emmeans(fit, specs, by = by, type = type)``
+        (:func:`ngmm_formula.emmeans.emmeans`)."""
+        from ngmm_formula.emmeans import emmeans
+
+        return emmeans(self, specs, by, type=type, **kw)  # type: ignore[arg-type]
+
+    def r2(self, data: pd.DataFrame | None = None, null_fit: Any = None) -> pd.Series:
+        """Nakagawa's marginal and conditional R² (``performance::r2_nakagawa``); Poisson and
+        negative binomial fits need the training ``data`` (or ``null_fit``) for the null
+        model (:func:`ngmm_formula.performance.r2_nakagawa`)."""
+        from ngmm_formula.performance import r2_nakagawa
+
+        return r2_nakagawa(self, data=data, null_fit=null_fit)
+
+    def icc(self, data: pd.DataFrame | None = None, null_fit: Any = None) -> pd.Series:
+        """Adjusted and conditional ICC (``performance::icc``;
+        :func:`ngmm_formula.performance.icc`)."""
+        from ngmm_formula.performance import icc
+
+        return icc(self, data=data, null_fit=null_fit)
+
+    def simulate_residuals(self, nsim: int = 250, **kw: Any) -> Any:
+        """DHARMa-style scaled residuals with uniformity, dispersion and zero-inflation tests
+        and plots (:func:`ngmm_formula.residuals.simulate_residuals`)."""
+        from ngmm_formula.residuals import simulate_residuals
+
+        return simulate_residuals(self, nsim, **kw)
+
     def plot_caterpillar(self, group: str | None = None, **kw: Any) -> Any:
         """Conditional modes with 95% conditional intervals
         (:func:`ngmm_formula.plots.caterpillar`)."""
