@@ -237,6 +237,37 @@ class NGMMResult:
 
         return inference.predict_se(self, newdata, re_form, allow_new_levels)
 
+    def emmeans(self, specs: str | list[str], by: str | list[str] | None = None, *,
+                type: str = "link", **kw: Any) -> Any:
+        """Estimated marginal means, with ``.pairs(adjust=)`` for contrasts, as R's
+        ``emmeans(fit, specs, by = by, type = type)``
+        (:func:`ngmm_formula.emmeans.emmeans`)."""
+        from ngmm_formula.emmeans import emmeans
+
+        return emmeans(self, specs, by, type=type, **kw)  # type: ignore[arg-type]
+
+    def r2(self, data: pd.DataFrame | None = None, null_fit: Any = None) -> pd.Series:
+        """Nakagawa's marginal and conditional R² (``performance::r2_nakagawa``); Poisson and
+        negative binomial fits need the training ``data`` (or ``null_fit``) for the null
+        model (:func:`ngmm_formula.performance.r2_nakagawa`)."""
+        from ngmm_formula.performance import r2_nakagawa
+
+        return r2_nakagawa(self, data=data, null_fit=null_fit)
+
+    def icc(self, data: pd.DataFrame | None = None, null_fit: Any = None) -> pd.Series:
+        """Adjusted and conditional ICC (``performance::icc``;
+        :func:`ngmm_formula.performance.icc`)."""
+        from ngmm_formula.performance import icc
+
+        return icc(self, data=data, null_fit=null_fit)
+
+    def simulate_residuals(self, nsim: int = 250, **kw: Any) -> Any:
+        """DHARMa-style scaled residuals with uniformity, dispersion and zero-inflation tests
+        and plots (:func:`ngmm_formula.residuals.simulate_residuals`)."""
+        from ngmm_formula.residuals import simulate_residuals
+
+        return simulate_residuals(self, nsim, **kw)
+
     def plot_caterpillar(self, group: str | None = None, **kw: Any) -> Any:
         """Conditional modes with 95% conditional intervals
         (:func:`ngmm_formula.plots.caterpillar`)."""
@@ -288,7 +319,8 @@ class NGMMResult:
 
     # ---------------------------------------------------------------- prediction
     def predict(self, newdata: pd.DataFrame | None = None, type: str = "response",
-                re_form: str | None = None, allow_new_levels: bool = False) -> np.ndarray:
+                re_form: str | None = None, allow_new_levels: bool = False, *,
+                interval: str | None = None, level: float = 0.95, **kw: Any) -> Any:
         """Predictions as lme4's ``predict.merMod``.
 
         Parameters
@@ -306,7 +338,21 @@ class NGMMResult:
             ``re_form="~0"``, which uses no random effect. Unseen levels of a factor among
             the ``nn()`` inputs raise the same way (also with ``re_form="~0"``); True predicts
             them as a level without data (:class:`~ngmm_formula.design.NetEncoding`).
+        interval : None, "confidence" or "prediction"
+            None returns the predictions as an array; otherwise a DataFrame with columns
+            ``fit``, ``se``, ``lwr``, ``upr`` at coverage ``level`` (further keywords
+            ``method="auto"|"delta"|"simulation"``, ``nsim``, ``seed``; see
+            :func:`ngmm_formula.intervals.predict_interval`).
         """
+        if interval is not None:
+            from ngmm_formula.intervals import predict_interval
+
+            return predict_interval(self, newdata, interval=interval,  # type: ignore[arg-type]
+                                    level=level, type=type,  # type: ignore[arg-type]
+                                    re_form=re_form, allow_new_levels=allow_new_levels, **kw)
+        if kw:
+            raise NGMMError(f"unexpected keyword(s) {sorted(kw)} (method, nsim and seed "
+                            "go with interval=)")
         if type not in ("response", "link"):
             raise NGMMError(f"type must be 'response' or 'link', got {type!r}")
         if re_form is not None and re_form.replace(" ", "") not in ("~0", "NA"):
