@@ -43,10 +43,10 @@ from formulaic import Formula
 from formulaic.errors import DataMismatchWarning
 from formulaic.formula import SimpleFormula
 
-from ngmm_formula.checks import SCALE_RATIO, column_scale_problems
 from ngmm_formula.errors import DataError, FormulaError, NewLevelsError, ScaleWarning
 from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula, parse_formula
 from ngmm_formula.safety import EXTRA_TRANSFORMS, IDENTIFIER, check_python
+from ngmm_formula.scaling import SCALE_RATIO, column_scale_problems
 
 __all__ = [
     "Design",
@@ -928,7 +928,7 @@ def _overflow_message(columns: list[str], where: str) -> str:
 
 def _check_scales(X: np.ndarray, names: list[str], where: str) -> None:
     """DataError for columns whose squares overflow, :class:`ScaleWarning` for columns on an
-    extreme scale (see :func:`ngmm_formula.checks.column_scale_problems`)."""
+    extreme scale (see :func:`ngmm_formula.scaling.column_scale_problems`)."""
     overflow, extreme = column_scale_problems(X, names)
     if overflow:
         raise DataError(_overflow_message(overflow, where))
