@@ -27,7 +27,6 @@ from ngmm_formula.approx.variational import (
 )
 from ngmm_formula.checks import check_separation
 from ngmm_formula.design import Design, build_design, required_columns, tril_pairs
-from ngmm_formula.distributed import Shard, connect, shard_groups
 from ngmm_formula.errors import (
     ConvergenceWarning,
     DataError,
@@ -59,6 +58,7 @@ from ngmm_formula.model import (
 )
 from ngmm_formula.networks import CentredNetwork, make_network
 from ngmm_formula.results import Diagnostics, NGMMResult
+from ngmm_formula.shards import Shard, connect, shard_groups
 from ngmm_formula.train import TrainingHistory, fit_linear_start, train_networks
 
 __all__ = ["Control", "ngmm", "objective_at", "prepare"]
