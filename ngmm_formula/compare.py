@@ -98,7 +98,7 @@ from ngmm_formula.design import Design, ReTerm, lme4_name
 from ngmm_formula.errors import DataError, NGMMError, NGMMWarning
 from ngmm_formula.families import Family
 from ngmm_formula.results import NGMMResult
-from ngmm_formula.summary import _r_format
+from ngmm_formula.summary import r_format
 
 __all__ = [
     "ComparisonTable",
@@ -1295,7 +1295,7 @@ def _format_row(values: list[float], digits: int) -> list[str]:
     fin = [v for v in values if math.isfinite(v)]
     if not fin:
         return ["" for _ in values]
-    strs = iter(s.strip() for s in _r_format(fin, digits))
+    strs = iter(s.strip() for s in r_format(fin, digits))
     return [next(strs) if math.isfinite(v) else "" for v in values]
 
 
