@@ -9,8 +9,8 @@ objective at given parameters (lme4's ``devFunOnly = TRUE``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -159,6 +159,37 @@ def objective_at(prepared: Prepared, fixef: np.ndarray | None, theta: np.ndarray
         return float(obj())
 
 
+@dataclass(frozen=True)
+class FitCall:
+    """The call that made a result, as data: ``fit.refit(reml=False)`` is
+    ``ngmm(formula, data, family, **options, reml=False)`` (lme4 keeps the call and the model
+    frame for ``refitML`` likewise).
+
+    ``data`` is the fit's own copy of the caller's DataFrame (a shallow copy: pandas'
+    copy-on-write keeps it as it was when the caller's frame changes later, without copying
+    the columns now), or the path or dataset the data were read from; a result holds no
+    reference to the caller's DataFrame.
+    """
+
+    formula: str
+    data: Any = field(repr=False)
+    family: str | Family
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: the entry point called again (:func:`ngmm`, or
+    #: :func:`~ngmm_formula.distributed.fit_distributed` for its results)
+    fitter: Callable[..., NGMMResult] | None = field(default=None, repr=False)
+
+    def __call__(self, **changes: Any) -> NGMMResult:
+        fitter = ngmm if self.fitter is None else self.fitter
+        return fitter(self.formula, self.data, self.family, **{**self.options, **changes})
+
+
+def own_copy(data: Any) -> Any:
+    """A new DataFrame object over the same columns (copy-on-write), or ``data`` itself when
+    it is a file name or a dataset."""
+    return data.copy(deep=False) if isinstance(data, pd.DataFrame) else data
+
+
 def _nets(module: LinearPredictor) -> tuple[CentredNetwork, ...]:
     return tuple(n for n in module.nets if isinstance(n, CentredNetwork))
 
@@ -275,12 +306,10 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
                        points=points, weights=weights, offset=offset, reml=reml,
                        control=control, device=device, dtype=dtype, context=context)
 
-    def refit(**kw: Any) -> NGMMResult:
-        args = dict(approx=approx, nagq=nagq, truncation=truncation, points=points,
-                    weights=weights, offset=offset, reml=reml, control=control, seed=seed,
-                    device=device, dtype=dtype, distributed=distributed, context=context)
-        args.update(kw)
-        return ngmm(formula, source, family, **args)  # type: ignore[arg-type]
+    refit = FitCall(formula, own_copy(source), family, dict(
+        approx=approx, nagq=nagq, truncation=truncation, points=points, weights=weights,
+        offset=offset, reml=reml, control=control, seed=seed, device=device, dtype=dtype,
+        distributed=distributed, context=context))
 
     if prepared.approximation.kind == "variational":
         return _ngmm_variational(prepared, control, seed, formula=formula,

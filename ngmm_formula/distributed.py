@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from ngmm_formula.api import ngmm
+from ngmm_formula.api import FitCall, ngmm, own_copy
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.runtime import mp_context
 from ngmm_formula.shards import Shard, connect, shard_groups
@@ -132,10 +132,8 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
         rank, err = failures[0]
         raise NGMMError(f"worker process {rank} failed after the fit: {err!r}")
 
-    def refit(**kw: Any) -> NGMMResult:
-        return fit_distributed(formula, data, family, nprocs=nprocs, timeout=timeout,
-                               **{**options, **kw})
-
+    refit = FitCall(formula, own_copy(data), family,
+                    {**options, "nprocs": nprocs, "timeout": timeout}, fitter=fit_distributed)
     return dataclasses.replace(result, refit=refit)
 
 
