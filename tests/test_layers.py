@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("shards",),
     ("fit",),
     ("train",),
-    ("results",),
+    ("results", "assemble"),
     ("plots", "persist"),
     ("api",),
     ("inference", "compare"),
