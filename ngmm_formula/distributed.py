@@ -42,7 +42,7 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     127.0.0.1, and runs ``ngmm(formula, data, family, distributed=True, **options)`` in every
     process; the process group is torn down afterwards. The result equals the
     single-process fit up to the order of floating-point summation (module
-    :mod:`ngmm_formula.distributed`).
+    :mod:`ngmm_formula.shards`).
 
     Parameters
     ----------
@@ -82,20 +82,7 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     Worker processes import the caller's main module (``forkserver`` and ``spawn`` do): in a
     script, call :func:`fit_distributed` under ``if __name__ == "__main__":``.
     """
-
-    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
-        raise NGMMError(f"nprocs must be a positive integer, got {nprocs!r}")
-    if not timeout > 0:
-        raise NGMMError(f"timeout must be positive, got {timeout!r}")
-    if "distributed" in options:
-        raise NGMMError("fit_distributed always fits with distributed=True: drop the "
-                        "distributed= argument")
-    if not dist.is_available():
-        raise NGMMError("fit_distributed needs a PyTorch build with torch.distributed")
-    if dist.is_initialized():
-        raise NGMMError("fit_distributed starts its own process group, but this process is "
-                        "already in one: call ngmm(..., distributed=True) on every process "
-                        "instead")
+    _check_arguments(nprocs, timeout, options)
     cuda = str(options.get("device", "cpu")).startswith("cuda")
     backend = "nccl" if cuda else "gloo"
     wait = datetime.timedelta(seconds=timeout)
@@ -135,6 +122,23 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     refit = FitCall(formula, own_copy(data), family,
                     {**options, "nprocs": nprocs, "timeout": timeout}, fitter=fit_distributed)
     return dataclasses.replace(result, refit=refit)
+
+
+def _check_arguments(nprocs: int, timeout: float, options: dict[str, Any]) -> None:
+    """Refuse what :func:`fit_distributed` cannot run before any process starts."""
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+        raise NGMMError(f"nprocs must be a positive integer, got {nprocs!r}")
+    if not timeout > 0:
+        raise NGMMError(f"timeout must be positive, got {timeout!r}")
+    if "distributed" in options:
+        raise NGMMError("fit_distributed always fits with distributed=True: drop the "
+                        "distributed= argument")
+    if not dist.is_available():
+        raise NGMMError("fit_distributed needs a PyTorch build with torch.distributed")
+    if dist.is_initialized():
+        raise NGMMError("fit_distributed starts its own process group, but this process is "
+                        "already in one: call ngmm(..., distributed=True) on every process "
+                        "instead")
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float, formula: str,

@@ -558,6 +558,49 @@ class AnovaTable(pd.DataFrame):
         return format_anova(self)
 
 
+def _check_same_data(mods: list[Any]) -> None:
+    """anova's models must share their data: the same number of observations, response and
+    data set (as lme4 checks)."""
+    nobs = [int(m.nobs) for m in mods]
+    if len(set(nobs)) > 1:
+        raise NGMMError("models were not all fitted to the same size of dataset "
+                        f"(nobs: {', '.join(map(str, nobs))})")
+    responses = [_response(str(m.formula)) for m in mods]
+    known = [r for r in responses if r is not None]
+    if len(set(known)) > 1:
+        raise NGMMError("models have different responses ("
+                        + " vs ".join(dict.fromkeys(known))
+                        + "); anova compares models of one response fitted to the same data")
+    data_names = [m.data_name for m in mods if getattr(m, "data_name", None)]
+    if len(set(data_names)) > 1:
+        raise NGMMError("all models must be fit to the same data object (data: "
+                        + ", ".join(dict.fromkeys(data_names)) + ")")
+
+
+def _model_names(fits: Sequence[Any], named_fits: dict[str, Any],
+                 model_names: Sequence[str] | None, n_models: int) -> list[str]:
+    """Row names of anova's table: ``model_names``, else each fit's name or formula (``m1``,
+    ``m2``, ... when those clash or are too long), then the keywords of ``named_fits``."""
+    if model_names is not None:
+        names = [str(n) for n in model_names]
+        if len(names) != n_models:
+            raise NGMMError(f"model_names has {len(names)} names for {n_models} models")
+    else:
+        names = [str(m.name) if getattr(m, "name", None) else " ".join(str(m.formula).split())
+                 for m in fits] + list(named_fits)
+        # positional names when formulas clash (one formula, two families) or are too long
+        # for the table to fit in WIDTH columns (the heading lists the formulas anyway)
+        longest = max(len(n) for n in names[:len(fits)]) if fits else 0
+        if len(set(names)) != len(names) or longest > _ANOVA_ROWNAME_MAX:
+            names = [str(m.name) if getattr(m, "name", None) else f"m{i + 1}"
+                     for i, m in enumerate(fits)] + list(named_fits)
+    if len(set(names)) != len(names):
+        # stacklevel 3: the warning points at the caller of anova, as before
+        warnings.warn("duplicate model names; assigning generic names", stacklevel=3)
+        names = [f"MODEL{i + 1}" for i in range(n_models)]
+    return names
+
+
 def anova(*fits: Any, model_names: Sequence[str] | None = None,
           refit: bool = True, **named_fits: Any) -> AnovaTable:
     r"""Likelihood-ratio tests of nested models, as lme4's ``anova(m1, m2, ...)``.
@@ -606,37 +649,8 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
     if len(mods) < 2:
         raise NGMMError(f"anova needs at least two fitted models to compare; got {len(mods)}")
 
-    nobs = [int(m.nobs) for m in mods]
-    if len(set(nobs)) > 1:
-        raise NGMMError("models were not all fitted to the same size of dataset "
-                        f"(nobs: {', '.join(map(str, nobs))})")
-    responses = [_response(str(m.formula)) for m in mods]
-    known = [r for r in responses if r is not None]
-    if len(set(known)) > 1:
-        raise NGMMError("models have different responses ("
-                        + " vs ".join(dict.fromkeys(known))
-                        + "); anova compares models of one response fitted to the same data")
-    data_names = [m.data_name for m in mods if getattr(m, "data_name", None)]
-    if len(set(data_names)) > 1:
-        raise NGMMError("all models must be fit to the same data object (data: "
-                        + ", ".join(dict.fromkeys(data_names)) + ")")
-
-    if model_names is not None:
-        names = [str(n) for n in model_names]
-        if len(names) != len(mods):
-            raise NGMMError(f"model_names has {len(names)} names for {len(mods)} models")
-    else:
-        names = [str(m.name) if getattr(m, "name", None) else " ".join(str(m.formula).split())
-                 for m in fits] + list(named_fits)
-        # positional names when formulas clash (one formula, two families) or are too long
-        # for the table to fit in WIDTH columns (the heading lists the formulas anyway)
-        longest = max(len(n) for n in names[:len(fits)]) if fits else 0
-        if len(set(names)) != len(names) or longest > _ANOVA_ROWNAME_MAX:
-            names = [str(m.name) if getattr(m, "name", None) else f"m{i + 1}"
-                     for i, m in enumerate(fits)] + list(named_fits)
-    if len(set(names)) != len(names):
-        warnings.warn("duplicate model names; assigning generic names", stacklevel=2)
-        names = [f"MODEL{i + 1}" for i in range(len(mods))]
+    _check_same_data(mods)
+    names = _model_names(fits, named_fits, model_names, len(mods))
 
     is_reml = [bool(getattr(m, "reml", False)) for m in mods]
     if refit:
