@@ -270,7 +270,7 @@ LONG_FUNCTIONS: dict[str, str] = {
     "train.train_member": "the training loop; being changed on other branches",
     "safety.formula_tokens": "a line-by-line port of formulaic's tokenizer, kept comparable",
     "compare.statsmodels_spec": "one translation with closures over the helper columns",
-    "datasets.simulate_grouped": "one simulation recipe read top to bottom",
+    "datasets.simulate_grouped": "85 lines of code under a 100-line docstring (the model)",
 }
 MAX_FUNCTION_LINES = 100
 
