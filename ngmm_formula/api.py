@@ -2,8 +2,9 @@
 
 ``parse_formula`` (formula) -> ``build_design`` (design) -> ``choose_approximation`` ->
 ``build_problem`` (model) -> :class:`~ngmm_formula.fit.Objective` -> ``optimise`` (fit) ->
-``make_result`` (results). Each stage can be called alone; :func:`objective_at` evaluates the
-objective at given parameters (lme4's ``devFunOnly = TRUE``).
+``make_result`` (results: :mod:`ngmm_formula.assemble`). Each stage can be called alone;
+:func:`objective_at` evaluates the objective at given parameters (lme4's
+``devFunOnly = TRUE``). A result's ``refit`` is a :class:`FitCall`, the call as data.
 """
 
 from __future__ import annotations
