@@ -29,6 +29,7 @@ from ngmm_formula.errors import (
     SeparationWarning,
     SingularFitWarning,
 )
+from ngmm_formula.version import __version__
 
 if TYPE_CHECKING:
     from ngmm_formula import datasets
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from ngmm_formula.results import NGMMResult
     from ngmm_formula.summary import AnovaTable
 
-__version__ = "0.1.0"
 
 #: public name -> the module that defines it (imported on first use)
 _LAZY = {

@@ -48,21 +48,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.optimize import linprog
 
+from ngmm_formula.design import Design, full_rank_columns
 from ngmm_formula.errors import SeparationWarning
+from ngmm_formula.scaling import SCALE_RATIO, column_scale_problems
 
 if TYPE_CHECKING:
-    from ngmm_formula.design import Design
     from ngmm_formula.families import Family
 
-__all__ = ["SUBSET_ROWS", "check_separation", "column_scale_problems", "separating_columns"]
+__all__ = ["SCALE_RATIO", "SUBSET_ROWS", "check_separation", "column_scale_problems",
+           "separating_columns"]
 
 #: Rows in the first linear programme of the separation check (and rows added per round).
 SUBSET_ROWS = 2000
 #: Most violated rows added to the programme per round of constraint generation.
 ADD_ROWS = 5000
-#: A column whose root mean square differs from the median of the others' by more than this
-#: factor is reported as on an extreme scale.
-SCALE_RATIO = 1e8
 
 
 def _solve(A_ub: np.ndarray, A_eq: np.ndarray, total: np.ndarray) -> np.ndarray | None:
@@ -172,53 +171,6 @@ def separating_columns(X: np.ndarray, signs: np.ndarray, *, seed: int = 0,
     return [int(j) for j in support]
 
 
-def column_scale_problems(X: np.ndarray, names: list[str] | tuple[str, ...]
-                          ) -> tuple[list[str], list[str]]:
-    r"""Columns whose scale the fit cannot handle, and columns on an extreme scale.
-
-    Parameters
-    ----------
-    X : ndarray, shape (n, p)
-        A model matrix (finite values).
-    names : sequence of str
-        The columns' names.
-
-    Returns
-    -------
-    overflow : list of str
-        Columns whose sum of squares overflows float64 (:math:`\max_i |x_{ij}| >
-        \sqrt{\text{DBL\_MAX} / n}`): cross-products and norms of them are infinite, so the
-        rank check and the fit cannot use them.
-    extreme : list of str
-        Non-constant columns whose root mean square is more than :data:`SCALE_RATIO` times
-        the lower median of all columns' root mean squares (the intercept's is 1), or less
-        than the upper median divided by it (lme4 warns
-        "Some predictor variables are on very different scales" from a ratio of 1e3; here only
-        ratios that cost the optimiser accuracy are reported).
-    """
-    X = np.asarray(X, dtype=float)
-    n, p = X.shape
-    if n == 0 or p == 0:
-        return [], []
-    peak = np.abs(X).max(axis=0)
-    limit = np.sqrt(np.finfo(float).max / max(n, 1))
-    overflow = [names[j] for j in range(p) if peak[j] > limit]
-    safe = np.where(peak > 0, peak, 1.0)
-    with np.errstate(over="ignore", under="ignore"):
-        rms = safe * np.sqrt(np.mean((X / safe) ** 2, axis=0))  # no overflow in the squares
-    rms = np.where(peak > 0, rms, 0.0)
-    constant = np.ptp(X, axis=0) == 0
-    finite = rms[rms > 0]
-    if finite.size < 2:
-        return overflow, []
-    ordered = np.sort(finite)
-    lower, upper = ordered[(ordered.size - 1) // 2], ordered[ordered.size // 2]
-    extreme = [names[j] for j in range(p)
-               if not constant[j] and names[j] not in overflow and rms[j] > 0
-               and (rms[j] > SCALE_RATIO * lower or rms[j] < upper / SCALE_RATIO)]
-    return overflow, extreme
-
-
 def check_separation(design: Design, family: Family, *, stacklevel: int = 2) -> list[str]:
     r"""Warn (:class:`~ngmm_formula.errors.SeparationWarning`) when the response is separated.
 
@@ -241,8 +193,6 @@ def check_separation(design: Design, family: Family, *, stacklevel: int = 2) -> 
     list of str
         The separating columns named in the warning (empty when there is none).
     """
-    from ngmm_formula.design import full_rank_columns
-
     signs = family.separation_signs(design.y, design.weights)
     if signs is None or design.nobs == 0:
         return []

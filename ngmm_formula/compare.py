@@ -98,7 +98,7 @@ from ngmm_formula.design import Design, ReTerm, lme4_name
 from ngmm_formula.errors import DataError, NGMMError, NGMMWarning
 from ngmm_formula.families import Family
 from ngmm_formula.results import NGMMResult
-from ngmm_formula.summary import _r_format
+from ngmm_formula.summary import r_format
 
 __all__ = [
     "ComparisonTable",
@@ -681,6 +681,74 @@ class StatsmodelsSpec:
                 ".fit_vb()")
 
 
+#: The note of a comparison with one of statsmodels' Bayesian mixed GLMs.
+_BAYES_NOTE = ("statsmodels' {model} is Bayesian (priors N(0, 2^2) on the fixed "
+               "effects, N(0, 1) on the log-SDs; fit_vb(): mean-field variational "
+               "Bayes): its column shows posterior means (SDs: exp of the posterior mean "
+               "log-SD) and posterior SDs in parentheses. Its logLik is this package's "
+               "marginal log-likelihood at those values (same approximation as the "
+               "linear fit), AIC/BIC from it with npar = fixed effects + variance "
+               "components.")
+
+
+def _statsmodels_model(family: Family) -> str | StatsmodelsSpec:
+    """statsmodels' class for ``family``, or the spec saying that it has none."""
+    fam, link = family.name, family.link.name
+    if fam == "gaussian" and link == "identity":
+        model = "MixedLM"
+    elif fam == "binomial" and link == "logit":
+        model = "BinomialBayesMixedGLM"
+    elif fam == "poisson" and link == "log":
+        model = "PoissonBayesMixedGLM"
+    elif fam == "binomial":
+        return StatsmodelsSpec("", unsupported=f"statsmodels' BinomialBayesMixedGLM has the "
+                               f"logit link only (this model: binomial({link}))")
+    elif fam == "poisson":
+        return StatsmodelsSpec("", unsupported=f"statsmodels' PoissonBayesMixedGLM has the "
+                               f"log link only (this model: poisson({link}))")
+    else:
+        return StatsmodelsSpec("", unsupported=f"statsmodels has no GLMM for the {fam}"
+                               f"({link}) family")
+    return model
+
+
+def _unsupported_inputs(model: str, design: Design, offset: bool, prior_weights: bool
+                        ) -> StatsmodelsSpec | None:
+    """The spec refusing offsets and prior weights that ``model`` cannot take, or None."""
+    parsed = design.formula
+    bayes = model != "MixedLM"
+    if bayes and offset:
+        return StatsmodelsSpec("", unsupported=f"statsmodels' {model} has no offset")
+    if bayes and parsed.offsets:
+        return StatsmodelsSpec("", unsupported=f"statsmodels' {model} has no offset "
+                               f"(formula offset({parsed.offsets[0]}))")
+    if model == "MixedLM" and prior_weights:
+        return StatsmodelsSpec("", unsupported="statsmodels' MixedLM has no prior weights")
+    if model == "PoissonBayesMixedGLM" and (prior_weights or
+                                            not np.allclose(design.weights, 1.0)):
+        return StatsmodelsSpec("", unsupported="statsmodels' PoissonBayesMixedGLM has no "
+                               "prior weights")
+    return None
+
+
+def _unsupported_one_group(design: Design) -> StatsmodelsSpec | None:
+    """The spec refusing crossed/nested factors that MixedLM's one all-ones group cannot
+    hold (too many rows, or a correlated term), or None."""
+    terms = design.re_terms
+    if design.nobs > MAX_ONE_GROUP_ROWS:
+        return StatsmodelsSpec("", unsupported=f"crossed/nested factors go to "
+                               f"statsmodels' MixedLM as one all-ones group, whose "
+                               f"{design.nobs} x {design.nobs} covariance is too "
+                               f"large (limit {MAX_ONE_GROUP_ROWS} rows)")
+    for t in terms:
+        if t.q > 1 and t.correlated:
+            return StatsmodelsSpec("", unsupported=f"statsmodels' MixedLM with "
+                                   f"several grouping factors has independent "
+                                   f"variance components only: the correlated term "
+                                   f"({t.expr} | {t.group}) cannot be written")
+    return None
+
+
 def statsmodels_spec(design: Design, family: Family, frame: pd.DataFrame, *,
                      prior_weights: bool = False, offset: bool = False) -> StatsmodelsSpec:
     """Translate a (linear) design into statsmodels' formula arguments.
@@ -700,22 +768,10 @@ def statsmodels_spec(design: Design, family: Family, frame: pd.DataFrame, *,
     StatsmodelsSpec
         ``unsupported`` says why when statsmodels cannot fit the model.
     """
-    fam, link = family.name, family.link.name
-    if fam == "gaussian" and link == "identity":
-        model = "MixedLM"
-    elif fam == "binomial" and link == "logit":
-        model = "BinomialBayesMixedGLM"
-    elif fam == "poisson" and link == "log":
-        model = "PoissonBayesMixedGLM"
-    elif fam == "binomial":
-        return StatsmodelsSpec("", unsupported=f"statsmodels' BinomialBayesMixedGLM has the "
-                               f"logit link only (this model: binomial({link}))")
-    elif fam == "poisson":
-        return StatsmodelsSpec("", unsupported=f"statsmodels' PoissonBayesMixedGLM has the "
-                               f"log link only (this model: poisson({link}))")
-    else:
-        return StatsmodelsSpec("", unsupported=f"statsmodels has no GLMM for the {fam}"
-                               f"({link}) family")
+    model_or_refusal = _statsmodels_model(family)
+    if isinstance(model_or_refusal, StatsmodelsSpec):
+        return model_or_refusal
+    model = model_or_refusal
     parsed = design.formula
     fixed = _patsy_fixed(parsed.fixed)
     notes: list[str] = []
@@ -725,17 +781,9 @@ def statsmodels_spec(design: Design, family: Family, frame: pd.DataFrame, *,
     terms = design.re_terms
     bayes = model != "MixedLM"
 
-    if bayes and offset:
-        return StatsmodelsSpec("", unsupported=f"statsmodels' {model} has no offset")
-    if bayes and parsed.offsets:
-        return StatsmodelsSpec("", unsupported=f"statsmodels' {model} has no offset "
-                               f"(formula offset({parsed.offsets[0]}))")
-    if model == "MixedLM" and prior_weights:
-        return StatsmodelsSpec("", unsupported="statsmodels' MixedLM has no prior weights")
-    if model == "PoissonBayesMixedGLM" and (prior_weights or
-                                            not np.allclose(design.weights, 1.0)):
-        return StatsmodelsSpec("", unsupported="statsmodels' PoissonBayesMixedGLM has no "
-                               "prior weights")
+    refusal = _unsupported_inputs(model, design, offset, prior_weights)
+    if refusal is not None:
+        return refusal
     bernoulli = False
     if model == "BinomialBayesMixedGLM":
         w, y = design.weights, design.y
@@ -808,17 +856,9 @@ def statsmodels_spec(design: Design, family: Family, frame: pd.DataFrame, *,
             comps[label(t, 0)] = (k, 0)
     else:
         if model == "MixedLM":
-            if design.nobs > MAX_ONE_GROUP_ROWS:
-                return StatsmodelsSpec("", unsupported=f"crossed/nested factors go to "
-                                       f"statsmodels' MixedLM as one all-ones group, whose "
-                                       f"{design.nobs} x {design.nobs} covariance is too "
-                                       f"large (limit {MAX_ONE_GROUP_ROWS} rows)")
-            for t in terms:
-                if t.q > 1 and t.correlated:
-                    return StatsmodelsSpec("", unsupported=f"statsmodels' MixedLM with "
-                                           f"several grouping factors has independent "
-                                           f"variance components only: the correlated term "
-                                           f"({t.expr} | {t.group}) cannot be written")
+            refusal = _unsupported_one_group(design)
+            if refusal is not None:
+                return refusal
             groups, re_formula = "_one", "0"
             helpers["_one"] = ("one", 0, 0)
             notes.append("statsmodels' MixedLM has one grouping factor: the crossed/nested "
@@ -836,13 +876,7 @@ def statsmodels_spec(design: Design, family: Family, frame: pd.DataFrame, *,
                 vc[label(t, j)] = ref
                 comps[label(t, j)] = (k, j)
     if bayes:
-        notes.append(f"statsmodels' {model} is Bayesian (priors N(0, 2^2) on the fixed "
-                     "effects, N(0, 1) on the log-SDs; fit_vb(): mean-field variational "
-                     "Bayes): its column shows posterior means (SDs: exp of the posterior mean "
-                     "log-SD) and posterior SDs in parentheses. Its logLik is this package's "
-                     "marginal log-likelihood at those values (same approximation as the "
-                     "linear fit), AIC/BIC from it with npar = fixed effects + variance "
-                     "components.")
+        notes.append(_BAYES_NOTE.format(model=model))
     return StatsmodelsSpec(
         model=model, formula=f"{response} ~ {fixed}", groups=groups, re_formula=re_formula,
         vc_formula=vc, components=comps, re_term=re_term, response=response,
@@ -1295,7 +1329,7 @@ def _format_row(values: list[float], digits: int) -> list[str]:
     fin = [v for v in values if math.isfinite(v)]
     if not fin:
         return ["" for _ in values]
-    strs = iter(s.strip() for s in _r_format(fin, digits))
+    strs = iter(s.strip() for s in r_format(fin, digits))
     return [next(strs) if math.isfinite(v) else "" for v in values]
 
 

@@ -43,14 +43,15 @@ from formulaic import Formula
 from formulaic.errors import DataMismatchWarning
 from formulaic.formula import SimpleFormula
 
-from ngmm_formula.checks import SCALE_RATIO, column_scale_problems
 from ngmm_formula.errors import DataError, FormulaError, NewLevelsError, ScaleWarning
 from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula, parse_formula
 from ngmm_formula.safety import EXTRA_TRANSFORMS, IDENTIFIER, check_python
+from ngmm_formula.scaling import SCALE_RATIO, column_scale_problems
 
 __all__ = [
     "Design",
     "tril_pairs",
+    "reapply_spec",
     "DesignSpec",
     "EMBED_MIN_LEVELS",
     "NetEncoding",
@@ -323,11 +324,11 @@ class DesignSpec:
             raise DataError(f"newdata has missing values in {cols} ({int(na.sum())} rows); "
                             "drop or impute them before predicting")
         data = self._conform(data, needed)
-        X_full = _reapply(self.fixed_spec, data, context)
+        X_full = reapply_spec(self.fixed_spec, data, context)
         X = X_full[:, list(self.kept_columns)]
         zs, gis, flags = [], [], []
         for (bar, levels), spec in zip(self.re_terms, self.re_specs, strict=True):
-            zs.append(_reapply(spec, data, context))
+            zs.append(reapply_spec(spec, data, context))
             labels = _group_labels(data, bar)
             # -1: unseen
             idx = pd.Index(list(levels)).get_indexer(pd.Index(labels)).astype(np.int64)
@@ -492,7 +493,7 @@ class Design:
 # helpers
 
 
-def _reapply(spec: Any, data: pd.DataFrame, context: Mapping[str, Any] | None = None
+def reapply_spec(spec: Any, data: pd.DataFrame, context: Mapping[str, Any] | None = None
              ) -> np.ndarray:
     """Apply a training ModelSpec to new data. A factor level that the training data did not
     have is an error: formulaic only warns and encodes such rows as the reference level."""
@@ -997,7 +998,7 @@ def _overflow_message(columns: list[str], where: str) -> str:
 
 def _check_scales(X: np.ndarray, names: list[str], where: str) -> None:
     """DataError for columns whose squares overflow, :class:`ScaleWarning` for columns on an
-    extreme scale (see :func:`ngmm_formula.checks.column_scale_problems`)."""
+    extreme scale (see :func:`ngmm_formula.scaling.column_scale_problems`)."""
     overflow, extreme = column_scale_problems(X, names)
     if overflow:
         raise DataError(_overflow_message(overflow, where))

@@ -1,364 +1,35 @@
-r"""Data-parallel fitting: shards of groups across processes with :mod:`torch.distributed`.
+r"""Data-parallel fitting on one machine: :func:`fit_distributed` starts local worker
+processes, each of which calls ``ngmm(..., distributed=True)``, and returns rank 0's result.
 
-With a single grouping factor the objective is a sum over independent blocks (groups),
-
-.. math::
-
-    \ell(\psi) = \sum_{r=0}^{R-1} \ell_r(\psi), \qquad
-    \ell_r(\psi) = \sum_{b = s_r}^{s_{r+1} - 1} \log \int e^{h_b(v; \psi)}\, dv ,
-
-so process ``r`` of ``R`` evaluates :math:`\ell_r` and :math:`\nabla \ell_r` on the rows of its
-contiguous range of groups :math:`[s_r, s_{r+1})` (:class:`Shard`; ranges balanced by the
-number of observations), and a sum all-reduce gives every process the same :math:`\ell` and
-:math:`\nabla\ell`:
-
-- **Linear GLMMs.** Rank 0 runs the optimiser (:func:`~ngmm_formula.fit.optimise`:
-  L-BFGS-B, then Newton steps with a finite-difference Hessian) on the all-reduced value and
-  gradient; at every evaluation it broadcasts the point, the other processes evaluate their
-  groups there, and at the end they receive its optimum (:meth:`Shard.lead`,
-  :meth:`Shard.follow`). Running identical optimisers in every process is not enough:
-  L-BFGS-B's last bits depend on memory alignment, and two processes were measured to end
-  1 ulp apart -- enough to stop at different iterations and deadlock. The GLM start is
-  computed by every process on all the data and rank 0's copy is broadcast
-  (:meth:`Shard.sync`); the start of theta compares all-reduced values. At the optimum the
-  conditional modes and per-group log-likelihoods are all-gathered so that every process
-  builds the same :class:`~ngmm_formula.results.NGMMResult`.
-- **Neural training** (:func:`~ngmm_formula.train.train_networks`). Every process draws the
-  same global minibatch of whole groups (same seed), evaluates the groups of the batch it
-  owns, scales its part of the loss by the *global* batch's number of observations, and the
-  gradients are summed by one explicit ``all_reduce`` of the flattened ``.grad`` vector before
-  the AdamW step (:meth:`Shard.all_sum_grads`); the training and validation scores are
-  all-reduced too (so early stopping decides alike everywhere), and rank 0's weights are
-  broadcast when training ends. With the same seed the fit equals the single-process one up
-  to the order of summation.
-
-An explicit all-reduce rather than :class:`torch.nn.parallel.DistributedDataParallel`: the
-loss is not a module's ``forward`` (a batched Newton search for the modes runs between the
-network pass and the integral), a process may own none of a minibatch's groups (DDP needs
-every process to run forward and backward the same number of times), and one reduction of
-one flat vector per step is what DDP's bucketing would do here anyway, in a fixed order.
-
-Every process reads the whole data set and builds the whole design (so factor levels, the
-standardisation and the networks' input scaling agree bit for bit); the sharded part is the
-work repeated at every iteration -- the Newton searches, the integrals and their gradients.
-Crossed or nested factors (and REML) couple all groups in one joint block, which cannot be
-split by group: :func:`shard_groups` raises :class:`~ngmm_formula.errors.NGMMError` for them.
-
-Two entry points:
-
-- ``ngmm(..., distributed=True)`` in a script launched by ``torchrun`` on every process (one
-  machine or several: see :func:`fit_distributed` for the commands), and
-- :func:`fit_distributed`, which starts local worker processes and returns the result.
+An entry point beside :func:`~ngmm_formula.api.ngmm`; the shards of groups, the process group
+and the all-reduces the fit uses are in :mod:`ngmm_formula.shards` (which documents the
+scheme), re-exported here.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import datetime
-import math
 import os
 import pickle
 import queue
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
-from ngmm_formula.approx import Approximation
-from ngmm_formula.approx.conditional import Blocks, ConditionalMode
-from ngmm_formula.approx.factor import DenseFactor
+from ngmm_formula.api import FitCall, ngmm, own_copy
 from ngmm_formula.errors import NGMMError
+from ngmm_formula.runtime import mp_context
+from ngmm_formula.shards import Shard, connect, shard_groups
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from ngmm_formula.families import Family
-    from ngmm_formula.model import Problem
     from ngmm_formula.results import NGMMResult
 
 __all__ = ["Shard", "connect", "fit_distributed", "shard_groups"]
-
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_CPU = torch.device("cpu")
-
-
-# --------------------------------------------------------------------------------------------
-# process group
-
-
-def connect(device: str = "cpu") -> str:
-    """Join the process group, starting it from ``torchrun``'s environment if needed.
-
-    Uses an already initialised default group as it is; otherwise calls
-    :func:`torch.distributed.init_process_group` with backend ``gloo`` (CPU) or ``nccl``
-    (``device="cuda..."``) and the ``env://`` rendezvous that ``torchrun`` sets up (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), and destroys it when Python exits.
-
-    Parameters
-    ----------
-    device : str
-        The device asked for; ``"cuda"`` without an index becomes this process's GPU,
-        ``cuda:LOCAL_RANK``.
-
-    Returns
-    -------
-    str
-        The device this process computes on.
-    """
-    if not dist.is_available():
-        raise NGMMError("distributed=True needs a PyTorch build with torch.distributed")
-    cuda = str(device).startswith("cuda")
-    if not dist.is_initialized():
-        missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
-        if missing:
-            raise NGMMError(
-                "distributed=True needs a torch.distributed process group, and none is "
-                f"initialised nor described by the environment (missing {', '.join(missing)}): "
-                "launch the script on every process with torchrun, call "
-                "torch.distributed.init_process_group first, or use "
-                "ngmm_formula.fit_distributed(...) to start local worker processes")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(_destroy)
-    if str(device) == "cuda":
-        local = os.environ.get("LOCAL_RANK")
-        index = int(local) if local is not None else dist.get_rank() % max(
-            1, torch.cuda.device_count())
-        device = f"cuda:{index}"
-        torch.cuda.set_device(device)
-    return str(device)
-
-
-def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    """Where collectives run: CUDA tensors for nccl, CPU tensors for gloo."""
-    return device if dist.get_backend() == "nccl" else _CPU
-
-
-# --------------------------------------------------------------------------------------------
-# the shard of one process
-
-
-def _bounds(sizes: np.ndarray, world_size: int) -> tuple[int, ...]:
-    """Contiguous ranges of blocks with about equal numbers of observations, none empty.
-
-    ``bounds[r]`` is the number of blocks before process ``r``'s range: the cut nearest to the
-    ``r / world_size`` quantile of the cumulative observation count, then moved so that every
-    range holds at least one block.
-    """
-    n_blocks = sizes.size
-    cum = np.concatenate([[0], np.cumsum(sizes)])
-    targets = cum[-1] * np.arange(1, world_size) / world_size
-    i = np.clip(np.searchsorted(cum, targets), 1, n_blocks)
-    cuts = np.where(cum[i] - targets > targets - cum[i - 1], i - 1, i)
-    cuts = np.maximum.accumulate(np.maximum(cuts, np.arange(1, world_size))
-                                 - np.arange(1, world_size)) + np.arange(1, world_size)
-    cuts = np.minimum(cuts, n_blocks - world_size + np.arange(1, world_size))
-    return (0, *(int(c) for c in cuts), n_blocks)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Process ``rank``'s contiguous range of blocks and the collectives over all processes.
-
-    Attributes
-    ----------
-    rank, world_size : int
-    bounds : tuple of int, length ``world_size + 1``
-        Block ``b`` belongs to process ``r`` when ``bounds[r] <= b < bounds[r + 1]``.
-    device : torch.device
-        Where the collectives run (CPU for gloo, the process's GPU for nccl).
-
-    With ``world_size == 1`` every method is the identity and nothing is communicated.
-    """
-
-    rank: int
-    world_size: int
-    bounds: tuple[int, ...]
-    device: torch.device = _CPU
-
-    @classmethod
-    def of(cls, blocks: Blocks, rank: int, world_size: int, device: torch.device = _CPU
-           ) -> Shard:
-        """Split ``blocks`` into ``world_size`` ranges balanced by observations."""
-        if not 0 <= rank < world_size:
-            raise NGMMError(f"rank must be in 0..{world_size - 1}, got {rank}")
-        if blocks.n_blocks < world_size:
-            raise NGMMError(f"distributed fitting needs at least one group per process: "
-                            f"{blocks.n_blocks} groups for {world_size} processes")
-        sizes = torch.bincount(blocks.block_of_obs, minlength=blocks.n_blocks).cpu().numpy()
-        return cls(rank, world_size, _bounds(sizes, world_size), device)
-
-    @property
-    def first(self) -> int:
-        return self.bounds[self.rank]
-
-    @property
-    def stop(self) -> int:
-        return self.bounds[self.rank + 1]
-
-    def owned(self, n_blocks: int) -> np.ndarray:
-        """Boolean mask over the blocks 0..n_blocks-1: True for this process's."""
-        b = np.arange(n_blocks)
-        return (b >= self.first) & (b < self.stop)
-
-    def local(self, problem: Problem) -> Problem:
-        """The rows of this process's blocks, blocks renumbered from 0 (rows keep their order,
-        so every block's sums run in the same order as in one process)."""
-        if self.world_size == 1:
-            return problem
-        bo = problem.blocks.block_of_obs
-        rows = torch.nonzero((bo >= self.first) & (bo < self.stop)).squeeze(1)
-        ids = torch.arange(self.first, self.stop, device=bo.device)
-        return problem.subset(rows, ids)
-
-    # collectives --------------------------------------------------------------------------
-
-    def _all_reduce(self, t: torch.Tensor, op: Any = None) -> torch.Tensor:
-        if self.world_size == 1:
-            return t
-        on = t.to(self.device).contiguous()
-        dist.all_reduce(on, op=dist.ReduceOp.SUM if op is None else op)
-        return on.to(t.device)
-
-    def all_sum(self, x: np.ndarray) -> np.ndarray:
-        """Elementwise sum of ``x`` over the processes (every process gets the same bits)."""
-        if self.world_size == 1:
-            return x
-        return self._all_reduce(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
-
-    def all_sum_grads(self, params: Sequence[torch.Tensor]) -> None:
-        """Sum the ``.grad`` of ``params`` over the processes, in one all-reduce.
-
-        A process that evaluated none of the minibatch's groups contributes zeros; a
-        parameter that no process reached keeps ``grad = None`` (so AdamW skips it, as in one
-        process).
-        """
-        if self.world_size == 1:
-            return
-        dtype = torch.float64
-        device = params[0].device if params else _CPU
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-                 for p in params]
-        reached = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], dtype=dtype,
-                               device=device)
-        flat = self._all_reduce(torch.cat([*parts, reached]))
-        i, k = 0, flat.numel() - len(params)
-        for j, p in enumerate(params):
-            n = p.numel()
-            p.grad = flat[i:i + n].reshape(p.shape).to(p.dtype) if flat[k + j] > 0 else None
-            i += n
-
-    def gather_blocks(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate every process's per-block rows (shape (own blocks, ...)) in block order.
-
-        Ranges have different lengths; each is padded to the longest for ``all_gather``.
-        """
-        if self.world_size == 1:
-            return t
-        counts = np.diff(self.bounds)
-        pad = t.new_zeros((int(counts.max()), *t.shape[1:]), device=self.device)
-        pad[:t.shape[0]] = t.to(self.device)
-        parts = [torch.empty_like(pad) for _ in range(self.world_size)]
-        dist.all_gather(parts, pad)
-        return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
-
-    def gather_mode(self, mode: ConditionalMode) -> ConditionalMode:
-        """The conditional modes and curvature factors of every block (detached; per-group
-        layouts have dense factors); converged if every process's search converged."""
-        if self.world_size == 1:
-            return mode
-        if not isinstance(mode.factor, DenseFactor):
-            raise NGMMError("only per-group (dense) factors are sharded across processes")
-        stats = self.all_sum(np.array([mode.iterations, 0.0 if mode.converged else 1.0,
-                                       0.0 if mode.factor.ok else 1.0]))
-        factor = DenseFactor(self.gather_blocks(mode.factor.chol.detach()), bool(stats[2] == 0))
-        # iterations: the mean over processes (each searched its own blocks)
-        return ConditionalMode(v=self.gather_blocks(mode.v), factor=factor,
-                               iterations=int(math.ceil(stats[0] / self.world_size)),
-                               converged=bool(stats[1] == 0))
-
-    def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        on = t.to(self.device).contiguous()
-        dist.broadcast(on, src=0)
-        return on.to(t.device)
-
-    def sync(self, module: torch.nn.Module) -> None:
-        """Copy rank 0's parameters and buffers of ``module`` to every process."""
-        if self.world_size == 1:
-            return
-        with torch.no_grad():
-            for t in [*module.parameters(), *module.buffers()]:
-                t.copy_(self._broadcast(t.detach()))
-
-    # rank 0 leads the optimiser of :func:`~ngmm_formula.fit.optimise`; the others follow
-
-    def lead(self, x: np.ndarray) -> None:
-        """Rank 0: tell the other processes to evaluate at ``x``."""
-        if self.world_size == 1:
-            return
-        if self.rank != 0:
-            raise RuntimeError("only rank 0 leads the optimiser")
-        self._broadcast(torch.as_tensor(np.concatenate([[1.0], x])))
-
-    def finish(self, k: int, result: Any) -> None:
-        """Rank 0: end the evaluations (``k`` parameters) and send ``result`` to all."""
-        if self.world_size == 1:
-            return
-        self._broadcast(torch.zeros(k + 1, dtype=torch.float64))
-        dist.broadcast_object_list([result], src=0)
-
-    def follow(self, k: int, evaluate: Callable[[np.ndarray], Any]) -> Any:
-        """Other ranks: ``evaluate`` wherever rank 0 asks until it finishes; its result."""
-        while True:
-            msg = self._broadcast(torch.zeros(k + 1, dtype=torch.float64)).numpy()
-            if msg[0] == 0.0:
-                break
-            evaluate(msg[1:])
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def shard_groups(problem: Problem, approx: Approximation, n_grouping_factors: int) -> Shard:
-    """This process's :class:`Shard` of ``problem``'s groups in the current process group.
-
-    Raises
-    ------
-    NGMMError
-        When the random effects form one joint block (crossed or nested grouping factors,
-        or REML), whose integral does not split by group, or when there are fewer groups
-        than processes.
-    """
-    if approx.joint:
-        if approx.reml:
-            why = ("REML integrates the fixed effects jointly with every group's random "
-                   "effects; use reml=False")
-        else:
-            why = (f"the model has {n_grouping_factors} grouping factors (crossed or "
-                   "nested), so its integral does not factorise by group")
-        raise NGMMError(f"distributed=True shards the groups of a single grouping factor, "
-                        f"whose integrals are independent; here the random effects form one "
-                        f"joint block that cannot be split across processes: {why}. Fit "
-                        f"this model in one process (distributed=False)")
-    device = problem.y.device
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        raise NGMMError("the process group uses the nccl backend, which communicates CUDA "
-                        "tensors: pass device='cuda' (or initialise the group with gloo)")
-    return Shard.of(problem.blocks, dist.get_rank(), dist.get_world_size(),
-                    _comm_device(device))
-
-
-# --------------------------------------------------------------------------------------------
-# local launcher
 
 
 def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "gaussian", *,
@@ -371,7 +42,7 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     127.0.0.1, and runs ``ngmm(formula, data, family, distributed=True, **options)`` in every
     process; the process group is torn down afterwards. The result equals the
     single-process fit up to the order of floating-point summation (module
-    :mod:`ngmm_formula.distributed`).
+    :mod:`ngmm_formula.shards`).
 
     Parameters
     ----------
@@ -411,27 +82,12 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     Worker processes import the caller's main module (``forkserver`` and ``spawn`` do): in a
     script, call :func:`fit_distributed` under ``if __name__ == "__main__":``.
     """
-    from ngmm_formula.api import ngmm
-    from ngmm_formula.inference import _mp_context
-
-    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
-        raise NGMMError(f"nprocs must be a positive integer, got {nprocs!r}")
-    if not timeout > 0:
-        raise NGMMError(f"timeout must be positive, got {timeout!r}")
-    if "distributed" in options:
-        raise NGMMError("fit_distributed always fits with distributed=True: drop the "
-                        "distributed= argument")
-    if not dist.is_available():
-        raise NGMMError("fit_distributed needs a PyTorch build with torch.distributed")
-    if dist.is_initialized():
-        raise NGMMError("fit_distributed starts its own process group, but this process is "
-                        "already in one: call ngmm(..., distributed=True) on every process "
-                        "instead")
+    _check_arguments(nprocs, timeout, options)
     cuda = str(options.get("device", "cpu")).startswith("cuda")
     backend = "nccl" if cuda else "gloo"
     wait = datetime.timedelta(seconds=timeout)
 
-    ctx = _mp_context()  # forkserver (imports the package once per session) or spawn
+    ctx = mp_context()  # forkserver (imports the package once per session) or spawn
     store = dist.TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False,
                           timeout=wait)
     errors = ctx.Queue()
@@ -463,17 +119,31 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
         rank, err = failures[0]
         raise NGMMError(f"worker process {rank} failed after the fit: {err!r}")
 
-    def refit(**kw: Any) -> NGMMResult:
-        return fit_distributed(formula, data, family, nprocs=nprocs, timeout=timeout,
-                               **{**options, **kw})
-
+    refit = FitCall(formula, own_copy(data), family,
+                    {**options, "nprocs": nprocs, "timeout": timeout}, fitter=fit_distributed)
     return dataclasses.replace(result, refit=refit)
+
+
+def _check_arguments(nprocs: int, timeout: float, options: dict[str, Any]) -> None:
+    """Refuse what :func:`fit_distributed` cannot run before any process starts."""
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+        raise NGMMError(f"nprocs must be a positive integer, got {nprocs!r}")
+    if not timeout > 0:
+        raise NGMMError(f"timeout must be positive, got {timeout!r}")
+    if "distributed" in options:
+        raise NGMMError("fit_distributed always fits with distributed=True: drop the "
+                        "distributed= argument")
+    if not dist.is_available():
+        raise NGMMError("fit_distributed needs a PyTorch build with torch.distributed")
+    if dist.is_initialized():
+        raise NGMMError("fit_distributed starts its own process group, but this process is "
+                        "already in one: call ngmm(..., distributed=True) on every process "
+                        "instead")
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float, formula: str,
             data: pd.DataFrame, family: Any, options: dict[str, Any], errors: Any) -> None:
     """A worker of :func:`fit_distributed`: join the group, fit, report any error."""
-    from ngmm_formula.api import ngmm
 
     os.environ["LOCAL_RANK"] = str(rank)
     try:

@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from ngmm_formula.design import _reapply
+from ngmm_formula.design import reapply_spec
 from ngmm_formula.errors import NGMMError
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ def emmeans(fit: NGMMResult, specs: str | list[str], by: str | list[str] | None 
     grid = _grid_frame(fit, variables, at, data)
     spec = fit.design.spec
     context = getattr(spec, "context", None)
-    X = _reapply(spec.fixed_spec, grid, context)[:, list(spec.kept_columns)]
+    X = reapply_spec(spec.fixed_spec, grid, context)[:, list(spec.kept_columns)]
     f = np.zeros(len(grid))
     if fit.nets:
         net_X = tuple(np.hstack([e.encode(grid[e.variable]) for e in encs])

@@ -34,138 +34,23 @@ import torch
 
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.adaptive import log_marginal
+from ngmm_formula.approx.blocked import profiled_objective
 from ngmm_formula.approx.conditional import ConditionalMode, find_mode
-from ngmm_formula.approx.profiled import ProfiledLMM, profiled_objective
+from ngmm_formula.approx.profiled import ProfiledLMM
+from ngmm_formula.control import Control
 from ngmm_formula.design import tril_pairs
-from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, lstsq_fixed_order, matvec
+from ngmm_formula.model import optimised_parameters as _params
 
 if TYPE_CHECKING:
-    from ngmm_formula.distributed import Shard
+    from ngmm_formula.shards import Shard
 
 __all__ = ["CHUNK_ROWS", "Control", "Objective", "Optimum", "optimise"]
 
 #: Rows per piece of an objective evaluated piece by piece (:meth:`Objective.chunks`):
 #: 2^17 rows x 11 quadrature nodes x 8 bytes = 11.5 MB per temporary.
 CHUNK_ROWS = 2**17
-
-
-@dataclass(frozen=True)
-class Control:
-    """Options of the fit; the defaults need no tuning on the bundled examples.
-
-    Attributes
-    ----------
-    max_iter : int
-        L-BFGS iterations (linear models, and the final refit of neural ones).
-    gtol : float
-        Target max |gradient| of the log-likelihood for the Newton polishing steps.
-    singular_tol : float
-        A relative standard deviation (lme4's theta diagonal) below this is a singular fit
-        (lme4's ``isSingular`` tolerance, 1e-4).
-    na_action : {"omit", "raise"}
-        Missing values: drop the rows (and report how many) or raise.
-    epochs : int
-        Maximum number of passes over the training groups (neural models).
-    lr : float
-        AdamW learning rate. 1e-3: on the binomial synthetic benchmark (4,000 Bernoulli
-        responses, where an epoch is one full-batch step) early stopping at 3e-3 left noisier
-        networks (gap closed 92.3% / 92.1% on known / new groups over seeds 0-4, against
-        94.9% / 94.2% at 1e-3; 93.4% / 95.6% over seeds 0-19 before the linear start and
-        input noise of the networks, 94.7% / 95.5% with them);
-        gaussian and poisson are unchanged. At 100,000 rows 1e-3 trains a few more epochs
-        and fits the true effect more closely (benchmarks/neural/README.md). With both,
-        lr 5e-4 and ``min_steps`` 400 gained 0.4 points (95.6% / 96.6% against 95.2% /
-        96.3%, seeds 0-39) for about twice the epochs: not adopted.
-    weight_decay : float
-        Decoupled weight decay on the network weights.
-    input_noise : float
-        Standard deviation of the Gaussian noise added, during training only, to the
-        standardised numeric inputs of each network's nonlinear layers (not to its linear
-        path; :mod:`~ngmm_formula.networks`); 0 turns it off. Not used by
-        ``approx="variational"``. 0.1: on the binomial synthetic benchmark it raised the gap
-        closed by about 1 point (93.4% -> 94.3% on seeds 0-19, 93.6% -> 95.0% on seeds
-        20-39, known groups); 0.2 cost 3 points on new groups, 0.3 biased the fit (89% /
-        86%).
-    batch_size : int
-        Target observations per minibatch (rounded to whole groups).
-    batch_groups : int or None
-        Groups per minibatch; overrides ``batch_size``.
-    validation : float
-        Fraction of groups held out for early stopping (0 disables early stopping).
-    patience : int
-        Epochs without improvement of the validation score before stopping.
-    min_steps : int
-        Optimiser steps before early stopping and learning-rate decay may act.
-    min_delta : float
-        Relative improvement that counts.
-    ensemble : int
-        Networks trained per ``nn()`` term (different initial weights and validation splits)
-        whose outputs are averaged; 1 (the default) trains a single network. Training time
-        grows in proportion; over 5 seeds of the synthetic benchmark (at lr 3e-3) three
-        networks gained 0.3-1.0 points of the closed gap on gaussian and poisson data, lost
-        0.3-2.7 on binomial and took 2.4x the time; at lr 1e-3 five networks retrained on all
-        groups gave binomial 94.4% / 94.9% over 20 seeds (benchmarks/neural/README.md).
-    retrain : bool
-        After early stopping, train again from the same initial weights on all groups
-        (validation groups included) for the selected number of epochs, replaying the
-        learning rates of the first run; the networks then learn from 10% more groups at up
-        to twice the training time. On the binomial synthetic benchmark at lr 3e-3 it did
-        not help (gap closed 91.5% / 91.2% vs 92.3% / 92.1%; benchmarks/neural/README.md).
-    folds : int
-        K > 1: K-fold early stopping over groups; the number of epochs maximises the pooled
-        validation curve of K networks (each with one fold of the groups held out, all from
-        the same initial weights), then one network is trained on all groups for that many
-        epochs (K + 1 trainings). Not combined with ``ensemble``. At lr 3e-3, K = 3 raised
-        the binomial synthetic gap closed to 95.9% / 93.7% (known / new groups, 5 seeds;
-        one network 92.3% / 92.1%) at about 3x the fit time; at lr 1e-3 it gave 93.3% /
-        95.3% over 20 seeds, no better than one network (benchmarks/neural/README.md).
-    refit : bool
-        Refit the linear and variance parameters by L-BFGS after training.
-    progress : bool or None
-        Progress bar (tqdm); None shows it when standard error is a terminal.
-    threads : int or None
-        torch intra-op threads during the fit (None: one, see :func:`torch_threads`).
-    """
-
-    max_iter: int = 2000
-    gtol: float = 1e-6
-    singular_tol: float = 1e-4
-    na_action: str = "omit"
-    epochs: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    input_noise: float = 0.1
-    batch_size: int = 4096
-    batch_groups: int | None = None
-    validation: float = 0.1
-    patience: int = 15
-    min_steps: int = 200
-    min_delta: float = 1e-5
-    ensemble: int = 1
-    retrain: bool = False
-    folds: int = 1
-    refit: bool = True
-    progress: bool | None = None
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("max_iter", self.max_iter >= 1), ("epochs", self.epochs >= 1),
-            ("lr", self.lr > 0), ("weight_decay", self.weight_decay >= 0),
-            ("input_noise", 0 <= self.input_noise < float("inf")),
-            ("batch_size", self.batch_size >= 1),
-            ("batch_groups", self.batch_groups is None or self.batch_groups >= 1),
-            ("validation", 0 <= self.validation < 1), ("patience", self.patience >= 1),
-            ("min_steps", self.min_steps >= 0), ("ensemble", self.ensemble >= 1),
-            ("folds", self.folds >= 1 and (self.folds == 1 or self.ensemble == 1)),
-            ("na_action", self.na_action in ("omit", "raise")),
-            ("threads", self.threads is None or self.threads >= 1),
-        ]
-        for name, ok in checks:
-            if not ok:
-                raise NGMMError(f"Control: invalid {name}={getattr(self, name)!r}")
 
 
 class Objective:
@@ -316,14 +201,6 @@ def _state(module: LinearPredictor) -> bytes:
     """The linear parameters' bits (beta, theta, log_sigma)."""
     ps = [module.beta, module.theta] + ([] if module.log_sigma is None else [module.log_sigma])
     return b"".join(p.detach().cpu().numpy().tobytes() for p in ps)
-
-
-def _params(module: LinearPredictor) -> list[torch.nn.Parameter]:
-    ps = [] if module.reml else [module.beta]
-    ps.append(module.theta)
-    if module.log_sigma is not None:
-        ps.append(module.log_sigma)
-    return ps
 
 
 def _get(module: LinearPredictor) -> np.ndarray:
@@ -519,7 +396,7 @@ def profiled(obj: Objective) -> bool:
     """Whether ``obj`` is fitted through lmer's profiled objective: an exact Gaussian integral
     (identity link) with a linear predictor free of networks, in one process (a distributed
     fit's shard holds part of the groups); any layout
-    (:func:`~ngmm_formula.approx.profiled.profiled_objective`)."""
+    (:func:`~ngmm_formula.approx.blocked.profiled_objective`)."""
     return (obj.approx.kind == "exact" and not obj.module.nets and not obj.problem.net_X
             and obj.shard is None)
 

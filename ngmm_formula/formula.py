@@ -491,40 +491,8 @@ def parse_formula(formula: str, *, names: Collection[str] | None = None) -> Pars
     >>> [str(b) for b in p.bars]
     ['(1 | Subject)', '(0 + Days | Subject)']
     """
-    if not isinstance(formula, str):
-        raise FormulaError(f"the formula must be a string, got {type(formula).__name__}")
-    if not formula.strip():
-        raise FormulaError("the formula is empty", formula, 0)
-    _check_parens(formula, 0, formula)
-    tilde = _split_top(formula, "~")
-    if len(tilde) == 1:
-        raise _fail("the formula needs a '~' between response and predictors", formula,
-                    len(formula))
-    if len(tilde) > 2:
-        raise _fail("the formula has more than one '~'", formula, tilde[2][1] - 1)
-    lhs, lhs_pos = _strip_with_offset(tilde[0][0], 0)
-    rhs_text, rhs_start = tilde[1][0], tilde[1][1]
-    if not lhs:
-        raise _fail("the formula has no response on the left of '~'", formula, 0)
-    response: str | None = _normalise(lhs)
-    cbind: tuple[str, str] | None = None
-    inner = _call_parts(lhs, "cbind")
-    if inner is not None:
-        args = [a for a, _, _ in _split_top(inner, ",")]
-        if len(args) != 2 or not all(a.strip() for a in args):
-            raise _fail("cbind() in the response takes two arguments: cbind(successes, "
-                        "failures)", formula, lhs_pos)
-        cbind = (_normalise(args[0]), _normalise(args[1]))
-        response = None
-        inner_pos = lhs_pos + lhs.index("(") + 1
-        for arg, aoff, _ in _split_top(inner, ","):
-            check_python(arg, formula, inner_pos + aoff, names, what="cbind() argument")
-    elif "|" in lhs:
-        raise _fail("'|' is not allowed in the response", formula, lhs_pos + lhs.find("|"))
-    elif IDENTIFIER.fullmatch(lhs) or (lhs.startswith("`") and lhs.endswith("`")):
-        check_identifier(lhs, formula, lhs_pos, None, what="response")
-    else:
-        check_python(lhs, formula, lhs_pos, names, what="response")
+    lhs, lhs_pos, rhs_text, rhs_start = _split_tilde(formula)
+    response, cbind = _parse_response(lhs, lhs_pos, formula, names)
     if not rhs_text.strip():
         raise _fail("nothing on the right of '~'", formula, len(formula))
 
@@ -575,21 +543,11 @@ def parse_formula(formula: str, *, names: Collection[str] | None = None) -> Pars
                         pos + text.find("nn"))
         check_terms(text, formula, pos, names)
         fixed.append(f"{'- ' if sep == '-' else ('+ ' if fixed else '')}{_normalise(text)}")
-    fixed_rhs = " ".join(fixed).strip()
-    if not fixed_rhs:
-        fixed_rhs = "1"
-    elif fixed_rhs.startswith("- "):
-        fixed_rhs = "1 " + fixed_rhs
+    fixed_rhs = _fixed_rhs(fixed)
     if not bars and not nns and "|" in rhs_text:
         raise _fail("'|' outside a parenthesised random-effects term", formula,
                     rhs_start + rhs_text.find("|"))
-    seen: set[tuple[str, str]] = set()
-    for b, bpos in zip(bars, bar_pos, strict=True):
-        key = (b.expr, b.group)
-        if key in seen:
-            raise _fail(f"the random-effects term ({b.expr} | {b.group}) appears twice",
-                        formula, bpos)
-        seen.add(key)
+    _check_bars_unique(bars, bar_pos, formula)
     return ParsedFormula(
         formula=formula,
         response=response,
@@ -599,6 +557,74 @@ def parse_formula(formula: str, *, names: Collection[str] | None = None) -> Pars
         offsets=tuple(offsets),
         response_cbind=cbind,
     )
+
+
+def _split_tilde(formula: str) -> tuple[str, int, str, int]:
+    """Response and right-hand side of ``formula``, each with where it starts (a formula that
+    is no string, is empty or has unbalanced parentheses raises first)."""
+    if not isinstance(formula, str):
+        raise FormulaError(f"the formula must be a string, got {type(formula).__name__}")
+    if not formula.strip():
+        raise FormulaError("the formula is empty", formula, 0)
+    _check_parens(formula, 0, formula)
+    tilde = _split_top(formula, "~")
+    if len(tilde) == 1:
+        raise _fail("the formula needs a '~' between response and predictors", formula,
+                    len(formula))
+    if len(tilde) > 2:
+        raise _fail("the formula has more than one '~'", formula, tilde[2][1] - 1)
+    lhs, lhs_pos = _strip_with_offset(tilde[0][0], 0)
+    rhs_text, rhs_start = tilde[1][0], tilde[1][1]
+    if not lhs:
+        raise _fail("the formula has no response on the left of '~'", formula, 0)
+    return lhs, lhs_pos, rhs_text, rhs_start
+
+
+def _parse_response(lhs: str, lhs_pos: int, formula: str, names: Collection[str] | None
+                    ) -> tuple[str | None, tuple[str, str] | None]:
+    """The response (None for ``cbind(successes, failures)``) and the two columns of a
+    cbind() response, each checked as the formula's other expressions are."""
+    response: str | None = _normalise(lhs)
+    cbind: tuple[str, str] | None = None
+    inner = _call_parts(lhs, "cbind")
+    if inner is not None:
+        args = [a for a, _, _ in _split_top(inner, ",")]
+        if len(args) != 2 or not all(a.strip() for a in args):
+            raise _fail("cbind() in the response takes two arguments: cbind(successes, "
+                        "failures)", formula, lhs_pos)
+        cbind = (_normalise(args[0]), _normalise(args[1]))
+        response = None
+        inner_pos = lhs_pos + lhs.index("(") + 1
+        for arg, aoff, _ in _split_top(inner, ","):
+            check_python(arg, formula, inner_pos + aoff, names, what="cbind() argument")
+    elif "|" in lhs:
+        raise _fail("'|' is not allowed in the response", formula, lhs_pos + lhs.find("|"))
+    elif IDENTIFIER.fullmatch(lhs) or (lhs.startswith("`") and lhs.endswith("`")):
+        check_identifier(lhs, formula, lhs_pos, None, what="response")
+    else:
+        check_python(lhs, formula, lhs_pos, names, what="response")
+    return response, cbind
+
+
+def _fixed_rhs(fixed: list[str]) -> str:
+    """The fixed-effect terms as one formulaic right-hand side ("1" when there is none)."""
+    fixed_rhs = " ".join(fixed).strip()
+    if not fixed_rhs:
+        fixed_rhs = "1"
+    elif fixed_rhs.startswith("- "):
+        fixed_rhs = "1 " + fixed_rhs
+    return fixed_rhs
+
+
+def _check_bars_unique(bars: list[BarTerm], bar_pos: list[int], formula: str) -> None:
+    """No random-effects term twice (the caret at the second)."""
+    seen: set[tuple[str, str]] = set()
+    for b, bpos in zip(bars, bar_pos, strict=True):
+        key = (b.expr, b.group)
+        if key in seen:
+            raise _fail(f"the random-effects term ({b.expr} | {b.group}) appears twice",
+                        formula, bpos)
+        seen.add(key)
 
 
 def _first_top_bar(text: str) -> int | None:

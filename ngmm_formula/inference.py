@@ -59,6 +59,7 @@ from ngmm_formula.errors import ConvergenceWarning, DataError, NGMMError
 from ngmm_formula.fit import Control, Objective, torch_threads
 from ngmm_formula.model import LinearPredictor, build_problem
 from ngmm_formula.results import NGMMResult
+from ngmm_formula.runtime import mp_context
 
 __all__ = ["confint", "parameter_names", "parameters", "predict_se", "profile"]
 
@@ -778,7 +779,7 @@ def _boot(fit: NGMMResult, data: pd.DataFrame, level: float, nsim: int, seed: in
     else:
         _check_main_guard(workers)
         try:
-            with ProcessPoolExecutor(max_workers=min(workers, nsim), mp_context=_mp_context(),
+            with ProcessPoolExecutor(max_workers=min(workers, nsim), mp_context=mp_context(),
                                      initializer=_init_worker, initargs=(job,)) as ex:
                 reps = list(ex.map(_refit_one, tasks,
                                    chunksize=max(1, nsim // (4 * workers))))
@@ -841,19 +842,6 @@ def _check_main_guard(workers: int) -> None:
         raise NGMMError(f"confint('boot', workers={workers}) refits in worker processes, and "
                         f"the script {Path(path).name} has no 'if __name__ == "
                         "\"__main__\":' block" + _GUARD_HINT.format(what="it"))
-
-
-def _mp_context() -> Any:
-    """forkserver where available: one server process imports torch and the package once,
-    and the workers are forked from it (cheap, and safe: the server never ran torch's
-    thread pools, unlike this process); spawn elsewhere."""
-    import multiprocessing as mp
-
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["ngmm_formula.api", "ngmm_formula.inference"])
-        return ctx
-    return mp.get_context("spawn")
 
 
 def _norm_inter(t: np.ndarray, alpha: float) -> float:

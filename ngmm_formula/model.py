@@ -18,22 +18,35 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from ngmm_formula.approx import Approximation
-from ngmm_formula.approx.conditional import Blocks
-from ngmm_formula.approx.factor import Split
 from ngmm_formula.design import Design, ReTerm, tril_pairs
 from ngmm_formula.families import Family
+from ngmm_formula.layout import Blocks, Split
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 __all__ = ["LinearPredictor", "Problem", "RowsByGroup", "Standardisation", "build_problem",
            "index_dtype", "joint_split", "lambda_blocks", "linear_part", "lstsq_fixed_order",
-           "matvec", "resolve_device"]
+           "matvec", "optimised_parameters", "resolve_device"]
+
+
+
+class BlockChoice(Protocol):
+    """What :func:`build_problem` reads of an approximation
+    (:class:`~ngmm_formula.approx.Approximation` has both): one joint block or one block per
+    group, and whether the fixed effects are integrated (REML). The model sits below the
+    approximations, so it names only these two attributes."""
+
+    @property
+    def joint(self) -> bool: ...
+
+    @property
+    def reml(self) -> bool: ...
+
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "double": torch.float64,
            "float": torch.float32}
@@ -285,7 +298,7 @@ class Problem:
         return dataclasses.replace(self, offset=self.offset + extra, net_X=(), net_noise=())
 
 
-def build_problem(design: Design, family: Family, approx: Approximation, *,
+def build_problem(design: Design, family: Family, approx: BlockChoice, *,
                   dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
                   net_dtype: torch.dtype | None = None) -> Problem:
     """Tensors and block layout for ``design`` under ``approx``, on ``device``.
@@ -490,3 +503,14 @@ def linear_part(module: LinearPredictor, problem: Problem) -> LinearPredictor:
     if module.log_sigma is not None:
         glmm.log_sigma = module.log_sigma
     return glmm
+
+
+def optimised_parameters(module: LinearPredictor) -> list[torch.nn.Parameter]:
+    """The parameters the optimiser of a linear model moves, in its order (the order of
+    :class:`~ngmm_formula.fit.Optimum`'s ``x``): beta (unless REML integrates it), theta,
+    and the log residual scale where the family has one."""
+    ps = [] if module.reml else [module.beta]
+    ps.append(module.theta)
+    if module.log_sigma is not None:
+        ps.append(module.log_sigma)
+    return ps

@@ -119,6 +119,7 @@ from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula, parse_formula
 from ngmm_formula.networks import network_from_data, network_to_data
 from ngmm_formula.results import Diagnostics, NGMMResult
 from ngmm_formula.train import TrainingHistory
+from ngmm_formula.version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
@@ -203,9 +204,7 @@ class _LoadedRefit:
 
 
 def _package_version() -> str:
-    import ngmm_formula  # at call time: this module may be imported by the package's __init__
-
-    return str(getattr(ngmm_formula, "__version__", "unknown"))
+    return __version__
 
 
 def _library_versions() -> dict[str, str]:

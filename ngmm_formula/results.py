@@ -16,6 +16,7 @@ Parameters are reported on the user's scale and in lme4's conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -34,6 +35,33 @@ from ngmm_formula.model import matvec
 from ngmm_formula.networks import input_label
 
 __all__ = ["NGMMResult", "Diagnostics"]
+
+
+def _read_only(value: Any, seen: set[int]) -> None:
+    """Make every numpy array reachable from ``value`` through dataclasses, tuples, lists and
+    dicts read-only (the result's own arrays, its design's matrices and indices, the pandas
+    objects' values), so that ``fit.eta[:] = 0`` raises instead of changing ``fitted``,
+    ``residuals`` and ``simulate``."""
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        value.setflags(write=False)
+    elif isinstance(value, (pd.Series, pd.DataFrame)):
+        for arr in ([value.to_numpy()] if isinstance(value, pd.Series)
+                    else [value[c].to_numpy() for c in value.columns]):
+            if isinstance(arr, np.ndarray) and arr.flags.writeable and arr.base is None:
+                arr.setflags(write=False)
+        _read_only(value.attrs, seen)  # ranef's postVar
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _read_only(v, seen)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _read_only(v, seen)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _read_only(getattr(value, f.name, None), seen)
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,9 @@ class NGMMResult:
     nets: tuple[Any, ...] = field(repr=False, default=())
     history: Any = field(repr=False, default=None)
     refit: Any = field(repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        _read_only(self, set())
 
     # ---------------------------------------------------------------- fit statistics
     @property
@@ -205,7 +236,7 @@ class NGMMResult:
             for c in codes:
                 X = ni.X.copy()
                 X[:, start:start + width] = c
-                effects.append(float(net(torch.as_tensor(X)).mean()))
+                effects.append(float(net(torch.tensor(X)).mean()))
         return pd.DataFrame({var: values, "effect": effects})
 
     def plot_partial_dependence(self, term: int | str = 0, var: str | None = None,
@@ -295,7 +326,7 @@ class NGMMResult:
 
     def _mean(self, eta: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return self.family.mean(torch.as_tensor(eta)).numpy()
+            return self.family.mean(torch.tensor(eta)).numpy()
 
     def residuals(self, type: Literal["response", "pearson", "deviance", "working"] = "response"
                   ) -> np.ndarray:
@@ -312,7 +343,7 @@ class NGMMResult:
             return np.asarray(self.family.deviance_residuals(y, mu, sig, w))
         if type == "working":
             with torch.no_grad():
-                mu_eta = self.family.link.mu_eta(torch.as_tensor(self.eta)).numpy()
+                mu_eta = self.family.link.mu_eta(torch.tensor(self.eta)).numpy()
             return (y - mu) / mu_eta
         raise NGMMError(f"residual type must be response, pearson, deviance or working; "
                         f"got {type!r}")

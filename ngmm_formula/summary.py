@@ -41,7 +41,7 @@ from scipy import stats
 
 from ngmm_formula.errors import NGMMError
 
-__all__ = ["AnovaTable", "Summary", "anova", "format_anova", "summarize"]
+__all__ = ["AnovaTable", "Summary", "anova", "format_anova", "r_format", "summarize"]
 
 #: Marks the package in the title line, as lme4 marks the class (``['lmerMod']``).
 PACKAGE_TAG = "ngmm_formula"
@@ -377,13 +377,13 @@ def _render_summary(s: Summary, width: int) -> str:
     out += list(s.header)
     out.append("")
     if s.reml:
-        crit = _r_format([_r_round(float(s.fit_stats["REML"]), 1)], 7)[0].strip()
+        crit = r_format([_r_round(float(s.fit_stats["REML"]), 1)], 7)[0].strip()
         out.append(f"REML criterion at convergence: {crit}")
     else:
         # .prt.aictab: format(round(x, 1)) together, then df.resid on its own
         values = [_r_round(float(v), 1) for v in s.fit_stats]
-        cells = _r_format(values, 7)
-        cells[-1] = _r_format([values[-1]], 7)[0]
+        cells = r_format(values, 7)
+        cells[-1] = r_format([values[-1]], 7)[0]
         out += _named_vector_lines(cells, [str(k) for k in s.fit_stats.index], width)
     if s.network_weights and not s.reml:
         stat = s.npar - s.network_weights
@@ -393,7 +393,7 @@ def _render_summary(s: Summary, width: int) -> str:
 
     out.append("Scaled residuals: ")
     rq = _zapsmall(np.asarray(s.residual_quantiles, dtype=float), _DIGITS + 1)
-    out += _named_vector_lines(_r_format(list(rq), _DIGITS), list(s.residual_quantiles.index),
+    out += _named_vector_lines(r_format(list(rq), _DIGITS), list(s.residual_quantiles.index),
                                width)
     out.append("")
 
@@ -439,7 +439,7 @@ def _neural_terms_lines(nt: pd.DataFrame, width: int) -> list[str]:
         terms = [f"{t} [{i}]" for t, i in zip(terms, nt["Inputs"])]
     arch = [str(v) for v in nt["Architecture"]]
     weights = [f"{int(v):,}" for v in nt["Weights"]]
-    share = [c.strip() for c in _r_format(list(nt["Share of var(eta)"]), 3)]
+    share = [c.strip() for c in r_format(list(nt["Share of var(eta)"]), 3)]
     rows = [list(r) for r in zip(terms, arch, weights, share)]
     lines = _matrix_lines(rows, [""] * len(rows), ["Term", "Architecture", "Weights",
                                                    "Var share"],
@@ -501,8 +501,8 @@ def _random_effects_lines(re_table: pd.DataFrame, blocks: tuple[int, ...], width
     n = len(re_table)
     if n == 0:
         return [" (none)"]
-    variance = _r_format(list(re_table["Variance"]), _DIGITS)
-    stddev = _r_format(list(re_table["Std.Dev."]), _DIGITS)
+    variance = r_format(list(re_table["Variance"]), _DIGITS)
+    stddev = r_format(list(re_table["Std.Dev."]), _DIGITS)
     corr_cols = [c for c in re_table.columns if str(c).startswith("Corr.")]
     rows: list[list[str]] = []
     start = 0
@@ -516,7 +516,7 @@ def _random_effects_lines(re_table: pd.DataFrame, blocks: tuple[int, ...], width
                 for j in range(i):
                     C[i, j] = C[j, i] = float(block.iloc[i][corr_cols[j]])
             dig = max(2, _DIGITS - 2)
-            f = _r_format([_r_round(v, dig) for v in C.ravel()], 7, nsmall=dig)
+            f = r_format([_r_round(v, dig) for v in C.ravel()], 7, nsmall=dig)
             for i in range(size):
                 for j in range(i):
                     corr_cells[i][j] = f[i * size + j]
@@ -536,7 +536,7 @@ def _correlation_lines(corr: pd.DataFrame, width: int) -> list[str]:
     names = [str(n) for n in corr.index]
     p = len(names)
     C = np.asarray(corr, dtype=float)
-    f = _r_format([_r_round(v, 3) for v in C.ravel()], 7, nsmall=3)
+    f = r_format([_r_round(v, 3) for v in C.ravel()], 7, nsmall=3)
     rows = [[f[i * p + j] if j < i else "" for j in range(p - 1)] for i in range(1, p)]
     rn = _abbreviate(names, 11)[1:]
     cn = _abbreviate(names, 6)[:-1]
@@ -556,6 +556,49 @@ class AnovaTable(pd.DataFrame):
 
     def __str__(self) -> str:
         return format_anova(self)
+
+
+def _check_same_data(mods: list[Any]) -> None:
+    """anova's models must share their data: the same number of observations, response and
+    data set (as lme4 checks)."""
+    nobs = [int(m.nobs) for m in mods]
+    if len(set(nobs)) > 1:
+        raise NGMMError("models were not all fitted to the same size of dataset "
+                        f"(nobs: {', '.join(map(str, nobs))})")
+    responses = [_response(str(m.formula)) for m in mods]
+    known = [r for r in responses if r is not None]
+    if len(set(known)) > 1:
+        raise NGMMError("models have different responses ("
+                        + " vs ".join(dict.fromkeys(known))
+                        + "); anova compares models of one response fitted to the same data")
+    data_names = [m.data_name for m in mods if getattr(m, "data_name", None)]
+    if len(set(data_names)) > 1:
+        raise NGMMError("all models must be fit to the same data object (data: "
+                        + ", ".join(dict.fromkeys(data_names)) + ")")
+
+
+def _model_names(fits: Sequence[Any], named_fits: dict[str, Any],
+                 model_names: Sequence[str] | None, n_models: int) -> list[str]:
+    """Row names of anova's table: ``model_names``, else each fit's name or formula (``m1``,
+    ``m2``, ... when those clash or are too long), then the keywords of ``named_fits``."""
+    if model_names is not None:
+        names = [str(n) for n in model_names]
+        if len(names) != n_models:
+            raise NGMMError(f"model_names has {len(names)} names for {n_models} models")
+    else:
+        names = [str(m.name) if getattr(m, "name", None) else " ".join(str(m.formula).split())
+                 for m in fits] + list(named_fits)
+        # positional names when formulas clash (one formula, two families) or are too long
+        # for the table to fit in WIDTH columns (the heading lists the formulas anyway)
+        longest = max(len(n) for n in names[:len(fits)]) if fits else 0
+        if len(set(names)) != len(names) or longest > _ANOVA_ROWNAME_MAX:
+            names = [str(m.name) if getattr(m, "name", None) else f"m{i + 1}"
+                     for i, m in enumerate(fits)] + list(named_fits)
+    if len(set(names)) != len(names):
+        # stacklevel 3: the warning points at the caller of anova, as before
+        warnings.warn("duplicate model names; assigning generic names", stacklevel=3)
+        names = [f"MODEL{i + 1}" for i in range(n_models)]
+    return names
 
 
 def anova(*fits: Any, model_names: Sequence[str] | None = None,
@@ -606,37 +649,8 @@ def anova(*fits: Any, model_names: Sequence[str] | None = None,
     if len(mods) < 2:
         raise NGMMError(f"anova needs at least two fitted models to compare; got {len(mods)}")
 
-    nobs = [int(m.nobs) for m in mods]
-    if len(set(nobs)) > 1:
-        raise NGMMError("models were not all fitted to the same size of dataset "
-                        f"(nobs: {', '.join(map(str, nobs))})")
-    responses = [_response(str(m.formula)) for m in mods]
-    known = [r for r in responses if r is not None]
-    if len(set(known)) > 1:
-        raise NGMMError("models have different responses ("
-                        + " vs ".join(dict.fromkeys(known))
-                        + "); anova compares models of one response fitted to the same data")
-    data_names = [m.data_name for m in mods if getattr(m, "data_name", None)]
-    if len(set(data_names)) > 1:
-        raise NGMMError("all models must be fit to the same data object (data: "
-                        + ", ".join(dict.fromkeys(data_names)) + ")")
-
-    if model_names is not None:
-        names = [str(n) for n in model_names]
-        if len(names) != len(mods):
-            raise NGMMError(f"model_names has {len(names)} names for {len(mods)} models")
-    else:
-        names = [str(m.name) if getattr(m, "name", None) else " ".join(str(m.formula).split())
-                 for m in fits] + list(named_fits)
-        # positional names when formulas clash (one formula, two families) or are too long
-        # for the table to fit in WIDTH columns (the heading lists the formulas anyway)
-        longest = max(len(n) for n in names[:len(fits)]) if fits else 0
-        if len(set(names)) != len(names) or longest > _ANOVA_ROWNAME_MAX:
-            names = [str(m.name) if getattr(m, "name", None) else f"m{i + 1}"
-                     for i, m in enumerate(fits)] + list(named_fits)
-    if len(set(names)) != len(names):
-        warnings.warn("duplicate model names; assigning generic names", stacklevel=2)
-        names = [f"MODEL{i + 1}" for i in range(len(mods))]
+    _check_same_data(mods)
+    names = _model_names(fits, named_fits, model_names, len(mods))
 
     is_reml = [bool(getattr(m, "reml", False)) for m in mods]
     if refit:
@@ -733,7 +747,7 @@ def _scientific(x: float, digits: int) -> tuple[int, int, int, bool]:
     return neg, kpower, nsig, widens
 
 
-def _r_format(values: Sequence[float], digits: int = 7, nsmall: int = 0,
+def r_format(values: Sequence[float], digits: int = 7, nsmall: int = 0,
               na: str = "NA") -> list[str]:
     """R's ``format(x, digits = digits, nsmall = nsmall)`` of a numeric vector.
 
@@ -800,7 +814,7 @@ def _format_pval(pv: Sequence[float], digits: int,
         for flag in (True, False):
             sub = [i for i, f in zip(idx, fixp) if f == flag]
             if sub:
-                for i, s in zip(sub, _r_format([pv[i] for i in sub], digits)):
+                for i, s in zip(sub, r_format([pv[i] for i in sub], digits)):
                     out[i] = s
         rr = [out[i] for i in idx]
     if any(is0):
@@ -812,7 +826,7 @@ def _format_pval(pv: Sequence[float], digits: int,
             sep = "" if (d == 1 and nc <= 6) else " "
         else:
             sep = "" if d == 1 else " "
-        text = "<" + sep + _r_format([eps], d)[0].strip()
+        text = "<" + sep + r_format([eps], d)[0].strip()
         for i, z in enumerate(is0):
             if z:
                 out[i] = text
@@ -850,14 +864,14 @@ def _coefmat_lines(x: pd.DataFrame, *, digits: int, cs_ind: list[int], tst_ind: 
             nz = acs[fin & (acs != 0)]
             digmin = 1 + math.floor(math.log10(float(nz.min()))) if nz.size else 1
             dd = max(1, digits - digmin)
-            f = _r_format([_r_round(float(v), dd) for v in coef_se.ravel()], digits)
+            f = r_format([_r_round(float(v), dd) for v in coef_se.ravel()], digits)
             k = 0
             for i in range(n):
                 for j in cs_ind:
                     cf[i][j] = f[k]
                     k += 1
     if tst_ind:
-        f = _r_format([_r_round(float(v), dig_tst) for v in xm[:, tst_ind].ravel()], digits)
+        f = r_format([_r_round(float(v), dig_tst) for v in xm[:, tst_ind].ravel()], digits)
         k = 0
         for i in range(n):
             for j in tst_ind:
@@ -866,7 +880,7 @@ def _coefmat_lines(x: pd.DataFrame, *, digits: int, cs_ind: list[int], tst_ind: 
     last = nc - 1 if has_pvalue else nc
     for j in range(nc):
         if j not in cs_ind and j not in tst_ind and j < last:
-            f = _r_format(list(xm[:, j]), digits)
+            f = r_format(list(xm[:, j]), digits)
             for i in range(n):
                 cf[i][j] = f[i]
     ok[:, tst_ind] = False
@@ -874,7 +888,7 @@ def _coefmat_lines(x: pd.DataFrame, *, digits: int, cs_ind: list[int], tst_ind: 
     bad = [(i, j) for i in range(n) for j in range(last)
            if ok[i, j] and (xm[i, j] == 0) != (_as_float(cf[i][j]) == 0)]
     if bad:
-        f = _r_format([xm[i, j] for i, j in bad], max(1, digits - 1))
+        f = r_format([xm[i, j] for i, j in bad], max(1, digits - 1))
         for (i, j), s in zip(bad, f):
             cf[i][j] = s
     for i in range(n):

@@ -80,7 +80,7 @@ from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, linear_par
 from ngmm_formula.networks import MLP, CentredNetwork, Ensemble
 
 if TYPE_CHECKING:
-    from ngmm_formula.distributed import Shard
+    from ngmm_formula.shards import Shard
 
 __all__ = ["TrainingHistory", "fit_linear_start", "train_networks"]
 

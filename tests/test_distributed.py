@@ -38,8 +38,8 @@ import torch.distributed as dist
 from ngmm_formula import Control, NGMMError, datasets, fit_distributed, ngmm
 from ngmm_formula.api import _module, prepare
 from ngmm_formula.datasets import simulate_grouped
-from ngmm_formula.distributed import Shard, _bounds
 from ngmm_formula.fit import Objective
+from ngmm_formula.shards import Shard, _bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -126,8 +126,8 @@ def test_summary_and_estimates_identical(kind: str, folder: Path) -> None:
         _same(back.ranef[g].attrs["postVar"], fit.ranef[g].attrs["postVar"])
     assert (back.loglik, back.aic, back.bic, back.sigma) == (fit.loglik, fit.aic, fit.bic,
                                                              fit.sigma)
-    # the design's arrays stay read-only, as in the fitted result
-    assert not back.design.X.flags.writeable and back.eta.flags.writeable
+    # the design's arrays and the result's own (eta) are read-only, as in the fitted result
+    assert not back.design.X.flags.writeable and not back.eta.flags.writeable
 
 
 def test_networks_identical(folder: Path) -> None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import warnings
+import weakref
 from functools import cache
 from typing import Any
 
@@ -392,3 +394,47 @@ def test_ranef_and_fitted_do_not_depend_on_the_sign_of_theta() -> None:
         np.testing.assert_allclose(a.attrs["postVar"], b.attrs["postVar"], rtol=1e-6,
                                    atol=1e-12)
     np.testing.assert_allclose(flipped.fitted, reference.fitted, rtol=1e-9)
+
+
+def _arrays(fit: NGMMResult) -> dict[str, np.ndarray]:
+    """Every numpy array a result holds, by where it is (design, terms, postVar, ...)."""
+    out: dict[str, np.ndarray] = {"eta": fit.eta}
+    out.update({f"random_coef[{k}]": a for k, a in enumerate(fit.random_coef)})
+    d = fit.design
+    for f in dataclasses.fields(d):
+        if isinstance(getattr(d, f.name), np.ndarray):
+            out[f"design.{f.name}"] = getattr(d, f.name)
+    for k, term in enumerate(d.re_terms):
+        for f in dataclasses.fields(term):
+            if isinstance(getattr(term, f.name), np.ndarray):
+                out[f"design.re_terms[{k}].{f.name}"] = getattr(term, f.name)
+    for g, frame in fit.ranef.items():
+        out[f"ranef[{g}].postVar"] = frame.attrs["postVar"]
+    return out
+
+
+@pytest.mark.parametrize("ref_id", SMALL)
+def test_arrays_of_a_result_are_read_only(ref_id: str) -> None:
+    fit = fit_of(ref_id)
+    fitted = fit.fitted.copy()
+    arrays = _arrays(fit)
+    assert len(arrays) >= 8
+    for where, arr in arrays.items():
+        with pytest.raises(ValueError, match="read-only"):
+            arr.reshape(-1)[:1] = 0  # noqa: B018 - the assignment is the test
+        assert not arr.flags.writeable, where
+    for series in (fit.fixef, fit.theta):
+        with pytest.raises(ValueError, match="read-only"):
+            series.to_numpy()[:1] = 0
+    np.testing.assert_array_equal(fit.fitted, fitted)
+
+
+def test_result_keeps_no_reference_to_the_callers_data_frame() -> None:
+    data = load("sleepstudy").copy()
+    alive = weakref.ref(data)
+    fit = ngmm(SLEEP, data, reml=False)
+    del data
+    gc.collect()
+    assert alive() is None
+    assert fit.refit is not None and fit.refit.formula == SLEEP
+    assert fit.refit(reml=False).loglik == pytest.approx(fit.loglik, abs=1e-9)

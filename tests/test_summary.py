@@ -24,11 +24,11 @@ from ngmm_formula.summary import (
     Summary,
     _abbreviate,
     _format_pval,
-    _r_format,
     _title_lines,
     _zapsmall,
     anova,
     format_anova,
+    r_format,
     summarize,
 )
 
@@ -682,7 +682,7 @@ FORMAT_CASES = [
 
 @pytest.mark.parametrize("x, digits, nsmall, expected", FORMAT_CASES)
 def test_r_format(x: list[float], digits: int, nsmall: int, expected: list[str]) -> None:
-    assert _r_format(x, digits, nsmall) == expected
+    assert r_format(x, digits, nsmall) == expected
 
 
 @pytest.mark.parametrize("pv, digits, expected", [

@@ -53,12 +53,12 @@ import torch
 
 from ngmm_formula.approx.conditional import LOG_2PI
 from ngmm_formula.approx.factor import Factor
-from ngmm_formula.approx.profiled import PLSSolution, _gram
+from ngmm_formula.approx.profiled import PLSSolution, ProfiledLMM, gram, use_profiled
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
 
-__all__ = ["BlockedLMM", "ConditionalFactor"]
+__all__ = ["BlockedLMM", "ConditionalFactor", "profiled_objective"]
 
 #: The Schur complement is factorised densely above this fraction of nonzeros (or below
 #: :data:`DENSE_DIM` coordinates); SuperLU otherwise. Measured on InstEval (22%: LAPACK 37 ms,
@@ -147,7 +147,7 @@ class BlockedLMM:
             Zv = torch.cat(problem.Z, dim=1).cpu().numpy()
             w_np, r_np, X_np = w.cpu().numpy(), r.cpu().numpy(), Xs.cpu().numpy()
             rss0 = float((w * r * r).sum())
-            XtWX = _gram(Xs, w).cpu().numpy()
+            XtWX = gram(Xs, w).cpu().numpy()
             const = -float(torch.log(w).sum())
             if problem.reml:
                 const -= 2.0 * problem.standardisation.log_abs_det
@@ -456,3 +456,10 @@ class ConditionalFactor(Factor):
                 lv, cc = level[rows, 0], col[rows]
                 out[rows] = V[lv[:, None, None], cc[:, :, None], cc[:, None, :]]
         return torch.as_tensor(out)
+
+
+def profiled_objective(problem: Problem) -> ProfiledLMM | BlockedLMM:
+    """lmer's profiled objective of a linear Gaussian ``problem``: the dense per-group or
+    small joint :class:`ProfiledLMM` (with an analytic gradient) where :func:`use_profiled`,
+    else the blocked sparse :class:`~ngmm_formula.approx.blocked.BlockedLMM` (value only)."""
+    return ProfiledLMM.of(problem) if use_profiled(problem) else BlockedLMM.of(problem)

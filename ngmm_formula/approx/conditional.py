@@ -34,64 +34,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
-from ngmm_formula.approx.factor import DenseFactor, Factor, SchurFactor, SchurMaps, Split
+from ngmm_formula.approx.factor import DenseFactor, Factor, SchurFactor
 from ngmm_formula.families import Family
+from ngmm_formula.layout import Blocks
 
 __all__ = ["Blocks", "ConditionalMode", "block_sum", "factorise", "find_mode", "log_integrand",
            "neg_hessian", "gradient"]
 
 LOG_2PI = math.log(2.0 * math.pi)
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """Layout of the integrated coordinates.
-
-    Attributes
-    ----------
-    n_blocks : int
-        Number of independent blocks (groups, or 1).
-    dim : int
-        Dimension ``D`` of every block.
-    block_of_obs : LongTensor, shape (n,)
-    slot_pos : LongTensor, shape (n, S)
-        Coordinate inside the block of each slot of each observation.
-    prior_precision : Tensor, shape (D,)
-        1 for a random effect, 0 for a flat (REML) coordinate.
-    split : Split, optional
-        For a single joint block: the partition of its coordinates over which :math:`H` is
-        factorised by block elimination (:class:`~ngmm_formula.approx.factor.SchurFactor`);
-        None for a dense factorisation of every block.
-    """
-
-    n_blocks: int
-    dim: int
-    block_of_obs: torch.Tensor
-    slot_pos: torch.Tensor
-    prior_precision: torch.Tensor
-    split: Split | None = None
-
-    @cached_property
-    def schur_maps(self) -> SchurMaps:
-        """Index maps of the block elimination for these observations (computed once)."""
-        assert self.split is not None and self.n_blocks == 1
-        return SchurMaps.of(self.slot_pos, self.split)
-
-    @property
-    def n_prior(self) -> float:
-        return float(self.prior_precision.sum())
-
-    def flat_index(self) -> torch.Tensor:
-        """Index of each slot in the flattened (n_blocks * D) coordinate vector."""
-        return self._flat_index
-
-    @cached_property
-    def _flat_index(self) -> torch.Tensor:
-        return self.block_of_obs[:, None] * self.dim + self.slot_pos
 
 
 def block_sum(values: torch.Tensor, blocks: Blocks) -> torch.Tensor:

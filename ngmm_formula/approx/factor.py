@@ -50,9 +50,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
+
+from ngmm_formula.layout import SchurMaps, Split, pairs_of_pairs
 
 __all__ = ["DenseFactor", "Factor", "SchurFactor", "SchurMaps", "Split", "cholesky"]
 
@@ -77,20 +78,6 @@ def _chol_inverse(L: torch.Tensor) -> torch.Tensor:
 def _half_logdet(L: torch.Tensor) -> torch.Tensor:
     """:math:`\\tfrac12 \\log|L L^\\top| = \\sum_d \\log L_{dd}` over the last two axes."""
     return torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-
-
-def _pairs_of_pairs(pair_level: torch.Tensor, n_levels: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ordered combination (p, r) of pairs at the same level, for ``pair_level`` sorted;
-    built with ``repeat_interleave``, without a loop over levels."""
-    dev = pair_level.device
-    counts = torch.bincount(pair_level, minlength=n_levels)
-    first = torch.cumsum(counts, 0) - counts  # first pair of each level
-    rep = counts[pair_level]
-    left = torch.repeat_interleave(torch.arange(pair_level.numel(), device=dev), rep)
-    start = torch.cumsum(rep, 0) - rep
-    within = torch.arange(int(rep.sum()), device=dev) - torch.repeat_interleave(start, rep)
-    return left, first[pair_level[left]] + within
 
 
 class _HalfLogdet(torch.autograd.Function):
@@ -201,137 +188,6 @@ class DenseFactor(Factor):
 
     def detach(self) -> DenseFactor:
         return DenseFactor(self.chol.detach(), self.ok)
-
-
-@dataclass(frozen=True)
-class Split:
-    """Partition of a joint block's D coordinates into A (block diagonal) and B.
-
-    Attributes
-    ----------
-    a_slots, b_slots : LongTensor
-        The observation slots (columns of ``Blocks.slot_pos``) whose coordinates are in A,
-        and the others.
-    a_coords : LongTensor, shape (n_levels, q)
-        Coordinate of the j-th A coordinate of each level of A's grouping factor.
-    b_coords : LongTensor, shape (dim_B,)
-        Coordinate of each B coordinate.
-    """
-
-    a_slots: torch.Tensor
-    b_slots: torch.Tensor
-    a_coords: torch.Tensor
-    b_coords: torch.Tensor
-
-    @property
-    def n_levels(self) -> int:
-        return int(self.a_coords.shape[0])
-
-    @property
-    def q(self) -> int:
-        return int(self.a_coords.shape[1])
-
-    @property
-    def dim_b(self) -> int:
-        return int(self.b_coords.numel())
-
-    @property
-    def dim(self) -> int:
-        return self.n_levels * self.q + self.dim_b
-
-    @cached_property
-    def coord_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per coordinate (D,): its level of A (-1 in B), and its position within the level
-        (A) or its index in B."""
-        dev = self.a_coords.device
-        level_of = torch.full((self.dim,), -1, dtype=torch.long, device=dev)
-        local_of = torch.full((self.dim,), -1, dtype=torch.long, device=dev)
-        a = self.a_coords.reshape(-1)
-        level_of[a] = torch.arange(self.n_levels, device=dev).repeat_interleave(self.q)
-        local_of[a] = torch.arange(self.q, device=dev).repeat(self.n_levels)
-        local_of[self.b_coords] = torch.arange(self.dim_b, device=dev)
-        return level_of, local_of
-
-
-@dataclass(frozen=True)
-class SchurMaps:
-    """Index maps of :class:`SchurFactor` for one set of observations (built once).
-
-    Attributes
-    ----------
-    split : Split
-    aa_index : LongTensor, shape (n, S_A, S_A)
-        Flat index into (n_levels, q, q) of each observation's contribution to H_AA.
-    ab_index : LongTensor, shape (n, S_A, S_B)
-        Flat index into (n_pairs, q) of each contribution to H_AB.
-    bb_index : LongTensor, shape (n, S_B, S_B)
-        Flat index into (dim_B, dim_B) of each contribution to H_BB.
-    pair_level, pair_b : LongTensor, shape (n_pairs,)
-        Level of A and coordinate of B (0..dim_B-1) of each distinct pair, sorted by level.
-    left, right : LongTensor, shape (n_pp,)
-        The pairs of pairs (p, r), p < r, sharing a level, or None when the correction is
-        computed as a dense product (``dense_correction``). The correction is symmetric: the
-        pairs p > r are its transpose and p = r its diagonal part.
-    pp_index : LongTensor, shape (n_pp,)
-        Flat index into (dim_B, dim_B) of each pair of pairs (or None).
-    diag_index : LongTensor, shape (n_pairs,)
-        Flat index into (dim_B, dim_B) of the pairs (p, p).
-    dense_correction : bool
-        Whether :math:`H_{BA} H_{AA}^{-1} H_{AB}` is cheaper as a dense product than as
-        :math:`\\sum_l n_{\\text{pairs}}(l)^2` scatter-adds.
-    """
-
-    split: Split
-    aa_index: torch.Tensor
-    ab_index: torch.Tensor
-    bb_index: torch.Tensor
-    pair_level: torch.Tensor
-    pair_b: torch.Tensor
-    left: torch.Tensor | None
-    right: torch.Tensor | None
-    pp_index: torch.Tensor | None
-    diag_index: torch.Tensor
-    dense_correction: bool
-
-    # A product of the dense (n_levels q x dim_B) matrices runs at BLAS speed, a scatter-add
-    # about this many times slower per multiply-add (measured on this project's machine)
-    SCATTER_COST = 30.0
-
-    @classmethod
-    def of(cls, slot_pos: torch.Tensor, split: Split) -> SchurMaps:
-        dev = slot_pos.device
-        n_a, q, dim_b = split.n_levels, split.q, split.dim_b
-        level_of, local_of = split.coord_maps
-        pos_a = slot_pos[:, split.a_slots]
-        pos_b = slot_pos[:, split.b_slots]
-        level = level_of[pos_a[:, 0]] if pos_a.shape[1] else torch.zeros(
-            slot_pos.shape[0], dtype=torch.long, device=dev)
-        a_local = local_of[pos_a]  # (n, S_A)
-        b_local = local_of[pos_b]  # (n, S_B)
-        aa_index = level[:, None, None] * q * q + a_local[:, :, None] * q + a_local[:, None, :]
-        bb_index = b_local[:, :, None] * dim_b + b_local[:, None, :]
-        key = level[:, None] * dim_b + b_local  # (n, S_B)
-        uniq, pair_of = torch.unique(key.reshape(-1), return_inverse=True)  # sorted by level
-        pair_of = pair_of.reshape(key.shape)
-        pair_level, pair_b = uniq // dim_b, uniq % dim_b
-        ab_index = pair_of[:, None, :] * q + a_local[:, :, None]
-        counts = torch.bincount(pair_level, minlength=n_a)
-        n_pp = int((counts * (counts + 1) // 2).sum())
-        dense = cls.SCATTER_COST * n_pp * q * q > n_a * q * dim_b * dim_b
-        left = right = pp_index = None
-        if not dense:
-            left, right = _pairs_of_pairs(pair_level, n_a)
-            upper = left < right
-            left, right = left[upper], right[upper]
-            pp_index = pair_b[left] * dim_b + pair_b[right]
-        return cls(split=split, aa_index=aa_index, ab_index=ab_index, bb_index=bb_index,
-                   pair_level=pair_level, pair_b=pair_b, left=left, right=right, pp_index=pp_index,
-                   diag_index=pair_b * dim_b + pair_b,
-                   dense_correction=dense)
-
-    @property
-    def n_pairs(self) -> int:
-        return int(self.pair_level.numel())
 
 
 @dataclass
@@ -479,7 +335,7 @@ class SchurFactor(Factor):
                 (mp.pair_level, mp.pair_b), self.m_ab)  # M_l' per level
             v_aa = v_aa + (dense_m.transpose(1, 2) @ s_inv) @ dense_m
         elif sp.dim_b:
-            left, right = _pairs_of_pairs(mp.pair_level, sp.n_levels)
+            left, right = pairs_of_pairs(mp.pair_level, sp.n_levels)
             w = s_inv[mp.pair_b[left], mp.pair_b[right]]
             vals = w[:, None, None] * self.m_ab[left][:, :, None] * self.m_ab[right][:, None, :]
             v_aa = v_aa.index_add(0, mp.pair_level[left], vals)

@@ -58,14 +58,13 @@ through the Schur complement :math:`R_X^\top R_X = X^\top W X - \sum_b R_{ZX,b}^
 Crossed or nested factors keep the problem's single joint block of all :math:`u`, dense:
 :func:`use_profiled` sends the large ones (those with a block-elimination split) to the blocked
 sparse factorisation of :mod:`~ngmm_formula.approx.blocked` instead (the same profiled
-deviance, :func:`profiled_objective`).
+deviance, :func:`~ngmm_formula.approx.blocked.profiled_objective`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
@@ -77,16 +76,13 @@ from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
 
-if TYPE_CHECKING:
-    from ngmm_formula.approx.blocked import BlockedLMM
-
 #: Joint blocks of up to this many random effects keep the dense factorisation (with its
 #: analytic gradient) even when the full objective splits them: on ScotsSec's crossed model
 #: (167 coordinates) a whole fit took 0.17 s against 0.27 s by the blocked factorisation,
 #: whose derivative-free optimiser costs a few ms per step however small the model.
 DENSE_MAX_DIM = 500
 
-__all__ = ["DENSE_MAX_DIM", "PLSSolution", "ProfiledLMM", "profiled_objective", "use_profiled"]
+__all__ = ["DENSE_MAX_DIM", "PLSSolution", "ProfiledLMM", "gram", "use_profiled"]
 
 
 @dataclass(frozen=True)
@@ -226,7 +222,7 @@ class ProfiledLMM:
             return cls(terms=terms, n_theta=problem.n_theta, n_blocks=nb, dim=D,
                        per_group=per_group, M=M.cpu().numpy(),
                        P=P.reshape(nb, D, p).cpu().numpy(), zr=zr.cpu().numpy(),
-                       XtWX=_gram(Xs, w).cpu().numpy(),
+                       XtWX=gram(Xs, w).cpu().numpy(),
                        beta0=beta0.cpu().numpy(), rss0=float((w * r * r).sum()), n=n, p=p,
                        reml=problem.reml, const=const)
 
@@ -348,7 +344,7 @@ def _log_det_and_inverse(H: np.ndarray) -> tuple[float, np.ndarray]:
     return log_det, inv[None]
 
 
-def _gram(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gram(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """:math:`X^\top W X` column by column with :func:`~ngmm_formula.model.matvec` (a sum
     in an order fixed by the shape; BLAS's ``gemm`` rounds by memory alignment)."""
     Xw_T = (X * w[:, None]).T.contiguous()
@@ -366,21 +362,13 @@ def use_profiled(problem: Problem) -> bool:
     effects), where this module would
     factorise the whole dense :math:`L_\\theta` at every evaluation (InstEval: 4,100
     coordinates): those take the blocked sparse factorisation of
-    :class:`~ngmm_formula.approx.blocked.BlockedLMM` (:func:`profiled_objective`).
+    :class:`~ngmm_formula.approx.blocked.BlockedLMM`
+    (:func:`~ngmm_formula.approx.blocked.profiled_objective`).
     """
     if problem.blocks.split is None:
         return True
     blocks, _, per_group = _u_layout(problem)
     return per_group or blocks.dim <= DENSE_MAX_DIM
-
-
-def profiled_objective(problem: Problem) -> ProfiledLMM | BlockedLMM:
-    """lmer's profiled objective of a linear Gaussian ``problem``: the dense per-group or
-    small joint :class:`ProfiledLMM` (with an analytic gradient) where :func:`use_profiled`,
-    else the blocked sparse :class:`~ngmm_formula.approx.blocked.BlockedLMM` (value only)."""
-    from ngmm_formula.approx.blocked import BlockedLMM
-
-    return ProfiledLMM.of(problem) if use_profiled(problem) else BlockedLMM.of(problem)
 
 
 def _u_layout(problem: Problem) -> tuple[Blocks, tuple[_Term, ...], bool]:

@@ -110,11 +110,17 @@ import torch
 
 from ngmm_formula.approx.rules import gauss_hermite_rule
 from ngmm_formula.families import Family
-from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, lambda_blocks
+from ngmm_formula.model import (
+    LinearPredictor,
+    Problem,
+    RowsByGroup,
+    lambda_blocks,
+    optimised_parameters,
+)
 from ngmm_formula.networks import CentredNetwork
 
 if TYPE_CHECKING:
-    from ngmm_formula.fit import Control
+    from ngmm_formula.control import Control
 
 __all__ = ["FULL_BATCH_MAX_ROWS", "GH_NODES", "Levels", "VariationalFit", "VariationalObjective",
            "VariationalParameters", "expected_log_prob", "fit_variational", "initial_log_sd",
@@ -370,8 +376,8 @@ def initial_log_sd(levels: Levels, dtype: torch.dtype) -> tuple[torch.Tensor, ..
 class VariationalFit:
     """What :func:`fit_variational` found.
 
-    ``x`` (model parameters in :func:`~ngmm_formula.fit._params` order), ``hessian`` (of the
-    profiled ELBO in them; NaN when not computed) and ``gradient`` follow
+    ``x`` (model parameters in :func:`~ngmm_formula.model.optimised_parameters` order),
+    ``hessian`` (of the profiled ELBO in them; NaN when not computed) and ``gradient`` follow
     :class:`~ngmm_formula.fit.Optimum`; ``method`` is "lbfgs" or "adam".
     """
 
@@ -428,9 +434,7 @@ def _lbfgs(obj: VariationalObjective, tensors: list[torch.Tensor], max_iter: int
 
 
 def _model_tensors(module: LinearPredictor) -> list[torch.Tensor]:
-    from ngmm_formula.fit import _params
-
-    return list(_params(module))
+    return list(optimised_parameters(module))
 
 
 def _gradient(obj: VariationalObjective, tensors: list[torch.Tensor]) -> np.ndarray:

@@ -154,7 +154,7 @@ def test_whole_fit_with_a_vector_first_block_equals_the_dense_route(
     monkeypatch.setattr(profiled, "DENSE_MAX_DIM", 0)
     monkeypatch.setattr("ngmm_formula.model.DENSE_JOINT_MAX_DIM", 0)
     forced = prepared(d, formula, reml=reml, weights="w", offset="off").problem
-    assert isinstance(profiled.profiled_objective(forced), BlockedLMM)
+    assert isinstance(blocked.profiled_objective(forced), BlockedLMM)
     blk = ngmm(formula, d, reml=reml, weights="w", offset="off")
     assert blk.diagnostics.converged
     assert blk.loglik == pytest.approx(dense.loglik, abs=1e-6)

@@ -227,8 +227,8 @@ def test_large_crossed_blocks_take_the_blocked_factorisation() -> None:
     coordinates) by the dense :class:`ProfiledLMM`; a larger crossed block (640 coordinates,
     40 outside the largest factor) by the blocked sparse factorisation of approx/blocked.py,
     which does not factorise the whole dense joint block."""
-    from ngmm_formula.approx.blocked import BlockedLMM
-    from ngmm_formula.approx.profiled import profiled_objective, use_profiled
+    from ngmm_formula.approx.blocked import BlockedLMM, profiled_objective
+    from ngmm_formula.approx.profiled import use_profiled
     from ngmm_formula.fit import profiled
 
     rng = np.random.default_rng(11)
