@@ -111,8 +111,10 @@ def test_tables_pool_and_pair_over_folds(real) -> None:
 def test_quick_run_writes_its_tables(real, tmp_path: Path) -> None:
     runs = real.main(["--quick", "--output", str(tmp_path), "--tag", "t",
                       "--control", '{"epochs": 5}'])
-    methods = {"ngmm", "glmm", "lightgbm", "mlp"} | ({"gpboost"} if real.available("gpboost")
-                                                    else set())
+    # gpboost and lightgbm are optional (the "vignettes" extra): the benchmark skips a
+    # method whose package does not import, so the expected set follows what is installed
+    methods = {"ngmm", "glmm", "mlp"} | {m for m in ("gpboost", "lightgbm")
+                                         if real.available(m)}
     assert set(runs.method) == methods
     assert len(runs) == 2 * 2 * len(methods)  # 2 schemes x 2 folds
     assert np.isfinite(runs.ll_sum).all() and (runs.n.groupby(
