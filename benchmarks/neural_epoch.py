@@ -1,0 +1,202 @@
+"""Where an epoch of neural training goes, beside a plain MLP's epoch on the same rows.
+
+Issue "Neural fits near the hardware floor": binomial ``y ~ nn(x1, x2, hidden=(64, 64)) + x3
++ (1 | g)`` (simulated by :func:`ngmm_formula.datasets.simulate_grouped`, sine effect), one
+thread. The NGMM trains for a fixed number of epochs (early stopping off: ``min_steps`` above
+the run) while timers wrap the stages the training loop composes:
+
+* ``assembly``: :meth:`Problem.subset` (a minibatch's rows, blocks and inputs) and the draws
+  of the input noise;
+* ``network fwd``: the networks' forward pass (:meth:`MLP.raw`) on the minibatch;
+* ``integral fwd``: the rest of :meth:`Objective.per_block` with gradients on (conditional
+  modes, the Laplace / quadrature sum per group);
+* ``backward``: ``loss.backward()`` (network and integral together; the plain MLP's
+  backward of the same network on a minibatch of the same size is the network's share);
+* ``optimiser``: ``AdamW.step``;
+* ``validation``: the forward pass on the validation groups (gradients off);
+* ``other``: the rest of the epoch loop (bookkeeping, best-state copies).
+
+The plain MLP is the same architecture (inputs x1, x2, x3 standardised; two hidden layers of
+64, ReLU), float32 like the NGMM's networks, ``BCEWithLogitsLoss``, Adam, minibatches of the
+NGMM's ``batch_size`` rows, on the same rows, in the same process. Each size runs in a fresh
+subprocess pinned to one thread. Prints a table::
+
+    python benchmarks/neural_epoch.py                       # 10^5 and 10^6 rows
+    python benchmarks/neural_epoch.py --rows 100000 --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import numpy as np
+import torch
+torch.set_num_threads(1)
+from ngmm_formula import Control, ngmm
+from ngmm_formula import fit as fit_module, model, networks, train
+from ngmm_formula.datasets import simulate_grouped
+
+rows, groups, epochs, seed = map(int, sys.argv[1:5])
+# torch.optim's first optimiser in a process imports torch._dynamo (about 0.8 s, once): a
+# fixed cost of the process, not of an epoch, so it is paid here before anything is timed
+torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+df = simulate_grouped(n_groups=groups, n_per_group=rows // groups, family="binomial",
+                      effect="sine", seed=seed)
+parts = {k: 0.0 for k in ("assembly", "network fwd", "per_block", "backward", "optimiser",
+                          "validation", "linear start", "train")}
+
+def timed(name, fn, when=lambda: True):
+    def wrapper(*args, **kwargs):
+        if not when():
+            return fn(*args, **kwargs)
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            parts[name] += time.perf_counter() - t
+    return wrapper
+
+inside = [False]  # only time the stages while train_member runs (not the GLMM start/refit)
+def training():
+    return inside[0]
+def grad_on():
+    return inside[0] and torch.is_grad_enabled()
+def grad_off():
+    return inside[0] and not torch.is_grad_enabled()
+
+model.Problem.subset = timed("assembly", model.Problem.subset, training)
+networks.MLP.raw = timed("network fwd", networks.MLP.raw, grad_on)
+per_block = fit_module.Objective.per_block
+fit_module.Objective.per_block = timed("per_block", timed("validation", per_block, grad_off),
+                                       grad_on)
+torch.Tensor.backward = timed("backward", torch.Tensor.backward, training)
+torch.optim.AdamW.step = timed("optimiser", torch.optim.AdamW.step, training)
+linear_part = train._fit_linear_part
+def linear_part_timed(*args, **kwargs):  # its evaluations are not the epoch's
+    inside[0] = False
+    t = time.perf_counter()
+    try:
+        return linear_part(*args, **kwargs)
+    finally:
+        parts["linear start"] += time.perf_counter() - t
+        inside[0] = True
+train._fit_linear_part = linear_part_timed
+member = train.train_member
+def member_timed(*args, **kwargs):
+    inside[0] = True
+    t = time.perf_counter()
+    try:
+        return member(*args, **kwargs)
+    finally:
+        parts["train"] += time.perf_counter() - t
+        inside[0] = False
+train.train_member = member_timed
+
+control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False)
+fit = ngmm("y ~ nn(x1, x2, hidden=(64, 64)) + x3 + (1 | g)", df, "binomial",
+           control=control, seed=seed)
+n_epochs = len(fit.history.train)
+loop = parts["train"] - parts["linear start"]
+# Problem.subset runs before Objective.per_block; the integral is per_block minus the network
+ngmm = {
+    "assembly": parts["assembly"],
+    "network fwd": parts["network fwd"],
+    "integral fwd": parts["per_block"] - parts["network fwd"],
+    "backward": parts["backward"],
+    "optimiser": parts["optimiser"],
+    "validation": parts["validation"],
+}
+ngmm["other"] = loop - sum(ngmm.values())
+ngmm = {k: v / n_epochs for k, v in ngmm.items()}
+
+# the plain MLP on the same rows
+batch = control.batch_size
+x = torch.as_tensor(np.column_stack([df.x1, df.x2, df.x3]), dtype=torch.float32)
+x = (x - x.mean(0)) / x.std(0)
+y = torch.as_tensor(df.y.to_numpy(), dtype=torch.float32)
+torch.manual_seed(seed)
+mlp = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                          torch.nn.ReLU(), torch.nn.Linear(64, 1))
+opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
+lossf = torch.nn.BCEWithLogitsLoss()
+def mlp_epoch():
+    order = torch.randperm(rows)
+    fwd = bwd = st = 0.0
+    for s in range(0, rows, batch):
+        idx = order[s:s + batch]
+        t = time.perf_counter()
+        loss = lossf(mlp(x[idx]).squeeze(-1), y[idx])
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        fwd += t1 - t; bwd += t2 - t1; st += t3 - t2
+    return fwd, bwd, st
+mlp_epoch()  # warm-up
+t = time.perf_counter(); sums = np.zeros(3)
+for _ in range(epochs):
+    sums += mlp_epoch()
+mlp_total = (time.perf_counter() - t) / epochs
+sums /= epochs
+print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
+                  "ngmm": ngmm, "ngmm_epoch": loop / n_epochs,
+                  "mlp_epoch": mlp_total, "mlp_fwd": sums[0], "mlp_bwd": sums[1],
+                  "mlp_step": sums[2], "threads": torch.get_num_threads()}))
+"""
+
+
+def run(rows: int, groups: int, epochs: int, seed: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(rows), str(groups), str(epochs),
+                          str(seed)], check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    stages = list(results[0]["ngmm"])
+    head = ("| rows | groups | epochs | " + " | ".join(stages)
+            + " | NGMM epoch s | MLP epoch s | MLP fwd / bwd / step | ratio |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        cells = " | ".join(f"{r['ngmm'][s]:.3f}" for s in stages)
+        lines.append(
+            f"| {r['rows']:,} | {r['groups']:,} | {r['epochs']} | {cells} | "
+            f"{r['ngmm_epoch']:.3f} | {r['mlp_epoch']:.3f} | {r['mlp_fwd']:.3f} / "
+            f"{r['mlp_bwd']:.3f} / {r['mlp_step']:.3f} | "
+            f"{r['ngmm_epoch'] / r['mlp_epoch']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--per-group", type=int, nargs="+", default=[100, 20],
+                    help="rows per group for each size (the issue: 1,000 groups at 10^5 "
+                         "rows, 50,000 at 10^6)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    per_group = args.per_group + [args.per_group[-1]] * (len(args.rows) - len(args.per_group))
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f}; seconds per epoch, "
+          "one thread")
+    results = [run(n, n // k, args.epochs, args.seed) for n, k in zip(args.rows, per_group)]
+    print(table(results))
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
