@@ -195,13 +195,13 @@ def r2_nakagawa(fit: NGMMResult, *, data: pd.DataFrame | None = None,
                 null_fit: NGMMResult | None = None) -> pd.Series:
     r"""Nakagawa's marginal and conditional :math:`R^2` (``performance::r2_nakagawa``).
 
+    See the module docstring for the formulas and for ``data`` / ``null_fit``.
+
     Returns
     -------
     Series
         ``R2_conditional``, ``R2_marginal`` and, for each ``nn()`` term, ``R2_<label>``:
         its output variance over the total (its part of the marginal :math:`R^2`).
-
-    See the module docstring for the formulas and for ``data`` / ``null_fit``.
     """
     vc = variance_components(fit, data=data, null_fit=null_fit)
     out = {"R2_conditional": (vc.fixed + vc.random) / vc.total,

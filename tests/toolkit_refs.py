@@ -54,11 +54,16 @@ def fitted(ref_id: str) -> NGMMResult:
 
 def at_r_parameters(ref_id: str) -> NGMMResult:
     """The Python fit with R's fixed effects and their covariance put in: what remains to
-    compare is the computation of emmeans from (beta, V), which must agree to rounding."""
+    compare is the computation of emmeans from (beta, V), which must agree to rounding.
+
+    V is the covariance R's emmeans tables were computed from: ``precise_vcov`` for the
+    glmmTMB models (a Richardson-extrapolated Hessian, see ``make_toolkit_refs.R``), else
+    ``vcov``."""
     fit = fitted(ref_id)
     ref = TOOLKIT[ref_id]
     names = list(ref["fixef"])
     beta = pd.Series(list(ref["fixef"].values()), index=fit.fixef.index, name=fit.fixef.name)
-    V = pd.DataFrame(ref["vcov"]["data"], index=fit.vcov.index, columns=fit.vcov.columns)
+    V = pd.DataFrame(ref.get("precise_vcov", ref["vcov"])["data"], index=fit.vcov.index,
+                     columns=fit.vcov.columns)
     assert len(names) == len(fit.fixef)
     return dataclasses.replace(fit, fixef=beta, vcov=V)

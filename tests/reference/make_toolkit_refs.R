@@ -6,12 +6,13 @@
 ## Regenerate (from the repository root; about 20 seconds):
 ##
 ##   apt-get install -y r-cran-lme4 r-cran-glmmtmb r-cran-mlmrev r-cran-jsonlite \
-##                      r-cran-emmeans r-cran-performance
+##                      r-cran-emmeans r-cran-performance r-cran-numderiv
 ##   Rscript tests/reference/make_toolkit_refs.R
 ##
 ## Writes toolkit_refs.json next to this script: "meta" (versions) and "models", one
 ## entry per model with
 ##   call, fixef, vcov (rownames/colnames/data), sigma,
+##   precise_vcov, precise_vcov_check   glmmTMB models only (see below)
 ##   variances   insight::get_variance(fit): var.fixed, var.random, var.residual,
 ##               var.distribution, var.dispersion
 ##   null_intercept  fixef of insight::null_model(fit) (count families only: it sets the
@@ -27,8 +28,24 @@
 ## uses for lme4's glmer. emmeans 1.8.4 would give glmmTMB fits the residual df (e.g. 51
 ## for cbpp) and lmer fits Kenward-Roger df, so we ask for df = Inf (glmmTMB) and
 ## lmer.df = "asymptotic" (lmer); the SEs are then the plain Wald ones, sqrt(l' V l) with
-## V = vcov(fit), for every model.
+## V = vcov(fit) for lmer and V = precise_vcov (below) for glmmTMB.
 ## Numbers are written with 15 significant digits (jsonlite digits = NA).
+##
+## Covariance of the glmmTMB fits (precise_vcov). glmmTMB's vcov() comes from TMB's
+## sdreport(), whose Hessian of the outer parameters (beta, theta) is optimHess(): central
+## differences of the AD gradient with absolute step 1e-3. On Contraception that step is 1.4
+## SEs of the raw I(age^2) coefficient (SE 7.3e-4) and costs 1.5e-4 relative in the SEs (the
+## error falls as step^2: 1.5e-6 at 1e-4).
+## For every glmmTMB model we therefore also compute
+##   H = numDeriv::jacobian(obj$gr, par)  (Richardson extrapolation, symmetrised),
+## at the optimum par = fit$fit$par, V = solve(H)[beta, beta], and store it as
+## precise_vcov; the emmeans and pairs tables of those models use it (vcov. = V). As a
+## check, numDeriv::hessian(obj$fn, par) (Richardson on the Laplace objective itself) is
+## computed too; precise_vcov_check holds the max relative difference of the SEs of the two
+## and of glmmTMB's vcov() against precise_vcov. vcov stays glmmTMB's vcov(fit). The lmer
+## model keeps vcov(fit) (closed form, no finite differences). We do not re-optimise:
+## nlminb from fit$fit$par with rel.tol 1e-15 moves par by ~1e-7 relative and the SEs by
+## ~1e-8 on Contraception, far below the Hessian's effect.
 ## ---------------------------------------------------------------------------
 
 suppressPackageStartupMessages({
@@ -39,6 +56,7 @@ suppressPackageStartupMessages({
   library(performance)
   library(insight)
   library(jsonlite)
+  library(numDeriv)
 })
 
 script_dir <- local({
@@ -65,9 +83,39 @@ vcov_all <- function(fit) {
   if (is.list(v)) v$cond else as.matrix(v)
 }
 
+## the covariance of the fixed effects from a Richardson-extrapolated Hessian of glmmTMB's
+## Laplace objective at the optimum (see the header); restores TMB's state afterwards, since
+## evaluating obj$fn / obj$gr near the optimum may update last.par.best
+precise_vcov <- function(fit) {
+  obj <- fit$obj
+  env <- obj$env
+  saved <- list(last.par = env$last.par, last.par.best = env$last.par.best,
+                value.best = env$value.best)
+  par <- fit$fit$par
+  H <- numDeriv::jacobian(obj$gr, par)
+  H <- (H + t(H)) / 2
+  H_fn <- numDeriv::hessian(obj$fn, par)
+  env$last.par <- saved$last.par
+  env$last.par.best <- saved$last.par.best
+  env$value.best <- saved$value.best
+  ib <- which(names(par) == "beta")
+  V <- solve(H)[ib, ib, drop = FALSE]
+  V0 <- vcov_all(fit)
+  dimnames(V) <- dimnames(V0)
+  se <- sqrt(diag(V))
+  list(V = V, check = list(
+    method = "solve(numDeriv::jacobian(obj$gr, fit$fit$par))[beta, beta]",
+    max_rel_se_hessian_fn = max(abs(sqrt(diag(solve(H_fn)[ib, ib, drop = FALSE])) / se - 1)),
+    max_rel_se_glmmTMB_vcov = max(abs(sqrt(diag(V0)) / se - 1)),
+    max_abs_gradient = max(abs(obj$gr(par)))))
+}
+
 emm_entry <- function(fit, specs, by = NULL, type = "link", at = NULL, ...) {
   args <- c(list(fit, specs, by = by), if (!is.null(at)) list(at = at), list(...))
-  if (!inherits(fit, "merMod")) args$df <- Inf
+  if (!inherits(fit, "merMod")) {
+    args$df <- Inf
+    args$vcov. <- precise_vcov(fit)$V
+  }
   emm <- do.call(emmeans, args)
   s <- as.data.frame(summary(emm, type = type))
   list(specs = specs, by = by, type = type, at = at, table = s,
@@ -90,6 +138,11 @@ one <- function(id, call, fit, emms, count = FALSE) {
     icc = list(adjusted = ic$ICC_adjusted, conditional = ic$ICC_conditional),
     emmeans = emms)
   if (count) out$null_intercept <- unname(fixef_all(insight::null_model(fit)))
+  if (!inherits(fit, "merMod")) {
+    pv <- precise_vcov(fit)
+    out$precise_vcov <- mat(pv$V)
+    out$precise_vcov_check <- pv$check
+  }
   out
 }
 
@@ -131,12 +184,18 @@ models[[5]] <- one("grouse_nb2_tmb",
   "glmmTMB(TICKS ~ YEAR + cHEIGHT + (1 | BROOD), grouseticks, nbinom2, tctrl)",
   fit, list(emm_entry(fit, "YEAR")), count = TRUE)
 
-pk <- c("lme4", "glmmTMB", "emmeans", "performance", "insight", "jsonlite", "mlmRev")
+pk <- c("lme4", "glmmTMB", "emmeans", "performance", "insight", "jsonlite", "mlmRev",
+        "numDeriv")
 meta <- list(R_version = R.version.string,
              packages = as.list(setNames(vapply(pk, function(p) as.character(packageVersion(p)),
                                                 ""), pk)),
              df_convention = "asymptotic (df = Inf, z tests) for every model",
-             pairs_order = "emmeans' pairs(): level i minus level j for i < j, in level order")
+             pairs_order = "emmeans' pairs(): level i minus level j for i < j, in level order",
+             vcov_convention = paste(
+               "emmeans/pairs tables use precise_vcov for glmmTMB models",
+               "(solve(numDeriv::jacobian(obj$gr, fit$fit$par))[beta, beta], Richardson",
+               "extrapolation) instead of vcov(fit) (sdreport: optimHess, step 1e-3);",
+               "vcov(fit) for lmer"))
 writeLines(toJSON(list(meta = meta, models = models), auto_unbox = TRUE, digits = NA,
                   pretty = TRUE, null = "null", na = "null"), out_json)
 cat("wrote", out_json, "\n")
