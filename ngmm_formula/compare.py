@@ -775,10 +775,8 @@ def statsmodels_spec(design: Design, family: Family, frame: pd.DataFrame, *,
     parsed = design.formula
     fixed = _patsy_fixed(parsed.fixed)
     notes: list[str] = []
-    helpers: dict[str, tuple[str, int, int]] = {}
     lhs = parsed.lhs
     response = lhs if (_IDENT.match(lhs) and parsed.response_cbind is None) else "_response"
-    terms = design.re_terms
     bayes = model != "MixedLM"
 
     refusal = _unsupported_inputs(model, design, offset, prior_weights)
@@ -786,21 +784,13 @@ def statsmodels_spec(design: Design, family: Family, frame: pd.DataFrame, *,
         return refusal
     bernoulli = False
     if model == "BinomialBayesMixedGLM":
-        w, y = design.weights, design.y
-        if not (np.allclose(w, 1.0) and np.all((y == 0) | (y == 1))):
-            trials = np.round(w)
-            succ = np.round(y * w)
-            if not (np.allclose(trials, w, atol=1e-8) and np.allclose(succ, y * w, atol=1e-6)):
-                return StatsmodelsSpec("", unsupported="statsmodels' BinomialBayesMixedGLM "
-                                       "needs 0/1 responses; this binomial response has "
-                                       "non-integer trials or successes")
-            if trials.sum() > MAX_BERNOULLI_ROWS:
-                return StatsmodelsSpec("", unsupported=f"the binomial response would expand "
-                                       f"to {int(trials.sum())} Bernoulli rows (limit "
-                                       f"{MAX_BERNOULLI_ROWS})")
+        rows = _bernoulli_rows(design)
+        if isinstance(rows, StatsmodelsSpec):
+            return rows
+        if rows is not None:
             bernoulli = True
             notes.append(f"statsmodels' BinomialBayesMixedGLM needs 0/1 responses: {lhs} "
-                         f"was expanded to {int(trials.sum())} Bernoulli rows (one per "
+                         f"was expanded to {rows} Bernoulli rows (one per "
                          f"trial) for statsmodels only; logLik, AIC and BIC are on the "
                          f"{design.nobs} binomial rows for every column.")
     if parsed.offsets or offset:
@@ -810,77 +800,167 @@ def statsmodels_spec(design: Design, family: Family, frame: pd.DataFrame, *,
         if not bernoulli:
             notes.append(f"statsmodels' response column _response holds {lhs}.")
 
-    def group_ref(k: int, t: ReTerm) -> str:
-        if _IDENT.match(t.group) and t.group in frame.columns:
-            return t.group
-        name = f"_g{k}"
-        helpers[name] = ("group", k, 0)
-        return name
-
-    def slope_ref(k: int, t: ReTerm, j: int) -> str:
-        c = t.cnms[j]
-        if (_IDENT.match(c) and c in frame.columns
-                and pd.api.types.is_numeric_dtype(frame[c])
-                and not pd.api.types.is_bool_dtype(frame[c])):
-            return c
-        name = f"_z{k}_{j}"
-        helpers[name] = ("z", k, j)
-        return name
-
-    def label(t: ReTerm, j: int) -> str:
-        return f"{t.name} {t.cnms[j]}"
-
-    vc: dict[str, str] = {}
-    comps: dict[str, tuple[int, int]] = {}
-    groups: str | None = None
-    re_formula: str | None = None
-    re_term: int | None = None
-    one_factor = len({t.group for t in terms}) == 1
-    if model == "MixedLM" and one_factor:
-        groups = group_ref(0, terms[0])
-        re_term = max(range(len(terms)), key=lambda k: (terms[k].q, -k))
-        main = terms[re_term]
-        parts = ["1" if c == "(Intercept)" else slope_ref(re_term, main, j)
-                 for j, c in enumerate(main.cnms)]
-        re_formula = " + ".join(parts if "(Intercept)" in main.cnms else ["0", *parts])
-        for k, t in enumerate(terms):
-            if k == re_term:
-                continue
-            if t.q > 1:
-                return StatsmodelsSpec("", unsupported=f"statsmodels' MixedLM has one "
-                                       f"covariance block per group: the second term with "
-                                       f"several columns ({t.expr} | {t.group}) cannot be "
-                                       "written")
-            ref = "1" if t.cnms[0] == "(Intercept)" else f"0 + {slope_ref(k, t, 0)}"
-            vc[label(t, 0)] = ref
-            comps[label(t, 0)] = (k, 0)
+    refs = _HelperColumns(frame)
+    if model == "MixedLM" and len({t.group for t in design.re_terms}) == 1:
+        part = _one_grouping_factor(design.re_terms, refs)
     else:
-        if model == "MixedLM":
-            refusal = _unsupported_one_group(design)
-            if refusal is not None:
-                return refusal
-            groups, re_formula = "_one", "0"
-            helpers["_one"] = ("one", 0, 0)
-            notes.append("statsmodels' MixedLM has one grouping factor: the crossed/nested "
-                         "factors were fitted as variance components (vc_formula) of a single "
-                         "all-ones group.")
-        for k, t in enumerate(terms):
-            g = group_ref(k, t)
-            if bayes and t.q > 1 and t.correlated:
-                notes.append(f"statsmodels' {model} has independent variance components: "
-                             f"({t.expr} | {t.group}) was fitted without its correlations, as "
-                             f"({t.expr} || {t.group}).")
-            for j, c in enumerate(t.cnms):
-                ref = f"0 + C({g})" if c == "(Intercept)" else \
-                    f"0 + C({g}):{slope_ref(k, t, j)}"
-                vc[label(t, j)] = ref
-                comps[label(t, j)] = (k, j)
+        part = _variance_components(model, design, refs, notes)
+    if isinstance(part, StatsmodelsSpec):
+        return part
     if bayes:
         notes.append(_BAYES_NOTE.format(model=model))
     return StatsmodelsSpec(
-        model=model, formula=f"{response} ~ {fixed}", groups=groups, re_formula=re_formula,
-        vc_formula=vc, components=comps, re_term=re_term, response=response,
-        bernoulli=bernoulli, helper_columns=helpers, notes=tuple(notes))
+        model=model, formula=f"{response} ~ {fixed}", groups=part.groups,
+        re_formula=part.re_formula, vc_formula=part.vc, components=part.components,
+        re_term=part.re_term, response=response, bernoulli=bernoulli,
+        helper_columns=refs.columns, notes=tuple(notes))
+
+
+def _bernoulli_rows(design: Design) -> int | StatsmodelsSpec | None:
+    """The number of 0/1 rows that a binomial response with trials expands to (None when it
+    is 0/1 already), or the spec refusing it (non-integer trials, too many rows).
+
+    Parameters
+    ----------
+    design : Design
+    """
+    w, y = design.weights, design.y
+    if np.allclose(w, 1.0) and np.all((y == 0) | (y == 1)):
+        return None
+    trials = np.round(w)
+    succ = np.round(y * w)
+    if not (np.allclose(trials, w, atol=1e-8) and np.allclose(succ, y * w, atol=1e-6)):
+        return StatsmodelsSpec("", unsupported="statsmodels' BinomialBayesMixedGLM "
+                               "needs 0/1 responses; this binomial response has "
+                               "non-integer trials or successes")
+    if trials.sum() > MAX_BERNOULLI_ROWS:
+        return StatsmodelsSpec("", unsupported=f"the binomial response would expand "
+                               f"to {int(trials.sum())} Bernoulli rows (limit "
+                               f"{MAX_BERNOULLI_ROWS})")
+    return int(trials.sum())
+
+
+@dataclass
+class _HelperColumns:
+    """The columns that statsmodels' frame needs besides the data's (``helper_columns`` of
+    :class:`StatsmodelsSpec`), added as the translation refers to them.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        The model rows: a grouping factor or slope that is a column of it is used as is.
+    """
+
+    frame: pd.DataFrame
+    columns: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+
+    def group(self, k: int, t: ReTerm) -> str:
+        """The column of term ``k``'s grouping factor."""
+        if _IDENT.match(t.group) and t.group in self.frame.columns:
+            return t.group
+        name = f"_g{k}"
+        self.columns[name] = ("group", k, 0)
+        return name
+
+    def slope(self, k: int, t: ReTerm, j: int) -> str:
+        """The column of term ``k``'s ``j``-th random-effect column (a numeric data column,
+        or column ``j`` of its ``Zraw``)."""
+        c = t.cnms[j]
+        if (_IDENT.match(c) and c in self.frame.columns
+                and pd.api.types.is_numeric_dtype(self.frame[c])
+                and not pd.api.types.is_bool_dtype(self.frame[c])):
+            return c
+        name = f"_z{k}_{j}"
+        self.columns[name] = ("z", k, j)
+        return name
+
+
+@dataclass
+class _RandomPart:
+    """The random part as statsmodels writes it: ``groups``, ``re_formula`` (of the term
+    ``re_term``), ``vc`` (the variance components' formulas) and ``components`` (each
+    component's term and column), as :class:`StatsmodelsSpec` names them."""
+
+    groups: str | None = None
+    re_formula: str | None = None
+    re_term: int | None = None
+    vc: dict[str, str] = field(default_factory=dict)
+    components: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _component_label(t: ReTerm, j: int) -> str:
+    """The table's label of column ``j`` of term ``t`` (``"herd (Intercept)"``)."""
+    return f"{t.name} {t.cnms[j]}"
+
+
+def _one_grouping_factor(terms: Sequence[ReTerm], refs: _HelperColumns
+                         ) -> _RandomPart | StatsmodelsSpec:
+    """MixedLM with one grouping factor: its term with the most columns is ``re_formula``,
+    the others (one column each) variance components; refused when a second term has
+    several columns.
+
+    Parameters
+    ----------
+    terms : sequence of ReTerm
+        The design's terms, all of one grouping factor.
+    refs : _HelperColumns
+    """
+    part = _RandomPart(groups=refs.group(0, terms[0]))
+    re_term = max(range(len(terms)), key=lambda k: (terms[k].q, -k))
+    part.re_term = re_term
+    main = terms[re_term]
+    parts = ["1" if c == "(Intercept)" else refs.slope(re_term, main, j)
+             for j, c in enumerate(main.cnms)]
+    part.re_formula = " + ".join(parts if "(Intercept)" in main.cnms else ["0", *parts])
+    for k, t in enumerate(terms):
+        if k == re_term:
+            continue
+        if t.q > 1:
+            return StatsmodelsSpec("", unsupported=f"statsmodels' MixedLM has one "
+                                   f"covariance block per group: the second term with "
+                                   f"several columns ({t.expr} | {t.group}) cannot be "
+                                   "written")
+        ref = "1" if t.cnms[0] == "(Intercept)" else f"0 + {refs.slope(k, t, 0)}"
+        part.vc[_component_label(t, 0)] = ref
+        part.components[_component_label(t, 0)] = (k, 0)
+    return part
+
+
+def _variance_components(model: str, design: Design, refs: _HelperColumns,
+                         notes: list[str]) -> _RandomPart | StatsmodelsSpec:
+    """Every random-effect column as an independent variance component: of one all-ones
+    group for MixedLM (crossed or nested factors), or the Bayesian GLMMs' ``vc_formulas``.
+
+    Parameters
+    ----------
+    model : str
+    design : Design
+    refs : _HelperColumns
+    notes : list of str
+        The comparison's notes; this adds its own.
+    """
+    part = _RandomPart()
+    if model == "MixedLM":
+        refusal = _unsupported_one_group(design)
+        if refusal is not None:
+            return refusal
+        part.groups, part.re_formula = "_one", "0"
+        refs.columns["_one"] = ("one", 0, 0)
+        notes.append("statsmodels' MixedLM has one grouping factor: the crossed/nested "
+                     "factors were fitted as variance components (vc_formula) of a single "
+                     "all-ones group.")
+    for k, t in enumerate(design.re_terms):
+        g = refs.group(k, t)
+        if model != "MixedLM" and t.q > 1 and t.correlated:
+            notes.append(f"statsmodels' {model} has independent variance components: "
+                         f"({t.expr} | {t.group}) was fitted without its correlations, as "
+                         f"({t.expr} || {t.group}).")
+        for j, c in enumerate(t.cnms):
+            ref = f"0 + C({g})" if c == "(Intercept)" else \
+                f"0 + C({g}):{refs.slope(k, t, j)}"
+            part.vc[_component_label(t, j)] = ref
+            part.components[_component_label(t, j)] = (k, j)
+    return part
 
 
 def _patsy_fixed(fixed: str) -> str:

@@ -836,6 +836,77 @@ def build_design(
     """
     _check_frame(data, "data")
     context = _check_context(context)
+    needed = _checked_columns(formula, data, na_action, context)
+    n_all = len(data)
+    w_user = _vector_arg(weights, data, "weights")
+    o_user = _vector_arg(offset, data, "offset")
+    _check_net_inputs_complete(formula, data)
+    frame, w_user, o_user = _complete_rows(formula, data, needed, w_user, o_user, na_action)
+    n = len(frame)
+
+    # response
+    response_name = formula.lhs
+    y, trials = _response(formula, frame, binomial, None, context)
+    if not np.isfinite(y).all():
+        raise DataError(f"response '{response_name}' has infinite values")
+    w = trials if w_user is None else trials * w_user
+    if (w < 0).any():
+        raise DataError("weights must be non-negative")
+    binomial_levels = _binomial_levels(formula, frame) if binomial else None
+
+    mm, X, names_full, kept = _fixed_matrix(formula, frame, context)
+    raw_terms = _random_terms(formula, frame, context)
+    nets = tuple(_encode_net(t, frame) for t in formula.nn_terms)
+    spec = DesignSpec(
+        formula=formula,
+        fixed_spec=mm.model_spec,
+        fixed_columns=tuple(names_full),
+        kept_columns=tuple(kept),
+        re_specs=tuple(rt[5] for rt in raw_terms),
+        re_terms=tuple((rt[0], rt[1]) for rt in raw_terms),
+        net_encodings=tuple(ni.encodings for ni in nets),
+        binomial_levels=binomial_levels,
+        binomial=binomial,
+        context=context,
+    )
+    off = _offset_terms(formula, frame, o_user, context)
+    if not np.isfinite(off).all():
+        raise DataError("the offset has infinite values")
+    return Design(
+        formula=formula,
+        y=_frozen(y),
+        weights=_frozen(np.asarray(w, dtype=float)),
+        offset=_frozen(off),
+        X=_frozen(X),
+        fixed_names=tuple(names_full[j] for j in kept),
+        dropped_columns=tuple(names_full[j] for j in range(len(names_full)) if j not in kept),
+        re_terms=_named_re_terms(raw_terms),
+        nets=nets,
+        n_dropped_na=n_all - n,
+        row_index=frame.index,
+        response_name=response_name,
+        spec=spec,
+    )
+
+
+def _checked_columns(formula: ParsedFormula, data: pd.DataFrame, na_action: str,
+                     context: Mapping[str, Any] | None) -> list[str]:
+    """The columns the model uses (response included), after checking that they exist, that
+    the formula's names are columns or ``context`` names, and that none is all missing.
+
+    Parameters
+    ----------
+    formula : ParsedFormula
+    data : DataFrame
+    na_action : str
+        Checked to be "omit" or "raise".
+    context : mapping or None
+        As :func:`build_design`.
+
+    Returns
+    -------
+    list of str
+    """
     if na_action not in ("omit", "raise"):
         raise DataError(f"na_action must be 'omit' or 'raise', got {na_action!r}")
     needed = required_columns(formula, with_response=True, context=context)
@@ -850,9 +921,17 @@ def build_design(
     if empty:
         raise DataError(f"column(s) {empty} used by the formula have no non-missing values: "
                         "no rows left to fit")
-    n_all = len(data)
-    w_user = _vector_arg(weights, data, "weights")
-    o_user = _vector_arg(offset, data, "offset")
+    return needed
+
+
+def _check_net_inputs_complete(formula: ParsedFormula, data: pd.DataFrame) -> None:
+    """DataError when an ``nn()`` input has missing values (they are never dropped).
+
+    Parameters
+    ----------
+    formula : ParsedFormula
+    data : DataFrame
+    """
     for term in formula.nn_terms:
         for var in term.variables:
             n_na = int(data[var].isna().sum())
@@ -860,6 +939,31 @@ def build_design(
                 raise DataError(f"{term.label}: input '{var}' has {n_na} missing values; a "
                                 "network needs complete inputs: drop or impute those rows "
                                 f"first (e.g. data.dropna(subset=['{var}']))")
+
+
+def _complete_rows(formula: ParsedFormula, data: pd.DataFrame, needed: list[str],
+                   w_user: np.ndarray | None, o_user: np.ndarray | None, na_action: str,
+                   ) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None]:
+    """The rows without missing values in ``needed``, the weights or the offset (R's
+    ``na.omit``), with their weights and offset; DataError with ``na_action="raise"``.
+
+    Parameters
+    ----------
+    formula : ParsedFormula
+    data : DataFrame
+    needed : list of str
+        The columns the model uses.
+    w_user, o_user : ndarray or None
+        The user's weights and offset, one per row of ``data``.
+    na_action : {"omit", "raise"}
+
+    Returns
+    -------
+    frame : DataFrame
+        ``data`` itself when no row is missing.
+    w_user, o_user : ndarray or None
+        Restricted to the rows of ``frame``.
+    """
     na = _na_rows(data, needed)
     for name, v in (("weights", w_user), ("offset", o_user)):
         if v is not None:
@@ -867,39 +971,62 @@ def build_design(
             if na_action == "raise" and (~np.isfinite(v)).any():
                 raise DataError(f"{name} has missing values in "
                                 f"{int((~np.isfinite(v)).sum())} row(s)")
-    if na.any():
-        if na_action == "raise":
-            cols = [c for c in needed if data[c].isna().any()]
-            raise DataError(f"missing values in column(s) {cols} ({int(na.sum())} rows); "
-                            "use na_action='omit' to drop them")
-        frame = data.loc[~na]
-        _check_groups_survive(formula, data, frame, needed)
-        if len(frame) == 0:
-            raise DataError("no rows left after removing rows with missing values")
-        w_user = None if w_user is None else w_user[~na]
-        o_user = None if o_user is None else o_user[~na]
-    else:
-        frame = data
-    n = len(frame)
+    if not na.any():
+        return data, w_user, o_user
+    if na_action == "raise":
+        cols = [c for c in needed if data[c].isna().any()]
+        raise DataError(f"missing values in column(s) {cols} ({int(na.sum())} rows); "
+                        "use na_action='omit' to drop them")
+    frame = data.loc[~na]
+    _check_groups_survive(formula, data, frame, needed)
+    if len(frame) == 0:
+        raise DataError("no rows left after removing rows with missing values")
+    return (frame, None if w_user is None else w_user[~na],
+            None if o_user is None else o_user[~na])
 
-    # response
-    response_name = formula.lhs
-    y, trials = _response(formula, frame, binomial, None, context)
-    if not np.isfinite(y).all():
-        raise DataError(f"response '{response_name}' has infinite values")
-    w = trials if w_user is None else trials * w_user
-    if (w < 0).any():
-        raise DataError("weights must be non-negative")
-    binomial_levels = None
-    if binomial and formula.response is not None and formula.response in frame.columns:
-        col = frame[formula.response]
-        if isinstance(col.dtype, pd.CategoricalDtype) or not (
-            pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
-        ):
-            cats = col.astype("category").cat.categories
-            binomial_levels = (str(cats[0]), str(cats[1]))
 
-    # fixed part
+def _binomial_levels(formula: ParsedFormula, frame: pd.DataFrame) -> tuple[str, str] | None:
+    """The (failure, success) levels of a binomial factor response (None for a numeric one).
+
+    Parameters
+    ----------
+    formula : ParsedFormula
+    frame : DataFrame
+    """
+    if formula.response is None or formula.response not in frame.columns:
+        return None
+    col = frame[formula.response]
+    if isinstance(col.dtype, pd.CategoricalDtype) or not (
+        pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
+    ):
+        cats = col.astype("category").cat.categories
+        return (str(cats[0]), str(cats[1]))
+    return None
+
+
+def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
+                  context: Mapping[str, Any] | None
+                  ) -> tuple[Any, np.ndarray, list[str], list[int]]:
+    """The fixed-effects model matrix, its columns of full rank, and their lme4 names.
+
+    Parameters
+    ----------
+    formula : ParsedFormula
+    frame : DataFrame
+        The complete rows.
+    context : mapping or None
+
+    Returns
+    -------
+    mm : formulaic ModelMatrix
+        Every column (its ``model_spec`` re-evaluates it on new data).
+    X : ndarray
+        The columns ``kept``, as floats.
+    names : list of str
+        The lme4 names of every column.
+    kept : list of int
+        The columns kept by R's pivoting QR (:func:`full_rank_columns`).
+    """
     for name in _formulaic_names(formula.fixed, context):
         _check_finite_numeric(frame[name], name)
     try:
@@ -915,11 +1042,27 @@ def build_design(
     names_full = [lme4_name(c) for c in mm.columns]
     _check_scales(X_full, names_full, "fixed-effect")
     kept = full_rank_columns(X_full) if X_full.shape[1] else []
-    dropped = tuple(names_full[j] for j in range(len(names_full)) if j not in kept)
-    X = X_full[:, kept]
+    return mm, X_full[:, kept], names_full, kept
 
-    # random-effects terms
-    raw_terms = []
+
+#: A random-effects term as evaluated: its bar, grouping levels, each row's level, its model
+#: matrix, column names and formulaic model spec.
+_RawTerm = tuple[BarTerm, tuple[str, ...], np.ndarray, np.ndarray, tuple[str, ...], Any]
+
+
+def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
+                  context: Mapping[str, Any] | None) -> list[_RawTerm]:
+    """Every ``(expr | group)`` term evaluated on ``frame``, in lme4's order: decreasing
+    number of levels (stable for ties).
+
+    Parameters
+    ----------
+    formula : ParsedFormula
+    frame : DataFrame
+        The complete rows.
+    context : mapping or None
+    """
+    raw_terms: list[_RawTerm] = []
     for bar in formula.bars:
         for f in bar.group_factors:
             if frame[f].nunique() < 1:
@@ -945,7 +1088,18 @@ def build_design(
                           term_mm.model_spec))
     # lme4: terms ordered by decreasing number of levels (stable for ties)
     order = sorted(range(len(raw_terms)), key=lambda k: -len(raw_terms[k][1]))
-    raw_terms = [raw_terms[k] for k in order]
+    return [raw_terms[k] for k in order]
+
+
+def _named_re_terms(raw_terms: list[_RawTerm]) -> tuple[ReTerm, ...]:
+    """The terms as :class:`ReTerm`, named as lme4 names them: the grouping factor, then
+    ``g.1``, ``g.2``, ... for its further terms.
+
+    Parameters
+    ----------
+    raw_terms : list
+        From :func:`_random_terms`.
+    """
     re_terms = []
     used: dict[str, int] = {}
     for bar, term_levels, gidx, Zraw, cnms, _ in raw_terms:
@@ -954,40 +1108,7 @@ def build_design(
         name = bar.group if count == 0 else f"{bar.group}.{count}"
         re_terms.append(ReTerm(name, bar.group, bar.expr, bar.correlated, cnms, term_levels,
                                _frozen(gidx), _frozen(Zraw)))
-
-    # neural terms
-    nets = tuple(_encode_net(t, frame) for t in formula.nn_terms)
-
-    spec = DesignSpec(
-        formula=formula,
-        fixed_spec=mm.model_spec,
-        fixed_columns=tuple(names_full),
-        kept_columns=tuple(kept),
-        re_specs=tuple(rt[5] for rt in raw_terms),
-        re_terms=tuple((rt[0], rt[1]) for rt in raw_terms),
-        net_encodings=tuple(ni.encodings for ni in nets),
-        binomial_levels=binomial_levels,
-        binomial=binomial,
-        context=context,
-    )
-    off = _offset_terms(formula, frame, o_user, context)
-    if not np.isfinite(off).all():
-        raise DataError("the offset has infinite values")
-    return Design(
-        formula=formula,
-        y=_frozen(y),
-        weights=_frozen(np.asarray(w, dtype=float)),
-        offset=_frozen(off),
-        X=_frozen(X),
-        fixed_names=tuple(names_full[j] for j in kept),
-        dropped_columns=dropped,
-        re_terms=tuple(re_terms),
-        nets=nets,
-        n_dropped_na=n_all - n,
-        row_index=frame.index,
-        response_name=response_name,
-        spec=spec,
-    )
+    return tuple(re_terms)
 
 
 def _overflow_message(columns: list[str], where: str) -> str:

@@ -55,6 +55,7 @@ from ngmm_formula.design import reapply_spec
 from ngmm_formula.errors import NGMMError
 
 if TYPE_CHECKING:
+    from ngmm_formula.families import Family
     from ngmm_formula.results import NGMMResult
 
 __all__ = ["EMMeans", "emmeans"]
@@ -276,6 +277,38 @@ def emmeans(fit: NGMMResult, specs: str | list[str], by: str | list[str] | None 
             raise NGMMError(f"'{v}' is not a variable of the fixed part or of an nn() term "
                             f"(variables: {sorted(variables)})")
     grid = _grid_frame(fit, variables, at, data)
+    X, f = _grid_predictors(fit, grid)
+    beta = fit.fixef.to_numpy()
+    V = fit.vcov.to_numpy()
+    recs, L, off = _marginal_rows(grid, specs_l, by_l, variables, at, X, f)
+    est = L @ beta + off
+    se = np.sqrt(np.einsum("ij,jk,ik->i", L, V, L))
+    zq = float(stats.norm.ppf(0.5 + level / 2.0))
+    lo, hi = est - zq * se, est + zq * se
+    table = pd.DataFrame(recs)
+    name = "emmean"
+    if type == "response":
+        name, est, se, lo, hi = _response_scale(fit.family, est, se, lo, hi)
+    table[name] = est
+    table["SE"] = se
+    table["df"] = np.inf
+    table["asymp.LCL"] = lo
+    table["asymp.UCL"] = hi
+    table.attrs["beta"] = beta
+    return EMMeans(table=table, L=L, offset=off, vcov=V, specs=tuple(specs_l),
+                   by=tuple(by_l), level=float(level))
+
+
+def _grid_predictors(fit: NGMMResult, grid: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    r"""The reference grid's fixed-effect rows :math:`x_r` and the sum of the networks'
+    outputs :math:`\sum_k f_k(x_r)` (zeros without ``nn()`` terms).
+
+    Parameters
+    ----------
+    fit : NGMMResult
+    grid : DataFrame
+        From :func:`_grid_frame`.
+    """
     spec = fit.design.spec
     context = getattr(spec, "context", None)
     X = reapply_spec(spec.fixed_spec, grid, context)[:, list(spec.kept_columns)]
@@ -284,7 +317,34 @@ def emmeans(fit: NGMMResult, specs: str | list[str], by: str | list[str] | None 
         net_X = tuple(np.hstack([e.encode(grid[e.variable]) for e in encs])
                       for encs in spec.net_encodings)
         f = np.sum(fit._net_outputs(net_X), axis=0)
-    keys = [*specs_l, *by_l]
+    return X, f
+
+
+def _marginal_rows(grid: pd.DataFrame, specs: list[str], by: list[str],
+                   variables: dict[str, tuple[str, Any]], at: dict[str, Any], X: np.ndarray,
+                   f: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    r"""Average the grid rows of each combination of the ``specs`` and ``by`` levels: the
+    rows :math:`\ell` of :math:`L` and the networks' means :math:`\bar f`, in emmeans' order
+    (``specs`` varying fastest within each ``by`` combination).
+
+    Parameters
+    ----------
+    grid : DataFrame
+    specs, by : list of str
+    variables : dict
+        From :func:`_variables`.
+    at : dict
+    X, f : ndarray
+        From :func:`_grid_predictors`.
+
+    Returns
+    -------
+    records : list of dict
+        The levels of each mean.
+    L : ndarray, shape (n_means, n_fixed)
+    offset : ndarray, shape (n_means,)
+    """
+    keys = [*specs, *by]
     key_df = grid[keys].astype(object)
     grouped = key_df.groupby(keys, sort=False).indices
     # order: by levels outermost? emmeans orders rows with specs varying fastest within by
@@ -293,11 +353,9 @@ def emmeans(fit: NGMMResult, specs: str | list[str], by: str | list[str] | None 
         kind, info = variables[v]
         order_levels.append(list(at[v]) if v in at and isinstance(at[v], (list, tuple,
                             np.ndarray)) else (info if kind == "factor" else [None]))
-    beta = fit.fixef.to_numpy()
-    V = fit.vcov.to_numpy()
     recs, Ls, offs = [], [], []
-    by_combos = list(itertools.product(*order_levels[len(specs_l):])) if by_l else [()]
-    spec_combos = list(itertools.product(*order_levels[:len(specs_l)]))
+    by_combos = list(itertools.product(*order_levels[len(specs):])) if by else [()]
+    spec_combos = list(itertools.product(*order_levels[:len(specs)]))
     for bc in by_combos:
         for sc in spec_combos:
             key = tuple(sc) + tuple(bc)
@@ -315,31 +373,29 @@ def emmeans(fit: NGMMResult, specs: str | list[str], by: str | list[str] | None 
             recs.append({v: gk_row[v] for v in keys})
             Ls.append(ell)
             offs.append(fbar)
-    L = np.vstack(Ls)
-    off = np.asarray(offs)
-    est = L @ beta + off
-    se = np.sqrt(np.einsum("ij,jk,ik->i", L, V, L))
-    zq = float(stats.norm.ppf(0.5 + level / 2.0))
-    lo, hi = est - zq * se, est + zq * se
-    table = pd.DataFrame(recs)
-    name = "emmean"
-    if type == "response":
-        fam = fit.family
-        with torch.no_grad():
-            mu = fam.mean(torch.as_tensor(est)).numpy()
-            dmu = fam.link.mu_eta(torch.as_tensor(est)).numpy()
-            a, b = fam.mean(torch.as_tensor(lo)).numpy(), fam.mean(torch.as_tensor(hi)).numpy()
-        name = {"binomial": "prob", "poisson": "rate"}.get(fam.name, "response")
-        if fam.name == "negative_binomial" and fam.link.name == "log":
-            name = "rate"
-        if fam.link.name == "identity":
-            name = "emmean"
-        est, se, lo, hi = mu, np.abs(dmu) * se, np.minimum(a, b), np.maximum(a, b)
-    table[name] = est
-    table["SE"] = se
-    table["df"] = np.inf
-    table["asymp.LCL"] = lo
-    table["asymp.UCL"] = hi
-    table.attrs["beta"] = beta
-    return EMMeans(table=table, L=L, offset=off, vcov=V, specs=tuple(specs_l),
-                   by=tuple(by_l), level=float(level))
+    return recs, np.vstack(Ls), np.asarray(offs)
+
+
+def _response_scale(family: Family, est: np.ndarray, se: np.ndarray, lo: np.ndarray,
+                    hi: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, np.ndarray,
+                                             np.ndarray]:
+    r"""The means on the response scale: :math:`g^{-1}(\hat m)`, the delta-method standard
+    error :math:`|d\mu/d\eta|\operatorname{se}` and the back-transformed interval, with the
+    column's name (``prob``, ``rate``, ``response``; ``emmean`` for the identity link).
+
+    Parameters
+    ----------
+    family : Family
+    est, se, lo, hi : ndarray
+        The link-scale means, standard errors and interval limits.
+    """
+    with torch.no_grad():
+        mu = family.mean(torch.as_tensor(est)).numpy()
+        dmu = family.link.mu_eta(torch.as_tensor(est)).numpy()
+        a, b = family.mean(torch.as_tensor(lo)).numpy(), family.mean(torch.as_tensor(hi)).numpy()
+    name = {"binomial": "prob", "poisson": "rate"}.get(family.name, "response")
+    if family.name == "negative_binomial" and family.link.name == "log":
+        name = "rate"
+    if family.link.name == "identity":
+        name = "emmean"
+    return name, mu, np.abs(dmu) * se, np.minimum(a, b), np.maximum(a, b)

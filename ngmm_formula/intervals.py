@@ -36,6 +36,7 @@ what that costs on simulated data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -130,28 +131,8 @@ def predict_interval(fit: NGMMResult, newdata: pd.DataFrame | None = None, *,
         link-scale standard deviation :math:`s` used; for a delta prediction interval
         :math:`\sqrt{s^2+\sigma^2/w}`), ``lwr`` and ``upr``; indexed as ``newdata``.
     """
-    if interval not in ("confidence", "prediction"):
-        raise NGMMError(f"interval must be 'confidence' or 'prediction', got {interval!r}")
-    if type not in ("response", "link"):
-        raise NGMMError(f"type must be 'response' or 'link', got {type!r}")
-    if method not in ("auto", "delta", "simulation"):
-        raise NGMMError(f"method must be 'auto', 'delta' or 'simulation', got {method!r}")
-    level = _check_level(level)
-    if isinstance(nsim, bool) or not isinstance(nsim, (int, np.integer)) or nsim < 100:
-        raise NGMMError(f"nsim must be a whole number >= 100, got {nsim!r}")
-    population = _population(re_form)
-    identity = fit.family.link.name == "identity"
-    gaussian = fit.family.name == "gaussian" and identity
-    if interval == "prediction" and type == "link" and not identity:
-        raise NGMMError("type='link' has no prediction interval (a new observation lives on "
-                        "the response scale); use type='response'")
-    if method == "auto":
-        method = "delta" if interval == "confidence" or gaussian else "simulation"
-    if method == "delta" and interval == "prediction" and not gaussian:
-        raise NGMMError(f"method='delta' gives prediction intervals for the Gaussian family "
-                        f"with the identity link only (this fit: {fit.family!r}); use "
-                        "method='simulation'")
-
+    method, level, population = _checked_arguments(fit, interval, type, method, level, nsim,
+                                                   re_form)
     eta = fit.predict(newdata, type="link", re_form=re_form, allow_new_levels=allow_new_levels)
     var = fit.predict_se(newdata, re_form=re_form, allow_new_levels=allow_new_levels) ** 2
     if interval == "prediction" or not population:
@@ -177,8 +158,78 @@ def predict_interval(fit: NGMMResult, newdata: pd.DataFrame | None = None, *,
         return pd.DataFrame({"fit": centre, "se": s, "lwr": np.minimum(a, b),
                              "upr": np.maximum(a, b)}, index=index)
 
-    rng = np.random.default_rng(seed)
     s = np.sqrt(var)
+    lwr, upr = _simulated_limits(fit, eta, s, weights, sigma, interval, inv, alpha, nsim,
+                                 seed)
+    return pd.DataFrame({"fit": centre, "se": s, "lwr": lwr, "upr": upr}, index=index)
+
+
+def _checked_arguments(fit: NGMMResult, interval: str, type: str,
+                       method: Literal["auto", "delta", "simulation"], level: float, nsim: int,
+                       re_form: str | None
+                       ) -> tuple[Literal["auto", "delta", "simulation"], float, bool]:
+    """Check the arguments of :func:`predict_interval` (same names) and resolve
+    ``method="auto"``: delta for confidence intervals and Gaussian identity-link prediction
+    intervals, simulation otherwise.
+
+    Returns
+    -------
+    method : {"delta", "simulation"}
+    level : float
+    population : bool
+        Whether ``re_form`` predicts the population mean (random effects at zero).
+    """
+    if interval not in ("confidence", "prediction"):
+        raise NGMMError(f"interval must be 'confidence' or 'prediction', got {interval!r}")
+    if type not in ("response", "link"):
+        raise NGMMError(f"type must be 'response' or 'link', got {type!r}")
+    if method not in ("auto", "delta", "simulation"):
+        raise NGMMError(f"method must be 'auto', 'delta' or 'simulation', got {method!r}")
+    level = _check_level(level)
+    if isinstance(nsim, bool) or not isinstance(nsim, (int, np.integer)) or nsim < 100:
+        raise NGMMError(f"nsim must be a whole number >= 100, got {nsim!r}")
+    population = _population(re_form)
+    identity = fit.family.link.name == "identity"
+    gaussian = fit.family.name == "gaussian" and identity
+    if interval == "prediction" and type == "link" and not identity:
+        raise NGMMError("type='link' has no prediction interval (a new observation lives on "
+                        "the response scale); use type='response'")
+    if method == "auto":
+        method = "delta" if interval == "confidence" or gaussian else "simulation"
+    if method == "delta" and interval == "prediction" and not gaussian:
+        raise NGMMError(f"method='delta' gives prediction intervals for the Gaussian family "
+                        f"with the identity link only (this fit: {fit.family!r}); use "
+                        "method='simulation'")
+    return method, level, population
+
+
+def _simulated_limits(fit: NGMMResult, eta: np.ndarray, s: np.ndarray, weights: np.ndarray,
+                      sigma: float | None, interval: str,
+                      inv: Callable[[np.ndarray], np.ndarray], alpha: float, nsim: int,
+                      seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    r"""The interval limits by simulation: the :math:`\alpha/2` and :math:`1-\alpha/2`
+    quantiles of ``nsim`` draws per row of :math:`\eta^* \sim N(\hat\eta, s^2)` mapped by
+    ``inv`` (confidence) or of new responses drawn from the family at
+    :math:`g^{-1}(\eta^*)` (prediction), rows in chunks of about 200,000 draws.
+
+    Parameters
+    ----------
+    fit : NGMMResult
+    eta, s : ndarray
+        The link-scale predictions and standard deviations.
+    weights : ndarray
+        Prior weights of the rows (binomial: trials).
+    sigma : float or None
+        The dispersion parameter (None for families without one).
+    interval : {"confidence", "prediction"}
+    inv : callable
+        From the link scale to the reported scale.
+    alpha : float
+        One minus the level.
+    nsim : int
+    seed : int or None
+    """
+    rng = np.random.default_rng(seed)
     lwr = np.empty(len(eta))
     upr = np.empty(len(eta))
     chunk = max(1, 200_000 // nsim)
@@ -194,4 +245,4 @@ def predict_interval(fit: NGMMResult, newdata: pd.DataFrame | None = None, *,
             draws = fit.family.simulate(mu.ravel(), sigma, w.ravel(), rng).reshape(mu.shape)
         q = np.quantile(draws, [alpha / 2.0, 1.0 - alpha / 2.0], axis=1)
         lwr[sl], upr[sl] = q[0], q[1]
-    return pd.DataFrame({"fit": centre, "se": s, "lwr": lwr, "upr": upr}, index=index)
+    return lwr, upr

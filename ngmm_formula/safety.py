@@ -434,7 +434,10 @@ def formula_tokens(text: str, formula: str | None = None, pos: int = 0) -> list[
     """Cut a formula part (formulaic syntax) into tokens as formulaic does.
 
     A faithful port of ``formulaic.parser.algos.tokenize`` (formulaic 1.x, MIT licence), so
-    that the pieces checked here are the pieces formulaic evaluates.
+    that the pieces checked here are the pieces formulaic evaluates: its loop over the
+    characters is this function's, its branches for a character inside quotes (or brackets
+    of Python code) are :meth:`_Tokenizer.quoted` and the others :meth:`_Tokenizer.unquoted`,
+    in formulaic's order.
 
     Raises
     ------
@@ -443,99 +446,125 @@ def formula_tokens(text: str, formula: str | None = None, pos: int = 0) -> list[
     """
     where = formula if formula is not None else text
     base = pos if formula is not None else 0
-    out: list[Token] = []
-    quote: list[str] = []
-    take = 0
-    tok = Token()
-
-    def flush() -> None:
-        nonlocal tok
-        if tok.text:
-            out.append(tok)
-        tok = Token()
-
+    state = _Tokenizer(where, base)
     for i, ch in enumerate(text):
-        if take > 0:
-            tok.add(ch, i)
-            take -= 1
+        if state.take > 0:
+            state.tok.add(ch, i)
+            state.take -= 1
             continue
-        if quote and ch == "\\":
-            tok.add(ch, i)
-            take = 1
+        if state.quote and state.quoted(ch, i):
             continue
-        if quote and quote[-1] in "}`%" and ch == quote[-1]:
+        state.unquoted(ch, i)
+    if state.quote:
+        raise FormulaError(f"the formula ends before a closing {state.quote[-1]}", where,
+                           base + max(state.tok.start, 0))
+    state.flush()
+    return state.out
+
+
+@dataclass
+class _Tokenizer:
+    """The state of :func:`formula_tokens`: the tokens so far, the token being read, the
+    open quotes and brackets (innermost last), and the characters still to take verbatim
+    (after a backslash).
+
+    Parameters
+    ----------
+    where : str
+        The formula that errors point into.
+    base : int
+        The position of the formula part in ``where``.
+    """
+
+    where: str
+    base: int
+    out: list[Token] = field(default_factory=list)
+    quote: list[str] = field(default_factory=list)
+    take: int = 0
+    tok: Token = field(default_factory=Token)
+
+    def flush(self) -> None:
+        """End the current token (kept when it has text) and start an empty one."""
+        if self.tok.text:
+            self.out.append(self.tok)
+        self.tok = Token()
+
+    def quoted(self, ch: str, i: int) -> bool:
+        """Read character ``ch`` at ``i`` inside a quote or bracket; False when it is not
+        one of the quoted cases (it then is read as :meth:`unquoted`)."""
+        quote = self.quote
+        if ch == "\\":
+            self.tok.add(ch, i)
+            self.take = 1
+            return True
+        if quote[-1] in "}`%" and ch == quote[-1]:
             quote.pop()
-            if tok.text:
+            if self.tok.text:
                 if quote:
-                    tok.add(ch, i)
+                    self.tok.add(ch, i)
                 else:
-                    flush()
-            continue
-        if quote and ch == quote[-1]:
-            tok.add(ch, i)
+                    self.flush()
+            return True
+        if ch == quote[-1]:
+            self.tok.add(ch, i)
             quote.pop()
-            continue
-        if quote and quote[-1] in ('"', "'", "`", ")", "]", "}", "%"):
+            return True
+        if quote[-1] in ('"', "'", "`", ")", "]", "}", "%"):
             if ch in "`([" and quote[-1] in "})]":
                 quote.append({"(": ")", "[": "]"}.get(ch, ch))
-            tok.add(ch, i)
-            continue
+            self.tok.add(ch, i)
+            return True
+        return False
+
+    def unquoted(self, ch: str, i: int) -> None:
+        """Read character ``ch`` at ``i`` outside quotes: an opening quote or bracket, a
+        grouping parenthesis, a space, or a character of a name, value or operator."""
         if ch == "%":
-            flush()
-            tok = Token("operator")
-            quote.append("%")
-            continue
-        if ch == "{":
-            flush()
-            tok = Token("python")
-            quote.append("}")
-            continue
-        if ch == "`":
-            flush()
-            tok = Token("name", quoted=True)
-            quote.append("`")
-            continue
-        if ch in "([":
-            if tok.kind in ("name", "python"):
-                tok.add(ch, i, "python")
-                quote.append(")" if ch == "(" else "]")
+            self.flush()
+            self.tok = Token("operator")
+            self.quote.append("%")
+        elif ch == "{":
+            self.flush()
+            self.tok = Token("python")
+            self.quote.append("}")
+        elif ch == "`":
+            self.flush()
+            self.tok = Token("name", quoted=True)
+            self.quote.append("`")
+        elif ch in "([":
+            if self.tok.kind in ("name", "python"):
+                self.tok.add(ch, i, "python")
+                self.quote.append(")" if ch == "(" else "]")
             else:
-                flush()
-                out.append(Token("context", ch, i))
-            continue
-        if ch in ")]":
-            flush()
-            out.append(Token("context", ch, i))
-            continue
-        if ch.isspace():
-            if tok.text and tok.kind != "operator":
-                flush()
-            continue
-        if ch in "\"'":
-            if tok.text and tok.kind == "operator":
-                flush()
-            if not tok.text:
-                tok.add(ch, i, "value")
-                quote.append(ch)
+                self.flush()
+                self.out.append(Token("context", ch, i))
+        elif ch in ")]":
+            self.flush()
+            self.out.append(Token("context", ch, i))
+        elif ch.isspace():
+            if self.tok.text and self.tok.kind != "operator":
+                self.flush()
+        elif ch in "\"'":
+            if self.tok.text and self.tok.kind == "operator":
+                self.flush()
+            if not self.tok.text:
+                self.tok.add(ch, i, "value")
+                self.quote.append(ch)
             else:
-                raise FormulaError(f"unexpected {ch} after '{tok.text}'", where, base + i)
-            continue
-        if _WORD.match(ch):
-            if tok.text and tok.kind in ("operator", "python"):
-                flush()
-            if tok.kind not in (None, "value", "name"):
-                raise FormulaError(f"unexpected character {ch!r}", where, base + i)
-            kind = "value" if _NUMERIC.match(ch) and tok.kind in (None, "value") else "name"
-            tok.add(ch, i, kind)
-            continue
-        if tok.text and tok.kind != "operator":
-            flush()
-        tok.add(ch, i, "operator")
-    if quote:
-        raise FormulaError(f"the formula ends before a closing {quote[-1]}", where,
-                           base + max(tok.start, 0))
-    flush()
-    return out
+                raise FormulaError(f"unexpected {ch} after '{self.tok.text}'", self.where,
+                                   self.base + i)
+        elif _WORD.match(ch):
+            if self.tok.text and self.tok.kind in ("operator", "python"):
+                self.flush()
+            if self.tok.kind not in (None, "value", "name"):
+                raise FormulaError(f"unexpected character {ch!r}", self.where, self.base + i)
+            kind = ("value" if _NUMERIC.match(ch) and self.tok.kind in (None, "value")
+                    else "name")
+            self.tok.add(ch, i, kind)
+        else:
+            if self.tok.text and self.tok.kind != "operator":
+                self.flush()
+            self.tok.add(ch, i, "operator")
 
 
 def check_terms(text: str, formula: str | None = None, pos: int = 0,

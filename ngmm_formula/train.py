@@ -65,7 +65,7 @@ import copy
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -361,58 +361,114 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     import time
 
     t0 = time.perf_counter()
-    per_group_blocks = not approx.joint
     n_groups = int(split_groups.max()) + 1
     if held is None:
         held = _split_groups(split_groups, n_groups, control.validation,
                              rng) if schedule is None else np.zeros(n_groups, dtype=bool)
     train_groups = np.flatnonzero(~held & np.isin(np.arange(n_groups), split_groups))
     val_groups = np.flatnonzero(held)
-
-    rows_per_group = problem.y.shape[0] / max(1, np.unique(split_groups).size)
-    batch_groups = control.batch_groups or max(1, int(round(control.batch_size
-                                                            / rows_per_group)))
-    owned = (np.ones(n_groups, dtype=bool) if shard is None
-             else shard.owned(n_groups))  # the groups this process evaluates
+    batch_groups = _groups_per_batch(problem, split_groups, control)
     net_params = [p for net in module.nets for p in net.parameters()]
     other = _linear_params(module)
     initial = copy.deepcopy(module.state_dict()) if control.retrain else None
     by_group = RowsByGroup.of(split_groups, n_groups)  # a batch's rows in O(its rows)
-    sizes, rows_of = by_group.sizes, by_group.rows
     if schedule is None and val_groups.size:
-        _fit_linear_part(problem, family, approx, module, rows_of(train_groups), control,
+        _fit_linear_part(problem, family, approx, module, by_group.rows(train_groups), control,
                          shard)
     opt = _optimiser(net_params, other, control)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
+    # the embeddings' prior (networks.MLP.penalty) is per training observation
+    n_train = [max(1, int(by_group.sizes[train_groups].sum()))]  # all groups' when retraining
+    evaluate, step = _minibatch_objective(problem, family, approx, module, by_group, control,
+                                          rng, shard, net_params + other, n_train)
+    log = _train_with_early_stopping(module, opt, evaluate, step, rng, train_groups,
+                                     val_groups, by_group.sizes, batch_groups, control, shard,
+                                     control.epochs if schedule is None else 0)
+    retrained = 0
+    if schedule is None and initial is not None and val_groups.size and log.best_epoch:
+        schedule = log.lr[:log.best_epoch]
+        module.load_state_dict(initial)
+    if schedule is not None:  # a fixed number of epochs on all groups
+        everything = np.sort(np.concatenate([train_groups, val_groups]))
+        n_train[0] = max(1, int(by_group.sizes[everything].sum()))
+        retrained = _train_on_schedule(module, net_params, other, step, rng, everything,
+                                       batch_groups, schedule, control)
+    elif log.best_state is not None:
+        module.load_state_dict(log.best_state)
+    if shard is not None:  # the processes' weights agree to the last bit: rank 0's
+        shard.sync(module)
+    module.eval()
+    return TrainingHistory(train=tuple(log.train), validation=tuple(log.validation),
+                           best_epoch=log.best_epoch, stopped_early=log.stopped,
+                           seconds=time.perf_counter() - t0,
+                           n_validation_groups=int(val_groups.size), lr=tuple(log.lr),
+                           retrained_steps=retrained)
+
+
+def _groups_per_batch(problem: Problem, split_groups: np.ndarray, control: Control) -> int:
+    """Groups per minibatch: ``control.batch_groups``, or as many as make about
+    ``control.batch_size`` rows at the mean group size.
+
+    Parameters
+    ----------
+    problem : Problem
+    split_groups : ndarray of int
+        Each row's group of the grouping factor that minibatches are made of.
+    control : Control
+    """
+    rows_per_group = problem.y.shape[0] / max(1, np.unique(split_groups).size)
+    return control.batch_groups or max(1, int(round(control.batch_size / rows_per_group)))
+
+
+def _minibatch_objective(
+        problem: Problem, family: Family, approx: Approximation, module: LinearPredictor,
+        by_group: RowsByGroup, control: Control, rng: np.random.Generator,
+        shard: Shard | None, params: list[torch.nn.Parameter], n_train: list[int],
+) -> tuple[Callable[..., torch.Tensor], Callable[[torch.optim.Optimizer, np.ndarray], float]]:
+    """The log-likelihood of a set of groups and one optimiser step on a minibatch.
+
+    The conditional modes of every group are cached between calls as warm starts; the input
+    noise of ``control.input_noise`` is drawn from a generator seeded by ``rng``.
+
+    Parameters
+    ----------
+    problem, family, approx, module
+        As :func:`train_member`.
+    by_group : RowsByGroup
+        The rows of each group of ``split_groups``.
+    control : Control
+    rng : numpy.random.Generator
+        Draws the seed of the input noise (one draw, here).
+    shard : Shard or None
+        This process's part of a distributed fit.
+    params : list of Parameter
+        Every trained parameter (their gradients are summed over the processes).
+    n_train : list of one int
+        The training observations that the embeddings' prior is divided by; read at every
+        step, so the caller may change it (retraining on all groups).
+
+    Returns
+    -------
+    evaluate : callable
+        ``evaluate(groups, grad=...)``: log-likelihood of this process's part of ``groups``.
+    step : callable
+        ``step(optimiser, batch)``: one step on the minibatch; returns its log-likelihood.
+    """
+    per_group_blocks = not approx.joint
+    n_groups = by_group.sizes.size
+    owned = (np.ones(n_groups, dtype=bool) if shard is None
+             else shard.owned(n_groups))  # the groups this process evaluates
+    sizes, rows_of = by_group.sizes, by_group.rows
     device = problem.y.device
     cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype,
                         device=device)
-    # input noise: SD per input column of every network (0 for one-hot columns)
-    noise_sd = [control.input_noise * torch.tensor(
-        net.numeric if isinstance(net, MLP) else [False] * x.shape[1], dtype=torch.float64)
-        for net, x in zip(module.nets, problem.net_X)]
-    noisy = any(bool(sd.any()) for sd in noise_sd)
-    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-
-    def input_noise(groups: np.ndarray, own_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Noise of the rows ``own_rows`` among those of the minibatch ``groups``: drawn for
-        the whole minibatch in group order, so every process draws the same numbers."""
-        rows = rows_of(np.sort(groups))
-        pick = (torch.as_tensor(np.flatnonzero(np.isin(rows, own_rows)))
-                if own_rows.size < rows.size else None)
-        out = []
-        for sd, x in zip(noise_sd, problem.net_X):
-            e = torch.randn(rows.size, x.shape[1], generator=noise_gen, dtype=torch.float64) * sd
-            out.append((e if pick is None else e[pick]).to(dtype=x.dtype, device=x.device))
-        return tuple(out)
+    input_noise = _input_noise_sampler(problem, module, control, rng, rows_of)
 
     def evaluate(groups: np.ndarray, *, grad: bool) -> torch.Tensor:
         """Log-likelihood of this process's part of ``groups`` (0 when it owns none); with
         ``grad`` the networks see the input noise."""
         gs_np = np.sort(groups[owned[groups]])
         noise = None
-        if grad and noisy:  # drawn before the early return: the stream stays in step
+        if grad and input_noise is not None:  # drawn before the early return: in step
             noise = input_noise(groups, rows_of(gs_np))
         if not gs_np.size:
             return problem.y.new_zeros(())
@@ -433,9 +489,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
             cache[gs] = obj.mode.v
         return ll
 
-    # the embeddings' prior (networks.MLP.penalty), per training observation; counted by
-    # one process of a distributed fit (the gradients are summed over the processes)
-    n_train = [max(1, int(sizes[train_groups].sum()))]  # all groups' rows when retraining
+    # the embeddings' prior, counted by one process of a distributed fit (the gradients are
+    # summed over the processes)
     penalised = [net for net in module.nets if isinstance(net, CentredNetwork)
                  and (shard is None or shard.rank == 0)]
 
@@ -449,10 +504,106 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
         if loss.requires_grad:
             loss.backward()
         if shard is not None:
-            shard.all_sum_grads(net_params + other)
+            shard.all_sum_grads(params)
         optimiser.step()
         return float(ll.detach())
 
+    return evaluate, step
+
+
+def _input_noise_sampler(
+        problem: Problem, module: LinearPredictor, control: Control, rng: np.random.Generator,
+        rows_of: Callable[[np.ndarray], np.ndarray],
+) -> Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, ...]] | None:
+    """The Gaussian noise of standard deviation ``control.input_noise`` on the networks'
+    numeric inputs (none on one-hot columns), or None when no input gets any.
+
+    Parameters
+    ----------
+    problem : Problem
+    module : LinearPredictor
+    control : Control
+    rng : numpy.random.Generator
+        Draws the seed of the noise's generator (always, noise or not: the stream of
+        ``rng`` does not depend on ``control.input_noise``).
+    rows_of : callable
+        The rows of a sorted array of groups (:class:`~ngmm_formula.model.RowsByGroup`).
+
+    Returns
+    -------
+    callable or None
+        ``sample(groups, own_rows)``: the noise of the rows ``own_rows`` among those of the
+        minibatch ``groups``, one tensor per network.
+    """
+    # SD per input column of every network (0 for one-hot columns)
+    noise_sd = [control.input_noise * torch.tensor(
+        net.numeric if isinstance(net, MLP) else [False] * x.shape[1], dtype=torch.float64)
+        for net, x in zip(module.nets, problem.net_X)]
+    noisy = any(bool(sd.any()) for sd in noise_sd)
+    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    if not noisy:
+        return None
+
+    def sample(groups: np.ndarray, own_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Noise of the rows ``own_rows`` among those of the minibatch ``groups``: drawn for
+        the whole minibatch in group order, so every process draws the same numbers."""
+        rows = rows_of(np.sort(groups))
+        pick = (torch.as_tensor(np.flatnonzero(np.isin(rows, own_rows)))
+                if own_rows.size < rows.size else None)
+        out = []
+        for sd, x in zip(noise_sd, problem.net_X):
+            e = torch.randn(rows.size, x.shape[1], generator=noise_gen, dtype=torch.float64) * sd
+            out.append((e if pick is None else e[pick]).to(dtype=x.dtype, device=x.device))
+        return tuple(out)
+
+    return sample
+
+
+@dataclass
+class _EpochLog:
+    """What :func:`_train_with_early_stopping` saw: the curves per epoch (training and
+    validation objective per observation, learning rate), the best epoch and its weights,
+    and whether training stopped early."""
+
+    train: list[float]
+    validation: list[float]
+    lr: list[float]
+    best_epoch: int
+    best_state: dict | None
+    stopped: bool
+
+
+def _train_with_early_stopping(
+        module: LinearPredictor, opt: torch.optim.Optimizer,
+        evaluate: Callable[..., torch.Tensor],
+        step: Callable[[torch.optim.Optimizer, np.ndarray], float], rng: np.random.Generator,
+        train_groups: np.ndarray, val_groups: np.ndarray, sizes: np.ndarray,
+        batch_groups: int, control: Control, shard: Shard | None, epochs: int) -> _EpochLog:
+    """Up to ``epochs`` epochs of minibatch steps on ``train_groups``, scored on
+    ``val_groups`` (on the training curve without them), with the learning rate halved when
+    the score stalls and early stopping after ``control.patience`` epochs without
+    improvement; neither acts before ``control.min_steps`` steps.
+
+    Parameters
+    ----------
+    module : LinearPredictor
+        Trained in place; its weights at the end are the last epoch's (the best are returned).
+    opt : Optimizer
+    evaluate, step : callable
+        From :func:`_minibatch_objective`.
+    rng : numpy.random.Generator
+        Draws the order of the minibatches.
+    train_groups, val_groups : ndarray of int
+    sizes : ndarray of int
+        Rows per group.
+    batch_groups : int
+        Groups per minibatch.
+    control : Control
+    shard : Shard or None
+    epochs : int
+    """
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
     progress = _progress(control) if shard is None or shard.rank == 0 else None
     train_curve: list[float] = []
     val_curve: list[float] = []
@@ -460,7 +611,7 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     best_score, best_epoch, best_state, wait = -math.inf, 0, None, 0
     stopped = False
     steps = 0
-    for epoch in range(1, control.epochs + 1 if schedule is None else 1):
+    for epoch in range(1, epochs + 1):
         module.train()
         order = rng.permutation(train_groups)
         total, n_rows = 0.0, 0
@@ -501,32 +652,44 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
             break
     if progress is not None:
         _close_progress(progress, len(train_curve), best_epoch, stopped)
-    retrained = 0
-    if schedule is None and initial is not None and val_groups.size and best_epoch:
-        schedule = lrs[:best_epoch]
-        module.load_state_dict(initial)
-    if schedule is not None:  # a fixed number of epochs on all groups
-        module.train()
-        opt = _optimiser(net_params, other, control)
-        everything = np.sort(np.concatenate([train_groups, val_groups]))
-        n_train[0] = max(1, int(sizes[everything].sum()))
-        for lr in schedule:
-            for group in opt.param_groups:
-                group["lr"] = lr
-            order = rng.permutation(everything)
-            for start in range(0, order.size, batch_groups):
-                step(opt, order[start:start + batch_groups])
-                retrained += 1
-    elif best_state is not None:
-        module.load_state_dict(best_state)
-    if shard is not None:  # the processes' weights agree to the last bit: rank 0's
-        shard.sync(module)
-    module.eval()
-    return TrainingHistory(train=tuple(train_curve), validation=tuple(val_curve),
-                           best_epoch=best_epoch, stopped_early=stopped,
-                           seconds=time.perf_counter() - t0,
-                           n_validation_groups=int(val_groups.size), lr=tuple(lrs),
-                           retrained_steps=retrained)
+    return _EpochLog(train=train_curve, validation=val_curve, lr=lrs, best_epoch=best_epoch,
+                     best_state=best_state, stopped=stopped)
+
+
+def _train_on_schedule(module: LinearPredictor, net_params: list[torch.nn.Parameter],
+                       other: list[torch.nn.Parameter],
+                       step: Callable[[torch.optim.Optimizer, np.ndarray], float],
+                       rng: np.random.Generator, groups: np.ndarray, batch_groups: int,
+                       schedule: Sequence[float], control: Control) -> int:
+    """Train with a fresh optimiser on ``groups`` for one epoch per learning rate of
+    ``schedule``, without validation; returns the number of optimiser steps.
+
+    Parameters
+    ----------
+    module : LinearPredictor
+    net_params, other : list of Parameter
+        The networks' weights (with weight decay) and the linear part's parameters.
+    step : callable
+        From :func:`_minibatch_objective`.
+    rng : numpy.random.Generator
+        Draws the order of the minibatches.
+    groups : ndarray of int
+    batch_groups : int
+        Groups per minibatch.
+    schedule : sequence of float
+    control : Control
+    """
+    module.train()
+    opt = _optimiser(net_params, other, control)
+    steps = 0
+    for lr in schedule:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        order = rng.permutation(groups)
+        for start in range(0, order.size, batch_groups):
+            step(opt, order[start:start + batch_groups])
+            steps += 1
+    return steps
 
 
 def _fit_linear_part(problem: Problem, family: Family, approx: Approximation,

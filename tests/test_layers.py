@@ -269,15 +269,7 @@ def test_relative_import_reading(tmp_path: Path) -> None:
 
 #: Functions still over MAX_FUNCTION_LINES (docstring included), each with why it is left:
 #: the list must shrink, never grow (an entry that is no longer long fails too).
-LONG_FUNCTIONS: dict[str, str] = {
-    "design.build_design": "the design stage (nn() factor embeddings were added beside the rule)",
-    "train.train_member": "the training loop; being changed on other branches",
-    "safety.formula_tokens": "a line-by-line port of formulaic's tokenizer, kept comparable",
-    "compare.statsmodels_spec": "one translation with closures over the helper columns",
-    "datasets.simulate_grouped": "85 lines of code under a 100-line docstring (the model)",
-    "emmeans.emmeans": "written on a branch before this rule; mostly its numpydoc docstring",
-    "intervals.predict_interval": "written on a branch before this rule; mostly its docstring",
-}
+LONG_FUNCTIONS: dict[str, str] = {}
 MAX_FUNCTION_LINES = 100
 
 

@@ -1,4 +1,4 @@
-"""Bundled example data sets and a generator of synthetic grouped data.
+r"""Bundled example data sets and a generator of synthetic grouped data.
 
 Bundled data
 ------------
@@ -48,6 +48,37 @@ Synthetic data
 random intercept (and optionally slope) and a Gaussian, Bernoulli or Poisson response, and
 returns the true effect and linear predictor alongside the data, for simulation studies and
 oracle comparisons.
+
+Its model: for group :math:`j = 1, \dots, J` (``n_groups``) and observation
+:math:`i = 1, \dots, m` (``n_per_group``) in it,
+
+.. math::
+
+    x_{1,ij},\, x_{2,ij} \sim U(-2, 2), \qquad x_{3,ij} \sim N(0, 1), \qquad
+    b_j \sim N(0, \sigma_b^2), \qquad s_j \sim N(0, \sigma_s^2),
+
+    \eta_{ij} = \beta_0 + f(x_{1,ij}, x_{2,ij}) + 0.5\, x_{3,ij} + b_j + s_j\, x_{3,ij},
+
+all independent, with :math:`\beta_0` = ``intercept``, :math:`\sigma_b` = ``re_sd`` and
+:math:`\sigma_s` = ``slope_sd``. The nonlinear effect is centred on the sample,
+:math:`f = \tilde f - \overline{\tilde f}`, so that the intercept is identified (as the
+package centres its networks). The built-in effects :math:`\tilde f` are
+
+- ``"linear"``: :math:`0.8\, x_1 - 0.5\, x_2`;
+- ``"sine"``: :math:`\sin(2 x_1) + 0.5\, x_2^2`;
+- ``"interaction"``: :math:`\sin(x_1)\, x_2` (a pure interaction: no additive model in
+  :math:`x_1` and :math:`x_2` captures any of it);
+
+each has a standard deviation of roughly 0.9 to 1.1 over the covariate distribution.
+The response is
+
+- ``"gaussian"``: :math:`y_{ij} = \eta_{ij} + \varepsilon_{ij}`,
+  :math:`\varepsilon_{ij} \sim N(0, \sigma^2)`;
+- ``"binomial"``: :math:`y_{ij} \sim \mathrm{Bernoulli}(\operatorname{logit}^{-1}
+  \eta_{ij})`;
+- ``"poisson"``: :math:`y_{ij} \sim \mathrm{Poisson}(\exp \eta_{ij})`. With the default
+  scales :math:`\operatorname{Var}\eta \approx 2` to 2.5, so the mean count is about
+  :math:`3\, e^{\beta_0}` and the largest of 40 000 counts is a few hundred.
 """
 
 from __future__ import annotations
@@ -289,36 +320,9 @@ def simulate_grouped(
 ) -> pd.DataFrame:
     r"""Simulate grouped data with a known nonlinear covariate effect and random effects.
 
-    For group :math:`j = 1, \dots, J` (``n_groups``) and observation
-    :math:`i = 1, \dots, m` (``n_per_group``) in it,
-
-    .. math::
-
-        x_{1,ij},\, x_{2,ij} \sim U(-2, 2), \qquad x_{3,ij} \sim N(0, 1), \qquad
-        b_j \sim N(0, \sigma_b^2), \qquad s_j \sim N(0, \sigma_s^2),
-
-        \eta_{ij} = \beta_0 + f(x_{1,ij}, x_{2,ij}) + 0.5\, x_{3,ij} + b_j + s_j\, x_{3,ij},
-
-    all independent, with :math:`\beta_0` = ``intercept``, :math:`\sigma_b` = ``re_sd`` and
-    :math:`\sigma_s` = ``slope_sd``. The nonlinear effect is centred on the sample,
-    :math:`f = \tilde f - \overline{\tilde f}`, so that the intercept is identified (as the
-    package centres its networks). The built-in effects :math:`\tilde f` are
-
-    - ``"linear"``: :math:`0.8\, x_1 - 0.5\, x_2`;
-    - ``"sine"``: :math:`\sin(2 x_1) + 0.5\, x_2^2`;
-    - ``"interaction"``: :math:`\sin(x_1)\, x_2` (a pure interaction: no additive model in
-      :math:`x_1` and :math:`x_2` captures any of it);
-
-    each has a standard deviation of roughly 0.9 to 1.1 over the covariate distribution.
-    The response is
-
-    - ``"gaussian"``: :math:`y_{ij} = \eta_{ij} + \varepsilon_{ij}`,
-      :math:`\varepsilon_{ij} \sim N(0, \sigma^2)`;
-    - ``"binomial"``: :math:`y_{ij} \sim \mathrm{Bernoulli}(\operatorname{logit}^{-1}
-      \eta_{ij})`;
-    - ``"poisson"``: :math:`y_{ij} \sim \mathrm{Poisson}(\exp \eta_{ij})`. With the default
-      scales :math:`\operatorname{Var}\eta \approx 2` to 2.5, so the mean count is about
-      :math:`3\, e^{\beta_0}` and the largest of 40 000 counts is a few hundred.
+    The model, :math:`\eta_{ij} = \beta_0 + f(x_{1,ij}, x_{2,ij}) + 0.5\, x_{3,ij} + b_j +
+    s_j\, x_{3,ij}` with :math:`f` centred on the sample, the effects and the responses are
+    written out in the module docstring (:mod:`ngmm_formula.datasets`, *Synthetic data*).
 
     Parameters
     ----------
@@ -393,21 +397,55 @@ def simulate_grouped(
     if not isinstance(family, str) or family.lower() not in _FAMILIES:
         raise ValueError(f"family must be one of {', '.join(map(repr, _FAMILIES))}, "
                          f"got {family!r}")
-    family = family.lower()
-    effect_fn: Callable[[np.ndarray, np.ndarray], Any]
+    effect_fn, effect_name = _effect_function(effect)
+    frame = _draw_grouped(n_groups, n_per_group, family.lower(), effect_fn, intercept, re_sd,
+                          slope_sd, sigma, n_noise, seed)
+    frame.attrs.update(
+        family=family.lower(), effect=effect_name, intercept=intercept, beta_x3=_BETA_X3,
+        re_sd=re_sd, slope_sd=slope_sd, sigma=sigma if family.lower() == "gaussian" else None,
+        n_groups=n_groups, n_per_group=n_per_group, n_noise=n_noise, seed=seed)
+    return frame
+
+
+def _effect_function(effect: Effect) -> tuple[EffectFunction, str]:
+    r"""The nonlinear effect :math:`\tilde f` of :func:`simulate_grouped` and its name.
+
+    Parameters
+    ----------
+    effect : str or callable
+        A built-in effect's name (case-insensitive) or a function of ``x1`` and ``x2``.
+
+    Returns
+    -------
+    function : callable
+    name : str
+        The built-in name, or the callable's ``__name__`` ("custom" without one).
+    """
     if isinstance(effect, str):
         if effect.lower() not in _EFFECTS:
             raise ValueError(f"effect must be a callable or one of "
                              f"{', '.join(map(repr, _EFFECTS))}, got {effect!r}")
-        effect_name = effect.lower()
-        effect_fn = _EFFECTS[effect_name]
-    elif callable(effect):
-        effect_fn = effect
-        effect_name = getattr(effect, "__name__", "custom")
-    else:
-        raise ValueError(f"effect must be a callable or one of "
-                         f"{', '.join(map(repr, _EFFECTS))}, got {effect!r}")
+        return _EFFECTS[effect.lower()], effect.lower()
+    if callable(effect):
+        return effect, getattr(effect, "__name__", "custom")
+    raise ValueError(f"effect must be a callable or one of "
+                     f"{', '.join(map(repr, _EFFECTS))}, got {effect!r}")
 
+
+def _draw_grouped(n_groups: int, n_per_group: int, family: str, effect_fn: EffectFunction,
+                  intercept: float, re_sd: float, slope_sd: float, sigma: float,
+                  n_noise: int, seed: int) -> pd.DataFrame:
+    r"""Draw the data of :func:`simulate_grouped` from its checked arguments (the same
+    names), without ``attrs``.
+
+    Parameters
+    ----------
+    n_groups, n_per_group, n_noise, seed : int
+    family : {"gaussian", "binomial", "poisson"}
+    effect_fn : callable
+        The effect :math:`\tilde f` (:func:`_effect_function`).
+    intercept, re_sd, slope_sd, sigma : float
+    """
     n = n_groups * n_per_group
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
     rng_x, rng_re, rng_noise, rng_y = streams
@@ -428,19 +466,7 @@ def simulate_grouped(
         raise ValueError("effect callable returned non-finite values")
     f_true = f_raw - f_raw.mean()
     eta = intercept + f_true + _BETA_X3 * x3 + b[group] + s[group] * x3
-
-    y: np.ndarray
-    if family == "gaussian":
-        y = eta + sigma * rng_y.standard_normal(n)
-    elif family == "binomial":
-        mu = 1.0 / (1.0 + np.exp(-eta))
-        y = (rng_y.uniform(size=n) < mu).astype(np.int64)
-    else:
-        if eta.max() > _MAX_POISSON_ETA:
-            raise ValueError(f"Poisson linear predictor reaches {eta.max():.3g} (expected "
-                             f"count {math.exp(eta.max()):.3g}); lower intercept, re_sd, "
-                             "slope_sd or the scale of the effect")
-        y = rng_y.poisson(np.exp(eta)).astype(np.int64)
+    y = _draw_response(family, eta, sigma, rng_y)
 
     width = max(4, len(str(n_groups)))
     labels = [f"g{j + 1:0{width}d}" for j in range(n_groups)]
@@ -449,21 +475,33 @@ def simulate_grouped(
         columns[f"noise{k + 1}"] = noise[:, k]
     columns["g"] = pd.Categorical.from_codes(group, categories=pd.Index(labels))
     columns.update(f_true=f_true, eta_true=eta, b_true=b[group], b_x3_true=s[group])
-    frame = pd.DataFrame(columns)
-    frame.attrs.update(
-        family=family,
-        effect=effect_name,
-        intercept=intercept,
-        beta_x3=_BETA_X3,
-        re_sd=re_sd,
-        slope_sd=slope_sd,
-        sigma=sigma if family == "gaussian" else None,
-        n_groups=n_groups,
-        n_per_group=n_per_group,
-        n_noise=n_noise,
-        seed=seed,
-    )
-    return frame
+    return pd.DataFrame(columns)
+
+
+def _draw_response(family: str, eta: np.ndarray, sigma: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """The response of :func:`simulate_grouped` given the linear predictor ``eta``.
+
+    Parameters
+    ----------
+    family : {"gaussian", "binomial", "poisson"}
+    eta : ndarray
+    sigma : float
+        The residual SD (gaussian only).
+    rng : numpy.random.Generator
+        The response's stream.
+    """
+    n = eta.size
+    if family == "gaussian":
+        return eta + sigma * rng.standard_normal(n)
+    if family == "binomial":
+        mu = 1.0 / (1.0 + np.exp(-eta))
+        return (rng.uniform(size=n) < mu).astype(np.int64)
+    if eta.max() > _MAX_POISSON_ETA:
+        raise ValueError(f"Poisson linear predictor reaches {eta.max():.3g} (expected "
+                         f"count {math.exp(eta.max()):.3g}); lower intercept, re_sd, "
+                         "slope_sd or the scale of the effect")
+    return rng.poisson(np.exp(eta)).astype(np.int64)
 
 
 def simulate_crossed(
