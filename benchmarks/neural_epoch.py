@@ -23,6 +23,7 @@ subprocess pinned to one thread. Prints a table::
 
     python benchmarks/neural_epoch.py                       # 10^5 and 10^6 rows
     python benchmarks/neural_epoch.py --rows 100000 --epochs 10
+    python benchmarks/neural_epoch.py --approx laplace   # the same fit with one node
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ngmm_formula import fit as fit_module, model, networks, train
 from ngmm_formula.datasets import simulate_grouped
 
 rows, groups, epochs, seed = map(int, sys.argv[1:5])
+approx = sys.argv[5]
 # torch.optim's first optimiser in a process imports torch._dynamo (about 0.8 s, once): a
 # fixed cost of the process, not of an epoch, so it is paid here before anything is timed
 torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
@@ -102,7 +104,7 @@ train.train_member = member_timed
 
 control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False)
 fit = ngmm("y ~ nn(x1, x2, hidden=(64, 64)) + x3 + (1 | g)", df, "binomial",
-           control=control, seed=seed)
+           approx=approx, control=control, seed=seed)
 n_epochs = len(fit.history.train)
 loop = parts["train"] - parts["linear start"]
 # Problem.subset runs before Objective.per_block; the integral is per_block minus the network
@@ -155,12 +157,12 @@ print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
 """
 
 
-def run(rows: int, groups: int, epochs: int, seed: int) -> dict:
+def run(rows: int, groups: int, epochs: int, seed: int, approx: str = "auto") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", CHILD, str(rows), str(groups), str(epochs),
-                          str(seed)], check=True, capture_output=True, text=True, env=env)
+                          str(seed), approx], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -188,12 +190,16 @@ def main() -> None:
                          "rows, 50,000 at 10^6)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--approx", default="auto",
+                    help="approx= of the fit (e.g. laplace: what training on one node costs)")
     args = ap.parse_args()
     per_group = args.per_group + [args.per_group[-1]] * (len(args.rows) - len(args.per_group))
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f}; seconds per epoch, "
           "one thread")
-    results = [run(n, n // k, args.epochs, args.seed) for n, k in zip(args.rows, per_group)]
+    print(f"approx={args.approx!r}")
+    results = [run(n, n // k, args.epochs, args.seed, args.approx)
+               for n, k in zip(args.rows, per_group)]
     print(table(results))
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
