@@ -27,7 +27,7 @@ PACKAGE = ROOT / "ngmm_formula"
 #: this list; README.md shows the same list.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version"),
-    ("safety", "control", "runtime", "scaling", "families", "summary", "datasets"),
+    ("safety", "control", "runtime", "scaling", "families", "summary", "datasets", "registry"),
     ("formula",),
     ("io", "networks", "design"),
     ("checks",),
