@@ -29,6 +29,7 @@ from ngmm_formula.errors import (
     SeparationWarning,
     SingularFitWarning,
 )
+from ngmm_formula.registry import RESULT_METHODS as _RESULT_METHODS
 from ngmm_formula.version import __version__
 
 if TYPE_CHECKING:
@@ -57,6 +58,26 @@ _LAZY = {
     "ngmm": "ngmm_formula.api",
     "parse_formula": "ngmm_formula.formula",
 }
+
+#: NGMMResult's methods whose computation lives above the results layer -> the function that
+#: computes it (its module is imported when the method is first called; see
+#: :mod:`ngmm_formula.registry`). The package is the top layer, so it may name every module.
+_RESULT_METHODS.declare({
+    "compare": "ngmm_formula.compare:compare",
+    "confint": "ngmm_formula.inference:confint",
+    "emmeans": "ngmm_formula.emmeans:emmeans",
+    "icc": "ngmm_formula.performance:icc",
+    "plot_caterpillar": "ngmm_formula.plots:caterpillar",
+    "plot_partial_dependence": "ngmm_formula.plots:partial_dependence",
+    "plot_residuals": "ngmm_formula.plots:residuals_vs_fitted",
+    "plot_training_curve": "ngmm_formula.plots:training_curve",
+    "predict_interval": "ngmm_formula.intervals:predict_interval",
+    "predict_se": "ngmm_formula.inference:predict_se",
+    "profile": "ngmm_formula.inference:profile",
+    "r2": "ngmm_formula.performance:r2_nakagawa",
+    "save": "ngmm_formula.persist:save",
+    "simulate_residuals": "ngmm_formula.residuals:simulate_residuals",
+})
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,19 @@ Parameters are reported on the user's scale and in lme4's conventions:
   variance parameters (``lmer``: :math:`\sigma^2 (X^\top V^{-1} X)^{-1}`); otherwise the
   :math:`\beta` block of the inverse Hessian of the approximate marginal log-likelihood over
   all parameters (``glmer``).
+
+As lme4's ``merMod``, the result offers the tools on a fit as its methods (``confint``,
+``profile``, ``predict_se``, ``plot_*``, ``save``, ``compare``, ``emmeans``, ``r2``, ``icc``,
+``simulate_residuals``, ``predict(interval=...)``), but the functions that compute them live in
+higher layers: they refit through ``api``, build results (``persist``) or only read one. These
+methods do not import those modules (an import against the layer order, and a cycle once the
+module imports this one); each calls the implementation that
+:data:`~ngmm_formula.registry.RESULT_METHODS` returns for its name. The package's ``__init__``,
+the top layer, declares those implementations, and their modules are imported on the first
+call, so importing the package stays cheap. Moving the computations below this module was the
+alternative: it fits the ones that only read a result (plots, marginal means, intervals,
+simulated residuals), not those that refit or build results, and one mechanism for every
+method reads more simply than two.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from ngmm_formula.errors import DataError, NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import matvec
 from ngmm_formula.networks import input_label
+from ngmm_formula.registry import RESULT_METHODS
 
 __all__ = ["NGMMResult", "Diagnostics"]
 
@@ -242,82 +256,61 @@ class NGMMResult:
     def plot_partial_dependence(self, term: int | str = 0, var: str | None = None,
                                 ax: Any = None) -> Any:
         """Draw :meth:`partial_dependence` with a rug of the data; returns the Figure."""
-        from ngmm_formula import plots
-
-        return plots.partial_dependence(self, term, var, ax=ax)
+        return RESULT_METHODS.implementation("plot_partial_dependence")(self, term, var, ax=ax)
 
     # ---------------------------------------------------------------- inference and plots
     def confint(self, method: str = "wald", level: float = 0.95, **kw: Any) -> pd.DataFrame:
         """Confidence intervals as lme4's ``confint(fit, oldNames = FALSE)``: method "wald",
         "profile" or "boot" (needs ``data=``); see :func:`ngmm_formula.inference.confint`."""
-        from ngmm_formula import inference
-
-        return inference.confint(self, method, level, **kw)
+        return RESULT_METHODS.implementation("confint")(self, method, level, **kw)
 
     def profile(self, parm: Any = None, level: float = 0.95, **kw: Any) -> pd.DataFrame:
         """Likelihood-profile limits with zeta at each (:func:`ngmm_formula.inference.profile`)."""
-        from ngmm_formula import inference
-
-        return inference.profile(self, parm, level, **kw)
+        return RESULT_METHODS.implementation("profile")(self, parm, level, **kw)
 
     def predict_se(self, newdata: pd.DataFrame | None = None, re_form: str | None = None,
                    allow_new_levels: bool = False) -> np.ndarray:
         """Link-scale standard errors of predictions
         (:func:`ngmm_formula.inference.predict_se`)."""
-        from ngmm_formula import inference
-
-        return inference.predict_se(self, newdata, re_form, allow_new_levels)
+        return RESULT_METHODS.implementation("predict_se")(self, newdata, re_form,
+                                                           allow_new_levels)
 
     def emmeans(self, specs: str | list[str], by: str | list[str] | None = None, *,
                 type: str = "link", **kw: Any) -> Any:
         """Estimated marginal means, with ``.pairs(adjust=)`` for contrasts, as R's
         ``emmeans(fit, specs, by = by, type = type)``
         (:func:`ngmm_formula.emmeans.emmeans`)."""
-        from ngmm_formula.emmeans import emmeans
-
-        return emmeans(self, specs, by, type=type, **kw)  # type: ignore[arg-type]
+        return RESULT_METHODS.implementation("emmeans")(self, specs, by, type=type, **kw)
 
     def r2(self, data: pd.DataFrame | None = None, null_fit: Any = None) -> pd.Series:
         """Nakagawa's marginal and conditional R² (``performance::r2_nakagawa``); Poisson and
         negative binomial fits need the training ``data`` (or ``null_fit``) for the null
         model (:func:`ngmm_formula.performance.r2_nakagawa`)."""
-        from ngmm_formula.performance import r2_nakagawa
-
-        return r2_nakagawa(self, data=data, null_fit=null_fit)
+        return RESULT_METHODS.implementation("r2")(self, data=data, null_fit=null_fit)
 
     def icc(self, data: pd.DataFrame | None = None, null_fit: Any = None) -> pd.Series:
         """Adjusted and conditional ICC (``performance::icc``;
         :func:`ngmm_formula.performance.icc`)."""
-        from ngmm_formula.performance import icc
-
-        return icc(self, data=data, null_fit=null_fit)
+        return RESULT_METHODS.implementation("icc")(self, data=data, null_fit=null_fit)
 
     def simulate_residuals(self, nsim: int = 250, **kw: Any) -> Any:
         """DHARMa-style scaled residuals with uniformity, dispersion and zero-inflation tests
         and plots (:func:`ngmm_formula.residuals.simulate_residuals`)."""
-        from ngmm_formula.residuals import simulate_residuals
-
-        return simulate_residuals(self, nsim, **kw)
+        return RESULT_METHODS.implementation("simulate_residuals")(self, nsim, **kw)
 
     def plot_caterpillar(self, group: str | None = None, **kw: Any) -> Any:
         """Conditional modes with 95% conditional intervals
         (:func:`ngmm_formula.plots.caterpillar`)."""
-        from ngmm_formula import plots
-
-        return plots.caterpillar(self, group, **kw)
+        return RESULT_METHODS.implementation("plot_caterpillar")(self, group, **kw)
 
     def plot_residuals(self, type: str = "pearson", **kw: Any) -> Any:
         """Residuals against fitted values (:func:`ngmm_formula.plots.residuals_vs_fitted`)."""
-        from ngmm_formula import plots
-
-        return plots.residuals_vs_fitted(self, type, **kw)
+        return RESULT_METHODS.implementation("plot_residuals")(self, type, **kw)
 
     def plot_training_curve(self, **kw: Any) -> Any:
         """Training and validation objective per epoch
         (:func:`ngmm_formula.plots.training_curve`)."""
-        from ngmm_formula import plots
-
-        return plots.training_curve(self, **kw)
+        return RESULT_METHODS.implementation("plot_training_curve")(self, **kw)
     # ---------------------------------------------------------------- fitted values
     @property
     def fitted(self) -> np.ndarray:
@@ -376,11 +369,9 @@ class NGMMResult:
             :func:`ngmm_formula.intervals.predict_interval`).
         """
         if interval is not None:
-            from ngmm_formula.intervals import predict_interval
-
-            return predict_interval(self, newdata, interval=interval,  # type: ignore[arg-type]
-                                    level=level, type=type,  # type: ignore[arg-type]
-                                    re_form=re_form, allow_new_levels=allow_new_levels, **kw)
+            return RESULT_METHODS.implementation("predict_interval")(
+                self, newdata, interval=interval, level=level, type=type, re_form=re_form,
+                allow_new_levels=allow_new_levels, **kw)
         if kw:
             raise NGMMError(f"unexpected keyword(s) {sorted(kw)} (method, nsim and seed "
                             "go with interval=)")
@@ -462,9 +453,7 @@ class NGMMResult:
 
         See :mod:`ngmm_formula.persist` for the format and its integrity checks.
         """
-        from ngmm_formula import persist  # persist imports this module
-
-        return persist.save(self, path)
+        return RESULT_METHODS.implementation("save")(self, path)
 
     def compare(self, *others: Any, data: pd.DataFrame | None = None,
                 newdata: pd.DataFrame | None = None, statsmodels: bool = True) -> Any:
@@ -473,9 +462,9 @@ class NGMMResult:
         ``fit.compare(data)``: results do not keep the caller's DataFrame, so pass it
         (positionally or as ``data=``). See :func:`ngmm_formula.compare.compare`.
         """
-        from ngmm_formula.compare import compare
-
-        return compare(self, *others, data=data, newdata=newdata, statsmodels=statsmodels)
+        return RESULT_METHODS.implementation("compare")(self, *others, data=data,
+                                                        newdata=newdata,
+                                                        statsmodels=statsmodels)
 
     def summary(self) -> Any:
         """lme4-style summary; ``print(fit.summary())``."""

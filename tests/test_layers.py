@@ -5,14 +5,21 @@ The layers are written once here (``LAYERS``, lowest first) and shown in README.
 "Layout" section, which :func:`test_readme_shows_the_layers` holds to the same order. Every
 import statement of the package is read from the source with :mod:`ast`: at the top of a
 module, inside ``if TYPE_CHECKING:`` and inside functions alike, so a deferred import cannot
-hide a dependency. The one kind of upward import allowed is listed in ``DELEGATIONS``, each
-with its reason; the list must stay exact (an entry that no longer occurs fails too).
+hide a dependency. There is no exception: NGMMResult's methods computed in higher layers
+(``confint``, ``plot_*``, ``save``, ...) call the implementation that
+:data:`ngmm_formula.registry.RESULT_METHODS` holds for their name, declared by the package's
+``__init__`` (the top layer); the tests at the end hold that table to the methods.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
+import json
+import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,7 +34,7 @@ PACKAGE = ROOT / "ngmm_formula"
 #: this list; README.md shows the same list.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version"),
-    ("safety", "control", "runtime", "scaling", "families", "summary", "datasets"),
+    ("safety", "control", "runtime", "scaling", "families", "summary", "datasets", "registry"),
     ("formula",),
     ("io", "networks", "design"),
     ("checks",),
@@ -44,25 +51,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("distributed", "cli"),
     ("__init__",),
 )
-
-#: The only imports against the layer order: each (importing module, imported module) is an
-#: import inside one method of NGMMResult. The result offers lme4's methods on the fitted
-#: object (``confint(fit)``, ``profile``, ``plot``, ``save``, ``compare``) as Python methods,
-#: and each delegates to the layer above that computes it; the import runs when the method is
-#: called, never when a module is imported, so no import-time cycle exists. Removing a method's
-#: delegation (or moving the function below results) must remove its entry here.
-DELEGATIONS: dict[tuple[str, str], str] = {
-    ("results", "plots"): "plot_partial_dependence, plot_caterpillar, plot_residuals, "
-                          "plot_training_curve",
-    ("results", "inference"): "confint, profile, predict_se (inference refits: above api)",
-    ("results", "persist"): "save (persist builds NGMMResult objects when it loads)",
-    ("results", "compare"): "compare (compare refits through api)",
-    ("results", "emmeans"): "emmeans (marginal means over a reference grid of the fit)",
-    ("results", "intervals"): "predict(interval=...) (intervals simulate from the fit)",
-    ("results", "residuals"): "simulate_residuals (simulates from the fit)",
-    ("results", "performance"): "r2, icc (refit the null model through api)",
-}
-
 
 def _modules() -> dict[str, Path]:
     """Dotted name relative to the package (``approx.factor``; ``__init__`` for the package
@@ -167,10 +155,6 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def _is_delegation(importer: str, imported: str) -> bool:
-    return (_unit(importer), _unit(imported)) in DELEGATIONS
-
-
 def test_every_module_has_one_layer() -> None:
     names = [name for layer in LAYERS for name in layer]
     assert len(names) == len(set(names)), "a name in two layers"
@@ -183,35 +167,15 @@ def test_imports_follow_the_layer_order() -> None:
     layer = _layer_of()
     against = []
     for (importer, imported), where in sorted(_edges().items()):
-        if layer[_unit(imported)] > layer[_unit(importer)] and not _is_delegation(importer,
-                                                                                   imported):
+        if layer[_unit(imported)] > layer[_unit(importer)]:
             against.append(f"{importer} imports {imported} (a later layer) at {where}")
     assert not against, "\n".join(against)
-
-
-def test_delegations_are_function_level_and_still_needed() -> None:
-    edges = _edges()
-    seen = {(_unit(a), _unit(b)) for a, b in edges}
-    assert set(DELEGATIONS) <= seen, f"stale entries: {sorted(set(DELEGATIONS) - seen)}"
-    for module, path in MODULES.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        top_level = {id(n) for n in tree.body}
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Import | ast.ImportFrom):
-                continue
-            for target in {t for t, line, _, _ in _imports(module, path)
-                           if line == node.lineno}:
-                if target != module and _is_delegation(module, target):
-                    assert id(node) not in top_level, (
-                        f"{path.relative_to(ROOT)}:{node.lineno}: a delegation must be an "
-                        "import inside the method that needs it")
 
 
 def test_no_cycle_between_modules() -> None:
     graph: dict[str, set[str]] = defaultdict(set)
     for importer, imported in _edges():
-        if not _is_delegation(importer, imported):
-            graph[importer].add(imported)
+        graph[importer].add(imported)
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
 
 
@@ -219,7 +183,7 @@ def test_no_cycle_between_folders_and_modules() -> None:
     """The same at the granularity of the layers' names (approx/ as one node)."""
     graph: dict[str, set[str]] = defaultdict(set)
     for importer, imported in _edges():
-        if _unit(importer) != _unit(imported) and not _is_delegation(importer, imported):
+        if _unit(importer) != _unit(imported):
             graph[_unit(importer)].add(_unit(imported))
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
 
@@ -285,3 +249,96 @@ def test_no_function_is_over_100_lines() -> None:
         f"new long functions: {sorted(set(long) - set(LONG_FUNCTIONS))}; "
         f"no longer long (remove them from LONG_FUNCTIONS): "
         f"{sorted(set(LONG_FUNCTIONS) - set(long))}")
+
+
+# ---------------------------------------------------------------- NGMMResult's registry
+def _dispatches() -> dict[str, ast.Call]:
+    """Method name in the registry -> the call of its implementation in results.py
+    (``RESULT_METHODS.implementation("confint")(self, ...)``)."""
+    tree = ast.parse((PACKAGE / "results.py").read_text(encoding="utf-8"))
+    out: dict[str, ast.Call] = {}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Call)):
+            continue
+        lookup = node.func
+        if (isinstance(lookup.func, ast.Attribute) and lookup.func.attr == "implementation"
+                and isinstance(lookup.func.value, ast.Name)
+                and lookup.func.value.id == "RESULT_METHODS"):
+            arg = lookup.args[0]
+            assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), (
+                f"results.py:{node.lineno}: name the method with a string literal")
+            assert arg.value not in out, f"{arg.value} is dispatched twice"
+            out[arg.value] = node
+    return out
+
+
+def test_the_registry_is_declared_on_import_without_torch() -> None:
+    """``import ngmm_formula`` declares every method's implementation (naming it; its module
+    is imported on the method's first call) and still imports neither torch nor pandas."""
+    code = ("import json, sys\nimport ngmm_formula\n"
+            "from ngmm_formula.registry import RESULT_METHODS\n"
+            "print(json.dumps([RESULT_METHODS.methods(),"
+            " [m for m in ('torch', 'pandas') if m in sys.modules]]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    methods, heavy = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(methods) == set(_dispatches())
+    assert heavy == []
+
+
+def test_each_dispatching_method_names_a_declared_entry() -> None:
+    """Every call through the registry in results.py names a declared method, every
+    declared method is called, and each implementation accepts the arguments the method
+    passes (the check mypy made when the method imported the function)."""
+    import ngmm_formula  # noqa: F401  (declares the implementations)
+    from ngmm_formula.registry import RESULT_METHODS
+
+    calls = _dispatches()
+    assert set(calls) == set(RESULT_METHODS.methods())
+    layer = _layer_of()
+    for method, call in calls.items():
+        target = RESULT_METHODS.target(method)
+        module = target.partition(":")[0]
+        impl = RESULT_METHODS.implementation(method)
+        assert impl.__module__ == module, f"{method}: {target} is defined in {impl.__module__}"
+        # a function in the results layer or below is imported directly, not declared here
+        unit = _unit(_target(module) or "")
+        assert layer[unit] > layer["results"], f"{method}: {module} is not above results"
+        positional = [object() for a in call.args if not isinstance(a, ast.Starred)]
+        keywords = {k.arg: object() for k in call.keywords if k.arg is not None}
+        try:
+            inspect.signature(impl).bind(*positional, **keywords)
+        except TypeError as e:
+            pytest.fail(f"results.py:{call.lineno}: {target} does not take the arguments "
+                        f"NGMMResult.{method} passes: {e}")
+
+
+def test_only_the_package_declares_implementations() -> None:
+    """The registry must not carry an upward dependency: the declarations (which name the
+    higher modules) are made in the package's ``__init__``, the top layer, and nowhere else."""
+    declaring = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "declare"):
+                declaring.append(module)
+    assert declaring == ["__init__"]
+
+
+def test_a_missing_implementation_is_a_clear_error() -> None:
+    from ngmm_formula.errors import NGMMError
+    from ngmm_formula.registry import MethodRegistry
+
+    registry = MethodRegistry("NGMMResult")
+    with pytest.raises(NGMMError, match=r"NGMMResult\.confint has no implementation declared"
+                                        r".*ngmm_formula/__init__\.py"):
+        registry.implementation("confint")
+    registry.declare({"confint": "ngmm_formula.errors:confint"})
+    with pytest.raises(NGMMError, match="the module ngmm_formula.errors defines no function "
+                                        "'confint'"):
+        registry.implementation("confint")
+    with pytest.raises(NGMMError, match="already implemented by ngmm_formula.errors:confint"):
+        registry.declare({"confint": "ngmm_formula.inference:confint"})
+    with pytest.raises(NGMMError, match="must be written 'module:function'"):
+        registry.declare({"profile": "ngmm_formula.inference.profile"})
