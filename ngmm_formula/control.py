@@ -88,8 +88,9 @@ class Control:
         worth trying: early stopping on 2-9 held-out groups picks a noisy epoch. On the
         30-group shape of the broad benchmark (confirmation seeds) it gained on poisson
         (+0.02 log-likelihood per observation, 2 SE), moved binomial and gaussian by at
-        most 1.25 SE (gaussian new groups -0.0035 per observation), and brought sleepstudy (18 subjects) from -0.72% to -0.16% of the
-        GLMM's held-out log-likelihood; it costs K + 1 trainings. Not the default: the
+        most 1.25 SE (gaussian new groups -0.0035 per observation), and brought
+        sleepstudy (18 subjects) from -0.72% to -0.16% of the GLMM's held-out
+        log-likelihood; it costs K + 1 trainings. Not the default: the
         rule fixed before its confirmation run was not met (benchmarks/neural/README.md).
     refit : bool
         Refit the linear and variance parameters by L-BFGS after training.

@@ -745,6 +745,13 @@ def _boot_job(fit: NGMMResult, data: pd.DataFrame, old_names: bool,
 
 
 def _refit_options(fit: NGMMResult) -> dict[str, Any]:
+    """ngmm() arguments that reproduce the fit's approximation, with the fit's ``context=``
+    (the functions its formula calls) when it had one."""
+    context = getattr(fit.design.spec, "context", None)  # absent in files written before it
+    return {**_approx_options(fit), **({"context": context} if context else {})}
+
+
+def _approx_options(fit: NGMMResult) -> dict[str, Any]:
     """ngmm() arguments that reproduce the fit's approximation."""
     a = fit.approximation
     if a.kind == "exact":
