@@ -162,7 +162,7 @@ def test_ensemble_averages_its_members(binary_fit, binary) -> None:  # type: ign
     a, b = net.members
     assert all(isinstance(m, MLP) for m in (a, b))
     assert not torch.equal(a.body[0].weight, b.body[0].weight)
-    x = torch.as_tensor(binary_fit.design.nets[0].X)
+    x = torch.tensor(binary_fit.design.nets[0].X)  # a copy: result arrays are read-only
     with torch.no_grad():  # the same operations in the same order, one process: equal
         np.testing.assert_allclose(net(x).numpy(), ((a(x) + b(x)) / 2 - net.centre_value)
                                    .numpy(), rtol=0, atol=1e-15)
