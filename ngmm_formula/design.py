@@ -532,12 +532,25 @@ def _formulaic_names(expr: str, exclude: Mapping[str, Any] | None = None) -> set
     """The data columns formulaic needs for ``expr``: its required variables less the
     functions it calls (transforms, ``context=`` functions) and the names of ``exclude``."""
     try:
-        variables = Formula(expr).required_variables
+        variables = _formula_variables(expr)
     except Exception as exc:  # formulaic's own parser errors
         raise FormulaError(f"cannot read the expression '{expr}': {exc}", None) from None
-    return {str(v) for v in variables
-            if v.roles != {v.Role.CALLABLE} and str(v) not in (exclude or {})
-            and str(v) not in EXTRA_TRANSFORMS}
+    return {v for v in variables if v not in (exclude or {}) and v not in EXTRA_TRANSFORMS}
+
+
+@functools.lru_cache(maxsize=256)
+def _formula_variables(expr: str) -> frozenset[str]:
+    """The names formulaic reads in ``expr`` less those it only calls (parsing evaluates
+    nothing and depends on the text alone: cached, as a fit reads each part several times)."""
+    return frozenset(str(v) for v in _parsed_formula(expr).required_variables
+                     if v.roles != {v.Role.CALLABLE})
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_formula(expr: str) -> Formula:
+    """``Formula(expr)``, parsed once per text (formulaic's parser costs about 0.2 ms a
+    call; a formula object is not changed by materialising it)."""
+    return Formula(expr)
 
 
 def _formulaic_context(context: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -587,7 +600,7 @@ def _terms(formula: Any) -> list[Any]:
 def _checked_formula(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None
                      ) -> Formula:
     """``Formula(expr)`` after :func:`_check_factors` (parsing evaluates nothing)."""
-    formula = Formula(expr)
+    formula = _parsed_formula(expr)
     _check_factors(formula, data, context)
     return formula
 
@@ -732,6 +745,45 @@ def _interaction_levels(data: pd.DataFrame, bar: BarTerm) -> list[str]:
         combos = [f"{a}:{b}" for a in combos for b in lv]
     present = set(_group_labels(data, bar))
     return [c for c in combos if c in present]
+
+
+def _group_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarray]:
+    """The levels of ``bar``'s grouping factor (as :func:`_interaction_levels`) and each row's
+    level (int32).
+
+    Factors given as pandas categoricals without missing values are coded from their integer
+    codes (each factor's used levels, the first factor varying slowest): the same levels and
+    indices as labelling every row with strings, which costs more than the rest of a 50-row
+    design. Anything else (or level names that could run together with ``:``) is labelled
+    row by row."""
+    cols = [data[f] for f in bar.group_factors]
+    if not all(isinstance(c.dtype, pd.CategoricalDtype) for c in cols):
+        return _labelled_index(data, bar)
+    combined = np.zeros(len(data), dtype=np.int64)
+    per: list[list[str]] = []
+    for col in cols:
+        codes = np.asarray(col.cat.codes, dtype=np.int64)
+        used = np.unique(codes)
+        lv = [str(c) for c in col.cat.categories[used[used >= 0]].tolist()]
+        if (used < 0).any() or len(set(lv)) < len(lv) or (
+                len(cols) > 1 and any(":" in v for v in lv)):
+            return _labelled_index(data, bar)
+        position = np.zeros(len(col.cat.categories), dtype=np.int64)
+        position[used] = np.arange(len(used))
+        combined = combined * len(used) + position[codes]
+        per.append(lv)
+    present, gidx = np.unique(combined, return_inverse=True)
+    parts = np.unravel_index(present, tuple(len(lv) for lv in per))
+    levels = [":".join(lv[i] for lv, i in zip(per, idx)) for idx in zip(*(p.tolist()
+                                                                          for p in parts))]
+    return levels, gidx.reshape(-1).astype(np.int32)
+
+
+def _labelled_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarray]:
+    """:func:`_group_index` by labelling every row (``a:b`` as strings)."""
+    levels = _interaction_levels(data, bar)
+    labels = _group_labels(data, bar)
+    return levels, pd.Categorical(labels, categories=levels).codes.astype(np.int32)
 
 
 _T_LEVEL = re.compile(r"\[T\.([^\]]*)\]")
@@ -1067,12 +1119,10 @@ def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
         for f in bar.group_factors:
             if frame[f].nunique() < 1:
                 raise DataError(f"grouping factor '{f}' has no levels")
-        levels = _interaction_levels(frame, bar)
+        levels, gidx = _group_index(frame, bar)
         if len(levels) < 2:
             raise DataError(f"grouping factor '{bar.group}' in ({bar.expr} | {bar.group}) has "
                             f"{len(levels)} level; a random effect needs at least 2")
-        labels = _group_labels(frame, bar)
-        gidx = pd.Categorical(labels, categories=levels).codes.astype(np.int32)
         for name in _formulaic_names(bar.expr, context):
             _check_finite_numeric(frame[name], name)
         term_mm = _checked_formula(bar.expr, frame, context).get_model_matrix(
