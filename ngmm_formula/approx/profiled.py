@@ -270,7 +270,12 @@ class ProfiledLMM:
         MLam = self._right(self.M, Lams)
         H = self._right(MLam.transpose(0, 2, 1), Lams)  # Lambda' M Lambda
         H[:, np.arange(self.dim), np.arange(self.dim)] += 1.0
-        log_det, Hinv = _log_det_and_inverse(H)
+        first = self.terms[0]
+        if (not self.per_group and len(self.terms) > 1 and self.dim > 64
+                and 2 * first.n_levels * first.q >= self.dim):
+            log_det, Hinv = _schur_log_det_and_inverse(H, first.n_levels, first.q)
+        else:
+            log_det, Hinv = _log_det_and_inverse(H)
         zu = self._right(self.zr, Lams)  # (n_blocks, D): Lambda' Z'W r0
         Hizu = np.einsum("bij,bj->bi", Hinv, zu)
         p = self.p
@@ -342,6 +347,41 @@ def _log_det_and_inverse(H: np.ndarray) -> tuple[float, np.ndarray]:
     inv = np.tril(inv)
     inv = inv + np.tril(inv, -1).T
     return log_det, inv[None]
+
+
+def _schur_log_det_and_inverse(H: np.ndarray, n1: int, q1: int) -> tuple[float, np.ndarray]:
+    r"""As :func:`_log_det_and_inverse` for one joint block whose first ``n1`` q1 x q1
+    diagonal blocks are all its first ``n1 * q1`` rows hold (the first term's levels do not
+    interact: :math:`Z_1^\top W Z_1` is block diagonal), by eliminating them first:
+
+    .. math::
+
+        H = \begin{bmatrix} A & B \\ B^\top & C \end{bmatrix},\quad
+        S = C - B^\top A^{-1} B,\quad \log|H| = \log|A| + \log|S|,\quad
+        H^{-1} = \begin{bmatrix} A^{-1} + X S^{-1} X^\top & -X S^{-1} \\
+                                  -S^{-1} X^\top & S^{-1} \end{bmatrix},\ X = A^{-1} B.
+
+    ScotsSec's crossed model (148 + 19 coordinates): 6 times fewer flops than the
+    Cholesky factor and inverse of the whole block."""
+    Hm = H[0]
+    k = n1 * q1
+    diag = np.arange(n1)
+    A = Hm[:k, :k].reshape(n1, q1, n1, q1)[diag, :, diag, :]  # (n1, q1, q1)
+    log_det = float(2.0 * np.log(np.diagonal(np.linalg.cholesky(A), axis1=1, axis2=2)).sum())
+    Ainv = np.linalg.inv(A)
+    B = Hm[:k, k:]
+    X = (Ainv @ B.reshape(n1, q1, -1)).reshape(k, -1)
+    S = Hm[k:, k:] - B.T @ X
+    log_S, Sinv = _log_det_and_inverse(S[None])
+    XS = X @ Sinv[0]
+    top = XS @ X.T
+    top.reshape(n1, q1, n1, q1)[diag, :, diag, :] += Ainv
+    inv = np.empty_like(Hm)
+    inv[:k, :k] = top
+    inv[:k, k:] = -XS
+    inv[k:, :k] = -XS.T
+    inv[k:, k:] = Sinv[0]
+    return log_det + log_S, inv[None]
 
 
 def gram(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
