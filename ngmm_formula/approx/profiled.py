@@ -229,20 +229,23 @@ class ProfiledLMM:
     # ----------------------------------------------------------------------------------------
 
     def _lambdas(self, theta: np.ndarray) -> list[np.ndarray]:
+        r"""The :math:`\Lambda_k` of the terms; in the per-group layout with several terms
+        their block-diagonal :math:`\Lambda` of one group as the only item (what
+        :meth:`_right` multiplies by, built once per evaluation)."""
         out, k = [], 0
         for t in self.terms:
             L = np.zeros((t.q, t.q))
             L[t.rows, t.cols] = theta[k:k + t.rows.size]
             k += t.rows.size
             out.append(L)
+        if self.per_group and len(out) > 1:
+            return [scipy.linalg.block_diag(*out)]
         return out
 
     def _right(self, A: np.ndarray, Lams: list[np.ndarray]) -> np.ndarray:
         r""":math:`A \Lambda` for ``A`` of shape (..., D), term by term on the last axis."""
-        if self.per_group:
-            if len(Lams) == 1:
-                return A @ Lams[0]
-            return A @ scipy.linalg.block_diag(*Lams)
+        if self.per_group:  # one block-diagonal Lambda (:meth:`_lambdas`)
+            return A @ Lams[0]
         parts = []
         for t, L in zip(self.terms, Lams):
             a = A[..., t.start:t.start + t.n_levels * t.q]
