@@ -239,7 +239,10 @@ class ProfiledLMM:
             k += t.rows.size
             out.append(L)
         if self.per_group and len(out) > 1:
-            return [scipy.linalg.block_diag(*out)]
+            full = np.zeros((self.dim, self.dim))
+            for t, L in zip(self.terms, out):  # scipy's block_diag costs 30 us a call
+                full[t.start:t.start + t.q, t.start:t.start + t.q] = L
+            return [full]
         return out
 
     def _right(self, A: np.ndarray, Lams: list[np.ndarray]) -> np.ndarray:
