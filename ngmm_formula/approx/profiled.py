@@ -249,12 +249,16 @@ class ProfiledLMM:
         r""":math:`A \Lambda` for ``A`` of shape (..., D), term by term on the last axis."""
         if self.per_group:  # one block-diagonal Lambda (:meth:`_lambdas`)
             return A @ Lams[0]
-        parts = []
+        out = np.empty(A.shape)
         for t, L in zip(self.terms, Lams):
-            a = A[..., t.start:t.start + t.n_levels * t.q]
+            sl = slice(t.start, t.start + t.n_levels * t.q)
+            if t.q == 1:  # a scalar: no batch of 1 x 1 products
+                np.multiply(A[..., sl], L[0, 0], out=out[..., sl])
+                continue
+            a = A[..., sl]
             a = a.reshape(*a.shape[:-1], t.n_levels, t.q) @ L
-            parts.append(a.reshape(*a.shape[:-2], t.n_levels * t.q))
-        return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+            out[..., sl] = a.reshape(*a.shape[:-2], t.n_levels * t.q)
+        return out
 
     def _diag_blocks(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         r"""For each theta entry :math:`(\Lambda_k)_{rc}`: the sum over blocks and levels of
