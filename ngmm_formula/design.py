@@ -641,8 +641,11 @@ def required_columns(formula: ParsedFormula, *, with_response: bool = True,
 def _na_rows(data: pd.DataFrame, columns: list[str]) -> np.ndarray:
     if not columns:
         return np.zeros(len(data), dtype=bool)
-    # a writable copy: with pandas' copy-on-write, np.asarray gives a read-only view
-    return np.array(data[columns].isna().any(axis=1), dtype=bool)
+    # column by column (a sub-frame costs more than the test on 50 rows); a new, writable array
+    na = np.zeros(len(data), dtype=bool)
+    for c in columns:
+        na |= np.asarray(data[c].isna(), dtype=bool)
+    return na
 
 
 def _evaluate(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None = None
