@@ -765,13 +765,14 @@ def _group_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarra
     combined = np.zeros(len(data), dtype=np.int64)
     per: list[list[str]] = []
     for col in cols:
-        codes = np.asarray(col.cat.codes, dtype=np.int64)
+        codes = np.asarray(col.array.codes, dtype=np.int64)  # type: ignore[attr-defined]
         used = np.unique(codes)
-        lv = [str(c) for c in col.cat.categories[used[used >= 0]].tolist()]
+        categories = col.dtype.categories.tolist()
+        lv = [str(categories[k]) for k in used.tolist() if k >= 0]
         if (used < 0).any() or len(set(lv)) < len(lv) or (
                 len(cols) > 1 and any(":" in v for v in lv)):
             return _labelled_index(data, bar)
-        position = np.zeros(len(col.cat.categories), dtype=np.int64)
+        position = np.zeros(len(categories), dtype=np.int64)
         position[used] = np.arange(len(used))
         combined = combined * len(used) + position[codes]
         per.append(lv)
@@ -909,12 +910,12 @@ def build_design(
         raise DataError("weights must be non-negative")
     binomial_levels = _binomial_levels(formula, frame) if binomial else None
 
-    mm, X, names_full, kept = _fixed_matrix(formula, frame, context)
+    fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context)
     raw_terms = _random_terms(formula, frame, context)
     nets = tuple(_encode_net(t, frame) for t in formula.nn_terms)
     spec = DesignSpec(
         formula=formula,
-        fixed_spec=mm.model_spec,
+        fixed_spec=fixed_spec,
         fixed_columns=tuple(names_full),
         kept_columns=tuple(kept),
         re_specs=tuple(rt[5] for rt in raw_terms),
@@ -1073,8 +1074,8 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
 
     Returns
     -------
-    mm : formulaic ModelMatrix
-        Every column (its ``model_spec`` re-evaluates it on new data).
+    spec : formulaic ModelSpec
+        Of every column (it re-evaluates them on new data).
     X : ndarray
         The columns ``kept``, as floats.
     names : list of str
@@ -1084,20 +1085,17 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
     """
     for name in _formulaic_names(formula.fixed, context):
         _check_finite_numeric(frame[name], name)
-    try:
-        mm = _checked_formula(formula.fixed, frame, context).get_model_matrix(
-            frame, na_action="raise", ensure_full_rank=True,
-            context=_formulaic_context(context))
+    try:  # formulaic's default ensure_full_rank=True (dropping a reference level)
+        X_full, columns, spec = _term_matrix(formula.fixed, frame, context)
     except FormulaError:
         raise
     except Exception as exc:
         raise FormulaError(f"formulaic could not build the fixed part '{formula.fixed}': "
                            f"{exc}", formula.formula) from None
-    X_full = np.asarray(mm, dtype=float)
-    names_full = [lme4_name(c) for c in mm.columns]
+    names_full = [lme4_name(c) for c in columns]
     _check_scales(X_full, names_full, "fixed-effect")
     kept = full_rank_columns(X_full) if X_full.shape[1] else []
-    return mm, X_full[:, kept], names_full, kept
+    return spec, X_full[:, kept], names_full, kept
 
 
 #: A random-effects term as evaluated: its bar, grouping levels, each row's level, its model
@@ -1142,7 +1140,7 @@ def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
     return [raw_terms[k] for k in order]
 
 
-#: formulaic's ModelSpec of a random-effects expression over plain numeric columns, by the
+#: formulaic's ModelSpec of an expression over the intercept and plain numeric columns, by the
 #: expression and its variables (such a spec holds no state from the data: formulaic gives
 #: an equal one for any data whose variables are numeric)
 _PLAIN_SPECS: dict[tuple[str, tuple[str, ...]], Any] = {}
@@ -1150,8 +1148,8 @@ _PLAIN_SPECS: dict[tuple[str, tuple[str, ...]], Any] = {}
 
 def _term_matrix(expr: str, frame: pd.DataFrame, context: Mapping[str, Any] | None
                  ) -> tuple[np.ndarray, list[str], Any]:
-    """The model matrix of a random-effects expression, its formulaic column names and
-    ModelSpec.
+    """The model matrix of a right-hand side (the fixed part, a random-effects expression),
+    its formulaic column names and ModelSpec.
 
     An expression whose columns are the intercept and plain numeric columns of the data
     (``1``, ``age``, ``0 + Days``) is materialised by formulaic once and then taken from the
