@@ -652,6 +652,11 @@ def _evaluate(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None =
               ) -> np.ndarray:
     """Evaluate one R/formulaic expression (``log(t)``, ``size - incidence``) to a vector."""
     check_python(expr, None, 0, _known_names(data, context))
+    if (expr.isidentifier() and expr in data.columns and expr not in (context or {})
+            and isinstance(data[expr].dtype, np.dtype) and data[expr].dtype.kind in "iuf"):
+        # a numeric column itself (cbind(incidence, ...)): what I(incidence) gives, without
+        # materialising a formula
+        return np.array(data[expr], dtype=float)
     mm = _checked_formula(f"0 + I({expr})", data, context).get_model_matrix(
         data, na_action="ignore", context=_formulaic_context(context))
     return np.asarray(mm, dtype=float)[:, 0]
