@@ -770,9 +770,11 @@ def _group_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarra
     combined = np.zeros(len(data), dtype=np.int64)
     per: list[list[str]] = []
     for col in cols:
-        codes = np.asarray(col.array.codes, dtype=np.int64)  # type: ignore[attr-defined]
+        cat = col.array
+        assert isinstance(cat, pd.Categorical)
+        codes = np.asarray(cat.codes, dtype=np.int64)
         used = np.unique(codes)
-        categories = col.dtype.categories.tolist()
+        categories = cat.categories.tolist()
         lv = [str(categories[k]) for k in used.tolist() if k >= 0]
         if (used < 0).any() or len(set(lv)) < len(lv) or (
                 len(cols) > 1 and any(":" in v for v in lv)):
