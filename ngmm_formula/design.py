@@ -1150,7 +1150,7 @@ def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
 #: formulaic's ModelSpec of an expression over the intercept and plain numeric columns, by the
 #: expression and its variables (such a spec holds no state from the data: formulaic gives
 #: an equal one for any data whose variables are numeric)
-_PLAIN_SPECS: dict[tuple[str, tuple[str, ...]], Any] = {}
+_PLAIN_SPECS: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Any, str]] = {}
 
 
 def _term_matrix(expr: str, frame: pd.DataFrame, context: Mapping[str, Any] | None
@@ -1160,30 +1160,37 @@ def _term_matrix(expr: str, frame: pd.DataFrame, context: Mapping[str, Any] | No
 
     An expression whose columns are the intercept and plain numeric columns of the data
     (``1``, ``age``, ``0 + Days``) is materialised by formulaic once and then taken from the
-    data directly with the spec formulaic gave (about 1 ms a term saved on a 50-row model);
-    anything else (factors, transforms, ``context`` names) goes through formulaic each time.
+    data directly with the spec formulaic gave (about 1 ms a term saved on a 50-row model),
+    in the memory order formulaic's matrix had (torch picks its kernels, and so the last
+    bits of a fit, by the strides: a seed must reproduce a fit); anything else (factors,
+    transforms, ``context`` names) goes through formulaic each time.
     """
     formula = _checked_formula(expr, frame, context)
     variables = tuple(sorted(_formula_variables(expr)))
     plain = ("Intercept" not in variables and not set(variables) & set(context or {})
              and all(v in frame.columns and isinstance(frame[v].dtype, np.dtype)
                      and frame[v].dtype.kind in "iuf" for v in variables))
-    key = (expr, variables)
-    spec = _PLAIN_SPECS.get(key) if plain else None
-    if spec is not None:
+    key = (expr, tuple((v, str(frame[v].dtype)) for v in variables)) if plain else None
+    cached = _PLAIN_SPECS.get(key) if key is not None else None
+    if cached is not None:
+        spec, order = cached
         columns = [c for term in spec.structure for c in term.columns]
-        Z = np.empty((len(frame), len(columns)))
+        Z = np.empty((len(frame), len(columns)), order=order)  # type: ignore[call-overload]
         for j, c in enumerate(columns):
             Z[:, j] = 1.0 if c == "Intercept" else np.asarray(frame[c], dtype=float)
         return Z, columns, spec
     mm = formula.get_model_matrix(frame, na_action="raise",
                                   context=_formulaic_context(context))
     columns = [str(c) for c in mm.columns]
-    if plain and all(c == "Intercept" or c in variables for c in columns):
+    out = np.asarray(mm, dtype=float)
+    contiguous = out.ndim == 2 and (out.flags.c_contiguous or out.flags.f_contiguous)
+    if (key is not None and contiguous and len(frame) > 1
+            and all(c == "Intercept" or c in variables for c in columns)):
         if len(_PLAIN_SPECS) >= 256:
             _PLAIN_SPECS.clear()
-        _PLAIN_SPECS[key] = mm.model_spec
-    return np.asarray(mm, dtype=float), columns, mm.model_spec
+        order = "C" if out.shape[1] == 0 or out.strides[1] == out.itemsize else "F"
+        _PLAIN_SPECS[key] = (mm.model_spec, order)
+    return out, columns, mm.model_spec
 
 
 def _named_re_terms(raw_terms: list[_RawTerm]) -> tuple[ReTerm, ...]:
