@@ -321,13 +321,14 @@ def _ranef_frames(design: Design, coefs: list[np.ndarray], condvar: list[np.ndar
     with the conditional variances of each level as ``attrs["postVar"]`` (q, q, levels)."""
     ranef: dict[str, pd.DataFrame] = {}
     postvar: dict[str, list[np.ndarray]] = {}
+    parts: dict[str, list[tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]]] = {}
     for t, b, V in zip(design.re_terms, coefs, condvar):
-        frame = pd.DataFrame(b, index=pd.Index(t.levels, name=t.group), columns=list(t.cnms))
-        if t.group in ranef:
-            ranef[t.group] = pd.concat([ranef[t.group], frame], axis=1)
-        else:
-            ranef[t.group] = frame
+        parts.setdefault(t.group, []).append((b, t.cnms, t.levels))
         postvar.setdefault(t.group, []).append(V)
+    for g, terms in parts.items():  # the terms of a factor side by side (the same levels)
+        ranef[g] = pd.DataFrame(np.hstack([b for b, _, _ in terms]),
+                                index=pd.Index(terms[0][2], name=g),
+                                columns=[c for _, cnms, _ in terms for c in cnms])
     for g, Vs in postvar.items():
         q = sum(V.shape[1] for V in Vs)
         P = np.zeros((q, q, Vs[0].shape[0]))

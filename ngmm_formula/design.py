@@ -532,12 +532,25 @@ def _formulaic_names(expr: str, exclude: Mapping[str, Any] | None = None) -> set
     """The data columns formulaic needs for ``expr``: its required variables less the
     functions it calls (transforms, ``context=`` functions) and the names of ``exclude``."""
     try:
-        variables = Formula(expr).required_variables
+        variables = _formula_variables(expr)
     except Exception as exc:  # formulaic's own parser errors
         raise FormulaError(f"cannot read the expression '{expr}': {exc}", None) from None
-    return {str(v) for v in variables
-            if v.roles != {v.Role.CALLABLE} and str(v) not in (exclude or {})
-            and str(v) not in EXTRA_TRANSFORMS}
+    return {v for v in variables if v not in (exclude or {}) and v not in EXTRA_TRANSFORMS}
+
+
+@functools.lru_cache(maxsize=256)
+def _formula_variables(expr: str) -> frozenset[str]:
+    """The names formulaic reads in ``expr`` less those it only calls (parsing evaluates
+    nothing and depends on the text alone: cached, as a fit reads each part several times)."""
+    return frozenset(str(v) for v in _parsed_formula(expr).required_variables
+                     if v.roles != {v.Role.CALLABLE})
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_formula(expr: str) -> Formula:
+    """``Formula(expr)``, parsed once per text (formulaic's parser costs about 0.2 ms a
+    call; a formula object is not changed by materialising it)."""
+    return Formula(expr)
 
 
 def _formulaic_context(context: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -587,7 +600,7 @@ def _terms(formula: Any) -> list[Any]:
 def _checked_formula(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None
                      ) -> Formula:
     """``Formula(expr)`` after :func:`_check_factors` (parsing evaluates nothing)."""
-    formula = Formula(expr)
+    formula = _parsed_formula(expr)
     _check_factors(formula, data, context)
     return formula
 
@@ -628,14 +641,22 @@ def required_columns(formula: ParsedFormula, *, with_response: bool = True,
 def _na_rows(data: pd.DataFrame, columns: list[str]) -> np.ndarray:
     if not columns:
         return np.zeros(len(data), dtype=bool)
-    # a writable copy: with pandas' copy-on-write, np.asarray gives a read-only view
-    return np.array(data[columns].isna().any(axis=1), dtype=bool)
+    # column by column (a sub-frame costs more than the test on 50 rows); a new, writable array
+    na = np.zeros(len(data), dtype=bool)
+    for c in columns:
+        na |= np.asarray(data[c].isna(), dtype=bool)
+    return na
 
 
 def _evaluate(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None = None
               ) -> np.ndarray:
     """Evaluate one R/formulaic expression (``log(t)``, ``size - incidence``) to a vector."""
     check_python(expr, None, 0, _known_names(data, context))
+    if (expr.isidentifier() and expr in data.columns and expr not in (context or {})
+            and isinstance(data[expr].dtype, np.dtype) and data[expr].dtype.kind in "iuf"):
+        # a numeric column itself (cbind(incidence, ...)): what I(incidence) gives, without
+        # materialising a formula
+        return np.array(data[expr], dtype=float)
     mm = _checked_formula(f"0 + I({expr})", data, context).get_model_matrix(
         data, na_action="ignore", context=_formulaic_context(context))
     return np.asarray(mm, dtype=float)[:, 0]
@@ -732,6 +753,48 @@ def _interaction_levels(data: pd.DataFrame, bar: BarTerm) -> list[str]:
         combos = [f"{a}:{b}" for a in combos for b in lv]
     present = set(_group_labels(data, bar))
     return [c for c in combos if c in present]
+
+
+def _group_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarray]:
+    """The levels of ``bar``'s grouping factor (as :func:`_interaction_levels`) and each row's
+    level (int32).
+
+    Factors given as pandas categoricals without missing values are coded from their integer
+    codes (each factor's used levels, the first factor varying slowest): the same levels and
+    indices as labelling every row with strings, which costs more than the rest of a 50-row
+    design. Anything else (or level names that could run together with ``:``) is labelled
+    row by row."""
+    cols = [data[f] for f in bar.group_factors]
+    if not all(isinstance(c.dtype, pd.CategoricalDtype) for c in cols):
+        return _labelled_index(data, bar)
+    combined = np.zeros(len(data), dtype=np.int64)
+    per: list[list[str]] = []
+    for col in cols:
+        cat = col.array
+        assert isinstance(cat, pd.Categorical)
+        codes = np.asarray(cat.codes, dtype=np.int64)
+        used = np.unique(codes)
+        categories = cat.categories.tolist()
+        lv = [str(categories[k]) for k in used.tolist() if k >= 0]
+        if (used < 0).any() or len(set(lv)) < len(lv) or (
+                len(cols) > 1 and any(":" in v for v in lv)):
+            return _labelled_index(data, bar)
+        position = np.zeros(len(categories), dtype=np.int64)
+        position[used] = np.arange(len(used))
+        combined = combined * len(used) + position[codes]
+        per.append(lv)
+    present, gidx = np.unique(combined, return_inverse=True)
+    parts = np.unravel_index(present, tuple(len(lv) for lv in per))
+    levels = [":".join(lv[i] for lv, i in zip(per, idx)) for idx in zip(*(p.tolist()
+                                                                          for p in parts))]
+    return levels, gidx.reshape(-1).astype(np.int32)
+
+
+def _labelled_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarray]:
+    """:func:`_group_index` by labelling every row (``a:b`` as strings)."""
+    levels = _interaction_levels(data, bar)
+    labels = _group_labels(data, bar)
+    return levels, pd.Categorical(labels, categories=levels).codes.astype(np.int32)
 
 
 _T_LEVEL = re.compile(r"\[T\.([^\]]*)\]")
@@ -854,12 +917,12 @@ def build_design(
         raise DataError("weights must be non-negative")
     binomial_levels = _binomial_levels(formula, frame) if binomial else None
 
-    mm, X, names_full, kept = _fixed_matrix(formula, frame, context)
+    fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context)
     raw_terms = _random_terms(formula, frame, context)
     nets = tuple(_encode_net(t, frame) for t in formula.nn_terms)
     spec = DesignSpec(
         formula=formula,
-        fixed_spec=mm.model_spec,
+        fixed_spec=fixed_spec,
         fixed_columns=tuple(names_full),
         kept_columns=tuple(kept),
         re_specs=tuple(rt[5] for rt in raw_terms),
@@ -1018,8 +1081,8 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
 
     Returns
     -------
-    mm : formulaic ModelMatrix
-        Every column (its ``model_spec`` re-evaluates it on new data).
+    spec : formulaic ModelSpec
+        Of every column (it re-evaluates them on new data).
     X : ndarray
         The columns ``kept``, as floats.
     names : list of str
@@ -1029,20 +1092,17 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
     """
     for name in _formulaic_names(formula.fixed, context):
         _check_finite_numeric(frame[name], name)
-    try:
-        mm = _checked_formula(formula.fixed, frame, context).get_model_matrix(
-            frame, na_action="raise", ensure_full_rank=True,
-            context=_formulaic_context(context))
+    try:  # formulaic's default ensure_full_rank=True (dropping a reference level)
+        X_full, columns, spec = _term_matrix(formula.fixed, frame, context)
     except FormulaError:
         raise
     except Exception as exc:
         raise FormulaError(f"formulaic could not build the fixed part '{formula.fixed}': "
                            f"{exc}", formula.formula) from None
-    X_full = np.asarray(mm, dtype=float)
-    names_full = [lme4_name(c) for c in mm.columns]
+    names_full = [lme4_name(c) for c in columns]
     _check_scales(X_full, names_full, "fixed-effect")
     kept = full_rank_columns(X_full) if X_full.shape[1] else []
-    return mm, X_full[:, kept], names_full, kept
+    return spec, X_full[:, kept], names_full, kept
 
 
 #: A random-effects term as evaluated: its bar, grouping levels, each row's level, its model
@@ -1067,28 +1127,70 @@ def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
         for f in bar.group_factors:
             if frame[f].nunique() < 1:
                 raise DataError(f"grouping factor '{f}' has no levels")
-        levels = _interaction_levels(frame, bar)
+        levels, gidx = _group_index(frame, bar)
         if len(levels) < 2:
             raise DataError(f"grouping factor '{bar.group}' in ({bar.expr} | {bar.group}) has "
                             f"{len(levels)} level; a random effect needs at least 2")
-        labels = _group_labels(frame, bar)
-        gidx = pd.Categorical(labels, categories=levels).codes.astype(np.int32)
         for name in _formulaic_names(bar.expr, context):
             _check_finite_numeric(frame[name], name)
-        term_mm = _checked_formula(bar.expr, frame, context).get_model_matrix(
-            frame, na_action="raise", context=_formulaic_context(context))
-        cnms = tuple(lme4_name(c) for c in term_mm.columns)
-        overflow, _ = column_scale_problems(np.asarray(term_mm, dtype=float), list(cnms))
+        Z, columns, term_spec = _term_matrix(bar.expr, frame, context)
+        cnms = tuple(lme4_name(c) for c in columns)
+        overflow, _ = column_scale_problems(Z, list(cnms))
         if overflow:
             raise DataError(_overflow_message(overflow, f"random-effects term ({bar.expr} | "
                                                         f"{bar.group})"))
         if not cnms:
             raise DataError(f"random-effects term ({bar.expr} | {bar.group}) has no columns")
-        raw_terms.append((bar, tuple(levels), gidx, np.asarray(term_mm, dtype=float), cnms,
-                          term_mm.model_spec))
+        raw_terms.append((bar, tuple(levels), gidx, Z, cnms, term_spec))
     # lme4: terms ordered by decreasing number of levels (stable for ties)
     order = sorted(range(len(raw_terms)), key=lambda k: -len(raw_terms[k][1]))
     return [raw_terms[k] for k in order]
+
+
+#: formulaic's ModelSpec of an expression over the intercept and plain numeric columns, by the
+#: expression and its variables (such a spec holds no state from the data: formulaic gives
+#: an equal one for any data whose variables are numeric)
+_PLAIN_SPECS: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Any, str]] = {}
+
+
+def _term_matrix(expr: str, frame: pd.DataFrame, context: Mapping[str, Any] | None
+                 ) -> tuple[np.ndarray, list[str], Any]:
+    """The model matrix of a right-hand side (the fixed part, a random-effects expression),
+    its formulaic column names and ModelSpec.
+
+    An expression whose columns are the intercept and plain numeric columns of the data
+    (``1``, ``age``, ``0 + Days``) is materialised by formulaic once and then taken from the
+    data directly with the spec formulaic gave (about 1 ms a term saved on a 50-row model),
+    in the memory order formulaic's matrix had (torch picks its kernels, and so the last
+    bits of a fit, by the strides: a seed must reproduce a fit); anything else (factors,
+    transforms, ``context`` names) goes through formulaic each time.
+    """
+    formula = _checked_formula(expr, frame, context)
+    variables = tuple(sorted(_formula_variables(expr)))
+    plain = ("Intercept" not in variables and not set(variables) & set(context or {})
+             and all(v in frame.columns and isinstance(frame[v].dtype, np.dtype)
+                     and frame[v].dtype.kind in "iuf" for v in variables))
+    key = (expr, tuple((v, str(frame[v].dtype)) for v in variables)) if plain else None
+    cached = _PLAIN_SPECS.get(key) if key is not None else None
+    if cached is not None:
+        spec, order = cached
+        columns = [c for term in spec.structure for c in term.columns]
+        Z = np.empty((len(frame), len(columns)), order=order)  # type: ignore[call-overload]
+        for j, c in enumerate(columns):
+            Z[:, j] = 1.0 if c == "Intercept" else np.asarray(frame[c], dtype=float)
+        return Z, columns, spec
+    mm = formula.get_model_matrix(frame, na_action="raise",
+                                  context=_formulaic_context(context))
+    columns = [str(c) for c in mm.columns]
+    out = np.asarray(mm, dtype=float)
+    contiguous = out.ndim == 2 and (out.flags.c_contiguous or out.flags.f_contiguous)
+    if (key is not None and contiguous and len(frame) > 1
+            and all(c == "Intercept" or c in variables for c in columns)):
+        if len(_PLAIN_SPECS) >= 256:
+            _PLAIN_SPECS.clear()
+        order = "C" if out.shape[1] == 0 or out.strides[1] == out.itemsize else "F"
+        _PLAIN_SPECS[key] = (mm.model_spec, order)
+    return out, columns, mm.model_spec
 
 
 def _named_re_terms(raw_terms: list[_RawTerm]) -> tuple[ReTerm, ...]:

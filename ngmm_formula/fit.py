@@ -452,7 +452,8 @@ def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_ste
     theta0 = m.theta.detach().cpu().numpy() / sigma0
     if isinstance(prof, ProfiledLMM):
         opt = _maximise(prof.value_and_grad, theta0, max_iter=max_iter, gtol=gtol,
-                        newton_steps=newton_steps)
+                        newton_steps=newton_steps,
+                        stop_at_gtol=theta_lower(obj.problem.q) == 0)
     else:  # the blocked sparse factorisation has no gradient: lme4's way, derivative-free
         opt = maximise_derivative_free(prof.value, theta0, theta_lower(obj.problem.q),
                                        max_eval=max(max_iter, 50))
@@ -474,16 +475,35 @@ def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_ste
     return dataclasses.replace(opt, profiled=True, cov_beta=sol.cov_beta)
 
 
+#: A diagonal of a relative covariance factor below this (in absolute value) keeps
+#: L-BFGS-B running to its own stagnation (:func:`_maximise`'s ``stop_at_gtol``): ten times
+#: lme4's default tolerance of isSingular.
+NEAR_BOUNDARY = 1e-3
+
+
 def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gtol: float,
-              newton_steps: int, final_hessian: bool = True) -> Optimum:
-    """L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
+              newton_steps: int, final_hessian: bool = True,
+              stop_at_gtol: np.ndarray | None = None) -> Optimum:
+    r"""L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
 
     Newton polishing is the chord method: the finite-difference Hessian at the L-BFGS point
     is reused and every step must improve; a fresh Hessian at the final point is the one
     reported. Convergence as lme4's ``check.conv.grad``: the gradient scaled by the Cholesky
     factor of the Hessian, max(min(|scaled|, |raw|)) < 0.002.
+
+    ``stop_at_gtol`` (a mask of the parameters that are the diagonals of lme4's
+    :math:`\Lambda_k`) ends L-BFGS-B at the first iterate whose gradient is below ``gtol``
+    (the polish's criterion, which then takes no step) instead of at its own round-off
+    stagnation, unless one of those diagonals is below :data:`NEAR_BOUNDARY` in absolute
+    value: a fit heading for a singular boundary, where the gradient can be small far from
+    it, runs to stagnation as before. On nlme's Machines (two parameters) L-BFGS-B's line
+    searches spent 47 of 59 evaluations at points equal to 9 digits; the optimum moved by
+    1e-9 relative.
     """
     n_eval = 0
+    # the gradients of the last evaluations, by point: an iterate whose gradient is already
+    # below ``gtol`` (the polish's own criterion) ends L-BFGS-B (``stop_at_gtol``)
+    seen: dict[bytes, float] = {}
 
     def f(x: np.ndarray) -> tuple[float, np.ndarray]:
         nonlocal n_eval
@@ -491,10 +511,21 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         v, g = value_and_grad(x)
         if not math.isfinite(v):
             return 1e300, np.zeros_like(x)
+        if stop_at_gtol is not None:
+            if len(seen) > 64:
+                seen.clear()
+            seen[np.asarray(x, dtype=float).tobytes()] = float(np.abs(g).max(initial=0.0))
         return -v, -g
+
+    def stop(intermediate_result: scipy.optimize.OptimizeResult) -> None:
+        x = np.asarray(intermediate_result.x, dtype=float)
+        if (seen.get(x.tobytes(), np.inf) < gtol
+                and bool((np.abs(x[stop_at_gtol]) > NEAR_BOUNDARY).all())):
+            raise StopIteration
 
     res = scipy.optimize.minimize(
         f, x0, jac=True, method="L-BFGS-B",
+        callback=None if stop_at_gtol is None else stop,
         options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-9,
                  "maxls": 50},
     )
@@ -533,7 +564,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     max_grad = float(np.max(np.minimum(scaled, np.abs(grad)))) if grad.size else 0.0
     return Optimum(
         x=x, loglik=value, gradient=grad, hessian=H, iterations=int(res.nit),
-        evaluations=n_eval, message=str(res.message), converged=max_grad < 0.002,
+        evaluations=n_eval, converged=max_grad < 0.002,
+        message=f"CONVERGENCE: MAX|GRADIENT| < {gtol:g}" if res.status == 99 else str(res.message),
         hessian_pd=hessian_pd,
     )
 

@@ -63,7 +63,8 @@ def _read_only(value: Any, seen: set[int]) -> None:
         value.setflags(write=False)
     elif isinstance(value, (pd.Series, pd.DataFrame)):
         for arr in ([value.to_numpy()] if isinstance(value, pd.Series)
-                    else [value[c].to_numpy() for c in value.columns]):
+                    else [value[c].to_numpy() for c, dtype in zip(value.columns, value.dtypes)
+                          if not _fresh_on_to_numpy(dtype)]):
             if isinstance(arr, np.ndarray) and arr.flags.writeable and arr.base is None:
                 arr.setflags(write=False)
         _read_only(value.attrs, seen)  # ranef's postVar
@@ -76,6 +77,15 @@ def _read_only(value: Any, seen: set[int]) -> None:
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
             _read_only(getattr(value, f.name, None), seen)
+
+
+def _fresh_on_to_numpy(dtype: Any) -> bool:
+    """Whether a column of this dtype gives a new array from ``to_numpy()`` every time
+    (categoricals, pyarrow-backed strings), which no one else holds: marking it read-only
+    protects nothing, and making it costs more than the rest of the walk (a fit's own copy
+    of the caller's data frame, ``refit.data``, with its factors)."""
+    return isinstance(dtype, (pd.CategoricalDtype, pd.ArrowDtype)) or (
+        isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow")
 
 
 @dataclass(frozen=True)

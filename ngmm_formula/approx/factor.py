@@ -150,6 +150,9 @@ class DenseFactor(Factor):
 
     chol: torch.Tensor
     ok: bool
+    # the inverse by conditioning set (make_result asks once per term)
+    _inverses: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False,
+                                                           compare=False)
 
     @classmethod
     def of(cls, H: torch.Tensor) -> DenseFactor:
@@ -174,15 +177,21 @@ class DenseFactor(Factor):
                        ) -> torch.Tensor:
         D = self.chol.shape[-1]
         block, local = coords // D, coords % D
-        if given is None or given.numel() == 0:
-            Hinv = torch.cholesky_inverse(self.chol)
-        else:
-            keep = torch.ones(D, dtype=torch.bool, device=coords.device)
-            keep[given] = False
-            H = self.chol @ self.chol.transpose(-1, -2)
-            Hinv = torch.zeros_like(H)
-            kk = torch.nonzero(keep).squeeze(-1)
-            Hinv[:, kk[:, None], kk[None, :]] = torch.linalg.inv(H[:, kk[:, None], kk[None, :]])
+        key = () if given is None else tuple(int(i) for i in given.tolist())
+        Hinv = self._inverses.get(key)
+        if Hinv is None:
+            if not key:
+                Hinv = torch.cholesky_inverse(self.chol)
+            else:
+                assert given is not None
+                keep = torch.ones(D, dtype=torch.bool, device=coords.device)
+                keep[given] = False
+                H = self.chol @ self.chol.transpose(-1, -2)
+                Hinv = torch.zeros_like(H)
+                kk = torch.nonzero(keep).squeeze(-1)
+                Hinv[:, kk[:, None], kk[None, :]] = torch.linalg.inv(
+                    H[:, kk[:, None], kk[None, :]])
+            self._inverses[key] = Hinv
         b = block[:, 0]
         return Hinv[b[:, None, None], local[:, :, None], local[:, None, :]]
 

@@ -229,26 +229,36 @@ class ProfiledLMM:
     # ----------------------------------------------------------------------------------------
 
     def _lambdas(self, theta: np.ndarray) -> list[np.ndarray]:
+        r"""The :math:`\Lambda_k` of the terms; in the per-group layout with several terms
+        their block-diagonal :math:`\Lambda` of one group as the only item (what
+        :meth:`_right` multiplies by, built once per evaluation)."""
         out, k = [], 0
         for t in self.terms:
             L = np.zeros((t.q, t.q))
             L[t.rows, t.cols] = theta[k:k + t.rows.size]
             k += t.rows.size
             out.append(L)
+        if self.per_group and len(out) > 1:
+            full = np.zeros((self.dim, self.dim))
+            for t, L in zip(self.terms, out):  # scipy's block_diag costs 30 us a call
+                full[t.start:t.start + t.q, t.start:t.start + t.q] = L
+            return [full]
         return out
 
     def _right(self, A: np.ndarray, Lams: list[np.ndarray]) -> np.ndarray:
         r""":math:`A \Lambda` for ``A`` of shape (..., D), term by term on the last axis."""
-        if self.per_group:
-            if len(Lams) == 1:
-                return A @ Lams[0]
-            return A @ scipy.linalg.block_diag(*Lams)
-        parts = []
+        if self.per_group:  # one block-diagonal Lambda (:meth:`_lambdas`)
+            return A @ Lams[0]
+        out = np.empty(A.shape)
         for t, L in zip(self.terms, Lams):
-            a = A[..., t.start:t.start + t.n_levels * t.q]
+            sl = slice(t.start, t.start + t.n_levels * t.q)
+            if t.q == 1:  # a scalar: no batch of 1 x 1 products
+                np.multiply(A[..., sl], L[0, 0], out=out[..., sl])
+                continue
+            a = A[..., sl]
             a = a.reshape(*a.shape[:-1], t.n_levels, t.q) @ L
-            parts.append(a.reshape(*a.shape[:-2], t.n_levels * t.q))
-        return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+            out[..., sl] = a.reshape(*a.shape[:-2], t.n_levels * t.q)
+        return out
 
     def _diag_blocks(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         r"""For each theta entry :math:`(\Lambda_k)_{rc}`: the sum over blocks and levels of
@@ -270,7 +280,12 @@ class ProfiledLMM:
         MLam = self._right(self.M, Lams)
         H = self._right(MLam.transpose(0, 2, 1), Lams)  # Lambda' M Lambda
         H[:, np.arange(self.dim), np.arange(self.dim)] += 1.0
-        log_det, Hinv = _log_det_and_inverse(H)
+        first = self.terms[0]
+        if (not self.per_group and len(self.terms) > 1 and self.dim > 64
+                and 2 * first.n_levels * first.q >= self.dim):
+            log_det, Hinv = _schur_log_det_and_inverse(H, first.n_levels, first.q)
+        else:
+            log_det, Hinv = _log_det_and_inverse(H)
         zu = self._right(self.zr, Lams)  # (n_blocks, D): Lambda' Z'W r0
         Hizu = np.einsum("bij,bj->bi", Hinv, zu)
         p = self.p
@@ -342,6 +357,41 @@ def _log_det_and_inverse(H: np.ndarray) -> tuple[float, np.ndarray]:
     inv = np.tril(inv)
     inv = inv + np.tril(inv, -1).T
     return log_det, inv[None]
+
+
+def _schur_log_det_and_inverse(H: np.ndarray, n1: int, q1: int) -> tuple[float, np.ndarray]:
+    r"""As :func:`_log_det_and_inverse` for one joint block whose first ``n1`` q1 x q1
+    diagonal blocks are all its first ``n1 * q1`` rows hold (the first term's levels do not
+    interact: :math:`Z_1^\top W Z_1` is block diagonal), by eliminating them first:
+
+    .. math::
+
+        H = \begin{bmatrix} A & B \\ B^\top & C \end{bmatrix},\quad
+        S = C - B^\top A^{-1} B,\quad \log|H| = \log|A| + \log|S|,\quad
+        H^{-1} = \begin{bmatrix} A^{-1} + X S^{-1} X^\top & -X S^{-1} \\
+                                  -S^{-1} X^\top & S^{-1} \end{bmatrix},\ X = A^{-1} B.
+
+    ScotsSec's crossed model (148 + 19 coordinates): 6 times fewer flops than the
+    Cholesky factor and inverse of the whole block."""
+    Hm = H[0]
+    k = n1 * q1
+    diag = np.arange(n1)
+    A = Hm[:k, :k].reshape(n1, q1, n1, q1)[diag, :, diag, :]  # (n1, q1, q1)
+    log_det = float(2.0 * np.log(np.diagonal(np.linalg.cholesky(A), axis1=1, axis2=2)).sum())
+    Ainv = np.linalg.inv(A)
+    B = Hm[:k, k:]
+    X = (Ainv @ B.reshape(n1, q1, -1)).reshape(k, -1)
+    S = Hm[k:, k:] - B.T @ X
+    log_S, Sinv = _log_det_and_inverse(S[None])
+    XS = X @ Sinv[0]
+    top = XS @ X.T
+    top.reshape(n1, q1, n1, q1)[diag, :, diag, :] += Ainv
+    inv = np.empty_like(Hm)
+    inv[:k, :k] = top
+    inv[:k, k:] = -XS
+    inv[k:, :k] = -XS.T
+    inv[k:, k:] = Sinv[0]
+    return log_det + log_S, inv[None]
 
 
 def gram(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

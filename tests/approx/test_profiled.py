@@ -139,12 +139,14 @@ def _weighted_data() -> pd.DataFrame:
 
 @pytest.mark.parametrize("reml", [True, False])
 @pytest.mark.parametrize("formula", ["y ~ x + (1 | g) + (0 + x | g)", "y ~ x + (x | g)",
-                                     "y ~ 0 + (1 | g)", "y ~ x + (x | g) + (1 | h)"])
+                                     "y ~ 0 + (1 | g)", "y ~ x + (x | g) + (1 | h)",
+                                     "y ~ x + (x | h) + (1 | g)"])
 def test_weights_offset_and_layouts_match_the_full_objective(formula: str, reml: bool) -> None:
     """Prior weights (five of them zero), an offset, two terms of one factor (a block-diagonal
     Lambda), a model without fixed effects and crossed factors with a correlated term (one
-    joint block of 84): the profiled value and gradient equal those of the full objective at
-    the profiled solution."""
+    joint block of 84; and of 132 whose first term is vector-valued, both factorised by
+    eliminating the first term's diagonal blocks first): the profiled value and gradient
+    equal those of the full objective at the profiled solution."""
     p = prepared(_weighted_data(), formula, reml=reml, weights="w", offset="off")
     prof = ProfiledLMM.of(p.problem)
     assert prof.n == 235  # zero weights drop out
