@@ -86,6 +86,19 @@ class Control:
         95.3% over 20 seeds, no better than one network (benchmarks/neural/README.md).
     refit : bool
         Refit the linear and variance parameters by L-BFGS after training.
+    train_approx : {"fit", "laplace"}
+        The integral of the training steps' minibatch objectives (neural models): ``"fit"``
+        uses the fit's own approximation (e.g. adaptive Gauss--Hermite with 11 nodes),
+        ``"laplace"`` one node. Only the optimiser's steps use it: the validation score of
+        early stopping, the GLMM start, the final refit of the linear and variance
+        parameters and every reported number use the fit's approximation. Fits whose
+        approximation has one node already (exact, Laplace, variational) are unaffected.
+    train_mode_steps : int
+        0: the conditional modes of a training step's groups are searched to convergence
+        (damped Newton, tolerance 1e-7) from their last visit's modes. k > 0: exactly k
+        undamped Newton steps from there, falling back to the search when the last step
+        still moves a mode by more than 0.1 (the first visit of a group, a jump of the
+        weights); validation and every reported number keep the search.
     progress : bool or None
         Progress bar (tqdm); None shows it when standard error is a terminal.
     threads : int or None
@@ -111,6 +124,8 @@ class Control:
     retrain: bool = False
     folds: int = 1
     refit: bool = True
+    train_approx: str = "fit"
+    train_mode_steps: int = 0
     progress: bool | None = None
     threads: int | None = None
 
@@ -125,6 +140,8 @@ class Control:
             ("min_steps", self.min_steps >= 0), ("ensemble", self.ensemble >= 1),
             ("folds", self.folds >= 1 and (self.folds == 1 or self.ensemble == 1)),
             ("na_action", self.na_action in ("omit", "raise")),
+            ("train_approx", self.train_approx in ("fit", "laplace")),
+            ("train_mode_steps", self.train_mode_steps >= 0),
             ("threads", self.threads is None or self.threads >= 1),
         ]
         for name, ok in checks:
