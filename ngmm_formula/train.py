@@ -27,6 +27,14 @@ validation groups are out of sample from the first epoch on (the GLMM start saw 
 conditional modes of every group are kept between minibatches as warm starts of the Newton
 search.
 
+**Cheaper integral in the steps.** The optimiser's steps use the Laplace approximation
+(``Control.train_approx``; the fit's own rule, e.g. 11 Gauss--Hermite nodes, with
+``"fit"``), and their conditional modes take ``Control.train_mode_steps`` undamped Newton
+steps from the warm starts instead of a damped search to convergence
+(:func:`~ngmm_formula.approx.conditional.find_mode`). The validation score, the GLMM start,
+the final refit and everything reported use the fit's approximation and the full search;
+the training curve (``TrainingHistory.train``) is the steps' objective.
+
 **Start.** Training starts from the GLMM in which every network's inputs enter linearly
 (:func:`fit_linear_start`): its coefficients of the standardised inputs become the networks'
 linear paths (:class:`~ngmm_formula.networks.MLP`), the output layers are zero, so the NGMM

@@ -8,7 +8,7 @@ networks). Prints, per family and test set (known / new groups): the mean gap cl
 runs with its standard error over seeds, the mean paired difference with its standard error,
 and the seeds whose NGMM log-likelihoods are identical::
 
-    python benchmarks/neural/paired_gap.py BASELINE.csv CHANGED.csv
+    python benchmarks/neural/paired_gap.py BASELINE.csv[,MORE.csv] CHANGED.csv[,MORE.csv]
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def se(x: pd.Series) -> float:
 
 
 def main() -> None:
-    base, new = pd.read_csv(sys.argv[1]), pd.read_csv(sys.argv[2])
+    base, new = ([pd.concat([pd.read_csv(f) for f in arg.split(",")], ignore_index=True)
+                  for arg in sys.argv[1:3]])
     print("| family | test | seeds | before (SE) | after (SE) | after - before (SE) | "
           "identical ll |")
     print("|---|---|---|---|---|---|---|")

@@ -232,7 +232,7 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
 
 #: Largest move of the last of :func:`find_mode`'s fixed ``steps`` that is accepted as
 #: converged (else the damped search runs).
-FIXED_STEP_TOL = 0.1
+FIXED_STEP_TOL = 1e-3
 
 
 def _fixed_steps(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch.Tensor,
