@@ -19,11 +19,15 @@ the run) while timers wrap the stages the training loop composes:
 The plain MLP is the same architecture (inputs x1, x2, x3 standardised; two hidden layers of
 64, ReLU), float32 like the NGMM's networks, ``BCEWithLogitsLoss``, Adam, minibatches of the
 NGMM's ``batch_size`` rows, on the same rows, in the same process. Each size runs in a fresh
-subprocess pinned to one thread. Prints a table::
+subprocess pinned to one thread. Beside the wall-clock seconds the table gives the process's
+CPU seconds per epoch of both loops (``time.process_time``; with one thread it is the
+wall-clock time of an idle machine, and far less sensitive to other jobs on a shared one) and
+their ratio. Prints a table::
 
     python benchmarks/neural_epoch.py                       # 10^5 and 10^6 rows
     python benchmarks/neural_epoch.py --rows 100000 --epochs 10
     python benchmarks/neural_epoch.py --approx laplace   # the same fit with one node
+    python benchmarks/neural_epoch.py --control "" train_approx=laplace   # A/B, same run
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ from ngmm_formula.datasets import simulate_grouped
 
 rows, groups, epochs, seed = map(int, sys.argv[1:5])
 approx = sys.argv[5]
+settings = {}  # Control fields of this run, "name=value,name=value"
+for item in filter(None, sys.argv[6].split(",")):
+    name, value = item.split("=")
+    settings[name] = int(value) if value.lstrip("-").isdigit() else value
 # torch.optim's first optimiser in a process imports torch._dynamo (about 0.8 s, once): a
 # fixed cost of the process, not of an epoch, so it is paid here before anything is timed
 torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
@@ -54,6 +62,7 @@ df = simulate_grouped(n_groups=groups, n_per_group=rows // groups, family="binom
                       effect="sine", seed=seed)
 parts = {k: 0.0 for k in ("assembly", "network fwd", "per_block", "backward", "optimiser",
                           "validation", "linear start", "train")}
+cpu = {"linear start": 0.0, "train": 0.0}  # process CPU time (one thread: robust to load)
 
 def timed(name, fn, when=lambda: True):
     def wrapper(*args, **kwargs):
@@ -84,25 +93,27 @@ torch.optim.AdamW.step = timed("optimiser", torch.optim.AdamW.step, training)
 linear_part = train._fit_linear_part
 def linear_part_timed(*args, **kwargs):  # its evaluations are not the epoch's
     inside[0] = False
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     try:
         return linear_part(*args, **kwargs)
     finally:
         parts["linear start"] += time.perf_counter() - t
+        cpu["linear start"] += time.process_time() - c
         inside[0] = True
 train._fit_linear_part = linear_part_timed
 member = train.train_member
 def member_timed(*args, **kwargs):
     inside[0] = True
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     try:
         return member(*args, **kwargs)
     finally:
         parts["train"] += time.perf_counter() - t
+        cpu["train"] += time.process_time() - c
         inside[0] = False
 train.train_member = member_timed
 
-control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False)
+control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
 fit = ngmm("y ~ nn(x1, x2, hidden=(64, 64)) + x3 + (1 | g)", df, "binomial",
            approx=approx, control=control, seed=seed)
 n_epochs = len(fit.history.train)
@@ -145,39 +156,48 @@ def mlp_epoch():
         fwd += t1 - t; bwd += t2 - t1; st += t3 - t2
     return fwd, bwd, st
 mlp_epoch()  # warm-up
-t = time.perf_counter(); sums = np.zeros(3)
+t, c = time.perf_counter(), time.process_time(); sums = np.zeros(3)
 for _ in range(epochs):
     sums += mlp_epoch()
 mlp_total = (time.perf_counter() - t) / epochs
+mlp_cpu = (time.process_time() - c) / epochs
 sums /= epochs
 print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
+                  "setting": ",".join(filter(None, [approx if approx != "auto" else "",
+                                                    sys.argv[6]])) or "default",
                   "ngmm": ngmm, "ngmm_epoch": loop / n_epochs,
-                  "mlp_epoch": mlp_total, "mlp_fwd": sums[0], "mlp_bwd": sums[1],
+                  "mlp_epoch": mlp_total, "mlp_cpu": mlp_cpu,
+                  "ngmm_cpu": (cpu["train"] - cpu["linear start"]) / n_epochs,
+                  "mlp_fwd": sums[0], "mlp_bwd": sums[1],
                   "mlp_step": sums[2], "threads": torch.get_num_threads()}))
 """
 
 
-def run(rows: int, groups: int, epochs: int, seed: int, approx: str = "auto") -> dict:
+def run(rows: int, groups: int, epochs: int, seed: int, approx: str = "auto",
+        control: str = "") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", CHILD, str(rows), str(groups), str(epochs),
-                          str(seed), approx], check=True, capture_output=True, text=True, env=env)
+                          str(seed), approx, control], check=True, capture_output=True, text=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def table(results: list[dict]) -> str:
     stages = list(results[0]["ngmm"])
-    head = ("| rows | groups | epochs | " + " | ".join(stages)
-            + " | NGMM epoch s | MLP epoch s | MLP fwd / bwd / step | ratio |")
+    head = ("| rows | groups | setting | epochs | " + " | ".join(stages)
+            + " | NGMM epoch s | MLP epoch s | MLP fwd / bwd / step | ratio | CPU s NGMM / MLP "
+            "| CPU ratio |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         cells = " | ".join(f"{r['ngmm'][s]:.3f}" for s in stages)
         lines.append(
-            f"| {r['rows']:,} | {r['groups']:,} | {r['epochs']} | {cells} | "
+            f"| {r['rows']:,} | {r['groups']:,} | {r['setting']} | {r['epochs']} | {cells} | "
             f"{r['ngmm_epoch']:.3f} | {r['mlp_epoch']:.3f} | {r['mlp_fwd']:.3f} / "
             f"{r['mlp_bwd']:.3f} / {r['mlp_step']:.3f} | "
-            f"{r['ngmm_epoch'] / r['mlp_epoch']:.2f} |")
+            f"{r['ngmm_epoch'] / r['mlp_epoch']:.2f} | {r['ngmm_cpu']:.3f} / "
+            f"{r['mlp_cpu']:.3f} | {r['ngmm_cpu'] / r['mlp_cpu']:.2f} |")
     return "\n".join(lines)
 
 
@@ -192,14 +212,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--approx", default="auto",
                     help="approx= of the fit (e.g. laplace: what training on one node costs)")
+    ap.add_argument("--control", nargs="+", default=[""],
+                    help="Control settings to compare, one run each per size, e.g. '' "
+                         "train_approx=laplace ('' = the default)")
     args = ap.parse_args()
     per_group = args.per_group + [args.per_group[-1]] * (len(args.rows) - len(args.per_group))
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f}; seconds per epoch, "
           "one thread")
     print(f"approx={args.approx!r}")
-    results = [run(n, n // k, args.epochs, args.seed, args.approx)
-               for n, k in zip(args.rows, per_group)]
+    results = [run(n, n // k, args.epochs, args.seed, args.approx, c)
+               for n, k in zip(args.rows, per_group) for c in args.control]
     print(table(results))
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 

@@ -66,6 +66,9 @@ class Objective:
         Convergence tolerance of the Newton search for the conditional modes (the one-step
         correction of :mod:`~ngmm_formula.approx.adaptive` makes the value accurate to the
         square of this; training uses a looser one than the final fit).
+    mode_steps : int, optional
+        Fixed undamped Newton steps from a warm start instead of the search to ``mode_tol``
+        (:func:`~ngmm_formula.approx.conditional.find_mode`'s ``steps``; training).
     shard : Shard, optional
         Data-parallel fitting (:mod:`ngmm_formula.distributed`): this process evaluates only
         its range of groups, ``problem`` is restricted to their rows, and :meth:`reduce` sums
@@ -75,7 +78,7 @@ class Objective:
 
     def __init__(self, problem: Problem, family: Family, approx: Approximation,
                  module: LinearPredictor, *, mode_tol: float = 1e-10,
-                 shard: Shard | None = None):
+                 mode_steps: int | None = None, shard: Shard | None = None):
         self.shard = shard
         self.problem = problem if shard is None else shard.local(problem)
         self.family = family
@@ -84,6 +87,7 @@ class Objective:
         self.rule = approx.rule(problem.blocks.dim)
         self.mode: ConditionalMode | None = None
         self.mode_tol = mode_tol
+        self.mode_steps = mode_steps
         self._chunks: list[Objective] | None = None
         # (parameters, log-likelihood, modes) of a profiled fit's solution: all_blocks there
         self.solved: tuple[bytes, torch.Tensor, ConditionalMode] | None = None
@@ -101,7 +105,7 @@ class Objective:
         if start is None and warm and self.mode is not None:
             start = self.mode.v
         self.mode = find_mode(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
-                              start, tol=self.mode_tol)
+                              start, tol=self.mode_tol, steps=self.mode_steps)
         ll = log_marginal(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
                           self.mode, self.rule, pr.log_const)
         if pr.reml:
@@ -146,7 +150,8 @@ class Objective:
                     sub = pr.subset(torch.as_tensor(rows, device=device),
                                     torch.as_tensor(blocks, device=device))
                     self._chunks.append(Objective(sub, self.family, self.approx, self.module,
-                                                  mode_tol=self.mode_tol))
+                                                  mode_tol=self.mode_tol,
+                                                  mode_steps=self.mode_steps))
         return self._chunks
 
     def forget_modes(self) -> None:

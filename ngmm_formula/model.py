@@ -273,7 +273,13 @@ class Problem:
         every block is kept (a block without rows integrates to exactly 1).
         """
         b = self.blocks
-        block_of_obs = b.block_of_obs[rows]
+
+        gather = rows.dim() == 1 and rows.dtype in (torch.int64, torch.int32)
+
+        def take(x: torch.Tensor) -> torch.Tensor:  # x[rows]; index_select: one kernel
+            return x.index_select(0, rows) if gather else x[rows]
+
+        block_of_obs = take(b.block_of_obs)
         n_blocks = b.n_blocks
         if blocks is not None:
             # new id = position in the sorted ``blocks``: a binary search per row, O(rows log
@@ -282,14 +288,14 @@ class Problem:
             block_of_obs = torch.searchsorted(blocks.to(block_of_obs.dtype), block_of_obs)
             n_blocks = int(blocks.numel())
         sub_blocks = Blocks(n_blocks=n_blocks, dim=b.dim, block_of_obs=block_of_obs,
-                            slot_pos=b.slot_pos[rows], prior_precision=b.prior_precision,
+                            slot_pos=take(b.slot_pos), prior_precision=b.prior_precision,
                             split=b.split)
         return Problem(
-            y=self.y[rows], w=self.w[rows], offset=self.offset[rows], Xs=self.Xs[rows],
-            Z=tuple(z[rows] for z in self.Z), q=self.q, n_levels=self.n_levels,
+            y=take(self.y), w=take(self.w), offset=take(self.offset), Xs=take(self.Xs),
+            Z=tuple(take(z) for z in self.Z), q=self.q, n_levels=self.n_levels,
             blocks=sub_blocks, standardisation=self.standardisation, reml=self.reml,
-            net_X=tuple(x[rows] for x in self.net_X), log_const=self.log_const[rows],
-            net_noise=tuple(e[rows] for e in self.net_noise),
+            net_X=tuple(take(x) for x in self.net_X), log_const=take(self.log_const),
+            net_noise=tuple(take(e) for e in self.net_noise),
         )
 
     def with_offset(self, extra: torch.Tensor) -> Problem:

@@ -27,6 +27,14 @@ validation groups are out of sample from the first epoch on (the GLMM start saw 
 conditional modes of every group are kept between minibatches as warm starts of the Newton
 search.
 
+**Cheaper integral in the steps.** The optimiser's steps use the Laplace approximation
+(``Control.train_approx``; the fit's own rule, e.g. 11 Gauss--Hermite nodes, with
+``"fit"``), and their conditional modes take ``Control.train_mode_steps`` undamped Newton
+steps from the warm starts instead of a damped search to convergence
+(:func:`~ngmm_formula.approx.conditional.find_mode`). The validation score, the GLMM start,
+the final refit and everything reported use the fit's approximation and the full search;
+the training curve (``TrainingHistory.train``) is the steps' objective.
+
 **Start.** Training starts from the GLMM in which every network's inputs enter linearly
 (:func:`fit_linear_start`): its coefficients of the standardised inputs become the networks'
 linear paths (:class:`~ngmm_formula.networks.MLP`), the output layers are zero, so the NGMM
@@ -404,6 +412,15 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
                            retrained_steps=retrained)
 
 
+def training_approximation(approx: Approximation, control: Control) -> Approximation:
+    """The approximation of the optimiser's steps: ``approx``, or its one-node (Laplace)
+    version with ``control.train_approx = "laplace"`` when ``approx`` is a quadrature rule
+    on per-group blocks (the mode search, the layout and the warm starts are the same)."""
+    if control.train_approx == "laplace" and approx.kind in ("agq", "truncated"):
+        return Approximation("laplace", joint=approx.joint)
+    return approx
+
+
 def _groups_per_batch(problem: Problem, split_groups: np.ndarray, control: Control) -> int:
     """Groups per minibatch: ``control.batch_groups``, or as many as make about
     ``control.batch_size`` rows at the mean group size.
@@ -454,6 +471,7 @@ def _minibatch_objective(
         ``step(optimiser, batch)``: one step on the minibatch; returns its log-likelihood.
     """
     per_group_blocks = not approx.joint
+    step_approx = training_approximation(approx, control)
     n_groups = by_group.sizes.size
     owned = (np.ones(n_groups, dtype=bool) if shard is None
              else shard.owned(n_groups))  # the groups this process evaluates
@@ -482,7 +500,9 @@ def _minibatch_objective(
             start = None
         if noise is not None:
             sub = dataclasses.replace(sub, net_noise=noise)
-        obj = Objective(sub, family, approx, module, mode_tol=1e-7)
+        obj = (Objective(sub, family, step_approx, module, mode_tol=1e-7,
+                         mode_steps=control.train_mode_steps or None) if grad
+               else Objective(sub, family, approx, module, mode_tol=1e-7))
         with torch.set_grad_enabled(grad):
             ll = obj.per_block(start=start).sum()
         if per_group_blocks and obj.mode is not None:

@@ -77,14 +77,20 @@ def parse_args(description: str, extra: list[tuple[tuple[str, ...], dict]] | Non
 
 
 def parse_control(text: str) -> dict:
-    """``"lr=0.01,patience=30,refit=False"`` -> keyword arguments of ``Control``."""
+    """``"lr=0.01,patience=30,refit=False,train_approx=laplace"`` -> keyword arguments of
+    ``Control`` (numbers, None / True / False, else the string)."""
     out: dict = {}
     for part in filter(None, text.split(",")):
         k, v = part.split("=")
         if v in ("None", "True", "False"):
             out[k] = {"None": None, "True": True, "False": False}[v]
+        elif v.lstrip("-").isdigit():
+            out[k] = int(v)
         else:
-            out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
     return out
 
 
