@@ -90,28 +90,21 @@ fit_module.Objective.per_block = timed("per_block", timed("validation", per_bloc
                                        grad_on)
 torch.Tensor.backward = timed("backward", torch.Tensor.backward, training)
 torch.optim.AdamW.step = timed("optimiser", torch.optim.AdamW.step, training)
-linear_part = train._fit_linear_part
-def linear_part_timed(*args, **kwargs):  # its evaluations are not the epoch's
-    inside[0] = False
-    t, c = time.perf_counter(), time.process_time()
-    try:
-        return linear_part(*args, **kwargs)
-    finally:
-        parts["linear start"] += time.perf_counter() - t
-        cpu["linear start"] += time.process_time() - c
-        inside[0] = True
-train._fit_linear_part = linear_part_timed
-member = train.train_member
-def member_timed(*args, **kwargs):
-    inside[0] = True
-    t, c = time.perf_counter(), time.process_time()
-    try:
-        return member(*args, **kwargs)
-    finally:
-        parts["train"] += time.perf_counter() - t
-        cpu["train"] += time.process_time() - c
-        inside[0] = False
-train.train_member = member_timed
+def stage(name, fn, inside_value):  # time fn (wall, CPU) as name; epoch timers on/off in it
+    def wrapper(*args, **kwargs):
+        outer, inside[0] = inside[0], inside_value
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            parts[name] += time.perf_counter() - t
+            cpu[name] += time.process_time() - c
+            inside[0] = outer
+    return wrapper
+
+# the linear start's evaluations are not the epoch's
+train._fit_linear_part = stage("linear start", train._fit_linear_part, False)
+train.train_member = stage("train", train.train_member, True)
 
 control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
 fit = ngmm("y ~ nn(x1, x2, hidden=(64, 64)) + x3 + (1 | g)", df, "binomial",
