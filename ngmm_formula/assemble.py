@@ -43,7 +43,7 @@ from ngmm_formula.model import (
     matvec,
 )
 from ngmm_formula.networks import CentredNetwork
-from ngmm_formula.results import Diagnostics, NGMMResult
+from ngmm_formula.results import Diagnostics, NGMMResult, ReducedRank
 from ngmm_formula.train import TrainingHistory
 
 __all__ = ["Prepared", "make_result", "variational_result"]
@@ -174,10 +174,10 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     theta_abs = module.theta.detach().cpu().double().clone()
     # L_fit carries the fit's signs (the conditional modes u belong to it); Ls the reported
     # ones (positive diagonal)
-    L_fit = [L.numpy() for L in lambda_blocks(theta_abs, pr.q)]
+    L_fit = [L.numpy() for L in lambda_blocks(theta_abs, pr.q, pr.rank)]
     Ls = [L * np.where(np.diag(L) < 0, -1.0, 1.0)[None, :] for L in L_fit]
     rel = sigma if exact else 1.0
-    theta_vals = [L[i, j] / rel for L in Ls for i, j in tril_pairs(L.shape[0])]
+    theta_vals = [L[i, j] / rel for L in Ls for i, j in tril_pairs(*L.shape)]
     theta = pd.Series(theta_vals, index=design.theta_names, name="theta")
 
     # lme4 shows a Residual row for families with a scale parameter in VarCorr: gaussian and
@@ -186,7 +186,9 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     # lme4's postVar under REML is conditional on beta-hat: blocks of the inverse of the
     # u-block of H, not the u-blocks of the joint (u, beta) inverse (which would add the
     # uncertainty of beta)
-    ranef, coefs = _ranef(design, pr, approx, mode_v, mode.factor, beta_coords, L_fit)
+    ranef, coefs, scores = _ranef(design, pr, approx, mode_v, mode.factor, beta_coords,
+                                  L_fit)
+    reduced = _reduced_rank(design, Ls, L_fit, scores, H, k_beta, opt.hessian_pd)
 
     eta = design.offset + matvec(design.X, beta)
     if net_offset is not None:
@@ -218,7 +220,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
         vcov=vcov, theta=theta, sigma=sigma, loglik=float(ll_blocks.double().sum()), npar=npar,
         varcorr=varcorr, ranef=ranef, eta=eta, diagnostics=diagnostics, data_name=data_name,
         random_coef=tuple(coefs), refit=refit, nets=tuple(net.cpu() for net in nets),
-        history=history,
+        history=history, reduced_rank=reduced,
     )
 
 
@@ -249,9 +251,12 @@ def _fit_messages(design: Design, singular: bool, convergence: str | None,
 
 def _is_singular(Ls: list[np.ndarray], rel: float, tol: float) -> bool:
     """lme4's ``isSingular``: a relative SD (theta diagonal) below ``tol`` or a correlation
-    of +-1."""
-    singular = any(abs(L[i, i]) / rel < tol for L in Ls for i in range(L.shape[0]))
+    of +-1. A reduced-rank term (q x d loadings, d < q) is rank-deficient by construction:
+    only its diagonal loadings count."""
+    singular = any(abs(L[i, i]) / rel < tol for L in Ls for i in range(min(L.shape)))
     for L in Ls:
+        if L.shape[1] < L.shape[0]:
+            continue
         S = L @ L.T
         d = np.sqrt(np.clip(np.diag(S), 1e-300, None))
         corr = S / np.outer(d, d)
@@ -286,33 +291,63 @@ def _varcorr(design: Design, Ls: list[np.ndarray], residual_sd: float | None) ->
 
 def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
            factor: Factor, given: torch.Tensor, L_fit: list[np.ndarray]
-           ) -> tuple[dict[str, pd.DataFrame], list[np.ndarray]]:
+           ) -> tuple[dict[str, pd.DataFrame], list[np.ndarray],
+                      list[tuple[np.ndarray, np.ndarray]]]:
     r"""Conditional modes :math:`b = \Lambda u` and variances
     :math:`\Lambda (H^{-1})_{ll} \Lambda^\top` per grouping factor and level, the
     diagonal blocks of :math:`H^{-1}` from the factor (conditional on the coordinates
     ``given``: beta under REML). ``L_fit`` are the fitted :math:`\Lambda_k` with the signs
     the modes ``v`` belong to (b is unchanged when a column of both flips sign, but not when
-    only one does)."""
+    only one does). Also returns, per term, the modes :math:`u` and their conditional
+    covariances (the factor scores of a reduced-rank term)."""
     coefs: list[np.ndarray] = []
     condvar: list[np.ndarray] = []
+    scores: list[tuple[np.ndarray, np.ndarray]] = []
     start = 0
     D = pr.blocks.dim
     for t, L in zip(design.re_terms, L_fit):
-        levels, cols = np.arange(t.n_levels)[:, None], np.arange(t.q)[None, :]
-        if approx.joint:  # lme4's Zt order: term offset + level * q + column
-            idx = start + levels * t.q + cols
+        # a reduced-rank term integrates d coordinates per level (its factor scores)
+        levels, cols = np.arange(t.n_levels)[:, None], np.arange(t.dim)[None, :]
+        if approx.joint:  # lme4's Zt order: term offset + level * dim + column
+            idx = start + levels * t.dim + cols
             u = v[0, idx]
-            start += t.n_levels * t.q
-        else:  # one block per level, the term's columns at start..start+q-1
+            start += t.n_levels * t.dim
+        else:  # one block per level, the term's coordinates at start..start+dim-1
             idx = levels * D + start + cols
-            u = v[:, start:start + t.q]
-            start += t.q
+            u = v[:, start:start + t.dim]
+            start += t.dim
         with torch.no_grad():
             Vu = factor.inverse_blocks(torch.as_tensor(idx, device=given.device), given
                                        ).cpu().double().numpy()  # (levels, q, q)
         coefs.append(u @ L.T)
         condvar.append(np.einsum("ij,gjk,lk->gil", L, Vu, L))
-    return _ranef_frames(design, coefs, condvar), coefs
+        scores.append((u, Vu))
+    return _ranef_frames(design, coefs, condvar), coefs, scores
+
+
+def _reduced_rank(design: Design, Ls: list[np.ndarray], L_fit: list[np.ndarray],
+                  scores: list[tuple[np.ndarray, np.ndarray]], H: np.ndarray, k_beta: int,
+                  hessian_pd: bool) -> tuple[ReducedRank, ...]:
+    """The loadings (positive diagonal), their Wald standard errors from the inverse negative
+    Hessian ``H`` over (beta, theta, ...) and the factor scores of each ``rr()`` term; a
+    factor whose sign was flipped to make its diagonal loading positive flips its scores."""
+    out = []
+    start = k_beta
+    cov = _inv(-H) if hessian_pd and H.size else None
+    for t, L, L0, (u, Vu) in zip(design.re_terms, Ls, L_fit, scores):
+        cells = tril_pairs(*L.shape)
+        if t.rank is not None:
+            se = np.zeros_like(L)
+            for m, (i, j) in enumerate(cells):
+                var = cov[start + m, start + m] if cov is not None else np.nan
+                se[i, j] = np.sqrt(var) if var >= 0 else np.nan
+            sign = np.where(np.diag(L0) < 0, -1.0, 1.0)
+            out.append(ReducedRank(
+                term=f"rr({t.expr} | {t.group}, d = {t.rank})", name=t.name, columns=t.cnms,
+                levels=t.levels, loadings=L, loadings_se=se, scores=u * sign[None, :],
+                scores_cov=Vu * sign[None, :, None] * sign[None, None, :]))
+        start += len(cells)
+    return tuple(out)
 
 
 def _ranef_frames(design: Design, coefs: list[np.ndarray], condvar: list[np.ndarray]

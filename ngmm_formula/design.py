@@ -61,6 +61,7 @@ __all__ = [
     "build_design",
     "full_rank_columns",
     "required_columns",
+    "check_reduced_rank_response",
     "check_spec_formula",
     "spec_from_data",
     "spec_to_data",
@@ -70,10 +71,12 @@ NaAction = Literal["omit", "raise"]
 
 
 @functools.cache
-def tril_pairs(q: int) -> tuple[tuple[int, int], ...]:
-    """Positions ``(row, column)`` of a q x q block's theta entries in lme4's order: the lower
-    triangle of the relative Cholesky factor, column by column."""
-    return tuple((i, j) for j in range(q) for i in range(j, q))
+def tril_pairs(q: int, d: int | None = None) -> tuple[tuple[int, int], ...]:
+    """Positions ``(row, column)`` of a term's theta entries in lme4's order: the lower
+    triangle of the q x q relative Cholesky factor, column by column; with ``d`` (a
+    reduced-rank term) the lower triangle of the q x d loading matrix in the same order,
+    glmmTMB's order for ``rr()``."""
+    return tuple((i, j) for j in range(q if d is None else d) for i in range(j, q))
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -110,6 +113,11 @@ class ReTerm:
         gather and advanced indexing accept it).
     Zraw : ndarray, shape (n, q)
         Values of the term's columns for each observation.
+    rank : int or None
+        d of a reduced-rank term ``rr(expr | group, d = d)``: its q effects per level are
+        :math:`\\Lambda z` with a q x d loading matrix :math:`\\Lambda` (lower triangular,
+        positive diagonal) and :math:`z \\sim N(0, I_d)`, so each level integrates over d
+        coordinates; None for an ordinary term (:math:`\\Lambda` q x q).
     """
 
     name: str
@@ -120,6 +128,7 @@ class ReTerm:
     levels: tuple[str, ...]
     group_index: np.ndarray
     Zraw: np.ndarray
+    rank: int | None = None
 
     @property
     def q(self) -> int:
@@ -127,16 +136,26 @@ class ReTerm:
         return len(self.cnms)
 
     @property
+    def dim(self) -> int:
+        """Number of integrated coordinates per level: d for a reduced-rank term, else q."""
+        return self.q if self.rank is None else self.rank
+
+    @property
     def n_levels(self) -> int:
         return len(self.levels)
 
     @property
     def n_theta(self) -> int:
-        """Number of covariance parameters: q(q+1)/2 (lower triangle of Lambda's block)."""
-        return self.q * (self.q + 1) // 2
+        """Number of covariance parameters: q(q+1)/2 (lower triangle of Lambda's block), or
+        qd - d(d-1)/2 loadings of a reduced-rank term."""
+        return len(tril_pairs(self.q, self.rank))
 
     def theta_names(self) -> list[str]:
-        """lme4's names, lower triangle column by column (``Subject.Days.(Intercept)``)."""
+        """lme4's names, lower triangle column by column (``Subject.Days.(Intercept)``); a
+        reduced-rank term's loadings are ``id.itemA.F1`` (column of item A on factor 1)."""
+        if self.rank is not None:
+            return [f"{self.group}.{self.cnms[i]}.F{j + 1}"
+                    for i, j in tril_pairs(self.q, self.rank)]
         return [f"{self.group}.{self.cnms[i]}" if i == j
                 else f"{self.group}.{self.cnms[i]}.{self.cnms[j]}"
                 for i, j in tril_pairs(self.q)]
@@ -445,7 +464,7 @@ class Design:
     def theta_lower(self) -> np.ndarray:
         """Lower bounds of theta: 0 for diagonal entries, -inf off the diagonal (lme4)."""
         return np.array([0.0 if i == j else -np.inf
-                         for t in self.re_terms for i, j in tril_pairs(t.q)])
+                         for t in self.re_terms for i, j in tril_pairs(t.q, t.rank)])
 
     @property
     def theta_start(self) -> np.ndarray:
@@ -1140,7 +1159,9 @@ def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
             raise DataError(_overflow_message(overflow, f"random-effects term ({bar.expr} | "
                                                         f"{bar.group})"))
         if not cnms:
-            raise DataError(f"random-effects term ({bar.expr} | {bar.group}) has no columns")
+            raise DataError(f"random-effects term {bar} has no columns")
+        if bar.rank is not None:
+            _check_reduced_rank(bar, len(cnms), len(levels))
         raw_terms.append((bar, tuple(levels), gidx, Z, cnms, term_spec))
     # lme4: terms ordered by decreasing number of levels (stable for ties)
     order = sorted(range(len(raw_terms)), key=lambda k: -len(raw_terms[k][1]))
@@ -1209,9 +1230,43 @@ def _named_re_terms(raw_terms: list[_RawTerm]) -> tuple[ReTerm, ...]:
         used[bar.group] = count + 1
         name = bar.group if count == 0 else f"{bar.group}.{count}"
         re_terms.append(ReTerm(name, bar.group, bar.expr, bar.correlated, cnms, term_levels,
-                               _frozen(gidx), _frozen(Zraw)))
+                               _frozen(gidx), _frozen(Zraw), bar.rank))
     return tuple(re_terms)
 
+
+def _check_reduced_rank(bar: BarTerm, q: int, n_levels: int) -> None:
+    """A reduced-rank term needs d <= q loadings columns and at least q levels."""
+    assert bar.rank is not None
+    if bar.rank > q:
+        raise DataError(f"d = {bar.rank} in {bar} is larger than the term's {q} column(s); "
+                        f"use d <= {q}")
+    if n_levels < q:
+        raise DataError(f"{bar} has {q} columns but its grouping factor '{bar.group}' has "
+                        f"only {n_levels} level(s): the loadings of a reduced-rank term need "
+                        "at least as many levels as columns")
+
+
+def check_reduced_rank_response(design: Design) -> None:
+    """Every column of a reduced-rank term (an item of ``rr(0 + item | id)``) must see more
+    than one response value: an item that everybody answers alike has no information on
+    its loadings (its maximum-likelihood loadings are unbounded).
+
+    Raises
+    ------
+    DataError
+        Naming the term and the column.
+    """
+    for t in design.re_terms:
+        if t.rank is None:
+            continue
+        for j, name in enumerate(t.cnms):
+            rows = t.Zraw[:, j] != 0
+            ys = design.y[rows]
+            if ys.size and np.all(ys == ys[0]):
+                raise DataError(f"column '{name}' of rr({t.expr} | {t.group}, d = {t.rank}) "
+                                f"has the same response ({ys[0]:g}) in all its {ys.size} "
+                                "rows: its loadings cannot be estimated; drop it from the "
+                                "term or the data")
 
 def _overflow_message(columns: list[str], where: str) -> str:
     return (f"{where} column(s) {columns} have values so large that their squares overflow "

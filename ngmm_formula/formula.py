@@ -30,6 +30,7 @@ a column, a formula transform or a name passed in ``context=``.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -59,11 +60,16 @@ class BarTerm:
         name that is not an identifier keeps its backticks (``"`my g`:school"``).
     correlated : bool
         False for the terms produced by expanding ``||`` (their covariance is diagonal).
+    rank : int or None
+        ``d`` of a reduced-rank term ``rr(expr | group, d = d)`` (glmmTMB's syntax): the
+        term's q random effects are :math:`b_g = \\Lambda z_g` with a q x d loading matrix
+        :math:`\\Lambda` and :math:`z_g \\sim N(0, I_d)`; None for an ordinary term.
     """
 
     expr: str
     group: str
     correlated: bool = True
+    rank: int | None = None
 
     @property
     def group_factors(self) -> tuple[str, ...]:
@@ -71,6 +77,8 @@ class BarTerm:
         return tuple(_unquote(p) for p, _ in _split_outside_backticks(self.group, ":"))
 
     def __str__(self) -> str:
+        if self.rank is not None:
+            return f"rr({self.expr} | {self.group}, d = {self.rank})"
         return f"({self.expr} | {self.group})"
 
 
@@ -330,6 +338,39 @@ def _expand_bar(inner: str, pos: int, formula: str,
     return terms
 
 
+#: glmmTMB's default rank of ``rr()`` terms.
+RR_DEFAULT_RANK = 2
+
+
+def _parse_rr(inner: str, pos: int, formula: str,
+              names: Collection[str] | None = None) -> BarTerm:
+    """``rr(expr | group, d = K)``: a reduced-rank term (``d`` defaults to 2, as glmmTMB)."""
+    args = _split_top(inner, ",")
+    body, bpos = _strip_with_offset(args[0][0], pos + args[0][1])
+    rank = RR_DEFAULT_RANK
+    if len(args) > 2:
+        raise _fail("rr() takes the term and d, as in rr(0 + item | id, d = 2)", formula,
+                    pos + args[2][1])
+    if len(args) == 2:
+        arg, apos = _strip_with_offset(args[1][0], pos + args[1][1])
+        m = re.fullmatch(r"d\s*=\s*(\S+)", arg)
+        if m is None:
+            raise _fail("rr()'s second argument is d = <positive integer>", formula, apos)
+        if not re.fullmatch(r"[0-9]+", m.group(1)) or int(m.group(1)) < 1:
+            raise _fail(f"d in rr() must be a positive integer, got {m.group(1)!r}", formula,
+                        apos + arg.index(m.group(1)))
+        rank = int(m.group(1))
+    parts = _split_top(body, "|")
+    if len(parts) != 2:
+        raise _fail("rr() needs one term with exactly one '|', as in rr(0 + item | id, d = 1)",
+                    formula, bpos)
+    if "/" in parts[1][0]:
+        raise _fail("rr() takes a single grouping factor (no nesting with '/')", formula,
+                    bpos + parts[1][1])
+    terms = _expand_bar(body, bpos, formula, names)
+    return dataclasses.replace(terms[0], rank=rank)
+
+
 def _expand_slash(grp: str, pos: int, formula: str,
                   names: Collection[str] | None = None) -> list[str]:
     """lme4's expandSlash: ``a/b/c`` -> ``c:b:a``, ``b:a``, ``a`` (innermost first).
@@ -511,15 +552,11 @@ def parse_formula(formula: str, *, names: Collection[str] | None = None) -> Pars
             where = pos if k > 0 else rhs_start
             raise _fail(f"missing term {'after' if k else 'before'} '{sep or '+'}'", formula,
                         where)
-        if text.startswith("(") and text.endswith(")") and _call_parts(text, "") is not None:
-            body = text[1:-1]
-            if len(_split_top(body, "|")) > 1:
-                if sep == "-":
-                    raise _fail("a random-effects term cannot be subtracted", formula, pos)
-                expanded = _expand_bar(body, pos + 1, formula, names)
-                bars.extend(expanded)
-                bar_pos.extend([pos] * len(expanded))
-                continue
+        bar_terms = _random_term(text, pos, sep, formula, names)
+        if bar_terms is not None:
+            bars.extend(bar_terms)
+            bar_pos.extend([pos] * len(bar_terms))
+            continue
         nn_inner = _call_parts(text, "nn")
         if nn_inner is not None:
             if sep == "-":
@@ -557,6 +594,26 @@ def parse_formula(formula: str, *, names: Collection[str] | None = None) -> Pars
         offsets=tuple(offsets),
         response_cbind=cbind,
     )
+
+
+def _random_term(text: str, pos: int, sep: str, formula: str,
+                 names: Collection[str] | None) -> list[BarTerm] | None:
+    """The bar terms of one chunk of the right side: ``(expr | g)`` (expanded as lme4 does) or
+    ``rr(expr | g, d = K)``; None if the chunk is neither."""
+    body = None
+    if text.startswith("(") and text.endswith(")") and _call_parts(text, "") is not None:
+        body = text[1:-1]
+        if len(_split_top(body, "|")) < 2:
+            return None
+    rr_inner = _call_parts(text, "rr")
+    if body is None and rr_inner is None:
+        return None
+    if sep == "-":
+        raise _fail("a random-effects term cannot be subtracted", formula, pos)
+    if rr_inner is not None:
+        return [_parse_rr(rr_inner, pos + text.index("(") + 1, formula, names)]
+    assert body is not None
+    return _expand_bar(body, pos + 1, formula, names)
 
 
 def _split_tilde(formula: str) -> tuple[str, int, str, int]:
@@ -622,8 +679,7 @@ def _check_bars_unique(bars: list[BarTerm], bar_pos: list[int], formula: str) ->
     for b, bpos in zip(bars, bar_pos, strict=True):
         key = (b.expr, b.group)
         if key in seen:
-            raise _fail(f"the random-effects term ({b.expr} | {b.group}) appears twice",
-                        formula, bpos)
+            raise _fail(f"the random-effects term {b} appears twice", formula, bpos)
         seen.add(key)
 
 

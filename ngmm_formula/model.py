@@ -17,6 +17,7 @@ the slot values :math:`C = [Z_k \Lambda_k]_k` of
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -256,10 +257,22 @@ class Problem:
     # training only: noise added to the inputs of each network's nonlinear layers (same
     # shapes as net_X; empty: none). Set on a minibatch's subproblem by the trainer.
     net_noise: tuple[torch.Tensor, ...] = ()
+    # d of each reduced-rank term, None for an ordinary one (empty: no reduced-rank term)
+    rank: tuple[int | None, ...] = ()
+
+    @property
+    def ranks(self) -> tuple[int | None, ...]:
+        """d per term (None: an ordinary q x q term)."""
+        return self.rank or (None,) * len(self.q)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Integrated coordinates per level of each term: d, or q."""
+        return tuple(k if d is None else d for k, d in zip(self.q, self.ranks))
 
     @property
     def n_theta(self) -> int:
-        return sum(k * (k + 1) // 2 for k in self.q)
+        return sum(len(tril_pairs(k, d)) for k, d in zip(self.q, self.ranks))
 
     @property
     def p(self) -> int:
@@ -295,7 +308,7 @@ class Problem:
             Z=tuple(take(z) for z in self.Z), q=self.q, n_levels=self.n_levels,
             blocks=sub_blocks, standardisation=self.standardisation, reml=self.reml,
             net_X=tuple(take(x) for x in self.net_X), log_const=take(self.log_const),
-            net_noise=tuple(take(e) for e in self.net_noise),
+            net_noise=tuple(take(e) for e in self.net_noise), rank=self.rank,
         )
 
     def with_offset(self, extra: torch.Tensor) -> Problem:
@@ -322,12 +335,14 @@ def build_problem(design: Design, family: Family, approx: BlockChoice, *,
     terms = design.re_terms
     n = design.nobs
     q = tuple(tm.q for tm in terms)
+    dims = tuple(tm.dim for tm in terms)
     if approx.joint:
-        # lme4's Zt order: term offset + level * q + column
+        # lme4's Zt order: term offset + level * dim + column
         cols, offset = [], 0
         for tm in terms:
-            cols.append(offset + tm.group_index[:, None] * tm.q + np.arange(tm.q)[None, :])
-            offset += tm.q * tm.n_levels
+            cols.append(offset + tm.group_index[:, None] * tm.dim
+                        + np.arange(tm.dim)[None, :])
+            offset += tm.dim * tm.n_levels
         slot_pos = np.hstack(cols) if cols else np.zeros((n, 0), dtype=np.int64)
         prior = np.ones(offset)
         if approx.reml:
@@ -341,10 +356,10 @@ def build_problem(design: Design, family: Family, approx: BlockChoice, *,
         groups = {tm.group for tm in terms}
         assert len(groups) == 1, "per-group blocks need a single grouping factor"
         block_of_obs = terms[0].group_index
-        starts = np.cumsum([0, *q[:-1]])
+        starts = np.cumsum([0, *dims[:-1]])
         slot_pos = np.hstack([s + np.arange(k)[None, :].repeat(n, axis=0)
-                              for s, k in zip(starts, q)])
-        n_blocks, dim = terms[0].n_levels, int(sum(q))
+                              for s, k in zip(starts, dims)])
+        n_blocks, dim = terms[0].n_levels, int(sum(dims))
         prior = np.ones(dim)
         split = None
     # int32 indices for one block per group (the engine's flat indices reach
@@ -367,6 +382,8 @@ def build_problem(design: Design, family: Family, approx: BlockChoice, *,
         net_X=tuple(torch.tensor(np.asarray(ni.X), dtype=nd, device=device)
                     for ni in design.nets),
         log_const=family.data_constant(t(design.y), t(design.weights)),
+        rank=(tuple(tm.rank for tm in terms)
+              if any(tm.rank is not None for tm in terms) else ()),
     )
 
 
@@ -399,7 +416,7 @@ def joint_split(terms: tuple[ReTerm, ...] | list[ReTerm], dim: int,
         return None
     size: dict[str, int] = {}
     for tm in terms:
-        size[tm.group] = size.get(tm.group, 0) + tm.q * tm.n_levels
+        size[tm.group] = size.get(tm.group, 0) + tm.dim * tm.n_levels
     group = max(size, key=lambda g: size[g])  # first such factor on ties (lme4's order)
     dim_b = dim - size[group]
     if dim <= dense_max_dim or dim_b >= dim // 2:
@@ -409,11 +426,11 @@ def joint_split(terms: tuple[ReTerm, ...] | list[ReTerm], dim: int,
     slot = offset = 0
     for tm in terms:
         if tm.group == group:
-            a_slots.extend(range(slot, slot + tm.q))
-            a_cols.append(offset + np.arange(tm.n_levels)[:, None] * tm.q
-                          + np.arange(tm.q)[None, :])
-        slot += tm.q
-        offset += tm.q * tm.n_levels
+            a_slots.extend(range(slot, slot + tm.dim))
+            a_cols.append(offset + np.arange(tm.n_levels)[:, None] * tm.dim
+                          + np.arange(tm.dim)[None, :])
+        slot += tm.dim
+        offset += tm.dim * tm.n_levels
     n_slots = slot + (dim - offset)  # the REML slots come last, one per beta coordinate
     a_coords = np.hstack(a_cols)
     in_a = np.zeros(dim, dtype=bool)
@@ -427,23 +444,27 @@ def joint_split(terms: tuple[ReTerm, ...] | list[ReTerm], dim: int,
                  a_coords=long(a_coords), b_coords=long(np.flatnonzero(~in_a)))
 
 
-def _tril_index(q: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column of each theta entry of a q x q block (lower triangle, column-major)."""
-    pairs = tril_pairs(q)
-    return (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs]))
+@functools.cache
+def _tril_index(q: int, d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each theta entry of a q x q block, or of a q x d loading matrix
+    (lower triangle, column-major)."""
+    pairs = tril_pairs(q, d)
+    return (torch.tensor([i for i, _ in pairs], dtype=torch.long),
+            torch.tensor([j for _, j in pairs], dtype=torch.long))
 
 
-_TRIL = {q: _tril_index(q) for q in range(1, 9)}
-
-
-def lambda_blocks(theta: torch.Tensor, q: tuple[int, ...]) -> list[torch.Tensor]:
-    r"""The lower-triangular blocks :math:`\Lambda_k` from ``theta`` (column-major, as lme4)."""
+def lambda_blocks(theta: torch.Tensor, q: tuple[int, ...],
+                  rank: tuple[int | None, ...] = ()) -> list[torch.Tensor]:
+    r"""The lower-triangular blocks :math:`\Lambda_k` from ``theta`` (column-major, as lme4):
+    q x q, or q x d for a reduced-rank term (``rank``: d per term, None for ordinary ones;
+    empty: none is reduced-rank)."""
     out, start = [], 0
-    for k in q:
-        rows, cols = _TRIL[k] if k in _TRIL else _tril_index(k)
+    for k, d in zip(q, rank or (None,) * len(q)):
+        rows, cols = _tril_index(k, d)
         if rows.device != theta.device:
             rows, cols = rows.to(theta.device), cols.to(theta.device)
-        m = theta.new_zeros(k, k).index_put((rows, cols), theta[start:start + rows.numel()])
+        m = theta.new_zeros(k, k if d is None else d).index_put(
+            (rows, cols), theta[start:start + rows.numel()])
         out.append(m)
         start += rows.numel()
     return out
@@ -465,9 +486,11 @@ class LinearPredictor(torch.nn.Module):
         super().__init__()
         dtype, device = problem.Xs.dtype, problem.Xs.device
         self.q = problem.q
+        self.rank = problem.rank
         self.reml = problem.reml
         self.beta = torch.nn.Parameter(torch.zeros(problem.p, dtype=dtype, device=device))
-        start = [1.0 if i == j else 0.0 for k in problem.q for j in range(k) for i in range(j, k)]
+        start = [1.0 if i == j else 0.0 for k, d in zip(problem.q, problem.ranks)
+                 for i, j in tril_pairs(k, d)]
         self.theta = torch.nn.Parameter(torch.tensor(start, dtype=dtype, device=device))
         self.log_sigma = (torch.nn.Parameter(torch.zeros((), dtype=dtype, device=device))
                           if has_dispersion else None)
@@ -494,7 +517,7 @@ class LinearPredictor(torch.nn.Module):
 
     def slot_values(self, problem: Problem) -> torch.Tensor:
         """:math:`C = [Z_1 \\Lambda_1, \\dots, Z_K \\Lambda_K (, X_s)]`, shape (n, S)."""
-        parts = [Z @ L for Z, L in zip(problem.Z, lambda_blocks(self.theta, self.q))]
+        parts = [Z @ L for Z, L in zip(problem.Z, lambda_blocks(self.theta, self.q, self.rank))]
         if self.reml:
             parts.append(problem.Xs)
         return torch.cat(parts, dim=1)

@@ -117,7 +117,7 @@ from ngmm_formula.errors import NGMMError, NGMMWarning
 from ngmm_formula.families import Family, get_family
 from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula, parse_formula
 from ngmm_formula.networks import network_from_data, network_to_data
-from ngmm_formula.results import Diagnostics, NGMMResult
+from ngmm_formula.results import Diagnostics, NGMMResult, ReducedRank
 from ngmm_formula.train import TrainingHistory
 from ngmm_formula.version import __version__
 
@@ -160,6 +160,7 @@ VALUE_TYPES: dict[str, type] = {
     "NetInput": NetInput,
     "Approximation": Approximation,
     "Diagnostics": Diagnostics,
+    "ReducedRank": ReducedRank,
     "TrainingHistory": TrainingHistory,
 }
 _TAG_OF = {cls: tag for tag, cls in VALUE_TYPES.items()}

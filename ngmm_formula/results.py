@@ -48,7 +48,7 @@ from ngmm_formula.model import matvec
 from ngmm_formula.networks import input_label
 from ngmm_formula.registry import RESULT_METHODS
 
-__all__ = ["NGMMResult", "Diagnostics"]
+__all__ = ["NGMMResult", "Diagnostics", "ReducedRank"]
 
 
 def _read_only(value: Any, seen: set[int]) -> None:
@@ -103,6 +103,67 @@ class Diagnostics:
 
 
 @dataclass(frozen=True)
+class ReducedRank:
+    r"""The fitted loadings and factor scores of one reduced-rank term ``rr(expr | g, d)``.
+
+    The term's effects of level :math:`g` are :math:`b_g = \Lambda z_g`, :math:`z_g \sim
+    N(0, I_d)`; :math:`\Lambda` (q x d) is lower triangular with a positive diagonal, which
+    fixes the sign of each factor (glmmTMB leaves the signs free: compare column by column
+    up to a sign). Rotations of the factors beyond that are fixed by the triangular zeros.
+
+    Attributes
+    ----------
+    term : str
+        The term as written, ``rr(0 + item | id, d = 2)``.
+    name : str
+        Its grouping factor's name in ``VarCorr``.
+    columns : tuple of str
+        The q columns (items).
+    levels : tuple of str
+        Levels of the grouping factor (students).
+    loadings : ndarray, shape (q, d)
+        :math:`\Lambda` (absolute scale).
+    loadings_se : ndarray, shape (q, d)
+        Wald standard errors from the Hessian of the approximate log-likelihood (0 for the
+        structural zeros, NaN where the Hessian is not positive definite).
+    scores : ndarray, shape (levels, d)
+        Factor scores: conditional modes of :math:`z_g`.
+    scores_cov : ndarray, shape (levels, d, d)
+        Their conditional covariances (inverse negative Hessian of the log-integrand).
+    """
+
+    term: str
+    name: str
+    columns: tuple[str, ...]
+    levels: tuple[str, ...]
+    loadings: np.ndarray
+    loadings_se: np.ndarray
+    scores: np.ndarray
+    scores_cov: np.ndarray
+
+    @property
+    def d(self) -> int:
+        return int(self.loadings.shape[1])
+
+    @property
+    def factor_names(self) -> list[str]:
+        return [f"F{j + 1}" for j in range(self.d)]
+
+    def loadings_frame(self) -> pd.DataFrame:
+        """Loadings and standard errors, one row per (column, factor) below the diagonal."""
+        rows = [(c, f"F{j + 1}", self.loadings[i, j], self.loadings_se[i, j])
+                for j in range(self.d) for i, c in enumerate(self.columns) if i >= j]
+        return pd.DataFrame(rows, columns=["column", "factor", "estimate", "std_error"])
+
+    def scores_frame(self) -> pd.DataFrame:
+        """Factor scores per level, their conditional covariances in ``attrs["condVar"]``."""
+        out = pd.DataFrame(self.scores, index=pd.Index(self.levels, name=self.name),
+                           columns=self.factor_names)
+        out.attrs["condVar"] = self.scores_cov
+        return out
+
+
+@dataclass(frozen=True)
 class NGMMResult:
     """A fitted (neural) generalized linear mixed model.
 
@@ -130,6 +191,7 @@ class NGMMResult:
     nets: tuple[Any, ...] = field(repr=False, default=())
     history: Any = field(repr=False, default=None)
     refit: Any = field(repr=False, default=None)
+    reduced_rank: tuple[ReducedRank, ...] = field(repr=False, default=())
 
     def __post_init__(self) -> None:
         _read_only(self, set())
@@ -269,6 +331,50 @@ class NGMMResult:
         return RESULT_METHODS.implementation("plot_partial_dependence")(self, term, var, ax=ax)
 
     # ---------------------------------------------------------------- inference and plots
+    def _reduced_rank_term(self, term: int | str | None) -> ReducedRank:
+        if not self.reduced_rank:
+            raise NGMMError("this model has no reduced-rank term rr(... | group, d = ...)")
+        if term is None:
+            if len(self.reduced_rank) > 1:
+                raise NGMMError("this model has several rr() terms: name one with term= (one of "
+                                f"{[r.name for r in self.reduced_rank]})")
+            return self.reduced_rank[0]
+        if isinstance(term, int) and not isinstance(term, bool):
+            if not 0 <= term < len(self.reduced_rank):
+                raise NGMMError(f"term={term} is out of range: this model has "
+                                f"{len(self.reduced_rank)} rr() term(s)")
+            return self.reduced_rank[term]
+        for rr in self.reduced_rank:
+            if term in (rr.name, rr.term):
+                return rr
+        raise NGMMError(f"term={term!r} is not an rr() term of this model (its rr() terms: "
+                        f"{[r.name for r in self.reduced_rank]})")
+
+    def loadings(self, term: int | str | None = None) -> pd.DataFrame:
+        r"""The loadings :math:`\Lambda` of a reduced-rank term with Wald standard errors.
+
+        Parameters
+        ----------
+        term : int or str, optional
+            Which ``rr()`` term (position, or its grouping factor's name); needed when the
+            model has several.
+
+        Returns
+        -------
+        DataFrame
+            One row per free loading (``column``, ``factor``, ``estimate``, ``std_error``);
+            the diagonal loadings are positive (the sign convention; glmmTMB's may differ in
+            sign column by column).
+        """
+        return self._reduced_rank_term(term).loadings_frame()
+
+    def scores(self, term: int | str | None = None) -> pd.DataFrame:
+        r"""Factor scores of a reduced-rank term: the conditional modes of :math:`z_g` for
+        every level (student), with their conditional covariances in
+        ``attrs["condVar"]`` (levels x d x d). Under quadrature these are the modes the
+        adaptive rule is centred on."""
+        return self._reduced_rank_term(term).scores_frame()
+
     def confint(self, method: str = "wald", level: float = 0.95, **kw: Any) -> pd.DataFrame:
         """Confidence intervals as lme4's ``confint(fit, oldNames = FALSE)``: method "wald",
         "profile" or "boot" (needs ``data=``); see :func:`ngmm_formula.inference.confint`."""

@@ -41,6 +41,7 @@ import pytest
 import torch
 
 from ngmm_formula.api import Prepared, objective_at, prepare
+from ngmm_formula.design import tril_pairs
 from ngmm_formula.families import get_family
 from ngmm_formula.fit import Objective
 from ngmm_formula.model import LinearPredictor, joint_split
@@ -367,6 +368,16 @@ GRAD_CASES = [
     ("exact_ml_joint_crossed", "ygauss ~ x + (1 | g) + (1 | h)", ("gaussian", None),
      {"reml": False}),
     ("exact_reml", "ygauss ~ x + (1 + x | g)", ("gaussian", None), {"reml": True}),
+    # reduced-rank terms: 4 columns, 2 factors (7 loadings), per-group 2-d integrals
+    ("laplace_rr_d2", "ybin ~ x + rr(0 + h | g, d = 2)", ("binomial", "logit"),
+     {"approx": "laplace"}),
+    ("agq_rr_d2", "ybin ~ x + rr(0 + h | g, d = 2)", ("binomial", "logit"),
+     {"approx": "agq", "nagq": 4}),
+    ("truncated_rr_d2", "ybin ~ x + rr(0 + h | g, d = 2)", ("binomial", "logit"),
+     {"approx": "truncated", "truncation": 3.0, "points": 7}),
+    ("laplace_rr_d2_poisson_crossed", "ycount ~ x + rr(0 + h | g, d = 2) + (1 | h)",
+     ("poisson", None), {"approx": "laplace"}),
+    ("gaussian_rr_d1", "ygauss ~ x + rr(0 + h | g, d = 1)", ("gaussian", None), {}),
 ]
 
 
@@ -376,6 +387,8 @@ def test_gradcheck(formula: str, family: tuple[str, str | None], kw: dict[str, A
     p = prepare(formula, small_data(), get_family(*family), **kw)
     expected_kind = {"laplace": "laplace", "agq": "agq", "truncated": "truncated"}.get(
         kw.get("approx", ""), "exact")
+    if "rr(" in formula and expected_kind == "exact":
+        expected_kind = "laplace"  # exact for a Gaussian response; the profiled path is q x q
     assert p.approximation.kind == expected_kind
     _gradcheck(p)
 
@@ -413,12 +426,10 @@ def _force_split(p: Prepared) -> Prepared:
 def _gradcheck(p: Prepared) -> None:
     module = LinearPredictor(p.problem, p.family.has_dispersion)
     wrapped = _Wrapped(Objective(p.problem, p.family, p.approximation, module))
-    q = p.problem.q
     theta0 = []
-    for k in q:  # a generic point: diagonal 0.6..0.8, off-diagonal 0.2
-        for j in range(k):
-            for i in range(j, k):
-                theta0.append(0.8 - 0.2 * j if i == j else 0.2)
+    for k, d in zip(p.problem.q, p.problem.ranks):
+        # a generic point: diagonal 0.6..0.8, off-diagonal 0.2 (loadings: the same pattern)
+        theta0.extend(0.8 - 0.2 * j if i == j else 0.2 for i, j in tril_pairs(k, d))
     inputs: dict[str, torch.Tensor] = {
         "lp.theta": torch.tensor(theta0, dtype=torch.float64, requires_grad=True)}
     if not p.problem.reml:

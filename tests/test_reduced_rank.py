@@ -1,0 +1,276 @@
+"""Reduced-rank random effects ``rr(expr | group, d = K)`` (item-response models).
+
+* Grammar and bad input: the term's syntax (glmmTMB's), ``d`` checked, the clear errors of
+  issue 16.
+* Integrals: for d = 1 and 2, the per-student log marginal likelihood of the engine's
+  adaptive Gauss--Hermite and truncated rules against a brute-force integral computed with
+  scipy alone (``quad`` / ``dblquad`` over the latent z with N(0, I) weight, relative 1e-11),
+  at fixed parameters. AGQ is exact for polynomials of degree 2K - 1 times the Gaussian and
+  converges geometrically for these smooth integrands; the truncated rule's error is the
+  log of the integrand's mass outside the box u_hat + L [-M, M]^d, which the test computes
+  with scipy in the same coordinates, to 1 % (the rest is the trapezoid's endpoint term, as
+  for scalar effects in tests/approx/test_rules.py: about h^2/12 G'(M), under 0.5 % of the
+  tail at M <= 2.5 and K = 41).
+* Results: loadings with a positive diagonal and standard errors, factor scores, save/load.
+
+Gradients of the rr objective (Laplace, AGQ, truncated, d = 2) are checked by gradcheck in
+tests/test_objective.py (GRAD_CASES ``*_rr_*``).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import integrate, special
+
+from ngmm_formula import ngmm
+from ngmm_formula.api import Prepared, prepare
+from ngmm_formula.errors import DataError, FormulaError, NGMMError
+from ngmm_formula.fit import Objective
+from ngmm_formula.formula import parse_formula
+from ngmm_formula.model import LinearPredictor
+
+
+def irt_data(n_students: int = 60, n_items: int = 5, d: int = 2, seed: int = 3
+             ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Binary responses of every student to every item from a d-dimensional 2PL model."""
+    rng = np.random.default_rng(seed)
+    loadings = np.tril(rng.uniform(0.5, 1.5, (n_items, d)))
+    easiness = rng.normal(0.0, 1.0, n_items)
+    z = rng.standard_normal((n_students, d))
+    eta = easiness[None, :] + z @ loadings.T
+    y = rng.binomial(1, special.expit(eta))
+    student = np.repeat(np.arange(n_students), n_items)
+    item = np.tile(np.arange(n_items), n_students)
+    df = pd.DataFrame({"id": pd.Categorical([f"s{s:03d}" for s in student]),
+                       "item": pd.Categorical([f"i{i}" for i in item]),
+                       "y": y.reshape(-1).astype(float)})
+    return df, loadings, easiness
+
+
+# ------------------------------------------------------------------------------------------
+# grammar and bad input
+
+
+def test_rr_term_is_parsed_with_its_rank() -> None:
+    p = parse_formula("y ~ 0 + item + rr(0 + item | id, d = 1) + (1 | school)")
+    rr, plain = p.bars
+    assert (rr.expr, rr.group, rr.rank) == ("0 + item", "id", 1)
+    assert plain.rank is None
+    assert str(rr) == "rr(0 + item | id, d = 1)"
+    assert parse_formula("y ~ rr(0 + item | id)").bars[0].rank == 2  # glmmTMB's default
+
+
+@pytest.mark.parametrize(("formula", "message"), [
+    ("y ~ rr(0 + item | id, d = 0)", r"d in rr\(\) must be a positive integer"),
+    ("y ~ rr(0 + item | id, d = 1.5)", r"d in rr\(\) must be a positive integer"),
+    ("y ~ rr(0 + item | id, d = k)", r"d in rr\(\) must be a positive integer"),
+    ("y ~ rr(0 + item | id, k = 2)", r"second argument is d"),
+    ("y ~ rr(0 + item || id)", "exactly one '|'"),
+    ("y ~ rr(0 + item | a/b)", "single grouping factor"),
+    ("y ~ rr(0 + item)", "exactly one '|'"),
+    ("y ~ x - rr(0 + item | id)", "cannot be subtracted"),
+])
+def test_bad_rr_syntax_names_the_problem(formula: str, message: str) -> None:
+    with pytest.raises(FormulaError, match=message):
+        parse_formula(formula)
+
+
+def test_d_larger_than_the_number_of_columns() -> None:
+    df, _, _ = irt_data(n_items=3)
+    with pytest.raises(DataError, match=r"d = 4 in rr\(0 \+ item \| id, d = 4\).*3 column"):
+        ngmm("y ~ 0 + item + rr(0 + item | id, d = 4)", df, "binomial")
+
+
+def test_fewer_levels_than_columns() -> None:
+    df, _, _ = irt_data(n_students=3, n_items=5)
+    with pytest.raises(DataError, match="'id' has only 3 level"):
+        ngmm("y ~ 0 + item + rr(0 + item | id, d = 1)", df, "binomial")
+
+
+def test_item_with_identical_responses() -> None:
+    df, _, _ = irt_data()
+    df.loc[df["item"] == "i2", "y"] = 1.0
+    with pytest.raises(DataError, match=r"column 'itemi2' of rr\(0 \+ item \| id, d = 1\)"):
+        ngmm("y ~ 0 + item + rr(0 + item | id, d = 1)", df, "binomial")
+
+
+def test_variational_and_reml_refused() -> None:
+    df, _, _ = irt_data()
+    with pytest.raises(NGMMError, match="variational.*reduced-rank"):
+        ngmm("y ~ 0 + item + rr(0 + item | id, d = 1)", df, "binomial", approx="variational")
+    df["g"] = df["y"] + np.random.default_rng(0).standard_normal(len(df))
+    with pytest.raises(NGMMError, match="REML is not available with reduced-rank"):
+        ngmm("g ~ 0 + item + rr(0 + item | id, d = 1)", df, "gaussian", reml=True)
+
+
+# ------------------------------------------------------------------------------------------
+# integrals against a brute-force quadrature
+
+
+PARAMS = {1: (np.array([0.4, -0.3, 0.8, 0.1, -0.6]), np.array([1.1, 0.7, 1.4, 0.9, 0.5])),
+          2: (np.array([0.4, -0.3, 0.8, 0.1, -0.6]),
+              np.array([[1.1, 0.0], [0.7, 0.9], [1.4, -0.4], [0.6, 1.2], [0.5, 0.3]]))}
+STUDENTS = (0, 7, 19)
+
+
+@cache
+def _prepared(d: int, approx: str, nagq: int | None = None, truncation: float | None = None,
+              points: int | None = None) -> Prepared:
+    df, _, _ = irt_data(d=2)
+    return prepare(f"y ~ 0 + item + rr(0 + item | id, d = {d})", df, "binomial",
+                   approx=approx, nagq=nagq, truncation=truncation, points=points)
+
+
+def _engine(p: Prepared, d: int) -> tuple[np.ndarray, Objective]:
+    """Per-student log marginal likelihoods at PARAMS[d], and the objective (its modes)."""
+    beta, loadings = PARAMS[d]
+    L = loadings.reshape(5, d)
+    module = LinearPredictor(p.problem, False)
+    theta = [L[i, j] for j in range(d) for i in range(j, 5)]
+    with torch.no_grad():
+        module.beta.copy_(torch.as_tensor(np.linalg.solve(p.problem.standardisation.A, beta)))
+        module.theta.copy_(torch.as_tensor(theta))
+        obj = Objective(p.problem, p.family, p.approximation, module)
+        return obj.per_block().numpy(), obj
+
+
+def _log_integrand(d: int, student: int):  # type: ignore[no-untyped-def]
+    """z -> log p(y_s | z) + log N(z; 0, I), with numpy only."""
+    df, _, _ = irt_data(d=2)
+    y = df["y"].to_numpy()[student * 5:(student + 1) * 5]
+    beta, loadings = PARAMS[d]
+    L = loadings.reshape(5, d)
+
+    def h(*z: float) -> float:
+        eta = beta + L @ np.array(z)
+        return float(np.sum(y * eta - np.logaddexp(0.0, eta))
+                     - 0.5 * np.dot(z, z) - 0.5 * d * math.log(2 * math.pi))
+    return h
+
+
+@cache
+def brute_force(d: int, student: int) -> float:
+    """log of the integral over all of R^d (scipy, relative 1e-11)."""
+    h = _log_integrand(d, student)
+    if d == 1:
+        val, _ = integrate.quad(lambda a: math.exp(h(a)), -12, 12, epsabs=0, epsrel=1e-12,
+                                limit=200)
+    else:
+        val, _ = integrate.dblquad(lambda b, a: math.exp(h(a, b)), -12, 12, -12, 12,
+                                   epsabs=0, epsrel=1e-11)
+    return math.log(val)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_agq_converges_to_the_brute_force_integral(d: int) -> None:
+    errors = []
+    for k in (1, 3, 5, 9, 15):
+        approx = "laplace" if k == 1 else "agq"
+        ll, _ = _engine(_prepared(d, approx, nagq=None if k == 1 else k), d)
+        errors.append(max(abs(ll[s] - brute_force(d, s)) for s in STUDENTS))
+    assert errors[0] > 1e-3  # Laplace is an approximation here
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-8, errors
+
+
+def _inside_box(d: int, student: int, centre: np.ndarray, Lt: np.ndarray, M: float) -> float:
+    """log of the integral over centre + Lt [-M, M]^d (scipy, in the box's coordinates)."""
+    h = _log_integrand(d, student)
+    det = abs(np.linalg.det(Lt))
+    if d == 1:
+        val, _ = integrate.quad(lambda t: math.exp(h(*(centre + Lt @ [t]))), -M, M,
+                                epsabs=0, epsrel=1e-12)
+    else:
+        val, _ = integrate.dblquad(lambda b, a: math.exp(h(*(centre + Lt @ [a, b]))),
+                                   -M, M, -M, M, epsabs=0, epsrel=1e-11)
+    return math.log(val * det)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_truncated_rule_converges_and_its_error_is_the_mass_outside_the_box(d: int) -> None:
+    errors = []
+    for M in (1.5, 2.5, 3.5, 5.0, 7.0):
+        ll, obj = _engine(_prepared(d, "truncated", truncation=M, points=41), d)
+        errors.append(max(abs(ll[s] - brute_force(d, s)) for s in STUDENTS))
+        if M > 3.0:
+            continue
+        # the error is log(mass inside u_hat + L [-M, M]^d / total), L L' = H^{-1}
+        assert obj.mode is not None
+        v = obj.mode.v.numpy()
+        for s in STUDENTS:
+            R = obj.mode.factor.chol[s].numpy()  # H = R R'
+            inside = _inside_box(d, s, v[s], np.linalg.inv(R).T, M)
+            tail = brute_force(d, s) - inside
+            err = brute_force(d, s) - ll[s]
+            assert err == pytest.approx(tail, rel=1e-2), (M, s)
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-8, errors
+
+
+# ------------------------------------------------------------------------------------------
+# results
+
+
+@pytest.fixture(scope="module")
+def irt_fit():  # type: ignore[no-untyped-def]
+    df, loadings, easiness = irt_data(n_students=400, n_items=6, d=1, seed=5)
+    return ngmm("y ~ 0 + item + rr(0 + item | id, d = 1)", df, "binomial", approx="laplace"), \
+        loadings, easiness
+
+
+def test_loadings_have_a_positive_diagonal_and_standard_errors(irt_fit) -> None:  # type: ignore[no-untyped-def]
+    fit, loadings, _ = irt_fit
+    lt = fit.loadings()
+    assert list(lt.columns) == ["column", "factor", "estimate", "std_error"]
+    assert len(lt) == 6 and lt["estimate"].iloc[0] > 0
+    assert (lt["std_error"] > 0).all()
+    # 400 students: the estimates are within 4 standard errors of the truth
+    z = (lt["estimate"].to_numpy() - loadings[:, 0]) / lt["std_error"].to_numpy()
+    assert np.all(np.abs(z) < 4), z
+    # the implied covariance of the item effects is Lambda Lambda'
+    est = lt["estimate"].to_numpy()
+    vc = fit.varcorr[fit.varcorr["var2"].isna() & (fit.varcorr["group"] == "id")]
+    np.testing.assert_allclose(vc["vcov"].to_numpy(), est**2, rtol=1e-12)
+
+
+def test_scores_and_new_students(irt_fit) -> None:  # type: ignore[no-untyped-def]
+    fit, _, _ = irt_fit
+    sc = fit.scores()
+    assert sc.shape == (400, 1) and list(sc.columns) == ["F1"]
+    assert sc.attrs["condVar"].shape == (400, 1, 1)
+    assert (sc.attrs["condVar"] > 0).all()
+    # the random effects of the items are the scores times the loadings
+    b = fit.ranef["id"].to_numpy()
+    np.testing.assert_allclose(b, sc.to_numpy() @ fit.loadings()["estimate"].to_numpy()[None, :],
+                               rtol=1e-10, atol=1e-12)
+    # a new student gets the population prediction (z = 0)
+    df, _, _ = irt_data(n_students=400, n_items=6, d=1, seed=5)
+    new = df.head(6).assign(id="new student")
+    pop = fit.predict(new, re_form="NA")
+    np.testing.assert_allclose(fit.predict(new, allow_new_levels=True), pop, rtol=1e-12)
+
+
+def test_reduced_rank_fit_round_trips(irt_fit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from ngmm_formula import load
+
+    fit, _, _ = irt_fit
+    fit.save(tmp_path / "rr.ngmm")
+    back = load(tmp_path / "rr.ngmm")
+    pd.testing.assert_frame_equal(back.loadings(), fit.loadings())
+    pd.testing.assert_frame_equal(back.scores(), fit.scores())
+    df, _, _ = irt_data(n_students=400, n_items=6, d=1, seed=5)
+    np.testing.assert_array_equal(back.predict(df), fit.predict(df))
+
+
+def test_no_rr_term() -> None:
+    df, _, _ = irt_data()
+    fit = ngmm("y ~ 0 + item + (1 | id)", df, "binomial")
+    with pytest.raises(NGMMError, match="no reduced-rank term"):
+        fit.loadings()
