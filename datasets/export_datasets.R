@@ -1,7 +1,7 @@
 # Export the data sets bundled with ngmm_formula from R's own packages.
 #
-# Run once from the repository root (needs lme4 and mlmRev, e.g. Debian's r-cran-lme4 and
-# r-cran-mlmrev):
+# Run once from the repository root (needs lme4, mlmRev and psych, e.g. Debian's r-cran-lme4,
+# r-cran-mlmrev and r-cran-psych):
 #
 #     Rscript datasets/export_datasets.R
 #
@@ -22,10 +22,22 @@
 suppressPackageStartupMessages({
   library(lme4)
   library(mlmRev)
+  library(psych)
 })
 
 file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
 out_dir <- if (length(file_arg)) dirname(sub("^--file=", "", file_arg[1])) else "datasets"
+
+# psych::lsat7 is an integer matrix, 1000 persons (rows, no row names) x 5 binary items
+# (columns Q1..Q5). It is bundled in long format, stacked item by item like lme4::VerbAgg
+# (all 1000 persons for Q1, then Q2, ...): id (factor, levels "1".."1000" = the matrix row),
+# item (factor, levels = the column names in their order), y (integer 0/1).
+lsat7_long <- function(m = psych::lsat7) {
+  stopifnot(is.matrix(m), all(m %in% c(0L, 1L)))
+  data.frame(id = factor(rep(seq_len(nrow(m)), ncol(m)), levels = seq_len(nrow(m))),
+             item = factor(rep(colnames(m), each = nrow(m)), levels = colnames(m)),
+             y = as.integer(as.vector(m)))
+}
 
 sets <- list(
   cbpp = lme4::cbpp,
@@ -41,7 +53,8 @@ sets <- list(
   # Chem97$student is the row number (levels "1".."31022", one row each): left out, so that
   # levels.csv does not grow by 31022 rows that say nothing.
   Chem97 = mlmRev::Chem97[, setdiff(names(mlmRev::Chem97), "student")],
-  guImmun = mlmRev::guImmun
+  guImmun = mlmRev::guImmun,
+  lsat7 = lsat7_long()
 )
 compressed <- c("InstEval", "Chem97")
 
@@ -95,4 +108,5 @@ write.csv(do.call(rbind, columns), file.path(out_dir, "columns.csv"), row.names 
 write.csv(do.call(rbind, levels_long), file.path(out_dir, "levels.csv"), row.names = FALSE,
           eol = "\n")
 cat(R.version.string, "; lme4", as.character(packageVersion("lme4")),
-    "; mlmRev", as.character(packageVersion("mlmRev")), "\n")
+    "; mlmRev", as.character(packageVersion("mlmRev")),
+    "; psych", as.character(packageVersion("psych")), "\n")

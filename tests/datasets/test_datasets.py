@@ -31,6 +31,8 @@ SHAPES = {
     "Chem97": ((31022, 7), ["lea", "school", "gender"], []),
     "guImmun": ((2159, 13), ["kid", "mom", "comm", "immun", "kid2p", "mom25p", "ord", "ethn",
                             "momEd", "husEd", "momWork", "rural"], []),
+    # psych::lsat7 (psych 2.2.9) reshaped to long format by datasets/export_datasets.R
+    "lsat7": ((5000, 3), ["id", "item"], []),
 }
 
 # (name, column): (nlevels(d[[column]]), head(levels(d[[column]]), 3))
@@ -53,6 +55,8 @@ LEVELS = {
     ("Chem97", "gender"): (2, ["M", "F"]),
     ("guImmun", "comm"): (161, ["1", "36", "38"]),
     ("guImmun", "kid"): (2159, ["2", "269", "272"]),
+    ("lsat7", "id"): (1000, ["1", "2", "3"]),
+    ("lsat7", "item"): (5, ["Q1", "Q2", "Q3"]),
 }
 
 
