@@ -25,7 +25,7 @@ from ngmm_formula.approx.variational import (
     VariationalFit,
     VariationalObjective,
 )
-from ngmm_formula.design import Design, tril_pairs
+from ngmm_formula.design import Design, re_effect, tril_pairs
 from ngmm_formula.errors import (
     ConvergenceWarning,
     RankDeficiencyWarning,
@@ -105,7 +105,7 @@ def variational_result(prepared: Prepared, obj: VariationalObjective, vfit: Vari
     if net_offset is not None:
         eta = eta + net_offset.cpu().numpy()
     for t, b in zip(design.re_terms, coefs):
-        eta = eta + (t.Zraw * b[t.group_index]).sum(1)
+        eta = eta + re_effect(t.Zraw, t.group_index, b)
 
     singular = _is_singular(Ls, 1.0, control.singular_tol)
     hessian_pd = bool(np.isfinite(H).all() and (H.size == 0
@@ -194,7 +194,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     if net_offset is not None:
         eta = eta + net_offset.cpu().double().numpy()
     for t, b in zip(design.re_terms, coefs):
-        eta = eta + (t.Zraw * b[t.group_index]).sum(1)
+        eta = eta + re_effect(t.Zraw, t.group_index, b)
 
     # diagnostics: recorded on the result, one warning per outcome
     singular = _is_singular(Ls, rel, control.singular_tol)

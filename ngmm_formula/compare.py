@@ -94,7 +94,7 @@ import scipy.sparse as sp
 import torch
 
 from ngmm_formula.api import Prepared, ngmm, objective_at, prepare
-from ngmm_formula.design import Design, ReTerm, lme4_name
+from ngmm_formula.design import Design, ReTerm, SparseRows, lme4_name, re_effect
 from ngmm_formula.errors import DataError, NGMMError, NGMMWarning
 from ngmm_formula.families import Family
 from ngmm_formula.results import NGMMResult
@@ -481,7 +481,10 @@ def _with_statsmodels(fit: NGMMResult, prefix: str, data: pd.DataFrame,
 
 def _model_key(prepared: Prepared) -> tuple[Any, ...]:
     d, a = prepared.design, prepared.approximation
-    arrays = (d.y, d.weights, d.offset, d.X, *(t.Zraw for t in d.re_terms),
+    arrays = (d.y, d.weights, d.offset, d.X,
+              *(x for t in d.re_terms for x in ((t.Zraw.values, t.Zraw.columns)
+                                                if isinstance(t.Zraw, SparseRows)
+                                                else (t.Zraw,))),
               *(t.group_index for t in d.re_terms))
     return (prepared.family.name, prepared.family.link.name, a, d.fixed_names,
             tuple(d.theta_names), tuple(hash(np.ascontiguousarray(x).tobytes()) for x in arrays))
@@ -717,6 +720,10 @@ def _unsupported_inputs(model: str, design: Design, offset: bool, prior_weights:
     """The spec refusing offsets and prior weights that ``model`` cannot take, or None."""
     parsed = design.formula
     bayes = model != "MixedLM"
+    rr = [t for t in design.re_terms if t.rank is not None]
+    if rr:
+        return StatsmodelsSpec("", unsupported=f"statsmodels has no reduced-rank random "
+                               f"effects (rr({rr[0].expr} | {rr[0].group}, d = {rr[0].rank}))")
     if bayes and offset:
         return StatsmodelsSpec("", unsupported=f"statsmodels' {model} has no offset")
     if bayes and parsed.offsets:
@@ -1010,6 +1017,7 @@ def _statsmodels_frame(spec: StatsmodelsSpec, design: Design, frame: pd.DataFram
             sm[name] = pd.Categorical(np.asarray(t.levels, dtype=object)[t.group_index],
                                       categories=list(t.levels))
         elif kind == "z":
+            assert not isinstance(t.Zraw, SparseRows)  # rr terms are refused above
             sm[name] = t.Zraw[:, j]
         else:
             sm[name] = 1
@@ -1325,10 +1333,7 @@ def _heldout_statsmodels(res: _SMFit, linear: NGMMResult, prepared: Prepared,
     eta = nd.offset + nd.X @ beta
     assert res.coefs is not None
     for Z, gi, b in zip(nd.Zraw, nd.group_index, res.coefs):
-        known = gi >= 0
-        contrib = np.zeros(len(gi))
-        contrib[known] = (Z[known] * b[gi[known]]).sum(1)
-        eta = eta + contrib
+        eta = eta + re_effect(Z, gi, b)
     sigma = res.sds.get("Residual", 1.0)
     return _heldout(linear.family, y, w, eta, sigma)
 

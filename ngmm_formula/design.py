@@ -58,6 +58,10 @@ __all__ = [
     "NetInput",
     "NewData",
     "ReTerm",
+    "SparseRows",
+    "ZMatrix",
+    "re_effect",
+    "re_quadratic",
     "build_design",
     "full_rank_columns",
     "required_columns",
@@ -90,6 +94,96 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class SparseRows:
+    """A random-effects model matrix with few nonzeros per row, as ``m`` (value, column) pairs
+    per row: the indicator columns of a factor (``rr(0 + item | id)`` has one nonzero in each
+    row, whatever the number of items), in O(n m) memory instead of O(n q).
+
+    Attributes
+    ----------
+    values : ndarray of float64, shape (n, m)
+        The nonzero values of each row (padded with zeros).
+    columns : ndarray of int32, shape (n, m)
+        Their columns, 0..n_columns-1 (0 for the padding).
+    n_columns : int
+        q, the number of columns of the matrix.
+    """
+
+    values: np.ndarray
+    columns: np.ndarray
+    n_columns: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.values.shape[0]), self.n_columns)
+
+    @classmethod
+    def of(cls, Z: Any) -> SparseRows:
+        """From a dense array, a scipy sparse matrix or formulaic's sparse model matrix."""
+        M = sp.csr_matrix(Z, dtype=float)
+        M.eliminate_zeros()
+        n, q = M.shape
+        nnz = np.diff(M.indptr)
+        m = max(int(nnz.max()) if n else 0, 1)
+        values = np.zeros((n, m))
+        columns = np.zeros((n, m), dtype=np.int32)
+        slot = np.arange(M.nnz) - np.repeat(M.indptr[:-1], nnz)
+        rows = np.repeat(np.arange(n), nnz)
+        values[rows, slot] = M.data
+        columns[rows, slot] = M.indices
+        return cls(_frozen(values), _frozen(columns), int(q))
+
+    def dense(self) -> np.ndarray:
+        """The (n, q) matrix (for small problems and checks only)."""
+        out = np.zeros(self.shape)
+        np.add.at(out, (np.arange(self.shape[0])[:, None], self.columns), self.values)
+        return out
+
+    def column_rows(self, j: int) -> np.ndarray:
+        """Rows with a nonzero in column ``j`` (boolean mask)."""
+        return ((self.columns == j) & (self.values != 0)).any(axis=1)
+
+
+#: A term's raw model matrix: dense (n, q), or :class:`SparseRows` (reduced-rank terms).
+ZMatrix = np.ndarray | SparseRows
+
+
+def re_effect(Z: ZMatrix, group_index: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r""":math:`\sum_j Z_{ij} b_{g(i), j}` per row for per-level effects ``b`` (levels, q);
+    0 for rows whose level is unknown (``group_index`` -1). Never forms ``b[g]`` (n x q) for
+    a :class:`SparseRows` matrix."""
+    known = group_index >= 0
+    gi = np.where(known, group_index, 0)
+    if isinstance(Z, SparseRows):
+        out = (Z.values * b[gi[:, None], Z.columns]).sum(1)
+    else:
+        out = (Z * b[gi]).sum(1)
+    return np.where(known, out, 0.0)
+
+
+def re_quadratic(Z: ZMatrix, M: np.ndarray, group_index: np.ndarray | None = None
+                 ) -> np.ndarray:
+    r""":math:`z_i^\top M z_i` per row, with one (q, q) matrix ``M`` or, with ``group_index``,
+    one per level (levels, q, q) taken at each row's level (rows with index -1 give 0)."""
+    if group_index is not None:
+        known = group_index >= 0
+        gi = np.where(known, group_index, 0)
+    if isinstance(Z, SparseRows):
+        c, v = Z.columns, Z.values
+        if group_index is None:
+            Mr = M[c[:, :, None], c[:, None, :]]  # (n, m, m)
+        else:
+            Mr = M[gi[:, None, None], c[:, :, None], c[:, None, :]]
+        out = np.einsum("ij,ijk,ik->i", v, Mr, v)
+    elif group_index is None:
+        out = np.einsum("ij,jk,ik->i", Z, M, Z)
+    else:
+        out = np.einsum("ij,ijk,ik->i", Z, M[gi], Z)
+    return out if group_index is None else np.where(known, out, 0.0)
+
+
+
+@dataclass(frozen=True)
 class ReTerm:
     """One random-effects term ``(expr | group)`` evaluated on the data.
 
@@ -111,8 +205,9 @@ class ReTerm:
     group_index : ndarray of int32, shape (n,)
         Level of each observation (int32: half the memory of int64; torch's index_add,
         gather and advanced indexing accept it).
-    Zraw : ndarray, shape (n, q)
-        Values of the term's columns for each observation.
+    Zraw : ndarray, shape (n, q), or SparseRows
+        Values of the term's columns for each observation; a reduced-rank term keeps them
+        as :class:`SparseRows` (an item factor's indicators: one nonzero per row).
     rank : int or None
         d of a reduced-rank term ``rr(expr | group, d = d)``: its q effects per level are
         :math:`\\Lambda z` with a q x d loading matrix :math:`\\Lambda` (lower triangular,
@@ -127,7 +222,7 @@ class ReTerm:
     cnms: tuple[str, ...]
     levels: tuple[str, ...]
     group_index: np.ndarray
-    Zraw: np.ndarray
+    Zraw: ZMatrix
     rank: int | None = None
 
     @property
@@ -274,7 +369,7 @@ class NewData:
 
     X: np.ndarray
     offset: np.ndarray
-    Zraw: tuple[np.ndarray, ...]
+    Zraw: tuple[ZMatrix, ...]
     group_index: tuple[np.ndarray, ...]
     net_X: tuple[np.ndarray, ...]
     new_levels: tuple[bool, ...]
@@ -493,10 +588,11 @@ class Design:
         n = self.nobs
         offset = 0
         for t in self.re_terms:
+            Z = t.Zraw.dense() if isinstance(t.Zraw, SparseRows) else t.Zraw
             for j in range(t.q):
                 rows.append(offset + t.group_index * t.q + j)
                 cols.append(np.arange(n))
-                vals.append(t.Zraw[:, j])
+                vals.append(Z[:, j])
             offset += t.q * t.n_levels
         if not rows:
             return sp.csc_matrix((0, n))
@@ -513,16 +609,19 @@ class Design:
 
 
 def reapply_spec(spec: Any, data: pd.DataFrame, context: Mapping[str, Any] | None = None
-             ) -> np.ndarray:
-    """Apply a training ModelSpec to new data. A factor level that the training data did not
+                 ) -> Any:
+    """Apply a training ModelSpec to new data: an array, or :class:`SparseRows` for a spec
+    with sparse output (a reduced-rank term's). A factor level that the training data did not
     have is an error: formulaic only warns and encodes such rows as the reference level."""
     _check_factors(spec.formula, data, context)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataMismatchWarning)
         try:
-            return np.asarray(spec.get_model_matrix(data, na_action="raise",
-                                                    context=_formulaic_context(context)),
-                              dtype=float)
+            mm = spec.get_model_matrix(data, na_action="raise",
+                                       context=_formulaic_context(context))
+            if sp.issparse(mm):
+                return SparseRows.of(mm)
+            return np.asarray(mm, dtype=float)
         except DataMismatchWarning as exc:
             mismatch = str(exc)
     bad = []
@@ -1126,7 +1225,7 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
 
 #: A random-effects term as evaluated: its bar, grouping levels, each row's level, its model
 #: matrix, column names and formulaic model spec.
-_RawTerm = tuple[BarTerm, tuple[str, ...], np.ndarray, np.ndarray, tuple[str, ...], Any]
+_RawTerm = tuple[BarTerm, tuple[str, ...], np.ndarray, ZMatrix, tuple[str, ...], Any]
 
 
 def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
@@ -1152,9 +1251,16 @@ def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
                             f"{len(levels)} level; a random effect needs at least 2")
         for name in _formulaic_names(bar.expr, context):
             _check_finite_numeric(frame[name], name)
-        Z, columns, term_spec = _term_matrix(bar.expr, frame, context)
+        Z, columns, term_spec = _term_matrix(bar.expr, frame, context,
+                                             sparse=bar.rank is not None)
         cnms = tuple(lme4_name(c) for c in columns)
-        overflow, _ = column_scale_problems(Z, list(cnms))
+        if isinstance(Z, SparseRows):  # the same check on the nonzeros, column by column
+            peak = np.zeros(Z.n_columns)
+            np.maximum.at(peak, Z.columns.reshape(-1), np.abs(Z.values).reshape(-1))
+            limit = np.sqrt(np.finfo(float).max / max(len(frame), 1))
+            overflow = [c for c, m in zip(cnms, peak) if m > limit]
+        else:
+            overflow, _ = column_scale_problems(Z, list(cnms))
         if overflow:
             raise DataError(_overflow_message(overflow, f"random-effects term ({bar.expr} | "
                                                         f"{bar.group})"))
@@ -1174,8 +1280,8 @@ def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
 _PLAIN_SPECS: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Any, str]] = {}
 
 
-def _term_matrix(expr: str, frame: pd.DataFrame, context: Mapping[str, Any] | None
-                 ) -> tuple[np.ndarray, list[str], Any]:
+def _term_matrix(expr: str, frame: pd.DataFrame, context: Mapping[str, Any] | None,
+                 sparse: bool = False) -> tuple[Any, list[str], Any]:
     """The model matrix of a right-hand side (the fixed part, a random-effects expression),
     its formulaic column names and ModelSpec.
 
@@ -1184,9 +1290,15 @@ def _term_matrix(expr: str, frame: pd.DataFrame, context: Mapping[str, Any] | No
     data directly with the spec formulaic gave (about 1 ms a term saved on a 50-row model),
     in the memory order formulaic's matrix had (torch picks its kernels, and so the last
     bits of a fit, by the strides: a seed must reproduce a fit); anything else (factors,
-    transforms, ``context`` names) goes through formulaic each time.
+    transforms, ``context`` names) goes through formulaic each time. ``sparse``: formulaic's
+    sparse output, returned as :class:`SparseRows` (a reduced-rank term's items: O(n)
+    memory, never n x items).
     """
     formula = _checked_formula(expr, frame, context)
+    if sparse:
+        mm = formula.get_model_matrix(frame, na_action="raise", output="sparse",
+                                      context=_formulaic_context(context))
+        return SparseRows.of(mm), [str(c) for c in mm.model_spec.column_names], mm.model_spec
     variables = tuple(sorted(_formula_variables(expr)))
     plain = ("Intercept" not in variables and not set(variables) & set(context or {})
              and all(v in frame.columns and isinstance(frame[v].dtype, np.dtype)
@@ -1230,7 +1342,9 @@ def _named_re_terms(raw_terms: list[_RawTerm]) -> tuple[ReTerm, ...]:
         used[bar.group] = count + 1
         name = bar.group if count == 0 else f"{bar.group}.{count}"
         re_terms.append(ReTerm(name, bar.group, bar.expr, bar.correlated, cnms, term_levels,
-                               _frozen(gidx), _frozen(Zraw), bar.rank))
+                               _frozen(gidx),
+                               Zraw if isinstance(Zraw, SparseRows) else _frozen(Zraw),
+                               bar.rank))
     return tuple(re_terms)
 
 
@@ -1260,7 +1374,8 @@ def check_reduced_rank_response(design: Design) -> None:
         if t.rank is None:
             continue
         for j, name in enumerate(t.cnms):
-            rows = t.Zraw[:, j] != 0
+            rows = (t.Zraw.column_rows(j) if isinstance(t.Zraw, SparseRows)
+                    else t.Zraw[:, j] != 0)
             ys = design.y[rows]
             if ys.size and np.all(ys == ys[0]):
                 raise DataError(f"column '{name}' of rr({t.expr} | {t.group}, d = {t.rank}) "

@@ -54,7 +54,7 @@ import torch
 from scipy.stats import norm
 
 from ngmm_formula.approx import Approximation
-from ngmm_formula.design import tril_pairs
+from ngmm_formula.design import re_quadratic, tril_pairs
 from ngmm_formula.errors import ConvergenceWarning, DataError, NGMMError
 from ngmm_formula.fit import Control, Objective, torch_threads
 from ngmm_formula.model import LinearPredictor, build_problem
@@ -82,8 +82,10 @@ def _vc_names(fit: NGMMResult, old_names: bool = False) -> list[str]:
     ``cor_<row>.<column>|<group>`` below it. ``old_names=True`` gives ``.sig01``, ...,
     ``.sigma`` (lme4's default ``oldNames = TRUE``).
     """
-    names = [f"sd_{t.cnms[i]}|{t.group}" if i == j else f"cor_{t.cnms[i]}.{t.cnms[j]}|{t.group}"
-             for t in fit.design.re_terms for i, j in tril_pairs(t.q)]
+    names = [f"load_{t.cnms[i]}.F{j + 1}|{t.group}" if t.rank is not None
+             else f"sd_{t.cnms[i]}|{t.group}" if i == j
+             else f"cor_{t.cnms[i]}.{t.cnms[j]}|{t.group}"
+             for t in fit.design.re_terms for i, j in tril_pairs(t.q, t.rank)]
     if old_names:
         names = [f".sig{k + 1:02d}" for k in range(len(names))]
     if _has_sigma_row(fit):
@@ -106,14 +108,14 @@ def _sdcor(L: np.ndarray) -> np.ndarray:
 
 
 def _abs_cholesky(fit: NGMMResult) -> list[np.ndarray]:
-    """Absolute-scale Cholesky factor of each term's covariance (from lme4's relative theta)."""
+    """Absolute-scale Cholesky factor of each term's covariance (from lme4's relative theta);
+    a reduced-rank term's q x d loadings."""
     scale = fit.sigma if fit.approximation.kind == "exact" else 1.0
     theta = fit.theta.to_numpy()
     out, start = [], 0
     for t in fit.design.re_terms:
-        L = np.zeros((t.q, t.q))
-        cells = [(r, c) for c in range(t.q) for r in range(c, t.q)]
-        for (r, c), v in zip(cells, theta[start:start + t.n_theta]):
+        L = np.zeros((t.q, t.dim))
+        for (r, c), v in zip(tril_pairs(t.q, t.rank), theta[start:start + t.n_theta]):
             L[r, c] = v * scale
         start += t.n_theta
         out.append(L)
@@ -121,15 +123,24 @@ def _abs_cholesky(fit: NGMMResult) -> list[np.ndarray]:
 
 
 def parameters(fit: NGMMResult, old_names: bool = False) -> pd.Series:
-    """The estimates in :func:`confint`'s order: SDs and correlations, sigma, fixed effects.
+    """The estimates in :func:`confint`'s order: SDs and correlations (the loadings of a
+    reduced-rank term), sigma, fixed effects.
 
     What lme4's ``bootMer`` collects by default (its ``confint`` ``bootFun``).
     """
-    vals = [v for L in _abs_cholesky(fit) for v in _sdcor(L)]
+    vals = [v for L in _abs_cholesky(fit) for v in _vc_values(L)]
     if _has_sigma_row(fit):
         vals.append(fit.sigma)
     vals.extend(fit.fixef.to_numpy())
     return pd.Series(vals, index=parameter_names(fit, old_names), name="estimate")
+
+
+def _vc_values(L: np.ndarray) -> list[float]:
+    """A term's variance parameters: SDs and correlations of :math:`L L^\top`, or the free
+    loadings of a reduced-rank term (q x d, d < q)."""
+    if L.shape[1] < L.shape[0]:
+        return [float(L[i, j]) for i, j in tril_pairs(*L.shape)]
+    return list(_sdcor(L))
 
 
 def _select(names: list[str], parm: Any, n_vc: int) -> list[str]:
@@ -229,6 +240,10 @@ def confint(fit: NGMMResult, method: str = "wald", level: float = 0.95, *,
         warning, as lme4's ``bootMer`` keeps them).
     """
     m = method.lower()
+    if m in ("profile", "boot") and fit.reduced_rank:
+        raise NGMMError(f"method={method!r} intervals are not available for reduced-rank terms "
+                        f"({fit.reduced_rank[0].term}) yet; use method='wald' (Wald intervals "
+                        "of the loadings from their standard errors)")
     names = parameter_names(fit, old_names)
     n_vc = len(names) - len(fit.fixef)
     chosen = _select(names, parm, n_vc)
@@ -248,11 +263,24 @@ def confint(fit: NGMMResult, method: str = "wald", level: float = 0.95, *,
 
 
 def _wald(fit: NGMMResult, level: float, names: list[str], n_vc: int) -> pd.DataFrame:
+    """Wald intervals of the fixed effects (NaN for SDs and correlations, as lme4) and of the
+    loadings of reduced-rank terms (from :meth:`~ngmm_formula.results.NGMMResult.loadings`)."""
     z = norm.ppf(1 - (1 - level) / 2)
     se = np.sqrt(np.diag(fit.vcov.to_numpy()))
     beta = fit.fixef.to_numpy()
-    lo = np.concatenate([np.full(n_vc, np.nan), beta - z * se])
-    hi = np.concatenate([np.full(n_vc, np.nan), beta + z * se])
+    vc_lo, vc_hi = np.full(n_vc, np.nan), np.full(n_vc, np.nan)
+    reduced = {rr.name: rr for rr in fit.reduced_rank}
+    start = 0
+    for t in fit.design.re_terms:
+        if t.name in reduced:
+            rr = reduced[t.name]
+            est = np.array([rr.loadings[i, j] for i, j in tril_pairs(t.q, t.rank)])
+            s = np.array([rr.loadings_se[i, j] for i, j in tril_pairs(t.q, t.rank)])
+            vc_lo[start:start + t.n_theta] = est - z * s
+            vc_hi[start:start + t.n_theta] = est + z * s
+        start += t.n_theta
+    lo = np.concatenate([vc_lo, beta - z * se])
+    hi = np.concatenate([vc_hi, beta + z * se])
     return _frame(names, lo, hi, level)
 
 
@@ -933,8 +961,6 @@ def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
             if P is None:
                 raise DataError(f"the fit has no conditional variances for '{t.group}'")
             block = np.transpose(P[start:start + t.q, start:start + t.q, :], (2, 0, 1))
-            known = gi >= 0
-            Vb = block[gi[known]]  # (rows, q, q)
-            var[known] += np.einsum("ij,ijk,ik->i", Z[known], Vb, Z[known])
+            var += re_quadratic(Z, block, gi)  # 0 where the level is new
     return np.sqrt(np.clip(var, 0.0, None))
 

@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from ngmm_formula.design import re_quadratic
 from ngmm_formula.errors import NGMMError
 
 if TYPE_CHECKING:
@@ -84,8 +85,7 @@ def _random_variance(fit: NGMMResult, newdata: pd.DataFrame | None, population: 
         Sigma = L @ L.T
         rows = np.ones(n, dtype=bool) if population else gi < 0
         if rows.any():
-            Zr = np.asarray(Z)[rows]
-            out[rows] += np.einsum("ij,jk,ik->i", Zr, Sigma, Zr)
+            out[rows] += re_quadratic(Z, Sigma)[rows]
     return out
 
 

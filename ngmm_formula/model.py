@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from ngmm_formula.design import Design, ReTerm, tril_pairs
+from ngmm_formula.design import Design, ReTerm, SparseRows, tril_pairs
 from ngmm_formula.families import Family
 from ngmm_formula.layout import Blocks, Split
 
@@ -259,6 +259,9 @@ class Problem:
     net_noise: tuple[torch.Tensor, ...] = ()
     # d of each reduced-rank term, None for an ordinary one (empty: no reduced-rank term)
     rank: tuple[int | None, ...] = ()
+    # per term: the columns of Z's entries when Z holds a SparseRows' values (n, m), None
+    # when Z is the dense (n, q) matrix (empty: every term is dense)
+    Zcols: tuple[torch.Tensor | None, ...] = ()
 
     @property
     def ranks(self) -> tuple[int | None, ...]:
@@ -309,6 +312,7 @@ class Problem:
             blocks=sub_blocks, standardisation=self.standardisation, reml=self.reml,
             net_X=tuple(take(x) for x in self.net_X), log_const=take(self.log_const),
             net_noise=tuple(take(e) for e in self.net_noise), rank=self.rank,
+            Zcols=tuple(None if c is None else take(c) for c in self.Zcols),
         )
 
     def with_offset(self, extra: torch.Tensor) -> Problem:
@@ -374,9 +378,11 @@ def build_problem(design: Design, family: Family, approx: BlockChoice, *,
         split=split,
     )
     nd = dtype if net_dtype is None else net_dtype
+    sparse = [isinstance(tm.Zraw, SparseRows) for tm in terms]
     return Problem(
         y=t(design.y), w=t(design.weights), offset=t(design.offset), Xs=t(Xs),
-        Z=tuple(t(tm.Zraw) for tm in terms), q=q,
+        Z=tuple(t(tm.Zraw.values if isinstance(tm.Zraw, SparseRows) else tm.Zraw)
+                for tm in terms), q=q,
         n_levels=tuple(tm.n_levels for tm in terms), blocks=blocks, standardisation=std,
         reml=approx.reml,
         net_X=tuple(torch.tensor(np.asarray(ni.X), dtype=nd, device=device)
@@ -384,6 +390,9 @@ def build_problem(design: Design, family: Family, approx: BlockChoice, *,
         log_const=family.data_constant(t(design.y), t(design.weights)),
         rank=(tuple(tm.rank for tm in terms)
               if any(tm.rank is not None for tm in terms) else ()),
+        Zcols=(tuple(torch.tensor(tm.Zraw.columns, dtype=torch.long, device=device)
+                     if isinstance(tm.Zraw, SparseRows) else None for tm in terms)
+               if any(sparse) else ()),
     )
 
 
@@ -516,8 +525,13 @@ class LinearPredictor(torch.nn.Module):
         return out
 
     def slot_values(self, problem: Problem) -> torch.Tensor:
-        """:math:`C = [Z_1 \\Lambda_1, \\dots, Z_K \\Lambda_K (, X_s)]`, shape (n, S)."""
-        parts = [Z @ L for Z, L in zip(problem.Z, lambda_blocks(self.theta, self.q, self.rank))]
+        """:math:`C = [Z_1 \\Lambda_1, \\dots, Z_K \\Lambda_K (, X_s)]`, shape (n, S); a
+        sparse-row Z (values and columns, ``problem.Zcols``) gathers the rows of
+        :math:`\\Lambda` its entries select."""
+        cols = problem.Zcols or (None,) * len(problem.Z)
+        parts = [Z @ L if c is None else (Z.unsqueeze(-1) * L[c]).sum(1)
+                 for Z, c, L in zip(problem.Z, cols,
+                                    lambda_blocks(self.theta, self.q, self.rank))]
         if self.reml:
             parts.append(problem.Xs)
         return torch.cat(parts, dim=1)

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ngmm_formula.design import re_quadratic
 from ngmm_formula.errors import NGMMError
 
 if TYPE_CHECKING:
@@ -162,8 +163,7 @@ def variance_components(fit: NGMMResult, *, data: pd.DataFrame | None = None,
     random = dispersion = 0.0
     for t, L in zip(design.re_terms, fit._lambda_abs()):
         Sigma = L @ L.T
-        Z = np.asarray(t.Zraw, dtype=float)
-        v = float(np.einsum("ij,jk,ik->", Z, Sigma, Z)) / n
+        v = float(re_quadratic(t.Zraw, Sigma).sum()) / n
         if t.n_levels == n:  # an observation-level term: over-dispersion
             dispersion += v
         else:

@@ -109,7 +109,9 @@ from ngmm_formula.design import (
     NetEncoding,
     NetInput,
     ReTerm,
+    SparseRows,
     check_spec_formula,
+    re_effect,
     spec_from_data,
     spec_to_data,
 )
@@ -156,6 +158,7 @@ VALUE_TYPES: dict[str, type] = {
     "Design": Design,
     "DesignSpec": DesignSpec,
     "ReTerm": ReTerm,
+    "SparseRows": SparseRows,
     "NetEncoding": NetEncoding,
     "NetInput": NetInput,
     "Approximation": Approximation,
@@ -708,7 +711,7 @@ def _fitted_eta(fit: NGMMResult) -> np.ndarray:
         for ni, net in zip(d.nets, fit.nets):
             eta = eta + net(torch.from_numpy(np.array(ni.X, dtype=np.float64))).numpy()
     for t, b in zip(d.re_terms, fit.random_coef):
-        eta = eta + (t.Zraw * b[t.group_index]).sum(1)
+        eta = eta + re_effect(t.Zraw, t.group_index, b)
     return np.asarray(eta)
 
 

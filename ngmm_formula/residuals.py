@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import stats
 
+from ngmm_formula.design import re_effect
 from ngmm_formula.errors import NGMMError
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def _posterior_eta(fit: NGMMResult, rng: np.random.Generator) -> np.ndarray:
         # Cholesky of each level's q x q conditional covariance (jitter for singular fits)
         L = np.linalg.cholesky(block + 1e-12 * np.eye(t.q)[None])
         bstar = np.asarray(b) + np.einsum("lij,lj->li", L, rng.standard_normal(b.shape))
-        eta += (t.Zraw * bstar[t.group_index]).sum(1)
+        eta += re_effect(t.Zraw, t.group_index, bstar)
     return eta
 
 

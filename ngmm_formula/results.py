@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from ngmm_formula.approx import Approximation
-from ngmm_formula.design import Design
+from ngmm_formula.design import Design, re_effect
 from ngmm_formula.errors import DataError, NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import matvec
@@ -505,12 +505,8 @@ class NGMMResult:
             eta = nd.offset + matvec(nd.X, self.fixef.to_numpy())
             eta = eta + self._net_part(nd.net_X)
             if use_re:
-                for _t, Z, gi, b in zip(self.design.re_terms, nd.Zraw, nd.group_index,
-                                       self.random_coef):
-                    known = gi >= 0
-                    contrib = np.zeros(len(gi))
-                    contrib[known] = (Z[known] * b[gi[known]]).sum(1)
-                    eta = eta + contrib
+                for Z, gi, b in zip(nd.Zraw, nd.group_index, self.random_coef):
+                    eta = eta + re_effect(Z, gi, b)
         return eta if type == "link" else self._mean(eta)
 
     def _net_part(self, net_X: tuple[np.ndarray, ...]) -> np.ndarray | float:
@@ -539,9 +535,9 @@ class NGMMResult:
             else:
                 eta = self._eta_fixed_train().copy()
                 for t, L in zip(d.re_terms, self._lambda_abs()):
-                    u = rng.standard_normal((t.n_levels, t.q))
+                    u = rng.standard_normal((t.n_levels, t.dim))
                     b = u @ L.T
-                    eta = eta + (t.Zraw * b[t.group_index]).sum(1)
+                    eta = eta + re_effect(t.Zraw, t.group_index, b)
             mu = self._mean(eta)
             out[f"sim_{s + 1}"] = self.family.simulate(mu, sig, d.weights, rng)
         return pd.DataFrame(out, index=d.row_index)
@@ -553,7 +549,9 @@ class NGMMResult:
 
         scale = self.sigma if self.t_stat else 1.0
         theta = torch.as_tensor(self.theta.to_numpy() * scale)
-        return [L.numpy() for L in lambda_blocks(theta, tuple(t.q for t in self.design.re_terms))]
+        terms = self.design.re_terms
+        return [L.numpy() for L in lambda_blocks(theta, tuple(t.q for t in terms),
+                                                 tuple(t.rank for t in terms))]
 
     # ---------------------------------------------------------------- model comparison
     def refit_ml(self) -> NGMMResult:

@@ -274,3 +274,44 @@ def test_no_rr_term() -> None:
     fit = ngmm("y ~ 0 + item + (1 | id)", df, "binomial")
     with pytest.raises(NGMMError, match="no reduced-rank term"):
         fit.loadings()
+
+
+# ------------------------------------------------------------------------------------------
+# the sparse-row design of reduced-rank terms
+
+
+def test_rr_design_is_stored_by_rows_not_n_by_items() -> None:
+    from ngmm_formula.design import SparseRows, re_effect, re_quadratic
+
+    df, _, _ = irt_data(n_students=50, n_items=40, d=1)
+    p = prepare("y ~ 0 + item + rr(0 + item | id, d = 1)", df, "binomial")
+    Z = p.design.re_terms[0].Zraw
+    assert isinstance(Z, SparseRows)
+    assert Z.values.shape == (len(df), 1) and Z.n_columns == 40  # one item per response
+    dense = Z.dense()
+    np.testing.assert_array_equal(dense, pd.get_dummies(df["item"]).to_numpy(dtype=float))
+    rng = np.random.default_rng(0)
+    gi = p.design.re_terms[0].group_index.astype(np.int64).copy()
+    gi[:7] = -1  # unknown levels contribute nothing
+    b = rng.standard_normal((50, 40))
+    expected = np.where(gi >= 0, (dense * b[np.maximum(gi, 0)]).sum(1), 0.0)
+    np.testing.assert_allclose(re_effect(Z, gi, b), expected, rtol=1e-14)
+    S = rng.standard_normal((40, 40))
+    np.testing.assert_allclose(re_quadratic(Z, S), np.einsum("ij,jk,ik->i", dense, S, dense),
+                               rtol=1e-14)
+    V = rng.standard_normal((50, 40, 40))
+    np.testing.assert_allclose(
+        re_quadratic(Z, V, gi),
+        np.where(gi >= 0, np.einsum("ij,ijk,ik->i", dense, V[np.maximum(gi, 0)], dense), 0.0),
+        rtol=1e-13)
+
+
+def test_confint_gives_wald_intervals_of_the_loadings(irt_fit) -> None:  # type: ignore[no-untyped-def]
+    fit, _, _ = irt_fit
+    ci = fit.confint()
+    lt = fit.loadings()
+    rows = [f"load_{c}.F1|id" for c in lt["column"]]
+    np.testing.assert_allclose(ci.loc[rows, "2.5 %"],
+                               lt["estimate"] - 1.959963984540054 * lt["std_error"], rtol=1e-12)
+    with pytest.raises(NGMMError, match="not available for reduced-rank terms"):
+        fit.confint(method="profile")
