@@ -345,7 +345,8 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
     split = (design.re_terms[0].group_index if approx.joint
              else pr.blocks.block_of_obs.cpu().numpy())
     history = train_networks(pr, prepared.family, approx, module, np.asarray(split),
-                             control, seed, shard)
+                             control, seed, shard,
+                             describe={"formula": design.formula.formula})
     linear, lin_module, net_out = _freeze_networks(prepared, module)
     return (history, Objective(linear, prepared.family, approx, lin_module, shard=shard),
             net_out)

@@ -98,16 +98,8 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     backend = "nccl" if cuda else "gloo"
     wait = datetime.timedelta(seconds=timeout)
 
-    ctx = mp_context()  # forkserver (imports the package once per session) or spawn
-    store = dist.TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False,
-                          timeout=wait)
-    errors = ctx.Queue()
-    workers = [ctx.Process(target=_worker, daemon=True,
-                           args=(rank, nprocs, store.port, backend, timeout, formula, data,
-                                 family, options, errors))
-               for rank in range(1, nprocs)]
-    for w in workers:
-        w.start()
+    store, workers, errors = _start_workers(nprocs, backend, timeout, formula, data, family,
+                                            options)
     excepthook = sys.excepthook  # init_process_group replaces it and never restores it
     try:
         dist.init_process_group(backend, store=store, rank=0, world_size=nprocs,
@@ -136,6 +128,23 @@ def fit_distributed(formula: str, data: pd.DataFrame, family: str | Family = "ga
     refit = FitCall(formula, own_copy(data), family,
                     {**options, "nprocs": nprocs, "timeout": timeout}, fitter=fit_distributed)
     return dataclasses.replace(result, refit=refit)
+
+
+def _start_workers(nprocs: int, backend: str, timeout: float, formula: str, data: Any,
+                   family: Any, options: dict[str, Any]) -> tuple[Any, list[Any], Any]:
+    """The TCP store of the rendezvous (this process is its server), the started worker
+    processes (ranks 1 to ``nprocs - 1``) and the queue on which they report errors."""
+    ctx = mp_context()  # forkserver (imports the package once per session) or spawn
+    store = dist.TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    errors = ctx.Queue()
+    workers = [ctx.Process(target=_worker, daemon=True,
+                           args=(rank, nprocs, store.port, backend, timeout, formula, data,
+                                 family, options, errors))
+               for rank in range(1, nprocs)]
+    for w in workers:
+        w.start()
+    return store, workers, errors
 
 
 def _check_arguments(nprocs: int, timeout: float, options: dict[str, Any]) -> None:
