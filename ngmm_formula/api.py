@@ -380,6 +380,10 @@ def _ngmm_variational(prepared: Prepared, control: Control, seed: int, *, formul
                       data_name: str | None, refit: Any) -> NGMMResult:
     """``approx="variational"``: maximise the evidence lower bound
     (:func:`~ngmm_formula.approx.variational.fit_variational`) from the GLM start."""
+    if control.checkpoint is not None and prepared.problem.net_X:
+        raise NGMMError("Control.checkpoint is not available with approx='variational' "
+                        "(its optimiser does not write checkpoints yet): drop checkpoint= or "
+                        "choose another approx")
     module = _module(prepared)
     pr, fam = prepared.problem, prepared.family
     glm_start(pr, fam, module)

@@ -133,7 +133,9 @@ class Control:
         result, or seed) raises :class:`~ngmm_formula.errors.CheckpointError`. The file is
         kept after the fit (running the same call again then skips the training). Only
         models with ``nn()`` terms train, so only they write checkpoints; not with
-        ``distributed=True``. None (default): no checkpoints.
+        ``distributed=True`` or ``approx="variational"`` (an error). The retraining of
+        ``retrain`` and ``folds`` on all groups is not saved (a fit killed during it runs
+        it again); the loops before it are. None (default): no checkpoints.
     checkpoint_every : int
         Epochs between two checkpoints (default 10: a checkpoint costs a copy of the
         weights, of the optimiser's moments and of the conditional modes, and an ``fsync``,

@@ -203,6 +203,9 @@ def test_checkpoint_errors_and_options(tmp_path: Path) -> None:
         fit(epochs=2, checkpoint=bad)
     with pytest.raises(CheckpointError, match="does not exist"):
         fit(epochs=2, checkpoint=tmp_path / "no" / "such" / "dir.ckpt")
+    with pytest.raises(NGMMError, match="checkpoint is not available with approx='variat"):
+        ngmm(FORMULA, data(), "binomial", approx="variational",
+             control=Control(checkpoint=tmp_path / "v.ckpt"))
     for options, name in [(dict(checkpoint_every=0), "checkpoint_every"),
                           (dict(checkpoint_every=2.5), "checkpoint_every"),
                           (dict(checkpoint=""), "checkpoint"), (dict(checkpoint=3), "checkpoint")]:
