@@ -18,6 +18,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from ngmm_formula.errors import (
+    CheckpointError,
     ConvergenceWarning,
     DataError,
     FormulaError,
@@ -28,6 +29,7 @@ from ngmm_formula.errors import (
     ScaleWarning,
     SeparationWarning,
     SingularFitWarning,
+    WorkerError,
 )
 from ngmm_formula.registry import RESULT_METHODS as _RESULT_METHODS
 from ngmm_formula.version import __version__
@@ -120,6 +122,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "CheckpointError",
     "ComparisonTable",
     "Control",
     "ConvergenceWarning",
@@ -135,6 +138,7 @@ __all__ = [
     "ScaleWarning",
     "SeparationWarning",
     "SingularFitWarning",
+    "WorkerError",
     "__version__",
     "anova",
     "compare",

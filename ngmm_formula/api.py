@@ -370,7 +370,8 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
     split = (design.re_terms[0].group_index if approx.joint
              else pr.blocks.block_of_obs.cpu().numpy())
     history = train_networks(pr, prepared.family, approx, module, np.asarray(split),
-                             control, seed, shard)
+                             control, seed, shard,
+                             describe={"formula": design.formula.formula})
     linear, lin_module, net_out = _freeze_networks(prepared, module)
     return (history, Objective(linear, prepared.family, approx, lin_module, shard=shard),
             net_out)
@@ -404,6 +405,10 @@ def _ngmm_variational(prepared: Prepared, control: Control, seed: int, *, formul
                       data_name: str | None, refit: Any) -> NGMMResult:
     """``approx="variational"``: maximise the evidence lower bound
     (:func:`~ngmm_formula.approx.variational.fit_variational`) from the GLM start."""
+    if control.checkpoint is not None and prepared.problem.net_X:
+        raise NGMMError("Control.checkpoint is not available with approx='variational' "
+                        "(its optimiser does not write checkpoints yet): drop checkpoint= or "
+                        "choose another approx")
     module = _module(prepared)
     pr, fam = prepared.problem, prepared.family
     glm_start(pr, fam, module)

@@ -7,6 +7,7 @@ training of networks, inference, the entry points) imports it from here, below a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ngmm_formula.errors import NGMMError
@@ -122,6 +123,25 @@ class Control:
     threads : int or None
         torch intra-op threads during the fit (None: one, see
         :func:`~ngmm_formula.fit.torch_threads`).
+    checkpoint : str, path-like or None
+        A file in which the training of the networks saves its state every
+        ``checkpoint_every`` epochs (and at the end of training), written atomically
+        (:mod:`~ngmm_formula.checkpoint`). When the file exists at the start of a fit, the fit
+        resumes from it: a fit killed after a checkpoint and started again with the same
+        call ends with the same estimates as an uninterrupted one (bit for bit on the CPU).
+        A file written by another fit (other data, formula, family, options that change the
+        result, or seed) raises :class:`~ngmm_formula.errors.CheckpointError`. The file is
+        kept after the fit (running the same call again then skips the training). Only
+        models with ``nn()`` terms train, so only they write checkpoints; not with
+        ``distributed=True`` or ``approx="variational"`` (an error). The retraining of
+        ``retrain`` and ``folds`` on all groups is not saved (a fit killed during it runs
+        it again); the loops before it are. None (default): no checkpoints.
+    checkpoint_every : int
+        Epochs between two checkpoints (default 10: a checkpoint costs a copy of the
+        weights, of the optimiser's moments and of the conditional modes, and an ``fsync``,
+        which is small beside ten epochs of any fit long enough to need one). Named for what
+        it counts rather than ``every``, which would be ambiguous among the many counts of
+        a Control (epochs, steps, iterations, folds).
     """
 
     max_iter: int = 2000
@@ -146,6 +166,8 @@ class Control:
     train_mode_steps: int = 3
     progress: bool | None = None
     threads: int | None = None
+    checkpoint: str | os.PathLike[str] | None = None
+    checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
         checks = [
@@ -161,6 +183,10 @@ class Control:
             ("train_approx", self.train_approx in ("fit", "laplace")),
             ("train_mode_steps", self.train_mode_steps >= 0),
             ("threads", self.threads is None or self.threads >= 1),
+            ("checkpoint", self.checkpoint is None
+             or (isinstance(self.checkpoint, (str, os.PathLike)) and str(self.checkpoint) != "")),
+            ("checkpoint_every", isinstance(self.checkpoint_every, int)
+             and not isinstance(self.checkpoint_every, bool) and self.checkpoint_every >= 1),
         ]
         for name, ok in checks:
             if not ok:

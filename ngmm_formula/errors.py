@@ -100,3 +100,23 @@ class ScaleWarning(NGMMWarning):
     """A fixed-effect column is on an extreme scale compared with the others (lme4's "Some
     predictor variables are on very different scales"): rescale it (e.g. divide by its
     standard deviation) to keep the optimiser accurate."""
+
+
+class WorkerError(NGMMError):
+    """A process of a distributed fit died or stopped responding, and every process was
+    stopped (:func:`~ngmm_formula.distributed.fit_distributed`).
+
+    Attributes
+    ----------
+    rank : int
+        The rank of the (first) process that failed.
+    """
+
+    def __init__(self, message: str, rank: int):
+        self.rank = rank
+        super().__init__(message)
+
+
+class CheckpointError(NGMMError):
+    """A training checkpoint (``Control.checkpoint``) belongs to another fit (other data,
+    formula, options or seed) or cannot be read; the message names what differs."""

@@ -71,9 +71,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -81,7 +83,9 @@ import numpy as np
 import torch
 
 from ngmm_formula.approx import Approximation
+from ngmm_formula.checkpoint import Checkpoints
 from ngmm_formula.design import full_rank_columns
+from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.fit import Control, Objective, optimise
 from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, linear_part
@@ -90,7 +94,7 @@ from ngmm_formula.networks import MLP, CentredNetwork, Ensemble
 if TYPE_CHECKING:
     from ngmm_formula.shards import Shard
 
-__all__ = ["TrainingHistory", "fit_linear_start", "train_networks"]
+__all__ = ["TrainingHistory", "fingerprint", "fit_linear_start", "train_networks"]
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,8 @@ def _split_groups(groups: np.ndarray, n_groups: int, fraction: float,
 
 def train_networks(problem: Problem, family: Family, approx: Approximation,
                    module: LinearPredictor, split_groups: np.ndarray, control: Control,
-                   seed: int, shard: Shard | None = None) -> TrainingHistory:
+                   seed: int, shard: Shard | None = None, *,
+                   describe: Mapping[str, str] | None = None) -> TrainingHistory:
     """Train ``module`` (networks, beta, theta, log_sigma) in place; see the module docs.
 
     The first network starts from the weights ``module`` holds and splits the groups with
@@ -258,14 +263,29 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         minibatches and evaluates the groups it owns (``split_groups`` are then the blocks);
         the loss keeps the global batch's number of observations as denominator, and the
         gradients and the scores are summed over the processes.
+    describe : mapping of str to str, optional
+        What the caller knows of the fit and the trainer does not (the formula): joins the
+        fingerprint of the checkpoints (``Control.checkpoint``; :func:`fingerprint`).
+
+    Raises
+    ------
+    CheckpointError
+        ``Control.checkpoint`` names a file written by another fit, or not a checkpoint.
     """
     import time
 
     t0 = time.perf_counter()
     start = copy.deepcopy(module.state_dict())
+    checkpoints = None
+    if control.checkpoint is not None:
+        if shard is not None:
+            raise NGMMError("Control.checkpoint is not available with distributed=True (each "
+                            "process would need its own file, written at the same epoch)")
+        checkpoints = Checkpoints(control.checkpoint, control.checkpoint_every, fingerprint(
+            problem, family, approx, module, split_groups, control, seed, describe))
     if control.folds > 1 and np.unique(split_groups).size >= 2 * control.folds:
         return _train_folds(problem, family, approx, module, split_groups, control, seed,
-                            shard, start, t0)
+                            shard, start, t0, checkpoints)
     histories: list[TrainingHistory] = []
     members: list[list[CentredNetwork]] = [[] for _ in module.nets]
     linear: list[list[torch.Tensor]] = []
@@ -278,7 +298,7 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
                     net.reset()
         rng = np.random.default_rng(seed if k == 0 else (seed, k))
         histories.append(train_member(problem, family, approx, module, split_groups,
-                                      control, rng, shard))
+                                      control, rng, shard, checkpoints=checkpoints))
         for j, net in enumerate(module.nets):
             assert isinstance(net, CentredNetwork)
             members[j].append(copy.deepcopy(net))
@@ -299,7 +319,8 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
 
 def _train_folds(problem: Problem, family: Family, approx: Approximation,
                  module: LinearPredictor, split_groups: np.ndarray, control: Control,
-                 seed: int, shard: Shard | None, start: dict, t0: float) -> TrainingHistory:
+                 seed: int, shard: Shard | None, start: dict, t0: float,
+                 checkpoints: Checkpoints | None = None) -> TrainingHistory:
     r"""K-fold early stopping over groups, then one network trained on all groups.
 
     The groups are dealt into ``K = control.folds`` disjoint folds; fold ``k``'s network
@@ -327,7 +348,7 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
         module.load_state_dict(start)
         histories.append(train_member(problem, family, approx, module, split_groups, control,
                                       np.random.default_rng((seed, k)), shard,
-                                      held=fold == k))
+                                      held=fold == k, checkpoints=checkpoints))
         weights.append(float(rows[fold == k].sum()))
     length = min(len(h.validation) for h in histories)
     curves = np.array([h.validation[:length] for h in histories])
@@ -354,7 +375,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
                  module: LinearPredictor, split_groups: np.ndarray, control: Control,
                  rng: np.random.Generator, shard: Shard | None = None, *,
                  held: np.ndarray | None = None,
-                 schedule: Sequence[float] | None = None) -> TrainingHistory:
+                 schedule: Sequence[float] | None = None,
+                 checkpoints: Checkpoints | None = None) -> TrainingHistory:
     """Train one set of networks (with beta, theta, log_sigma) by AdamW with early stopping.
 
     ``rng`` draws the validation groups and the order of the minibatches; the best
@@ -365,6 +387,10 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     schedule : sequence of float, optional
         Train on all groups, without validation, for ``len(schedule)`` epochs with these
         learning rates (the retraining of ``Control.retrain`` and ``Control.folds``).
+    checkpoints : Checkpoints, optional
+        Where the early-stopping loop saves its state and what it resumes from
+        (``Control.checkpoint``); the retraining on a schedule is not saved (a fit killed
+        during it runs it again from its start).
     """
     import time
 
@@ -386,11 +412,14 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     opt = _optimiser(net_params, other, control)
     # the embeddings' prior (networks.MLP.penalty) is per training observation
     n_train = [max(1, int(by_group.sizes[train_groups].sum()))]  # all groups' when retraining
-    evaluate, step = _minibatch_objective(problem, family, approx, module, by_group, control,
-                                          rng, shard, net_params + other, n_train)
+    evaluate, step, step_state = _minibatch_objective(
+        problem, family, approx, module, by_group, control, rng, shard, net_params + other,
+        n_train)
+    saver = (_Saver(checkpoints, step_state)
+             if checkpoints is not None and schedule is None else None)
     log = _train_with_early_stopping(module, opt, evaluate, step, rng, train_groups,
                                      val_groups, by_group.sizes, batch_groups, control, shard,
-                                     control.epochs if schedule is None else 0)
+                                     control.epochs if schedule is None else 0, saver)
     retrained = 0
     if schedule is None and initial is not None and val_groups.size and log.best_epoch:
         schedule = log.lr[:log.best_epoch]
@@ -440,7 +469,8 @@ def _minibatch_objective(
         problem: Problem, family: Family, approx: Approximation, module: LinearPredictor,
         by_group: RowsByGroup, control: Control, rng: np.random.Generator,
         shard: Shard | None, params: list[torch.nn.Parameter], n_train: list[int],
-) -> tuple[Callable[..., torch.Tensor], Callable[[torch.optim.Optimizer, np.ndarray], float]]:
+) -> tuple[Callable[..., torch.Tensor], Callable[[torch.optim.Optimizer, np.ndarray], float],
+           _StepState]:
     """The log-likelihood of a set of groups and one optimiser step on a minibatch.
 
     The conditional modes of every group are cached between calls as warm starts; the input
@@ -469,6 +499,9 @@ def _minibatch_objective(
         ``evaluate(groups, grad=...)``: log-likelihood of this process's part of ``groups``.
     step : callable
         ``step(optimiser, batch)``: one step on the minibatch; returns its log-likelihood.
+    state : _StepState
+        The state the two keep between calls (the modes' warm starts, the input noise's
+        generator), for checkpoints.
     """
     per_group_blocks = not approx.joint
     step_approx = training_approximation(approx, control)
@@ -479,7 +512,8 @@ def _minibatch_objective(
     device = problem.y.device
     cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype,
                         device=device)
-    input_noise = _input_noise_sampler(problem, module, control, rng, rows_of)
+    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    input_noise = _input_noise_sampler(problem, module, control, noise_gen, rows_of)
 
     def evaluate(groups: np.ndarray, *, grad: bool) -> torch.Tensor:
         """Log-likelihood of this process's part of ``groups`` (0 when it owns none); with
@@ -528,12 +562,21 @@ def _minibatch_objective(
         optimiser.step()
         return float(ll.detach())
 
-    return evaluate, step
+    return evaluate, step, _StepState(cache, noise_gen)
+
+
+@dataclass(frozen=True)
+class _StepState:
+    """What the minibatch steps keep between calls: the conditional modes of every block
+    (warm starts of the Newton search) and the generator of the input noise."""
+
+    modes: torch.Tensor
+    noise: torch.Generator
 
 
 def _input_noise_sampler(
-        problem: Problem, module: LinearPredictor, control: Control, rng: np.random.Generator,
-        rows_of: Callable[[np.ndarray], np.ndarray],
+        problem: Problem, module: LinearPredictor, control: Control,
+        noise_gen: torch.Generator, rows_of: Callable[[np.ndarray], np.ndarray],
 ) -> Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, ...]] | None:
     """The Gaussian noise of standard deviation ``control.input_noise`` on the networks'
     numeric inputs (none on one-hot columns), or None when no input gets any.
@@ -543,9 +586,9 @@ def _input_noise_sampler(
     problem : Problem
     module : LinearPredictor
     control : Control
-    rng : numpy.random.Generator
-        Draws the seed of the noise's generator (always, noise or not: the stream of
-        ``rng`` does not depend on ``control.input_noise``).
+    noise_gen : torch.Generator
+        Draws the noise (seeded by the caller from its ``rng`` whether there is noise or
+        not: the stream of ``rng`` does not depend on ``control.input_noise``).
     rows_of : callable
         The rows of a sorted array of groups (:class:`~ngmm_formula.model.RowsByGroup`).
 
@@ -560,7 +603,6 @@ def _input_noise_sampler(
         net.numeric if isinstance(net, MLP) else [False] * x.shape[1], dtype=torch.float64)
         for net, x in zip(module.nets, problem.net_X)]
     noisy = any(bool(sd.any()) for sd in noise_sd)
-    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     if not noisy:
         return None
 
@@ -581,16 +623,29 @@ def _input_noise_sampler(
 
 @dataclass
 class _EpochLog:
-    """What :func:`_train_with_early_stopping` saw: the curves per epoch (training and
-    validation objective per observation, learning rate), the best epoch and its weights,
-    and whether training stopped early."""
+    """What :func:`_train_with_early_stopping` saw and decides on: the curves per epoch
+    (training and validation objective per observation, learning rate), the best epoch, its
+    score and weights, the epochs without improvement, the last epoch run, the optimiser
+    steps taken, and whether training stopped early."""
 
-    train: list[float]
-    validation: list[float]
-    lr: list[float]
-    best_epoch: int
-    best_state: dict | None
-    stopped: bool
+    train: list[float] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    best_state: dict | None = None
+    stopped: bool = False
+    best_score: float = -math.inf
+    wait: int = 0
+    epoch: int = 0
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class _Saver:
+    """The checkpoints of a fit and the state of the minibatch steps that they save."""
+
+    checkpoints: Checkpoints
+    step_state: _StepState
 
 
 def _train_with_early_stopping(
@@ -598,7 +653,8 @@ def _train_with_early_stopping(
         evaluate: Callable[..., torch.Tensor],
         step: Callable[[torch.optim.Optimizer, np.ndarray], float], rng: np.random.Generator,
         train_groups: np.ndarray, val_groups: np.ndarray, sizes: np.ndarray,
-        batch_groups: int, control: Control, shard: Shard | None, epochs: int) -> _EpochLog:
+        batch_groups: int, control: Control, shard: Shard | None, epochs: int,
+        saver: _Saver | None = None) -> _EpochLog:
     """Up to ``epochs`` epochs of minibatch steps on ``train_groups``, scored on
     ``val_groups`` (on the training curve without them), with the learning rate halved when
     the score stalls and early stopping after ``control.patience`` epochs without
@@ -621,24 +677,28 @@ def _train_with_early_stopping(
     control : Control
     shard : Shard or None
     epochs : int
+    saver : _Saver, optional
+        Checkpoints (``Control.checkpoint``): the loop starts from the saved state when there
+        is one for it, and saves its state every ``control.checkpoint_every`` epochs and
+        after the last.
     """
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
     progress = _progress(control) if shard is None or shard.rank == 0 else None
-    train_curve: list[float] = []
-    val_curve: list[float] = []
-    lrs: list[float] = []
-    best_score, best_epoch, best_state, wait = -math.inf, 0, None, 0
-    stopped = False
-    steps = 0
-    for epoch in range(1, epochs + 1):
+    log = _EpochLog()
+    saved = saver.checkpoints.start_loop() if saver is not None else None
+    if saver is not None and saved is not None:
+        _restore(saved, module, opt, sched, rng, saver.step_state, log)
+        if progress is not None:
+            progress.update(log.epoch)
+    for epoch in range(log.epoch + 1, epochs + 1) if not log.stopped else ():
         module.train()
         order = rng.permutation(train_groups)
         total, n_rows = 0.0, 0
         for start in range(0, order.size, batch_groups):
             batch = order[start:start + batch_groups]
             total += step(opt, batch)
-            steps += 1
+            log.steps += 1
             n_rows += int(sizes[batch].sum())
         module.eval()
         vll = 0.0
@@ -647,33 +707,122 @@ def _train_with_early_stopping(
                 vll = float(evaluate(val_groups, grad=False))
         if shard is not None:  # this epoch's sums over the processes
             total, vll = map(float, shard.all_sum(np.array([total, vll])))
-        train_curve.append(total / max(1, n_rows))
+        log.train.append(total / max(1, n_rows))
         if val_groups.size:
             score = vll / int(sizes[val_groups].sum())
-            val_curve.append(score)
+            log.validation.append(score)
         else:
-            score = train_curve[-1]
-        lrs.append(opt.param_groups[0]["lr"])
-        warm = steps >= control.min_steps  # early stopping and lr decay wait for warm-up
-        if warm:
-            sched.step(score)
-        if best_state is None or score > best_score + control.min_delta * max(1.0,
-                                                                             abs(best_score)):
-            best_score, best_epoch, wait = score, epoch, 0
-            best_state = copy.deepcopy(module.state_dict())
-        elif warm:
-            wait += 1
+            score = log.train[-1]
+        log.lr.append(opt.param_groups[0]["lr"])
+        _decide(log, score, epoch, module, sched, control)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(train=f"{train_curve[-1]:.4f}",
-                                 valid=f"{val_curve[-1]:.4f}" if val_curve else "-")
-        if wait >= control.patience:
-            stopped = True
+            progress.set_postfix(train=f"{log.train[-1]:.4f}",
+                                 valid=f"{log.validation[-1]:.4f}" if log.validation else "-")
+        if saver is not None and saver.checkpoints.due(epoch, log.stopped or epoch == epochs):
+            saver.checkpoints.write(_loop_state(module, opt, sched, rng, saver.step_state, log))
+        if log.stopped:
             break
     if progress is not None:
-        _close_progress(progress, len(train_curve), best_epoch, stopped)
-    return _EpochLog(train=train_curve, validation=val_curve, lr=lrs, best_epoch=best_epoch,
-                     best_state=best_state, stopped=stopped)
+        _close_progress(progress, len(log.train), log.best_epoch, log.stopped)
+    return log
+
+
+def _decide(log: _EpochLog, score: float, epoch: int, module: LinearPredictor,
+            sched: torch.optim.lr_scheduler.ReduceLROnPlateau, control: Control) -> None:
+    """After ``epoch`` with validation ``score``: the learning-rate decay, the best epoch
+    (and a copy of its weights), the epochs without improvement and whether to stop."""
+    log.epoch = epoch
+    warm = log.steps >= control.min_steps  # early stopping and lr decay wait for warm-up
+    if warm:
+        sched.step(score)
+    if log.best_state is None or score > log.best_score + control.min_delta * max(
+            1.0, abs(log.best_score)):
+        log.best_score, log.best_epoch, log.wait = score, epoch, 0
+        log.best_state = copy.deepcopy(module.state_dict())
+    elif warm:
+        log.wait += 1
+    log.stopped = log.wait >= control.patience
+
+
+def _loop_state(module: LinearPredictor, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.ReduceLROnPlateau, rng: np.random.Generator,
+                step_state: _StepState, log: _EpochLog) -> dict:
+    """Everything :func:`_restore` needs to continue the loop after ``log.epoch`` exactly as
+    it would have gone on: tensors, dicts, lists and plain values only
+    (:mod:`~ngmm_formula.checkpoint`)."""
+    return {
+        "epoch": log.epoch,
+        "module": module.state_dict(),
+        "best_state": log.best_state,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "log": {"train": list(log.train), "validation": list(log.validation),
+                "lr": list(log.lr), "best_epoch": log.best_epoch,
+                "best_score": log.best_score, "wait": log.wait, "steps": log.steps,
+                "stopped": log.stopped},
+        # PCG64's 128-bit state as JSON text (a plain int of any size, whatever the reader)
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+        "torch_rng": torch.get_rng_state(),  # dropout
+        "noise_rng": step_state.noise.get_state(),
+        "modes": step_state.modes.detach().cpu().clone(),
+    }
+
+
+def _restore(saved: dict, module: LinearPredictor, opt: torch.optim.Optimizer,
+             sched: torch.optim.lr_scheduler.ReduceLROnPlateau, rng: np.random.Generator,
+             step_state: _StepState, log: _EpochLog) -> None:
+    """Put the state of :func:`_loop_state` back (parameters copied in place, so the
+    optimiser keeps its references)."""
+    module.load_state_dict(saved["module"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    rng.bit_generator.state = json.loads(saved["numpy_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    step_state.noise.set_state(saved["noise_rng"])
+    with torch.no_grad():
+        step_state.modes.copy_(saved["modes"])
+    entries = saved["log"]
+    log.train, log.validation, log.lr = (list(entries["train"]), list(entries["validation"]),
+                                         list(entries["lr"]))
+    log.best_epoch, log.best_score = int(entries["best_epoch"]), float(entries["best_score"])
+    log.wait, log.steps = int(entries["wait"]), int(entries["steps"])
+    log.stopped, log.epoch = bool(entries["stopped"]), int(saved["epoch"])
+    log.best_state = saved["best_state"]
+
+
+def fingerprint(problem: Problem, family: Family, approx: Approximation,
+                module: LinearPredictor, split_groups: np.ndarray, control: Control,
+                seed: int, describe: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The description of a fit that its checkpoints carry: a checkpoint is resumed only by
+    a fit with the same one (:func:`~ngmm_formula.checkpoint.read_checkpoint`).
+
+    Entries: ``describe`` (the formula, from the caller), the family, the approximation, the
+    number of observations, a SHA-256 of the data as the trainer sees it (response, weights,
+    offset, fixed-effects matrix, networks' inputs, groups), the parameters' names and
+    shapes, the dtype, the seed, and every option of ``control`` except those that do not
+    change the result: ``progress``, ``threads`` (torch's threads may change the last bits,
+    not the fit), ``checkpoint`` and ``checkpoint_every``.
+    """
+    digest = hashlib.sha256()
+    for t in (problem.y, problem.w, problem.offset, problem.Xs, *problem.net_X,
+              torch.as_tensor(np.asarray(split_groups, dtype=np.int64))):
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    skip = {"progress", "threads", "checkpoint", "checkpoint_every"}
+    options = {f.name: getattr(control, f.name) for f in dataclasses.fields(control)
+               if f.name not in skip}
+    return {
+        **{k: str(v) for k, v in (describe or {}).items()},
+        "family": repr(family),
+        "approximation": repr(approx),
+        "nobs": str(problem.y.shape[0]),
+        "data (sha256)": digest.hexdigest(),
+        "parameters": ", ".join(f"{k}{tuple(v.shape)}" for k, v in module.state_dict().items()),
+        "dtype": str(problem.y.dtype),
+        "seed": str(seed),
+        **{f"Control.{k}": repr(v) for k, v in options.items()},
+    }
 
 
 def _train_on_schedule(module: LinearPredictor, net_params: list[torch.nn.Parameter],

@@ -308,3 +308,65 @@ def test_fit_distributed_bad_input() -> None:
         fit_distributed(CBPP, cbpp, "binomial", nprocs=0)
     with pytest.raises(NGMMError, match="distributed="):
         fit_distributed(CBPP, cbpp, "binomial", distributed=False)
+
+
+# --------------------------------------------------------------------------------------------
+# faults: a worker that dies or stops (issue 17). Real signals sent to the worker process
+# from a thread of this one (rank 0), once the fit has run for a while.
+
+SLOW_NEURAL_CONTROL = dict(epochs=5000, patience=5000, min_steps=10**6, batch_groups=4,
+                           progress=False)
+
+
+def _signal_worker_later(sig: int, delay: float, sent: dict[str, float]) -> None:
+    """Send ``sig`` to every worker process ``delay`` seconds after the first one starts."""
+    import threading
+    import time
+
+    before = set(torch.multiprocessing.active_children())
+
+    def run() -> None:
+        t = time.monotonic()
+        while time.monotonic() - t < 60:
+            workers = set(torch.multiprocessing.active_children()) - before
+            if workers:
+                break
+            time.sleep(0.02)
+        time.sleep(delay)
+        for w in workers:
+            if w.pid is not None:
+                os.kill(w.pid, sig)
+        sent["at"] = time.monotonic()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.mark.parametrize("sig, timeout, match, within", [
+    # a killed worker resets its connections: rank 0 fails at its next all-reduce
+    pytest.param(signal.SIGKILL, 600.0, "rank 1 died during the fit .killed by signal SIGKILL",
+                 60.0, id="kill"),
+    # a stopped worker never reaches the all-reduce: rank 0 gives up after `timeout`
+    pytest.param(signal.SIGSTOP, 5.0, "rank 1 did not take part .* within timeout=5 s", 30.0,
+                 id="stop"),
+])
+def test_fit_distributed_worker_that_dies_or_stops_is_a_clear_error(
+        sig: int, timeout: float, match: str, within: float) -> None:
+    """Killing (or stopping) rank 1 mid-fit: fit_distributed raises WorkerError naming rank 1
+    within ``within`` seconds of the signal (measured: 0.1 s after SIGKILL, the whole test 5 s;
+    12 s after SIGSTOP with timeout=5: the timeout, 5 s for the others to stop, 2 s for the
+    stopped one to be killed), and no worker process is left behind."""
+    import time
+
+    from ngmm_formula import WorkerError
+
+    children = set(torch.multiprocessing.active_children())
+    sent: dict[str, float] = {}
+    _signal_worker_later(sig, 3.0, sent)
+    with pytest.raises(WorkerError, match=match) as info:
+        fit_distributed(NEURAL, neural_data(), "binomial", nprocs=2, timeout=timeout,
+                        control=Control(**SLOW_NEURAL_CONTROL))
+    elapsed = time.monotonic() - sent["at"]
+    assert info.value.rank == 1
+    assert elapsed < within, elapsed
+    assert set(torch.multiprocessing.active_children()) == children
+    assert not dist.is_initialized()

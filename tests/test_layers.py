@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model",),
     ("approx",),
     ("shards",),
-    ("fit",),
+    ("fit", "checkpoint"),
     ("train",),
     ("results", "assemble"),
     ("plots", "persist", "emmeans", "intervals", "residuals"),
