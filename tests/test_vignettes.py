@@ -74,3 +74,16 @@ def test_item_response(tmp_path: Path) -> None:
     assert_finite(runs, ["ll_per_obs", "auc", "sd_id", "sd_item"])
     assert (tmp_path / "item_response_partial_dependence.png").stat().st_size > 0
     assert (tmp_path / "item_response_summary.md").exists()
+
+
+@pytest.mark.slow
+def test_student_proficiency(tmp_path: Path) -> None:
+    run_vignette("student_proficiency.py", tmp_path)
+    real = pd.read_csv(tmp_path / "student_proficiency_real.csv")
+    assert set(real.data) == {"lsat7", "VerbAgg"}
+    assert_finite(real, ["logLik", "AIC"])
+    synth = pd.read_csv(tmp_path / "student_proficiency_synthetic.csv")
+    assert set(synth.model) == {"oracle", "Rasch", "rr d=1", "rr d=2", "rr d=2 + nn"}
+    assert_finite(synth, ["held-out responses", "new students"])
+    assert (tmp_path / "student_proficiency.png").stat().st_size > 0
+    assert "## Synthetic" in (tmp_path / "student_proficiency_summary.md").read_text()
