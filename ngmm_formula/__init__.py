@@ -78,6 +78,7 @@ _RESULT_METHODS.declare({
     "profile": "ngmm_formula.inference:profile",
     "r2": "ngmm_formula.performance:r2_nakagawa",
     "save": "ngmm_formula.persist:save",
+    "score_newdata": "ngmm_formula.scoring:score_newdata",
     "simulate_residuals": "ngmm_formula.residuals:simulate_residuals",
 })
 

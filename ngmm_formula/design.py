@@ -60,6 +60,7 @@ __all__ = [
     "ReTerm",
     "SparseRows",
     "ZMatrix",
+    "group_labels",
     "re_effect",
     "re_quadratic",
     "build_design",
@@ -443,7 +444,7 @@ class DesignSpec:
         zs, gis, flags = [], [], []
         for (bar, levels), spec in zip(self.re_terms, self.re_specs, strict=True):
             zs.append(reapply_spec(spec, data, context))
-            labels = _group_labels(data, bar)
+            labels = group_labels(data, bar)
             # -1: unseen
             idx = pd.Index(list(levels)).get_indexer(pd.Index(labels)).astype(np.int64)
             new = bool((idx < 0).any())
@@ -834,7 +835,7 @@ def _response(formula: ParsedFormula, data: pd.DataFrame, binomial: bool,
     return y, np.ones(n)
 
 
-def _group_labels(data: pd.DataFrame, bar: BarTerm) -> np.ndarray:
+def group_labels(data: pd.DataFrame, bar: BarTerm) -> np.ndarray:
     factors = bar.group_factors
     if len(factors) == 1:
         return np.asarray(data[factors[0]].astype(str))
@@ -869,7 +870,7 @@ def _interaction_levels(data: pd.DataFrame, bar: BarTerm) -> list[str]:
     combos = per[0]
     for lv in per[1:]:
         combos = [f"{a}:{b}" for a in combos for b in lv]
-    present = set(_group_labels(data, bar))
+    present = set(group_labels(data, bar))
     return [c for c in combos if c in present]
 
 
@@ -911,7 +912,7 @@ def _group_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarra
 def _labelled_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarray]:
     """:func:`_group_index` by labelling every row (``a:b`` as strings)."""
     levels = _interaction_levels(data, bar)
-    labels = _group_labels(data, bar)
+    labels = group_labels(data, bar)
     return levels, pd.Categorical(labels, categories=levels).codes.astype(np.int32)
 
 
@@ -1407,8 +1408,8 @@ def _check_groups_survive(formula: ParsedFormula, before: pd.DataFrame, after: p
     """A grouping level that had rows before NA removal but none after is an error: its
     random effect would silently vanish from the model."""
     for bar in formula.bars:
-        lost = sorted(set(_group_labels(before.dropna(subset=list(bar.group_factors)), bar))
-                      - set(_group_labels(after, bar)))
+        lost = sorted(set(group_labels(before.dropna(subset=list(bar.group_factors)), bar))
+                      - set(group_labels(after, bar)))
         if lost:
             cols = [c for c in needed if before[c].isna().any()]
             raise DataError(f"grouping factor '{bar.group}': level(s) {lost[:5]} have no rows "

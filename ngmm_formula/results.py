@@ -368,12 +368,23 @@ class NGMMResult:
         """
         return self._reduced_rank_term(term).loadings_frame()
 
-    def scores(self, term: int | str | None = None) -> pd.DataFrame:
+    def scores(self, term: int | str | None = None, newdata: pd.DataFrame | None = None
+               ) -> pd.DataFrame:
         r"""Factor scores of a reduced-rank term: the conditional modes of :math:`z_g` for
         every level (student), with their conditional covariances in
         ``attrs["condVar"]`` (levels x d x d). Under quadrature these are the modes the
-        adaptive rule is centred on."""
-        return self._reduced_rank_term(term).scores_frame()
+        adaptive rule is centred on.
+
+        With ``newdata`` (rows with responses): the scores of the levels in it from those
+        rows alone, at the fitted parameters -- new students scored from their answers --
+        with ``attrs["logLik"]``, each level's marginal log-likelihood (its random effects
+        integrated; the held-out log-likelihood of a new student)
+        (:func:`ngmm_formula.scoring.score_newdata`).
+        """
+        rr = self._reduced_rank_term(term)
+        if newdata is None:
+            return rr.scores_frame()
+        return RESULT_METHODS.implementation("score_newdata")(self, rr, newdata)
 
     def confint(self, method: str = "wald", level: float = 0.95, **kw: Any) -> pd.DataFrame:
         """Confidence intervals as lme4's ``confint(fit, oldNames = FALSE)``: method "wald",

@@ -45,7 +45,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fit", "checkpoint"),
     ("train",),
     ("results", "assemble"),
-    ("plots", "persist", "emmeans", "intervals", "residuals"),
+    ("plots", "persist", "emmeans", "intervals", "residuals", "scoring"),
     ("api",),
     ("inference", "compare", "performance", "sklearn"),
     ("distributed", "cli"),

@@ -315,3 +315,21 @@ def test_confint_gives_wald_intervals_of_the_loadings(irt_fit) -> None:  # type:
                                lt["estimate"] - 1.959963984540054 * lt["std_error"], rtol=1e-12)
     with pytest.raises(NGMMError, match="not available for reduced-rank terms"):
         fit.confint(method="profile")
+
+
+def test_scores_of_new_students_from_their_responses(irt_fit) -> None:  # type: ignore[no-untyped-def]
+    """Scoring the training rows again at the fitted parameters gives the fit's own scores,
+    conditional variances and, summed over students, its log-likelihood (the same mode
+    search and rule); renamed students answering alike get the same scores."""
+    fit, _, _ = irt_fit
+    df, _, _ = irt_data(n_students=400, n_items=6, d=1, seed=5)
+    again = fit.scores(newdata=df)
+    own = fit.scores()
+    np.testing.assert_allclose(again.loc[own.index].to_numpy(), own.to_numpy(), atol=1e-10)
+    np.testing.assert_allclose(again.attrs["condVar"], own.attrs["condVar"], rtol=1e-9)
+    assert again.attrs["logLik"].sum() == pytest.approx(fit.loglik, rel=1e-10)
+    new = df[df["id"].isin(["s000", "s001"])].assign(id=lambda d: "new " + d["id"].astype(str))
+    scored = fit.scores(newdata=new)
+    assert list(scored.index) == ["new s000", "new s001"]
+    np.testing.assert_allclose(scored.to_numpy(), own.loc[["s000", "s001"]].to_numpy(),
+                               atol=1e-10)
