@@ -934,18 +934,21 @@ def full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> list[int]:
     """Columns kept by R's pivoting QR (dqrdc2): a column is dropped when, after projecting
     out the kept columns before it, less than ``tol`` of its norm remains."""
     kept: list[int] = []
-    Q = np.zeros((X.shape[0], 0))
+    # the orthonormal basis so far: columns 0..len(kept)-1 of a preallocated array (stacking
+    # a new array per column copied O(n p^2) values: 3 s of a 10^6 x 50 design)
+    basis = np.zeros((X.shape[1], X.shape[0]))
     for j in range(X.shape[1]):
         x = X[:, j]
         norm = np.linalg.norm(x)
         if norm == 0:
             continue
-        r = x - Q @ (Q.T @ x)
-        r = r - Q @ (Q.T @ r)  # re-orthogonalise for stability
+        Qt = basis[:len(kept)]
+        r = x - Qt.T @ (Qt @ x)
+        r = r - Qt.T @ (Qt @ r)  # re-orthogonalise for stability
         rn = np.linalg.norm(r)
         if rn > tol * norm:
+            basis[len(kept)] = r / rn
             kept.append(j)
-            Q = np.column_stack([Q, r / rn])
     return kept
 
 

@@ -174,6 +174,43 @@ class Objective:
             total = [t if g is None else t + g for t, g in zip(total, grads)]
         return value, total
 
+    def score_information(self) -> np.ndarray:
+        r"""The outer product of the per-block scores at the current parameters,
+        :math:`\sum_g s_g s_g^\top` with :math:`s_g = \partial \ell_g / \partial x` (x in
+        :func:`_params`' order): BHHH's estimate of the information, consistent for the
+        observed information at the maximum-likelihood estimate of a correctly specified
+        model, at the cost of one gradient (finite differences of the gradient cost 2 dim(x)).
+
+        For per-group blocks whose parameters enter through the rows' linear predictor and
+        slot values only (no REML, no dispersion parameter, no networks): each row's
+        :math:`\partial \ell / \partial \eta_i` and :math:`\partial \ell / \partial C_{is}`
+        belong to its block alone, and :math:`\eta = X_s \beta + \dots`, :math:`C = Z
+        \Lambda(\theta)` are linear in the parameters, so the scores are sparse sums over
+        rows (:func:`_block_jacobian`).
+        """
+        k = int(_get(self.module).size)
+        info = np.zeros((k, k))
+        for piece in self.chunks():
+            J = _block_jacobian(piece.problem, *piece._row_gradients(), k)
+            info += (J.T @ J).toarray()
+        return info
+
+    def _row_gradients(self) -> tuple[np.ndarray, np.ndarray]:
+        r""":math:`\partial \ell / \partial \eta_i` (n,) and :math:`\partial \ell /
+        \partial C_{is}` (n, S) at the current parameters."""
+        pr, m = self.problem, self.module
+        with torch.no_grad():
+            eta, C = m.eta_fixed(pr), m.slot_values(pr)
+        start = self.mode.v if self.mode is not None else None
+        self.mode = find_mode(self.family, pr.y, pr.w, eta, m.log_sigma, C, pr.blocks, start,
+                              tol=self.mode_tol)
+        eta.requires_grad_()
+        C.requires_grad_()
+        ll = log_marginal(self.family, pr.y, pr.w, eta, m.log_sigma, C, pr.blocks, self.mode,
+                          self.rule, pr.log_const)
+        g_eta, g_C = torch.autograd.grad(ll.sum(), (eta, C))
+        return g_eta.cpu().double().numpy(), g_C.cpu().double().numpy()
+
     def reduce(self, x: np.ndarray) -> np.ndarray:
         """Sum ``x`` (values, gradients) over the processes sharing the objective."""
         return x if self.shard is None else self.shard.all_sum(x)
@@ -222,6 +259,72 @@ def _set(module: LinearPredictor, x: np.ndarray) -> None:
 
 
 ValueAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
+
+#: Above this many parameter-row products (dim(x) x rows) a per-group quadrature fit (AGQ or
+#: the truncated rule) without a dispersion parameter takes BHHH's score outer product
+#: (:meth:`Objective.score_information`) for its Newton polish and standard errors instead of
+#: the finite-difference Hessian, whose 2 dim(x) gradient evaluations dominate such fits: an
+#: item-response model with 301 parameters on 10^5 responses spent about 1,200 of its
+#: evaluations there. The two agree where the integral is accurate (the information
+#: identity): on 1,500 simulated students x 5 items, AGQ with 9 nodes, standard errors within
+#: 1.2 % (fixed effects) and 2.0 % (loadings). The Laplace approximation keeps the observed
+#: Hessian: its log-likelihood is not the model's, and there BHHH's standard errors differed
+#: from the Hessian's by up to 9 % (30 items per student). Every reference model of the tests
+#: stays below the threshold (VerbAgg's rr fits: 71 x 7,584 = 5.4e5).
+SCORE_INFORMATION_MIN_WORK = 2e7
+
+
+def _block_jacobian(pr: Problem, g_eta: np.ndarray, g_C: np.ndarray, k: int) -> Any:
+    """The per-block scores (n_blocks, k) as a sparse matrix, from the rows' gradients in
+    their linear predictor and slot values (:meth:`Objective.score_information`)."""
+    import scipy.sparse as sp
+
+    block = pr.blocks.block_of_obs.cpu().numpy().astype(np.int64)
+    n = block.size
+    rows, cols, vals = [], [], []
+    col0 = 0
+    if not pr.reml and pr.p:  # eta = X_s beta + ...
+        rows.append(np.repeat(block, pr.p))
+        cols.append(np.tile(np.arange(pr.p), n))
+        vals.append((pr.Xs.cpu().double().numpy() * g_eta[:, None]).reshape(-1))
+        col0 = pr.p
+    slot = 0
+    zcols = pr.Zcols or (None,) * len(pr.Z)
+    for Z, Zc, q, d, rank in zip(pr.Z, zcols, pr.q, pr.dims, pr.ranks):
+        pairs = tril_pairs(q, rank)
+        index = np.full((q, d), -1)
+        for m, (i, j) in enumerate(pairs):
+            index[i, j] = col0 + m
+        Zv = Z.cpu().double().numpy()
+        jcol = (np.broadcast_to(np.arange(q), Zv.shape) if Zc is None
+                else Zc.cpu().numpy().astype(np.int64))
+        # dC_is / dLambda[j, s] = Z_ij: every (row, entry of Z, slot) pair
+        idx = index[jcol[:, :, None], np.arange(d)[None, None, :]]
+        contrib = Zv[:, :, None] * g_C[:, None, slot:slot + d]
+        keep = idx >= 0
+        rows.append(np.broadcast_to(block[:, None, None], idx.shape)[keep])
+        cols.append(idx[keep])
+        vals.append(contrib[keep])
+        col0 += len(pairs)
+        slot += d
+    return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(pr.blocks.n_blocks, k)).tocsr()
+
+
+def _score_information_hessian(obj: Objective) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``x -> -score_information`` where it applies and saves work
+    (:data:`SCORE_INFORMATION_MIN_WORK`), else None (finite differences)."""
+    pr, m = obj.problem, obj.module
+    if (obj.approx.kind not in ("agq", "truncated") or obj.approx.joint or pr.reml
+            or m.log_sigma is not None or len(m.nets) or pr.net_X or obj.shard is not None):
+        return None
+    if _get(m).size * int(pr.y.shape[0]) < SCORE_INFORMATION_MIN_WORK:
+        return None
+
+    def hessian(x: np.ndarray) -> np.ndarray:
+        _set(m, x)
+        return -obj.score_information()
+    return hessian
 
 
 def _value_and_grad(obj: Objective, x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -436,7 +539,7 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
         return _value_and_grad(obj, x)
 
     opt = _maximise(value_and_grad, x0, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps,
-                    final_hessian=final_hessian)
+                    final_hessian=final_hessian, hessian=_score_information_hessian(obj))
     # the module (and, in a distributed fit, every process) at the optimum
     value, grad = _value_and_grad(obj, opt.x)
     opt = dataclasses.replace(opt, loglik=value, gradient=grad,
@@ -488,7 +591,8 @@ NEAR_BOUNDARY = 1e-3
 
 def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gtol: float,
               newton_steps: int, final_hessian: bool = True,
-              stop_at_gtol: np.ndarray | None = None) -> Optimum:
+              stop_at_gtol: np.ndarray | None = None,
+              hessian: Callable[[np.ndarray], np.ndarray] | None = None) -> Optimum:
     r"""L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
 
     Newton polishing is the chord method: the finite-difference Hessian at the L-BFGS point
@@ -504,8 +608,16 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     it, runs to stagnation as before. On nlme's Machines (two parameters) L-BFGS-B's line
     searches spent 47 of 59 evaluations at points equal to 9 digits; the optimum moved by
     1e-9 relative.
+
+    ``hessian``: a function giving the (approximate) Hessian at a point in one evaluation
+    (BHHH's, :func:`_score_information_hessian`) instead of finite differences.
     """
     n_eval = 0
+
+    def curvature(x: np.ndarray) -> tuple[np.ndarray, int]:
+        if hessian is not None:
+            return hessian(x), 1
+        return fd_hessian(value_and_grad, x), 2 * x.size
     # the gradients of the last evaluations, by point: an iterate whose gradient is already
     # below ``gtol`` (the polish's own criterion) ends L-BFGS-B (``stop_at_gtol``)
     seen: dict[bytes, float] = {}
@@ -536,8 +648,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     )
     x = res.x
     value, grad = value_and_grad(x)
-    H = fd_hessian(value_and_grad, x)
-    n_eval += 1 + 2 * x.size
+    H, cost = curvature(x)
+    n_eval += 1 + cost
     moved = False
     for _ in range(newton_steps):
         if np.abs(grad).max() < gtol:
@@ -559,8 +671,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         if not improved:
             break
     if moved and final_hessian:
-        H = fd_hessian(value_and_grad, x)
-        n_eval += 2 * x.size
+        H, cost = curvature(x)
+        n_eval += cost
     eig = np.linalg.eigvalsh(-H) if H.size else np.array([1.0])
     hessian_pd = bool(eig.min() > 0)
     scaled = np.abs(grad)

@@ -333,3 +333,57 @@ def test_scores_of_new_students_from_their_responses(irt_fit) -> None:  # type: 
     assert list(scored.index) == ["new s000", "new s001"]
     np.testing.assert_allclose(scored.to_numpy(), own.loc[["s000", "s001"]].to_numpy(),
                                atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------
+# BHHH information for large per-group fits
+
+
+@pytest.mark.parametrize("formula", ["y ~ 0 + item + rr(0 + item | id, d = 2)",
+                                     "y ~ 1 + item + (1 + item | id)"])
+def test_score_information_is_the_sum_of_per_student_score_products(formula: str) -> None:
+    """Objective.score_information against the per-block gradients by autograd, block by
+    block (exact up to round-off: both differentiate the same per-block approximation)."""
+    from ngmm_formula.fit import _get, _params
+
+    df, _, _ = irt_data(n_students=12, n_items=3, d=2, seed=4)
+    p = prepare(formula, df, "binomial", approx="agq", nagq=3)
+    module = LinearPredictor(p.problem, False)
+    rng = np.random.default_rng(1)
+    with torch.no_grad():
+        for par in _params(module):
+            par.copy_(0.5 + 0.3 * torch.as_tensor(rng.standard_normal(par.shape)))
+    obj = Objective(p.problem, p.family, p.approximation, module)
+    info = obj.score_information()
+    ll = obj.per_block(warm=False)
+    params = _params(module)
+    scores = np.array([np.concatenate([g.numpy().ravel() for g in torch.autograd.grad(
+        ll[b], params, retain_graph=True)]) for b in range(ll.numel())])
+    assert info.shape == (_get(module).size,) * 2
+    np.testing.assert_allclose(info, scores.T @ scores, rtol=1e-9, atol=1e-12)
+
+
+def test_large_per_group_fits_take_the_score_information(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Above SCORE_INFORMATION_MIN_WORK a quadrature fit's standard errors come from BHHH's
+    information: close to the observed Hessian's on 1,500 simulated students where the
+    integral is accurate (AGQ, 9 nodes; measured within 1.2 % and 2.0 %; asserted 5 %: the
+    two estimate the same information, their difference is of order 1/sqrt(students) and
+    fixed by the seed), with far fewer evaluations. A Laplace fit keeps the Hessian."""
+    import ngmm_formula.fit as fit_module
+
+    df, _, _ = irt_data(n_students=1500, n_items=5, d=1, seed=8)
+    formula = "y ~ 0 + item + rr(0 + item | id, d = 1)"
+    observed = ngmm(formula, df, "binomial", approx="agq", nagq=9)
+    monkeypatch.setattr(fit_module, "SCORE_INFORMATION_MIN_WORK", 0)
+    bhhh = ngmm(formula, df, "binomial", approx="agq", nagq=9)
+    lap = prepare(formula, df, "binomial", approx="laplace")
+    lap_obj = Objective(lap.problem, lap.family, lap.approximation,
+                        LinearPredictor(lap.problem, False))
+    assert fit_module._score_information_hessian(lap_obj) is None
+    assert bhhh.loglik == pytest.approx(observed.loglik, abs=1e-6)
+    assert bhhh.diagnostics.evaluations < observed.diagnostics.evaluations
+    se_obs = np.sqrt(np.diag(observed.vcov.to_numpy()))
+    se_bhhh = np.sqrt(np.diag(bhhh.vcov.to_numpy()))
+    np.testing.assert_allclose(se_bhhh, se_obs, rtol=0.05)
+    np.testing.assert_allclose(bhhh.loadings()["std_error"], observed.loadings()["std_error"],
+                               rtol=0.05)
