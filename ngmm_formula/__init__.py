@@ -18,6 +18,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from ngmm_formula.errors import (
+    ApproximationWarning,
     CheckpointError,
     ConvergenceWarning,
     DataError,
@@ -122,6 +123,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "ApproximationWarning",
     "CheckpointError",
     "ComparisonTable",
     "Control",
