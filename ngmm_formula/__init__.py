@@ -18,6 +18,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from ngmm_formula.errors import (
+    ApproximationWarning,
     CheckpointError,
     ConvergenceWarning,
     DataError,
@@ -123,6 +124,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "ApproximationWarning",
     "CheckpointError",
     "ComparisonTable",
     "Control",

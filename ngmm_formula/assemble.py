@@ -27,6 +27,7 @@ from ngmm_formula.approx.variational import (
 )
 from ngmm_formula.design import Design, re_effect, tril_pairs
 from ngmm_formula.errors import (
+    ApproximationWarning,
     ConvergenceWarning,
     RankDeficiencyWarning,
     SingularFitWarning,
@@ -208,7 +209,8 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
         convergence = f"Model failed to converge with max|grad| = {max_grad:.6g} (tol = 0.002)"
     elif not opt.hessian_pd and not singular:
         convergence = "Model is nearly unidentifiable: the Hessian is not positive definite"
-    messages = _fit_messages(design, singular, convergence)
+    messages = _fit_messages(design, singular, convergence,
+                             approximation=_large_loadings(reduced, approx))
     diagnostics = Diagnostics(
         converged=opt.converged, max_grad=max_grad, hessian_pd=opt.hessian_pd,
         singular=singular, iterations=opt.iterations, evaluations=opt.evaluations,
@@ -225,10 +227,12 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
 
 
 def _fit_messages(design: Design, singular: bool, convergence: str | None,
-                  notes: Sequence[str] = ()) -> tuple[str, ...]:
+                  notes: Sequence[str] = (), approximation: str | None = None
+                  ) -> tuple[str, ...]:
     """The messages of a fit in lme4's words and order (rank deficiency, singular fit,
-    convergence, then ``notes`` and the rows dropped for missing values); each of the first
-    three is also warned, once, with its class."""
+    convergence, then ``approximation`` (:func:`_large_loadings`), ``notes`` and the rows
+    dropped for missing values); each but the last two is also warned, once, with its
+    class."""
     messages: list[str] = []
 
     def warn(msg: str, category: type[Warning]) -> None:
@@ -243,10 +247,38 @@ def _fit_messages(design: Design, singular: bool, convergence: str | None,
         warn("boundary (singular) fit: see help('isSingular')", SingularFitWarning)
     if convergence is not None:
         warn(convergence, ConvergenceWarning)
+    if approximation is not None:
+        warn(approximation, ApproximationWarning)
     messages.extend(notes)
     if design.n_dropped_na:
         messages.append(f"{design.n_dropped_na} observations deleted due to missingness")
     return tuple(messages)
+
+
+#: a reduced-rank loading above this (link scale) makes the item a near-step function of the
+#: scores, where the Laplace approximation is unreliable (:class:`ApproximationWarning`)
+LARGE_LOADING = 10.0
+
+
+def _large_loadings(reduced: Sequence[ReducedRank], approx: Approximation) -> str | None:
+    """The :class:`ApproximationWarning` message when a loading of an ``rr()`` term exceeds
+    :data:`LARGE_LOADING` in absolute value (not for the exact Gaussian integral, whose
+    loadings are not on a link scale), else None."""
+    if approx.kind == "exact":
+        return None
+    big = [(rr.columns[i], float(np.abs(rr.loadings[i]).max())) for rr in reduced
+           for i in np.flatnonzero(np.abs(rr.loadings).max(axis=1) > LARGE_LOADING)]
+    if not big:
+        return None
+    shown = ", ".join(f"{c} ({v:.3g})" for c, v in big[:5])
+    more = f" and {len(big) - 5} more" if len(big) > 5 else ""
+    advice = ("the Laplace approximation is unreliable there and may have a spurious "
+              "maximum: refit with approx='agq'" if approx.kind == "laplace" else
+              f"check the estimate with a larger nagq than {approx.nagq}"
+              if approx.kind == "agq" else "check the fit with approx='agq'")
+    return (f"implausibly large reduced-rank loading(s) (|loading| > {LARGE_LOADING:g} on the "
+            f"link scale) for {shown}{more}: the responses are near-deterministic steps in "
+            f"the scores; {advice}")
 
 
 def _is_singular(Ls: list[np.ndarray], rel: float, tol: float) -> bool:

@@ -50,6 +50,20 @@ class SingularFitWarning(NGMMWarning):
     """A variance at zero or a correlation at +/-1 (lme4's 'boundary (singular) fit')."""
 
 
+class ApproximationWarning(NGMMWarning):
+    """The estimates lie where the integral approximation is known to be unreliable.
+
+    Emitted when a reduced-rank loading exceeds 10 in absolute value on the link scale
+    (:data:`ngmm_formula.assemble.LARGE_LOADING`): the item's responses are then close to a
+    step function of the latent scores. The Laplace approximation treats such an item's
+    cliff as almost free (it ignores the mass of each student's posterior cut off by the
+    step) and can have a spurious maximum there, higher than the regular one: glmmTMB's
+    Laplace objective has the same maximum. Refit with ``approx="agq"`` (or compare the
+    fits' log-likelihoods under AGQ); under AGQ such a loading means a near-deterministic
+    item (check the estimate with a larger ``nagq``).
+    """
+
+
 class RankDeficiencyWarning(NGMMWarning):
     """Columns of the fixed-effects model matrix were aliased and dropped."""
 

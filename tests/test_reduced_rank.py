@@ -20,6 +20,7 @@ tests/test_objective.py (GRAD_CASES ``*_rr_*``).
 from __future__ import annotations
 
 import math
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -31,7 +32,13 @@ from scipy import integrate, special
 
 from ngmm_formula import ngmm
 from ngmm_formula.api import Prepared, prepare
-from ngmm_formula.errors import DataError, FormulaError, NGMMError
+from ngmm_formula.errors import (
+    ApproximationWarning,
+    DataError,
+    FormulaError,
+    NGMMError,
+    NGMMWarning,
+)
 from ngmm_formula.fit import Objective
 from ngmm_formula.formula import parse_formula
 from ngmm_formula.model import LinearPredictor
@@ -255,6 +262,35 @@ def test_scores_and_new_students(irt_fit) -> None:  # type: ignore[no-untyped-de
     new = df.head(6).assign(id="new student")
     pop = fit.predict(new, re_form="NA")
     np.testing.assert_allclose(fit.predict(new, allow_new_levels=True), pop, rtol=1e-12)
+
+
+def test_regular_fit_has_no_large_loading_warning(irt_fit) -> None:  # type: ignore[no-untyped-def]
+    assert not [m for m in irt_fit[0].diagnostics.messages if "large reduced-rank" in m]
+
+
+@pytest.mark.parametrize("approx", ["laplace", "agq"])
+def test_step_item_warns_of_its_large_loading(approx: str) -> None:
+    """An item answered 1 exactly by the students above a cut in z (a Guttman item): its
+    loading runs off (Laplace 36, AGQ 17 on this draw); one ApproximationWarning per fit,
+    naming the item (the Laplace one recommends AGQ), recorded on the diagnostics."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(150)
+    eta = np.array([0.0, -0.5, 0.5, 0.0, 0.3]) + z[:, None] * np.array([1.0, 1.2, 0.8, 1, 1])
+    y = (rng.random((150, 5)) < special.expit(eta)).astype(float)
+    y[:, 3] = z > 0.3  # the step item
+    df = pd.DataFrame({"id": pd.Categorical(np.repeat([f"s{s:03d}" for s in range(150)], 5)),
+                       "item": pd.Categorical(np.tile([f"i{i}" for i in range(5)], 150)),
+                       "y": y.reshape(-1)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = ngmm("y ~ 0 + item + rr(0 + item | id, d = 1)", df, "binomial", approx=approx)
+    ours = [w for w in caught if issubclass(w.category, NGMMWarning)]
+    assert [w.category for w in ours] == [ApproximationWarning], [str(w.message) for w in ours]
+    message = str(ours[0].message)
+    assert "i3 (" in message and "|loading| > 10" in message
+    assert ("approx='agq'" in message) == (approx == "laplace")
+    assert message in fit.diagnostics.messages
+    assert np.abs(fit.reduced_rank[0].loadings[3]).max() > 10
 
 
 def test_reduced_rank_fit_round_trips(irt_fit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
