@@ -57,7 +57,7 @@ def score_newdata(fit: NGMMResult, rr: ReducedRank, newdata: pd.DataFrame) -> pd
         if j != k:
             eta = eta + re_effect(Z, gi, b)
     bar = design.spec.re_terms[k][0]
-    labels = group_labels(newdata.loc[nd.row_index], bar)
+    labels = group_labels(newdata, bar)  # new_data refused missing values: every row is kept
     codes, levels = pd.factorize(labels)
     d = rr.d
     Z = nd.Zraw[k]
