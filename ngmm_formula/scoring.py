@@ -69,8 +69,8 @@ def score_newdata(fit: NGMMResult, rr: ReducedRank, newdata: pd.DataFrame) -> pd
                     slot_pos=torch.arange(d).repeat(len(codes), 1),
                     prior_precision=torch.ones(d, dtype=torch.float64), split=None)
     fam = fit.family
-    y = torch.as_tensor(nd.y, dtype=torch.float64)
-    w = torch.as_tensor(nd.weights, dtype=torch.float64)
+    y = torch.tensor(nd.y, dtype=torch.float64)  # copies: the design's arrays are read-only
+    w = torch.tensor(nd.weights, dtype=torch.float64)
     log_sigma = (torch.tensor(math.log(fit.sigma), dtype=torch.float64)
                  if fam.has_dispersion else None)
     eta_t, C_t = torch.as_tensor(eta, dtype=torch.float64), torch.as_tensor(C)
