@@ -203,6 +203,11 @@ class NGMMResult:
 
     @property
     def title(self) -> str:
+        fam = self.family
+        if (self.approximation.kind == "laplace" and fam.name == "gaussian"
+                and fam.link.name == "identity"):
+            # a Gaussian model with rr() terms goes through the Laplace path, exact there
+            return "Linear mixed model fit by maximum likelihood"
         return self.approximation.title
 
     @property

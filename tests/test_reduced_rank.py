@@ -423,3 +423,23 @@ def test_large_per_group_fits_take_the_score_information(monkeypatch) -> None:  
     np.testing.assert_allclose(se_bhhh, se_obs, rtol=0.05)
     np.testing.assert_allclose(bhhh.loadings()["std_error"], observed.loadings()["std_error"],
                                rtol=0.05)
+
+
+def test_gaussian_rr_model_is_fitted_exactly_by_ml() -> None:
+    """A Gaussian identity model with an rr() term takes the Laplace path, exact for a
+    quadratic log-integrand: the same log-likelihood as 5-node AGQ at the same parameters."""
+    df, _, _ = irt_data(n_students=80, n_items=4, d=1, seed=2)
+    df["score"] = df["y"] + np.random.default_rng(0).normal(0, 0.5, len(df))
+    fit = ngmm("score ~ 0 + item + rr(0 + item | id, d = 1)", df, "gaussian")
+    assert fit.title == "Linear mixed model fit by maximum likelihood"
+    p = prepare("score ~ 0 + item + rr(0 + item | id, d = 1)", df, "gaussian", approx="agq",
+                nagq=5)
+    module = LinearPredictor(p.problem, True)
+    L = fit.reduced_rank[0].loadings
+    with torch.no_grad():
+        module.beta.copy_(torch.as_tensor(np.linalg.solve(p.problem.standardisation.A,
+                                                          fit.fixef.to_numpy())))
+        module.theta.copy_(torch.tensor(L[:, 0]))
+        module.log_sigma.fill_(math.log(fit.sigma))
+        agq = float(Objective(p.problem, p.family, p.approximation, module)())
+    assert agq == pytest.approx(fit.loglik, rel=1e-10)
