@@ -7,10 +7,12 @@ The design holds everything the engine needs as arrays, in lme4's notation:
 * ``X`` (n x p fixed-effects model matrix, full column rank, with lme4-like column names);
 * ``re_terms``: one :class:`ReTerm` per random-effects term in lme4's order (terms sorted by
   decreasing number of levels), each with its grouping index ``group_index`` (n,), its raw
-  model matrix ``Zraw`` (n x q) and the names ``cnms``; the sparse ``Zt`` of lme4 is
-  assembled from them (:meth:`Design.Zt`) and never stored densely;
+  model matrix ``Zraw`` (n x q; a reduced-rank term ``rr(... | g, d = K)`` keeps it as
+  :class:`SparseRows`, its nonzeros by row) and the names ``cnms``; the sparse ``Zt`` of lme4
+  is assembled from them (:meth:`Design.Zt`) and never stored densely;
 * the layout of the covariance parameters ``theta`` (lower-triangular relative Cholesky
-  factor of each term, column-major, as lme4's ``theta``/``Lind``);
+  factor of each term, column-major, as lme4's ``theta``/``Lind``; the q x d loading matrix
+  of a reduced-rank term in the same order, :func:`tril_pairs`);
 * ``nets``: the standardised input matrix of every ``nn()`` term with its encoding state.
 
 ``formulaic`` is imported only here. Its ``ModelSpec`` objects, the grouping-factor levels and
