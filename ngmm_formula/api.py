@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ngmm_formula.approx import Approximation, choose_approximation
+from ngmm_formula.approx import choose_approximation
 from ngmm_formula.approx.variational import (
     VariationalObjective,
     fit_variational,
@@ -25,7 +25,7 @@ from ngmm_formula.approx.variational import (
 )
 from ngmm_formula.assemble import Prepared, make_result, variational_result
 from ngmm_formula.checks import check_separation
-from ngmm_formula.design import Design, build_design, check_reduced_rank_response, required_columns
+from ngmm_formula.design import build_design, check_reduced_rank_response, required_columns
 from ngmm_formula.errors import (
     DataError,
     NGMMError,
@@ -102,40 +102,18 @@ def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
     n_groups = len(design.grouping_factors)
     block_dim = sum(t.dim for t in design.re_terms)
     gauss_id = fam.name == "gaussian" and fam.link.name == "identity"
+    rr = next((t for t in design.re_terms if t.rank is not None), None)
     approximation = choose_approximation(
         approx, nagq=nagq, truncation=truncation, points=points, reml=reml,
         n_grouping_factors=n_groups, block_dim=block_dim, gaussian_identity=gauss_id,
-        has_networks=bool(design.nets))
-    approximation = _reduced_rank_approximation(design, approximation, reml)
+        has_networks=bool(design.nets),
+        reduced_rank=None if rr is None else f"rr({rr.expr} | {rr.group}, d = {rr.rank})")
     # networks train in float32 unless a dtype is asked for: twice the arithmetic rate of
     # float64 on a CPU and half the memory traffic, while the integrals stay in float64
     net_dtype = torch.float32 if dtype is None else dt
     problem = build_problem(design, fam, approximation, dtype=dt, device=dev,
                             net_dtype=net_dtype)
     return Prepared(design, fam, approximation, problem)
-
-
-def _reduced_rank_approximation(design: Design, approximation: Approximation,
-                                reml: bool | None) -> Approximation:
-    """The approximation for a model with ``rr()`` terms: the quadrature rules and the Laplace
-    approximation integrate their d coordinates per level as any vector random effect; the
-    profiled Gaussian objective (square relative factors) and the variational fit do not
-    take them yet. A Gaussian model with the identity link goes through the Laplace
-    approximation, which is then exact (the log-integrand is quadratic), by maximum
-    likelihood (glmmTMB's default; ``reml=True`` is refused)."""
-    rr = [t for t in design.re_terms if t.rank is not None]
-    if not rr:
-        return approximation
-    label = f"rr({rr[0].expr} | {rr[0].group}, d = {rr[0].rank})"
-    if approximation.kind == "variational":
-        raise NGMMError(f"approx='variational' does not take reduced-rank terms ({label}) yet; "
-                        "use approx='laplace', 'agq' or 'truncated'")
-    if approximation.kind == "exact":
-        if reml:
-            raise NGMMError(f"REML is not available with reduced-rank terms ({label}); use "
-                            "reml=False")
-        return Approximation("laplace", joint=len(design.grouping_factors) != 1)
-    return approximation
 
 
 def objective_at(prepared: Prepared, fixef: np.ndarray | None, theta: np.ndarray,

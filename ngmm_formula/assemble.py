@@ -210,7 +210,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     elif not opt.hessian_pd and not singular:
         convergence = "Model is nearly unidentifiable: the Hessian is not positive definite"
     messages = _fit_messages(design, singular, convergence,
-                             approximation=_large_loadings(reduced, approx))
+                             approximation=_large_loadings(reduced, approx, fam))
     diagnostics = Diagnostics(
         converged=opt.converged, max_grad=max_grad, hessian_pd=opt.hessian_pd,
         singular=singular, iterations=opt.iterations, evaluations=opt.evaluations,
@@ -260,11 +260,13 @@ def _fit_messages(design: Design, singular: bool, convergence: str | None,
 LARGE_LOADING = 10.0
 
 
-def _large_loadings(reduced: Sequence[ReducedRank], approx: Approximation) -> str | None:
+def _large_loadings(reduced: Sequence[ReducedRank], approx: Approximation, family: Family
+                    ) -> str | None:
     """The :class:`ApproximationWarning` message when a loading of an ``rr()`` term exceeds
-    :data:`LARGE_LOADING` in absolute value (not for the exact Gaussian integral, whose
-    loadings are not on a link scale), else None."""
-    if approx.kind == "exact":
+    :data:`LARGE_LOADING` in absolute value (not for a Gaussian response with the identity
+    link: its integral is exact -- through the Laplace path, the one Gaussian ``rr()`` models
+    take -- and its loadings are on the data's scale, not a link scale), else None."""
+    if family.name == "gaussian" and family.link.name == "identity":
         return None
     big = [(rr.columns[i], float(np.abs(rr.loadings[i]).max())) for rr in reduced
            for i in np.flatnonzero(np.abs(rr.loadings).max(axis=1) > LARGE_LOADING)]

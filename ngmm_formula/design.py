@@ -142,10 +142,6 @@ class SparseRows:
         np.add.at(out, (np.arange(self.shape[0])[:, None], self.columns), self.values)
         return out
 
-    def column_rows(self, j: int) -> np.ndarray:
-        """Rows with a nonzero in column ``j`` (boolean mask)."""
-        return ((self.columns == j) & (self.values != 0)).any(axis=1)
-
 
 #: A term's raw model matrix: dense (n, q), or :class:`SparseRows` (reduced-rank terms).
 ZMatrix = np.ndarray | SparseRows
@@ -1379,15 +1375,26 @@ def check_reduced_rank_response(design: Design) -> None:
     for t in design.re_terms:
         if t.rank is None:
             continue
-        for j, name in enumerate(t.cnms):
-            rows = (t.Zraw.column_rows(j) if isinstance(t.Zraw, SparseRows)
-                    else t.Zraw[:, j] != 0)
-            ys = design.y[rows]
-            if ys.size and np.all(ys == ys[0]):
-                raise DataError(f"column '{name}' of rr({t.expr} | {t.group}, d = {t.rank}) "
-                                f"has the same response ({ys[0]:g}) in all its {ys.size} "
-                                "rows: its loadings cannot be estimated; drop it from the "
-                                "term or the data")
+        # every nonzero (row, column) of the term at once: the smallest and largest response
+        # of each column, O(nonzeros) without a pass over the rows per column
+        if isinstance(t.Zraw, SparseRows):
+            rows, slot = np.nonzero(t.Zraw.values)
+            cols = t.Zraw.columns[rows, slot]
+        else:
+            rows, cols = np.nonzero(t.Zraw)
+        ys = design.y[rows]
+        low, high = np.full(t.q, np.inf), np.full(t.q, -np.inf)
+        np.minimum.at(low, cols, ys)
+        np.maximum.at(high, cols, ys)
+        count = np.bincount(cols, minlength=t.q)
+        constant = np.flatnonzero((count > 0) & (low == high))
+        if constant.size:
+            j = constant[0]
+            raise DataError(f"column '{t.cnms[j]}' of rr({t.expr} | {t.group}, d = {t.rank}) "
+                            f"has the same response ({low[j]:g}) in all its {count[j]} "
+                            "rows: its loadings cannot be estimated; drop it from the "
+                            "term or the data")
+
 
 def _overflow_message(columns: list[str], where: str) -> str:
     return (f"{where} column(s) {columns} have values so large that their squares overflow "

@@ -111,6 +111,9 @@ def test_marginal_loglik_matches_scipy_quadrature(d: int) -> None:
             val, _ = integrate.dblquad(lambda u2, u1, idx=idx: _integrand(
                                            np.array([u1, u2]), y, offset, lam, items, idx),
                                        -9, 9, -9, 9, epsabs=0, epsrel=1e-11)
+        # 1e-8: a 20-node adaptive rule on this smooth integrand (at most 5 Bernoulli factors
+        # times a Gaussian) is accurate to ~1e-12, scipy's to its epsrel; the margin is for
+        # the round-off of either, far above any machine's float64 differences
         assert got[g] == pytest.approx(np.log(val), rel=1e-8), g
 
 
@@ -121,4 +124,6 @@ def test_conditional_modes_are_stationary() -> None:
     for g in range(z.shape[0]):
         idx = groups == g
         grad = (y[idx] - p[idx]) @ lam[items[idx]] - z[g]
+        # 1e-9: Newton stops once a step is below 1e-10; convergence is quadratic, so the
+        # gradient left is orders smaller, whatever the machine's rounding
         np.testing.assert_allclose(grad, 0.0, atol=1e-9)

@@ -105,6 +105,7 @@ def choose_approximation(
     block_dim: int,
     gaussian_identity: bool,
     has_networks: bool,
+    reduced_rank: str | None = None,
 ) -> Approximation:
     """Resolve the user's ``approx=`` and friends into an :class:`Approximation`.
 
@@ -115,6 +116,13 @@ def choose_approximation(
     the evidence lower bound of one Gaussian per level
     (:mod:`~ngmm_formula.approx.variational`); it takes no ``nagq``, ``truncation``,
     ``points`` or ``reml=True``.
+
+    ``reduced_rank``: the first ``rr()`` term of the model, if any. Its d coordinates per
+    level take the quadrature rules and the Laplace approximation as any vector random
+    effect; the profiled Gaussian objective (square relative factors) and the variational
+    fit do not take them yet, so a Gaussian model with the identity link goes through the
+    Laplace approximation, which is exact there (the log-integrand is quadratic), by maximum
+    likelihood (glmmTMB's default; ``reml=True`` is refused).
     """
     allowed = ("auto", "laplace", "agq", "truncated", "variational")
     if approx not in allowed:
@@ -129,6 +137,10 @@ def choose_approximation(
             raise NGMMError("reml=True is not available with approx='variational' (the evidence "
                             "lower bound is a maximum-likelihood criterion); use reml=False or "
                             "approx='auto'")
+        if reduced_rank is not None:
+            raise NGMMError(f"approx='variational' does not take reduced-rank terms "
+                            f"({reduced_rank}) yet; use approx='laplace', 'agq' or "
+                            "'truncated'")
         return Approximation("variational", joint=True)
     factorises = n_grouping_factors == 1
     if reml and not gaussian_identity:
@@ -147,6 +159,11 @@ def choose_approximation(
     if approx == "auto" and nagq is not None:
         approx = "agq" if nagq > 1 else "laplace"
 
+    if gaussian_identity and approx in ("auto", "laplace") and reduced_rank is not None:
+        if reml:
+            raise NGMMError(f"REML is not available with reduced-rank terms "
+                            f"({reduced_rank}); use reml=False")
+        return Approximation("laplace", joint=not factorises)
     if gaussian_identity and approx in ("auto", "laplace"):
         use_reml = bool(reml) if reml is not None else not has_networks
         return Approximation("exact", reml=use_reml, joint=use_reml or not factorises)
