@@ -843,6 +843,33 @@ class Family(ABC):
         mu, m1, a, da = self._score_terms(eta, ls)
         return w * (-m1 * a + (y - mu) * da) / self._phi(ls, eta)
 
+    def eta_derivatives(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r""":meth:`dlogp` and :meth:`d2logp` together (families override it where the two
+        share work, e.g. one :math:`\mu` for a canonical link)."""
+        return self.dlogp(y, eta, log_sigma, weights), self.d2logp(y, eta, log_sigma, weights)
+
+    def d3logp(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        r"""Third derivative of :meth:`log_prob` with respect to :math:`\eta` (elementwise,
+        not differentiable): by autograd on :meth:`d2logp`, or a family's closed form. The
+        derivative of the Laplace log-determinant (:mod:`~ngmm_formula.approx.scalar`)
+        needs it."""
+        with torch.enable_grad():
+            e = eta.detach().requires_grad_(True)
+            (d3,) = torch.autograd.grad(self.d2logp(y, e, log_sigma, weights).sum(), e)
+        return d3
+
     def fisher_weight(
         self,
         eta: Tensor,
@@ -1338,6 +1365,35 @@ class Binomial(Family):
         link = self.plink
         return m * (y * link.d2log_p(eta) + (1.0 - y) * link.d2log_q(eta))
 
+    def eta_derivatives(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r"""Logit link: :math:`m(y - p)` and :math:`-m\,p(1-p)` from one :math:`p` and
+        :math:`1-p` (each from its own sigmoid, so neither underflows)."""
+        if self.link.name != "logit":
+            return super().eta_derivatives(y, eta, log_sigma, weights)
+        m = _weights_like(weights, eta)
+        p, q = torch.sigmoid(eta), torch.sigmoid(-eta)
+        return m * (y * q - (1.0 - y) * p), -(m * p * q)
+
+    def d3logp(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        r"""Logit link: :math:`-m\,p(1-p)(1-2p)`."""
+        if self.link.name != "logit":
+            return super().d3logp(y, eta, log_sigma, weights)
+        m = _weights_like(weights, eta)
+        p, q = torch.sigmoid(eta), torch.sigmoid(-eta)
+        return -(m * p * q * (q - p))
+
     def fisher_weight(
         self,
         eta: Tensor,
@@ -1498,6 +1554,32 @@ class Poisson(_PositiveMeanFamily):
         self, y: Tensor, eta: Tensor, log_sigma: Tensor | float | None, w: Tensor
     ) -> Tensor:
         return w * (y * self._log_mean(eta) - self.mean(eta))
+
+    def eta_derivatives(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r"""Log link: :math:`w(y - \mu)` and :math:`-w\mu` from one :math:`\mu`."""
+        if self.link.name != "log":
+            return super().eta_derivatives(y, eta, log_sigma, weights)
+        w = _weights_like(weights, eta)
+        wmu = w * self.link.inverse(eta)
+        return w * y - wmu, -wmu
+
+    def d3logp(
+        self,
+        y: Tensor,
+        eta: Tensor,
+        log_sigma: Tensor | float | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        r"""Log link: :math:`-w\mu`."""
+        if self.link.name != "log":
+            return super().d3logp(y, eta, log_sigma, weights)
+        return -(_weights_like(weights, eta) * self.link.inverse(eta))
 
     def _validate_support(self, y: np.ndarray, w: np.ndarray, name: str) -> None:
         _validate_counts(self.name, y, name)

@@ -36,7 +36,9 @@ from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.adaptive import log_marginal
 from ngmm_formula.approx.blocked import profiled_objective
 from ngmm_formula.approx.conditional import ConditionalMode, find_mode
+from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.approx.profiled import ProfiledLMM
+from ngmm_formula.approx.scalar import scalar_laplace
 from ngmm_formula.control import Control
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.families import Family
@@ -104,6 +106,16 @@ class Objective:
         C = m.slot_values(pr)
         if start is None and warm and self.mode is not None:
             start = self.mode.v
+        if start is not None and self._fused_scalar(C):
+            fused = scalar_laplace(self.family, pr.y, pr.w, eta_fixed, C[:, 0],
+                                   pr.blocks.block_of_obs, pr.blocks.n_blocks, start,
+                                   self.mode_steps or 0, pr.log_const)
+            if fused is not None:
+                ll, v, H = fused
+                self.mode = ConditionalMode(v=v.unsqueeze(-1),
+                                            factor=DenseFactor(H.sqrt().reshape(-1, 1, 1), True),
+                                            iterations=self.mode_steps or 0, converged=False)
+                return ll
         self.mode = find_mode(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
                               start, tol=self.mode_tol, steps=self.mode_steps)
         ll = log_marginal(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
@@ -112,6 +124,15 @@ class Objective:
             # beta was integrated on the standardised scale: d beta = |det A| d beta_s
             ll = ll + pr.standardisation.log_abs_det
         return ll
+
+    def _fused_scalar(self, C: torch.Tensor) -> bool:
+        """Whether :meth:`per_block` takes :func:`~ngmm_formula.approx.scalar.scalar_laplace`:
+        training steps (fixed Newton steps from warm modes) of the Laplace rule on one scalar
+        random effect per group, in a family without dispersion."""
+        pr = self.problem
+        return (bool(self.mode_steps) and self.approx.kind == "laplace" and not pr.reml
+                and not self.family.has_dispersion and pr.blocks.dim == 1
+                and C.shape[-1] == 1 and pr.blocks.split is None)
 
     def __call__(self) -> torch.Tensor:
         """This process's part of the log-likelihood (all of it without a shard)."""

