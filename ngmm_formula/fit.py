@@ -38,7 +38,7 @@ from ngmm_formula.approx.blocked import profiled_objective
 from ngmm_formula.approx.conditional import ConditionalMode, find_mode
 from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.approx.profiled import ProfiledLMM
-from ngmm_formula.approx.scalar import scalar_laplace
+from ngmm_formula.approx.scalar import scalar_log_marginal, scalar_modes
 from ngmm_formula.control import Control
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.families import Family
@@ -106,16 +106,10 @@ class Objective:
         C = m.slot_values(pr)
         if start is None and warm and self.mode is not None:
             start = self.mode.v
-        if start is not None and self._fused_scalar(C):
-            fused = scalar_laplace(self.family, pr.y, pr.w, eta_fixed, C[:, 0],
-                                   pr.blocks.block_of_obs, pr.blocks.n_blocks, start,
-                                   self.mode_steps or 0, pr.log_const)
+        if self._scalar_blocks(C):
+            fused = self._scalar_per_block(eta_fixed, C[:, 0], start)
             if fused is not None:
-                ll, v, H = fused
-                self.mode = ConditionalMode(v=v.unsqueeze(-1),
-                                            factor=DenseFactor(H.sqrt().reshape(-1, 1, 1), True),
-                                            iterations=self.mode_steps or 0, converged=False)
-                return ll
+                return fused
         self.mode = find_mode(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
                               start, tol=self.mode_tol, steps=self.mode_steps)
         ll = log_marginal(self.family, pr.y, pr.w, eta_fixed, m.log_sigma, C, pr.blocks,
@@ -125,14 +119,38 @@ class Objective:
             ll = ll + pr.standardisation.log_abs_det
         return ll
 
-    def _fused_scalar(self, C: torch.Tensor) -> bool:
-        """Whether :meth:`per_block` takes :func:`~ngmm_formula.approx.scalar.scalar_laplace`:
-        training steps (fixed Newton steps from warm modes) of the Laplace rule on one scalar
-        random effect per group, in a family without dispersion."""
+    def _scalar_blocks(self, C: torch.Tensor) -> bool:
+        """Whether :meth:`per_block` takes the fused route of
+        :mod:`~ngmm_formula.approx.scalar`: one scalar random effect per group in a family
+        without dispersion, any rule."""
         pr = self.problem
-        return (bool(self.mode_steps) and self.approx.kind == "laplace" and not pr.reml
-                and not self.family.has_dispersion and pr.blocks.dim == 1
+        return (self.approx.kind in ("laplace", "agq", "truncated") and not self.approx.joint
+                and not pr.reml and not self.family.has_dispersion and pr.blocks.dim == 1
                 and C.shape[-1] == 1 and pr.blocks.split is None)
+
+    def _scalar_per_block(self, eta_fixed: torch.Tensor, c: torch.Tensor,
+                          start: torch.Tensor | None) -> torch.Tensor | None:
+        """:meth:`per_block` by :mod:`~ngmm_formula.approx.scalar`; None where it does not
+        apply (a curvature that is not positive: the general route takes over)."""
+        pr, fam = self.problem, self.family
+        block, n_blocks = pr.blocks.block_of_obs, pr.blocks.n_blocks
+        v = mode = None
+        if start is not None and self.mode_steps:  # training: fixed steps from warm modes
+            v = scalar_modes(fam, pr.y, pr.w, eta_fixed, c, block, n_blocks, start,
+                             self.mode_steps)
+        if v is None:
+            mode = find_mode(fam, pr.y, pr.w, eta_fixed, None, c.unsqueeze(-1), pr.blocks,
+                             start, tol=self.mode_tol)
+            v = mode.v[:, 0]
+        out = scalar_log_marginal(fam, pr.y, pr.w, eta_fixed, c, block, n_blocks, v,
+                                  self.rule, pr.log_const)
+        if out is None:
+            return None
+        ll, H = out
+        self.mode = mode if mode is not None else ConditionalMode(
+            v=v.unsqueeze(-1), factor=DenseFactor(H.sqrt().reshape(-1, 1, 1), True),
+            iterations=self.mode_steps or 0, converged=False)
+        return ll
 
     def __call__(self) -> torch.Tensor:
         """This process's part of the log-likelihood (all of it without a shard)."""

@@ -20,6 +20,10 @@ variational   ELBO of one Gaussian per level (a lower      joint layout (any fac
 Laplace and the quadrature rules share one evaluation (one node is Laplace), so they live in
 one module, :mod:`~ngmm_formula.approx.adaptive`, rather than one file each: the rules are
 the only thing that differs and they are data (:class:`~ngmm_formula.approx.rules.Rule`).
+The same evaluation for one scalar random effect per group in a family without dispersion
+(the commonest GLMM and neural fits) is fused into one autograd Function with its derivative
+written out, :mod:`~ngmm_formula.approx.scalar`; :class:`~ngmm_formula.fit.Objective` takes
+it where it applies.
 """
 
 from __future__ import annotations

@@ -1,53 +1,59 @@
-r"""The Laplace approximation for one scalar random effect per group, fused for training.
+r"""Laplace and adaptive quadrature for one scalar random effect per group, fused.
 
 The general route (:func:`~ngmm_formula.approx.conditional.find_mode` then
 :func:`~ngmm_formula.approx.adaptive.log_marginal`) handles every layout and rule with
 batched Cholesky factors, and lets autograd differentiate through a Newton step and the
-observed curvature. For the commonest neural model, a random intercept per group
-(``(1 | g)``) in a family without dispersion, a minibatch step of that route runs a few
-hundred small tensor operations forward and backward; here the same quantity takes about
-sixty, with the derivative written out.
+observed curvature. For the commonest models, one random intercept (or one scalar term) per
+group in a family without dispersion (binomial, Poisson, any link), the same quantity is
+computed here as one autograd Function with its derivative written out: a minibatch step
+of a neural fit, or an evaluation of a linear GLMM, then runs a fraction of the small tensor
+operations (``benchmarks/neural_epoch.py``).
 
 For group :math:`b` with rows :math:`i`, :math:`e_i = \eta^{\text{fixed}}_i + c_i v` (``c``
-the slot value :math:`z_i^\top\Lambda`, for a random intercept the SD :math:`\sigma_b`) and
-:math:`\ell_i` the family's log-likelihood of row :math:`i`, the Laplace approximation of
-:math:`\log\int e^{h_b(v)}dv` at the mode :math:`\hat v` of
-:math:`h_b(v) = \sum_i \ell_i(e_i) - v^2/2 - \tfrac12\log 2\pi` is
+the slot value :math:`z_i^\top\Lambda`, for a random intercept the SD :math:`\sigma_b`),
+:math:`\ell_i` the family's log-likelihood of row :math:`i` and
+:math:`h(v) = \sum_i \ell_i(e_i) - v^2/2 - \tfrac12\log 2\pi`, mode :math:`\hat v`,
+curvature :math:`H = 1 - \sum_i \ell''_i c_i^2` there and :math:`s = H^{-1/2}`, the rule
+with nodes :math:`t_k` and log weights :math:`\log\omega_k` (one node at 0: Laplace) gives
 
 .. math::
 
-    L_b = \sum_i \ell_i(\hat e_i) - \tfrac12 \hat v^2 - \tfrac12 \log H_b, \qquad
-    H_b = 1 - \sum_i \ell''_i c_i^2 ,
+    L_b = -\tfrac12\log H + \operatorname{logsumexp}_k a_k, \qquad
+    a_k = \log\omega_k + \sum_i \ell_i(e_{ik}) - \tfrac12 v_k^2 + \tfrac12 t_k^2, \quad
+    v_k = \hat v + t_k s, \; e_{ik} = e_i + c_i t_k s
 
-(the :math:`\tfrac12\log 2\pi` of the prior and of the Gaussian integral cancel). With
-:math:`T_b = \sum_i \ell'''_i c_i^3 = -\partial H_b/\partial v`, the mode's implicit
-derivatives :math:`\partial\hat v/\partial\eta^{\text{fixed}}_i = \ell''_i c_i / H_b` and
-:math:`\partial\hat v/\partial c_i = (\ell'_i + \ell''_i c_i \hat v)/H_b`, and the
-envelope theorem for the first two terms:
+(the :math:`\tfrac12\log 2\pi` of the prior and of the change of variables cancel), as
+:mod:`~ngmm_formula.approx.adaptive` does. Its derivative in :math:`\psi \in
+\{\eta^{\text{fixed}}_i, c_i\}`, with :math:`\pi_k` the softmax of :math:`a_k`,
+:math:`h'_k = \sum_i \ell'_i(e_{ik}) c_i - v_k`, :math:`G_1 = \sum_k \pi_k h'_k`,
+:math:`G_2 = \sum_k \pi_k h'_k t_k`, is
 
 .. math::
 
-    \frac{\partial L_b}{\partial \eta^{\text{fixed}}_i}
-        = \ell'_i + \frac{\ell'''_i c_i^2 + T_b \ell''_i c_i / H_b}{2 H_b}, \qquad
-    \frac{\partial L_b}{\partial c_i}
-        = \hat v\,\frac{\partial L_b}{\partial \eta^{\text{fixed}}_i}
-          + \frac{\ell''_i c_i + T_b \ell'_i / (2 H_b)}{H_b}.
+    \frac{dL_b}{d\psi} = \sum_k \pi_k \frac{\partial h(v_k)}{\partial\psi}
+        + G_1 \frac{d\hat v}{d\psi}
+        - \Bigl(\frac{1}{2H} + \frac{G_2}{2 H^{3/2}}\Bigr) \frac{dH}{d\psi},
 
-These are the derivatives the general route computes by autograd (it makes the mode
-differentiable by one Newton step: the implicit-function derivative), written out;
-:math:`\ell'''` is the family's :meth:`~ngmm_formula.families.Family.d3logp` (closed form
-for the canonical links, autograd otherwise), so any link works.
-``tests/approx/test_scalar.py`` checks value and gradient against the general route and
+with the mode's implicit derivatives :math:`d\hat v/d\eta^{\text{fixed}}_i = \ell''_i c_i/H`,
+:math:`d\hat v/dc_i = (\ell'_i + \ell''_i c_i \hat v)/H`, and, with
+:math:`T = \sum_i \ell'''_i c_i^3 = -\partial H/\partial v`,
+:math:`dH/d\eta^{\text{fixed}}_i = -\ell'''_i c_i^2 - T\, d\hat v/d\eta^{\text{fixed}}_i`,
+:math:`dH/dc_i = -\ell'''_i c_i^2 \hat v - 2\ell''_i c_i - T\, d\hat v/dc_i`
+(:math:`\ell', \ell'', \ell'''` at :math:`e_i`; the family's
+:meth:`~ngmm_formula.families.Family.d3logp` is closed form for the canonical links,
+autograd otherwise). These are the derivatives the general route computes by autograd (it
+makes the mode differentiable by one Newton step: the implicit-function derivative), written
+out; ``tests/approx/test_scalar.py`` checks value and gradient against the general route and
 with ``torch.autograd.gradcheck``.
 
-The mode is found much as the training step of the general route finds it: ``steps``
-undamped Newton steps from the group's last mode, with the observed curvature (which the
-families' :meth:`~ngmm_formula.families.Family.eta_derivatives` gives with the score from
-one mean; Fisher scoring under a canonical link), and up to :data:`EXTRA_STEPS` more while
-the last step still moves a mode by more than
-:data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL`. When it still does, or a curvature
-is not positive, :func:`scalar_laplace` returns None and the caller takes the general route
-(with its damped search).
+Training steps find the modes with :func:`scalar_modes`: ``steps`` undamped Newton steps
+from the group's last mode, with the observed curvature (which the families'
+:meth:`~ngmm_formula.families.Family.eta_derivatives` gives with the score from one mean;
+Fisher scoring under a canonical link), and up to :data:`EXTRA_STEPS` more while the last
+step still moves a mode by more than :data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL`.
+When it still does, or a curvature is not positive, the caller takes the general route
+(with its damped search); likewise :func:`scalar_log_marginal` returns None where a
+curvature is not positive (the general route then uses the expected one).
 """
 
 from __future__ import annotations
@@ -57,9 +63,10 @@ from typing import Any
 import torch
 
 from ngmm_formula.approx.conditional import FIXED_STEP_TOL
+from ngmm_formula.approx.rules import Rule
 from ngmm_formula.families import Family
 
-__all__ = ["EXTRA_STEPS", "scalar_laplace"]
+__all__ = ["EXTRA_STEPS", "scalar_log_marginal", "scalar_modes"]
 
 #: Newton steps taken beyond ``steps`` while the last one still moves a mode by more than
 #: :data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL` (each costs a few passes over the
@@ -68,15 +75,20 @@ EXTRA_STEPS = 4
 
 
 def _group_sum(values: torch.Tensor, block: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    return values.new_zeros(n_blocks).index_add_(0, block, values)
+    """Sum rows (n, ...) into groups (n_blocks, ...)."""
+    return values.new_zeros((n_blocks, *values.shape[1:])).index_add_(0, block, values)
 
 
-def scalar_laplace(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch.Tensor,
-                   c: torch.Tensor, block: torch.Tensor, n_blocks: int, start: torch.Tensor,
-                   steps: int, log_const: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Laplace log marginal likelihood of every group, differentiable in ``eta_fixed`` and
-    ``c``, and the modes; None where the fixed Newton steps do not settle.
+def _no_dispersion(family: Family) -> None:
+    if family.has_dispersion:
+        raise ValueError("the fused scalar integrals are for families without dispersion")
+
+
+def scalar_modes(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch.Tensor,
+                 c: torch.Tensor, block: torch.Tensor, n_blocks: int, start: torch.Tensor,
+                 steps: int) -> torch.Tensor | None:
+    """The modes of every group by undamped Newton steps from ``start`` (detached), or None
+    where they do not settle (module docstring).
 
     Parameters
     ----------
@@ -94,18 +106,13 @@ def scalar_laplace(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: 
     start : Tensor, shape (n_blocks,)
         The modes' warm start.
     steps : int
-        Undamped Fisher-scoring steps from ``start``.
-    log_const : Tensor, shape (n,), optional
-        The family's data constant per row, added to the value.
+        Newton steps from ``start`` (up to :data:`EXTRA_STEPS` more while unsettled).
 
     Returns
     -------
-    (log_marginal, mode, curvature) : tuple of Tensor, each of shape (n_blocks,)
-        ``mode`` and ``curvature`` (the Fisher :math:`H_b` of the last Newton step) detached;
-        or None (see the module docstring).
+    Tensor, shape (n_blocks,), or None
     """
-    if family.has_dispersion:
-        raise ValueError("the fused scalar Laplace is for families without dispersion")
+    _no_dispersion(family)
     with torch.no_grad():
         ef, cd = eta_fixed.detach(), c.detach()
         c2 = cd * cd
@@ -122,41 +129,106 @@ def scalar_laplace(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: 
         # a curvature <= 0 (a family that is not log-concave) gives a NaN move
         if not move <= FIXED_STEP_TOL or not bool((H > 0).all()):
             return None
-    value = _ScalarLaplace.apply(eta_fixed, c, v, y, w, block, n_blocks, family, log_const)
+    return v
+
+
+def scalar_log_marginal(family: Family, y: torch.Tensor, w: torch.Tensor,
+                        eta_fixed: torch.Tensor, c: torch.Tensor, block: torch.Tensor,
+                        n_blocks: int, mode: torch.Tensor, rule: Rule,
+                        log_const: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:math:`L_b` of every group under ``rule`` centred at ``mode``, differentiable in
+    ``eta_fixed`` and ``c``, and the curvature :math:`H_b` (detached); None where a
+    curvature is not positive.
+
+    Parameters
+    ----------
+    family, y, w, eta_fixed, c, block, n_blocks
+        As :func:`scalar_modes`.
+    mode : Tensor, shape (n_blocks,)
+        The modes :math:`\\hat v` (detached).
+    rule : Rule
+        One-dimensional nodes and log weights (:mod:`~ngmm_formula.approx.rules`).
+    log_const : Tensor, shape (n,), optional
+        The family's data constant per row, added to the value.
+    """
+    _no_dispersion(family)
+    t, logw = rule.tensors(eta_fixed.dtype, eta_fixed.device)
+    value, H = _ScalarQuadrature.apply(eta_fixed, c, mode.detach().reshape(-1), t[:, 0], logw,
+                                       y, w, block, n_blocks, family)
     if not bool(torch.isfinite(value).all()):
         return None
-    return value, v, H
+    if log_const is not None:
+        value = value + _group_sum(log_const, block, n_blocks)
+    return value, H
 
 
-class _ScalarLaplace(torch.autograd.Function):
-    """:math:`L_b` at the given mode and its derivative (module docstring)."""
+class _ScalarQuadrature(torch.autograd.Function):
+    """:math:`L_b` and its derivative (module docstring)."""
 
     @staticmethod
     def forward(ctx: Any, eta_fixed: torch.Tensor, c: torch.Tensor, v: torch.Tensor,
-                y: torch.Tensor, w: torch.Tensor, block: torch.Tensor, n_blocks: int,
-                family: Family, log_const: torch.Tensor | None) -> torch.Tensor:
+                t: torch.Tensor, logw: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                block: torch.Tensor, n_blocks: int, family: Family
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         eta = eta_fixed + c * v.index_select(0, block)
         d1, d2 = family.eta_derivatives(y, eta, None, w)
         H = 1.0 - _group_sum(d2 * c * c, block, n_blocks)
-        ll = family.log_kernel(y, eta, None, w)
-        if log_const is not None:
-            ll = ll + log_const
-        value = _group_sum(ll, block, n_blocks) - 0.5 * v * v - 0.5 * torch.log(H)
-        ctx.save_for_backward(eta, c, v, y, w, block, d1, d2, H)
-        ctx.family, ctx.n_blocks = family, n_blocks
-        return value
+        s = H.rsqrt()
+        laplace = t.numel() == 1 and not bool(t.any())
+        if laplace:  # one node at the mode: no (n, K) temporaries
+            eta_k = eta.unsqueeze(-1)
+            v_k = v.unsqueeze(-1)
+        else:
+            ts = s.unsqueeze(-1) * t  # (n_blocks, K)
+            eta_k = eta.unsqueeze(-1) + c.unsqueeze(-1) * ts.index_select(0, block)
+            v_k = v.unsqueeze(-1) + ts
+        ll = _group_sum(family.log_kernel(y.unsqueeze(-1), eta_k, None, w.unsqueeze(-1)),
+                        block, n_blocks)
+        a = logw + ll - 0.5 * v_k * v_k + 0.5 * t * t
+        value = torch.logsumexp(a, dim=-1) - 0.5 * torch.log(H)
+        ctx.save_for_backward(eta, c, v, t, y, w, block, d1, d2, H, eta_k, v_k, a)
+        ctx.family, ctx.n_blocks, ctx.laplace = family, n_blocks, laplace
+        ctx.mark_non_differentiable(H)
+        return value, H
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        eta, c, v, y, w, block, d1, d2, H = ctx.saved_tensors
-        d3 = ctx.family.d3logp(y, eta, None, w)
+    def backward(ctx: Any, grad: torch.Tensor, _grad_H: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
+        eta, c, v, t, y, w, block, d1, d2, H, eta_k, v_k, a = ctx.saved_tensors
+        family, n_blocks = ctx.family, ctx.n_blocks
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # per group -> per row
+            return x.index_select(0, block)
+
+        pi = torch.softmax(a, dim=-1)  # (n_blocks, K)
+        # the score at every node, weighted by the node's share: pd[i, k] = pi_k l'_i(e_ik)
+        if ctx.laplace:
+            d1_k = d1.unsqueeze(-1)
+        else:
+            d1_k = family.dlogp(y.unsqueeze(-1), eta_k, None, w.unsqueeze(-1))
+            if not bool(torch.isfinite(a).all()):
+                # a node outside the family's support has weight 0 (and no finite score)
+                d1_k = torch.where(torch.isfinite(d1_k) & (rows(pi) > 0), d1_k, 0.0)
+        pd = rows(pi) * d1_k
+        h1 = _group_sum(d1_k * c.unsqueeze(-1), block, n_blocks) - v_k  # h'(v_k)
+        G1, G2 = (pi * h1).sum(-1), (pi * h1 * t).sum(-1)
+        P = pd.sum(-1)  # sum_k pi_k l'_i(e_ik)
+        d3 = family.d3logp(y, eta, None, w)
         c2 = c * c
-        T = _group_sum(d3 * c2 * c, block, ctx.n_blocks)
-        scale = grad / H  # dL/dvalue / H_b per group
-        s_obs, TH_obs = scale.index_select(0, block), (T / H).index_select(0, block)
-        # dL/d eta_fixed = grad_b (d1 + (d3 c^2 + T d2 c / H) / (2 H))
-        d_eta = grad.index_select(0, block) * d1 + 0.5 * s_obs * (d3 * c2 + TH_obs * d2 * c)
+        T = _group_sum(d3 * c2 * c, block, n_blocks)
+        H_r, T_r, G1_r = rows(H), rows(T), rows(G1)
+        Q_r = rows(0.5 / H + 0.5 * G2 * H.pow(-1.5))
+        g_r = rows(grad)
+        dv_de = d2 * c / H_r
+        dH_de = -d3 * c2 - T_r * dv_de
+        d_eta = g_r * (P + G1_r * dv_de - Q_r * dH_de)
         d_c = None
         if ctx.needs_input_grad[1]:
-            d_c = v.index_select(0, block) * d_eta + s_obs * (d2 * c + 0.5 * TH_obs * d1)
-        return d_eta, d_c, None, None, None, None, None, None, None
+            v_r = rows(v)
+            dv_dc = (d1 + d2 * c * v_r) / H_r
+            dH_dc = -d3 * c2 * v_r - 2.0 * d2 * c - T_r * dv_dc
+            # sum_k pi_k l'_i(e_ik) v_k, with v_k = v + t_k s
+            R = v_r * P if ctx.laplace else v_r * P + rows(H.rsqrt()) * (pd @ t)
+            d_c = g_r * (R + G1_r * dv_dc - Q_r * dH_dc)
+        return d_eta, d_c, None, None, None, None, None, None, None, None
