@@ -315,6 +315,21 @@ class Problem:
             Zcols=tuple(None if c is None else take(c) for c in self.Zcols),
         )
 
+    def window(self, lo: int, hi: int, block_of_obs: torch.Tensor, n_blocks: int) -> Problem:
+        """Rows ``lo:hi`` as views (no copy), in ``n_blocks`` blocks numbered by
+        ``block_of_obs`` (per-group layouts): a minibatch of a problem whose rows were
+        gathered in minibatch order (:meth:`subset` gathers)."""
+        cut = slice(lo, hi)
+        b = self.blocks
+        return dataclasses.replace(
+            self, y=self.y[cut], w=self.w[cut], offset=self.offset[cut], Xs=self.Xs[cut],
+            Z=tuple(z[cut] for z in self.Z), net_X=tuple(x[cut] for x in self.net_X),
+            log_const=self.log_const[cut], net_noise=tuple(e[cut] for e in self.net_noise),
+            Zcols=tuple(None if c is None else c[cut] for c in self.Zcols),
+            blocks=Blocks(n_blocks=n_blocks, dim=b.dim, block_of_obs=block_of_obs,
+                          slot_pos=b.slot_pos[cut], prior_precision=b.prior_precision,
+                          split=b.split))
+
     def with_offset(self, extra: torch.Tensor) -> Problem:
         """The same problem with ``extra`` added to the offset and no network inputs
         (networks frozen after training enter as a known offset)."""

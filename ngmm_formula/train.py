@@ -412,12 +412,12 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     opt = _optimiser(net_params, other, control)
     # the embeddings' prior (networks.MLP.penalty) is per training observation
     n_train = [max(1, int(by_group.sizes[train_groups].sum()))]  # all groups' when retraining
-    evaluate, step, step_state = _minibatch_objective(
+    evaluate, batches, step, step_state = _minibatch_objective(
         problem, family, approx, module, by_group, control, rng, shard, net_params + other,
         n_train)
     saver = (_Saver(checkpoints, step_state)
              if checkpoints is not None and schedule is None else None)
-    log = _train_with_early_stopping(module, opt, evaluate, step, rng, train_groups,
+    log = _train_with_early_stopping(module, opt, evaluate, batches, step, rng, train_groups,
                                      val_groups, by_group.sizes, batch_groups, control, shard,
                                      control.epochs if schedule is None else 0, saver)
     retrained = 0
@@ -427,7 +427,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     if schedule is not None:  # a fixed number of epochs on all groups
         everything = np.sort(np.concatenate([train_groups, val_groups]))
         n_train[0] = max(1, int(by_group.sizes[everything].sum()))
-        retrained = _train_on_schedule(module, net_params, other, step, rng, everything,
+        retrained = _train_on_schedule(module, net_params, other, batches, step, rng,
+                                       everything,
                                        batch_groups, schedule, control)
     elif log.best_state is not None:
         module.load_state_dict(log.best_state)
@@ -469,8 +470,8 @@ def _minibatch_objective(
         problem: Problem, family: Family, approx: Approximation, module: LinearPredictor,
         by_group: RowsByGroup, control: Control, rng: np.random.Generator,
         shard: Shard | None, params: list[torch.nn.Parameter], n_train: list[int],
-) -> tuple[Callable[..., torch.Tensor], Callable[[torch.optim.Optimizer, np.ndarray], float],
-           _StepState]:
+) -> tuple[Callable[..., torch.Tensor], Callable[[np.ndarray, int], list[_Batch]],
+           Callable[[torch.optim.Optimizer, _Batch], float], _StepState]:
     """The log-likelihood of a set of groups and one optimiser step on a minibatch.
 
     The conditional modes of every group are cached between calls as warm starts; the input
@@ -497,8 +498,11 @@ def _minibatch_objective(
     -------
     evaluate : callable
         ``evaluate(groups, grad=...)``: log-likelihood of this process's part of ``groups``.
+    batches : callable
+        ``batches(order, batch_groups)``: an epoch's minibatches (:class:`_Batch`).
     step : callable
-        ``step(optimiser, batch)``: one step on the minibatch; returns its log-likelihood.
+        ``step(optimiser, batch)``: one step on the minibatch ``batch`` (a :class:`_Batch`);
+        returns its log-likelihood.
     state : _StepState
         The state the two keep between calls (the modes' warm starts, the input noise's
         generator), for checkpoints.
@@ -515,9 +519,11 @@ def _minibatch_objective(
     noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     input_noise = _input_noise_sampler(problem, module, control, noise_gen, rows_of)
 
-    def evaluate(groups: np.ndarray, *, grad: bool) -> torch.Tensor:
+    def evaluate(groups: np.ndarray, *, grad: bool, laid: Problem | None = None
+                 ) -> torch.Tensor:
         """Log-likelihood of this process's part of ``groups`` (0 when it owns none); with
-        ``grad`` the networks see the input noise."""
+        ``grad`` the networks see the input noise. ``laid``: the groups' problem, gathered
+        in advance (:func:`batches`)."""
         gs_np = np.sort(groups[owned[groups]])
         noise = None
         if grad and input_noise is not None:  # drawn before the early return: in step
@@ -525,13 +531,12 @@ def _minibatch_objective(
         if not gs_np.size:
             return problem.y.new_zeros(())
         gs = torch.as_tensor(gs_np, dtype=torch.long, device=device)
-        rows = torch.as_tensor(rows_of(gs_np), dtype=torch.long, device=device)
-        if per_group_blocks:
-            sub = problem.subset(rows, gs)
-            start = cache[gs]
+        start = cache[gs] if per_group_blocks else None
+        if laid is not None:
+            sub = laid
         else:
-            sub = problem.subset(rows)
-            start = None
+            rows = torch.as_tensor(rows_of(gs_np), dtype=torch.long, device=device)
+            sub = problem.subset(rows, gs) if per_group_blocks else problem.subset(rows)
         if noise is not None:
             sub = dataclasses.replace(sub, net_noise=noise)
         # validation too takes the fixed Newton steps from the cached modes: they stop within
@@ -550,9 +555,17 @@ def _minibatch_objective(
     penalised = [net for net in module.nets if isinstance(net, CentredNetwork)
                  and (shard is None or shard.rank == 0)]
 
-    def step(optimiser: torch.optim.Optimizer, batch: np.ndarray) -> float:
-        """One AdamW step on the minibatch ``batch``; returns its log-likelihood."""
-        ll = evaluate(batch, grad=True)
+    def batches(order: np.ndarray, batch_groups: int) -> list[_Batch]:
+        """An epoch's minibatches: consecutive runs of ``batch_groups`` groups of ``order``
+        (laid out in advance with one block per group in one process)."""
+        if shard is None and per_group_blocks and order.size:
+            return _lay_out(problem, by_group, order, batch_groups)
+        return [_Batch(order[s:s + batch_groups]) for s in range(0, order.size, batch_groups)]
+
+    def step(optimiser: torch.optim.Optimizer, minibatch: _Batch) -> float:
+        """One AdamW step on ``minibatch``; returns its log-likelihood."""
+        batch = minibatch.groups
+        ll = evaluate(batch, grad=True, laid=minibatch.problem)
         loss = -ll / int(sizes[batch].sum())
         for net in penalised:
             loss = loss + net.penalty() / n_train[0]
@@ -564,7 +577,41 @@ def _minibatch_objective(
         optimiser.step()
         return float(ll.detach())
 
-    return evaluate, step, _StepState(cache, noise_gen)
+    return evaluate, batches, step, _StepState(cache, noise_gen)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A minibatch: its groups and, where the epoch was laid out in advance
+    (:func:`_lay_out`), its rows' problem."""
+
+    groups: np.ndarray
+    problem: Problem | None = None
+
+
+def _lay_out(problem: Problem, by_group: RowsByGroup, order: np.ndarray, batch_groups: int
+             ) -> list[_Batch]:
+    """The minibatches of ``order`` (consecutive runs of ``batch_groups`` groups, one block
+    per group) with their problems.
+
+    The rows of all of them are gathered once (batch after batch, each batch's groups
+    sorted: the order the minibatch objective uses) and each minibatch's problem is a slice
+    of that copy: one gather per tensor and epoch instead of one per tensor and step, with
+    the same rows in the same order (the same numbers).
+    """
+    groups = [order[s:s + batch_groups] for s in range(0, order.size, batch_groups)]
+    ordered = [np.sort(g) for g in groups]
+    everything = np.concatenate(ordered)
+    device = problem.y.device
+    whole = problem.subset(torch.as_tensor(by_group.rows(everything), device=device))
+    # each row's block: its group's position in its (sorted) minibatch
+    local = np.repeat(np.concatenate([np.arange(g.size) for g in ordered]),
+                      by_group.sizes[everything])
+    block = torch.as_tensor(local, dtype=whole.blocks.block_of_obs.dtype, device=device)
+    ends = np.cumsum([int(by_group.sizes[g].sum()) for g in ordered])
+    starts = ends - [int(by_group.sizes[g].sum()) for g in ordered]
+    return [_Batch(g, whole.window(int(lo), int(hi), block[int(lo):int(hi)], g.size))
+            for g, lo, hi in zip(groups, starts, ends)]
 
 
 @dataclass(frozen=True)
@@ -653,7 +700,8 @@ class _Saver:
 def _train_with_early_stopping(
         module: LinearPredictor, opt: torch.optim.Optimizer,
         evaluate: Callable[..., torch.Tensor],
-        step: Callable[[torch.optim.Optimizer, np.ndarray], float], rng: np.random.Generator,
+        batches: Callable[[np.ndarray, int], list[_Batch]],
+        step: Callable[[torch.optim.Optimizer, _Batch], float], rng: np.random.Generator,
         train_groups: np.ndarray, val_groups: np.ndarray, sizes: np.ndarray,
         batch_groups: int, control: Control, shard: Shard | None, epochs: int,
         saver: _Saver | None = None) -> _EpochLog:
@@ -667,7 +715,7 @@ def _train_with_early_stopping(
     module : LinearPredictor
         Trained in place; its weights at the end are the last epoch's (the best are returned).
     opt : Optimizer
-    evaluate, step : callable
+    evaluate, batches, step : callable
         From :func:`_minibatch_objective`.
     rng : numpy.random.Generator
         Draws the order of the minibatches.
@@ -695,13 +743,11 @@ def _train_with_early_stopping(
             progress.update(log.epoch)
     for epoch in range(log.epoch + 1, epochs + 1) if not log.stopped else ():
         module.train()
-        order = rng.permutation(train_groups)
         total, n_rows = 0.0, 0
-        for start in range(0, order.size, batch_groups):
-            batch = order[start:start + batch_groups]
+        for batch in batches(rng.permutation(train_groups), batch_groups):
             total += step(opt, batch)
             log.steps += 1
-            n_rows += int(sizes[batch].sum())
+            n_rows += int(sizes[batch.groups].sum())
         module.eval()
         vll = 0.0
         if val_groups.size:
@@ -829,7 +875,8 @@ def fingerprint(problem: Problem, family: Family, approx: Approximation,
 
 def _train_on_schedule(module: LinearPredictor, net_params: list[torch.nn.Parameter],
                        other: list[torch.nn.Parameter],
-                       step: Callable[[torch.optim.Optimizer, np.ndarray], float],
+                       batches: Callable[[np.ndarray, int], list[_Batch]],
+                       step: Callable[[torch.optim.Optimizer, _Batch], float],
                        rng: np.random.Generator, groups: np.ndarray, batch_groups: int,
                        schedule: Sequence[float], control: Control) -> int:
     """Train with a fresh optimiser on ``groups`` for one epoch per learning rate of
@@ -840,7 +887,7 @@ def _train_on_schedule(module: LinearPredictor, net_params: list[torch.nn.Parame
     module : LinearPredictor
     net_params, other : list of Parameter
         The networks' weights (with weight decay) and the linear part's parameters.
-    step : callable
+    batches, step : callable
         From :func:`_minibatch_objective`.
     rng : numpy.random.Generator
         Draws the order of the minibatches.
@@ -856,9 +903,8 @@ def _train_on_schedule(module: LinearPredictor, net_params: list[torch.nn.Parame
     for lr in schedule:
         for group in opt.param_groups:
             group["lr"] = lr
-        order = rng.permutation(groups)
-        for start in range(0, order.size, batch_groups):
-            step(opt, order[start:start + batch_groups])
+        for batch in batches(rng.permutation(groups), batch_groups):
+            step(opt, batch)
             steps += 1
     return steps
 
