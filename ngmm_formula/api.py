@@ -52,7 +52,12 @@ from ngmm_formula.model import (
 from ngmm_formula.networks import CentredNetwork, make_network
 from ngmm_formula.results import NGMMResult
 from ngmm_formula.shards import Shard, connect, shard_groups
-from ngmm_formula.train import TrainingHistory, fit_linear_start, train_networks
+from ngmm_formula.train import (
+    TrainingHistory,
+    fit_linear_start,
+    train_networks,
+    training_approximation,
+)
 
 __all__ = ["Control", "ngmm", "objective_at", "prepare"]
 
@@ -328,7 +333,8 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
         # a tight gradient so that runs with the same seed start training from the same
         # point: L-BFGS-B's last bits vary with memory alignment; no Hessian at the end: no
         # standard errors come from it)
-        fit_linear_start(pr, fam, prepared.approximation, module, control, shard)
+        fit_linear_start(pr, fam, training_approximation(prepared.approximation, control),
+                         module, control, shard)
         history, obj, net_offset = _train(prepared, module, control, seed, shard)
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,

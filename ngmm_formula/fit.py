@@ -350,14 +350,23 @@ def _block_jacobian(pr: Problem, g_eta: np.ndarray, g_C: np.ndarray, k: int) -> 
                          shape=(pr.blocks.n_blocks, k)).tocsr()
 
 
-def _score_information_hessian(obj: Objective) -> Callable[[np.ndarray], np.ndarray] | None:
+def _score_information_hessian(obj: Objective, *, errors: bool = True
+                               ) -> Callable[[np.ndarray], np.ndarray] | None:
     """``x -> -score_information`` where it applies and saves work
-    (:data:`SCORE_INFORMATION_MIN_WORK`), else None (finite differences)."""
+    (:data:`SCORE_INFORMATION_MIN_WORK`), else None (finite differences).
+
+    ``errors=False``: the Hessian only steers the Newton polish (a fit that reports no
+    standard errors: the GLMM start of a neural fit and the refit of its linear part before
+    training), so BHHH's approximation serves wherever it applies, Laplace included and
+    whatever the size: one evaluation instead of ``2 dim(x)``. The polish still ends at the
+    gradient tolerance, and its steps must improve the objective.
+    """
     pr, m = obj.problem, obj.module
-    if (obj.approx.kind not in ("agq", "truncated") or obj.approx.joint or pr.reml
+    rules = ("agq", "truncated") if errors else ("laplace", "agq", "truncated")
+    if (obj.approx.kind not in rules or obj.approx.joint or pr.reml
             or m.log_sigma is not None or len(m.nets) or pr.net_X or obj.shard is not None):
         return None
-    if _get(m).size * int(pr.y.shape[0]) < SCORE_INFORMATION_MIN_WORK:
+    if errors and _get(m).size * int(pr.y.shape[0]) < SCORE_INFORMATION_MIN_WORK:
         return None
 
     def hessian(x: np.ndarray) -> np.ndarray:
@@ -578,7 +587,8 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
         return _value_and_grad(obj, x)
 
     opt = _maximise(value_and_grad, x0, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps,
-                    final_hessian=final_hessian, hessian=_score_information_hessian(obj))
+                    final_hessian=final_hessian,
+                    hessian=_score_information_hessian(obj, errors=final_hessian))
     # the module (and, in a distributed fit, every process) at the optimum
     value, grad = _value_and_grad(obj, opt.x)
     opt = dataclasses.replace(opt, loglik=value, gradient=grad,

@@ -407,8 +407,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     initial = copy.deepcopy(module.state_dict()) if control.retrain else None
     by_group = RowsByGroup.of(split_groups, n_groups)  # a batch's rows in O(its rows)
     if schedule is None and val_groups.size:
-        _fit_linear_part(problem, family, approx, module, by_group.rows(train_groups), control,
-                         shard)
+        _fit_linear_part(problem, family, training_approximation(approx, control), module,
+                         by_group.rows(train_groups), control, shard)
     opt = _optimiser(net_params, other, control)
     # the embeddings' prior (networks.MLP.penalty) is per training observation
     n_train = [max(1, int(by_group.sizes[train_groups].sum()))]  # all groups' when retraining

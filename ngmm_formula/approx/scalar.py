@@ -50,8 +50,10 @@ Training steps find the modes with :func:`scalar_modes`: ``steps`` undamped Newt
 from the group's last mode, with the observed curvature (which the families'
 :meth:`~ngmm_formula.families.Family.eta_derivatives` gives with the score from one mean;
 Fisher scoring under a canonical link), and up to :data:`EXTRA_STEPS` more while the last
-step still moves a mode by more than :data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL`.
-When it still does, or a curvature is not positive, the caller takes the general route
+step still moves a mode by more than the square of
+:data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL` (Newton's error is then about that
+square again, 1e-12). When the last move is still above the tolerance itself, or a
+curvature is not positive, the caller takes the general route
 (with its damped search); likewise :func:`scalar_log_marginal` returns None where a
 curvature is not positive (the general route then uses the expected one).
 """
@@ -69,8 +71,9 @@ from ngmm_formula.families import Family
 __all__ = ["EXTRA_STEPS", "scalar_log_marginal", "scalar_modes"]
 
 #: Newton steps taken beyond ``steps`` while the last one still moves a mode by more than
-#: :data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL` (each costs a few passes over the
-#: rows, far less than the general route's damped search that a failure falls back to).
+#: :data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL` squared (each costs a few passes
+#: over the rows, far less than the general route's damped search that a failure falls back
+#: to).
 EXTRA_STEPS = 4
 
 
@@ -124,7 +127,11 @@ def scalar_modes(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
             step = (_group_sum(d1 * cd, block, n_blocks) - v) / H
             v = v + step
             move = float(step.abs().max()) if step.numel() else 0.0
-            if taken >= steps and not move > FIXED_STEP_TOL:  # NaN goes on, then fails
+            # Newton's error after a step is about the square of the step: a move below
+            # FIXED_STEP_TOL ** 2 leaves the mode within ~1e-12, as the general route's
+            # Newton step after its fixed steps does (the derivative is the exact one only
+            # at the mode)
+            if taken >= steps and not move > FIXED_STEP_TOL ** 2:  # NaN goes on, then fails
                 break
         # a curvature <= 0 (a family that is not log-concave) gives a NaN move
         if not move <= FIXED_STEP_TOL or not bool((H > 0).all()):
