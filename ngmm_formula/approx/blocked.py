@@ -68,6 +68,11 @@ DENSE_DIM = 200
 #: The conditional variances of the first block's levels sum over the pairs of nonzeros of
 #: each row of C when there are at most this many pairs (else dense products, by pieces).
 PAIRS_MAX = 20_000_000
+#: Scalar terms: :math:`C^\top C` on a pattern fixed at set-up, as one sparse
+#: matrix-vector product (:class:`_ScalarSchur`), when the levels of A meet at most this
+#: many pairs of B coordinates (InstEval: 1.8 million); else a sparse-sparse product per
+#: evaluation, densified.
+SCHUR_PAIRS_MAX = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -104,9 +109,8 @@ class BlockedLMM:
     P_a: np.ndarray  # (m_A, q_A, p + 1): Z'W [r0, X_s], A rows
     P_b: np.ndarray  # (dim_B, p + 1)
     perm: np.ndarray  # joint coordinate of each (A, B) coordinate
-    scalar: bool  # every term has q = 1 (Lambda diagonal)
-    ab_rows: np.ndarray  # row of each stored nonzero of M_ab, M_bb (CSR)
-    bb_rows: np.ndarray
+    schur: _ScalarSchur | None  # every term has q = 1 (Lambda diagonal): S's set-up
+    ab_rows: np.ndarray  # row of each stored nonzero of M_ab (CSR)
     q: tuple[int, ...]
     n_levels: tuple[int, ...]
     XtWX: np.ndarray
@@ -184,17 +188,18 @@ class BlockedLMM:
                 tidx.append(np.full(mk, tstart[k] + e))
         pa = tril_pairs(q_a)
         M_ab, M_bb = M[:na, na:].tocsr(), M[na:, na:].tocsr()
+        M_ab.eliminate_zeros()  # (the pairs of _ScalarSchur are of its stored entries)
         M_ab.sort_indices()
         M_bb.sort_indices()
         lam_rows, lam_cols, lam_tidx = _cat(rows), _cat(cols), _cat(tidx)
-        scalar = all(k == 1 for k in q)
-        if scalar:  # Lambda_B diagonal: its theta index by B coordinate
+        ab_rows = np.repeat(np.arange(na), np.diff(M_ab.indptr))
+        schur = None
+        if all(k == 1 for k in q):  # Lambda_B diagonal: its theta index by B coordinate
             order = np.argsort(lam_rows)
             lam_rows, lam_cols, lam_tidx = lam_rows[order], lam_cols[order], lam_tidx[order]
+            schur = _ScalarSchur.of(M_aa.reshape(-1), M_ab, M_bb, ab_rows)
         return cls(
-            q_a=q_a, m_a=m_a, dim_b=D - na, scalar=scalar,
-            ab_rows=np.repeat(np.arange(na), np.diff(M_ab.indptr)),
-            bb_rows=np.repeat(np.arange(D - na), np.diff(M_bb.indptr)),
+            q_a=q_a, m_a=m_a, dim_b=D - na, schur=schur, ab_rows=ab_rows,
             a_rows=np.array([i for i, _ in pa]), a_cols=np.array([j for _, j in pa]),
             a_tidx=tstart[a] + np.arange(len(pa)),
             lam_rows=lam_rows, lam_cols=lam_cols, lam_tidx=lam_tidx,
@@ -209,59 +214,80 @@ class BlockedLMM:
     def _factor(self, theta: np.ndarray, dense: bool = False
                 ) -> tuple[float, np.ndarray, sp.csr_matrix, sp.csr_matrix, object, bool,
                            np.ndarray]:
-        r"""Factorise :math:`H_\theta`: :math:`\log|H|`, :math:`R_A`, :math:`C`,
-        :math:`\Lambda_B`, the factor of :math:`S` (dense Cholesky or SuperLU; dense if
-        ``dense``), which, and :math:`\Lambda_A`."""
-        q, m, nb = self.q_a, self.m_a, self.dim_b
-        La = np.zeros((q, q))
+        r"""Factorise :math:`H_\theta`: :math:`\log|H|`, :math:`R_A^{-1}`, :math:`C`,
+        :math:`\Lambda_B`, the factor of :math:`S` (dense Cholesky, lower triangle, or
+        SuperLU; dense if ``dense``), which, and :math:`\Lambda_A`."""
+        La = np.zeros((self.q_a, self.q_a))
         La[self.a_rows, self.a_cols] = theta[self.a_tidx]
-        if self.scalar:
-            # every Lambda_k is a scalar: Lambda diagonal, every product elementwise on the
-            # stored nonzeros of the cross-products (no sparse-sparse product but C'C)
+        if self.schur is not None:
             lam_b = theta[self.lam_tidx]
-            lam_a = float(La[0, 0])
-            ra = np.sqrt(lam_a * lam_a * self.M_aa.reshape(-1) + 1.0)
-            Ra, Ra_inv = ra.reshape(m, 1, 1), (1.0 / ra).reshape(m, 1, 1)
+            Ra, Ra_inv, C, S = self._scalar_blocks(float(La[0, 0]), lam_b)
             Lb = sp.diags(lam_b).tocsr()
-            M_ab, M_bb = self.M_ab, self.M_bb
-            C = sp.csr_matrix((M_ab.data * (lam_a / ra)[self.ab_rows] * lam_b[M_ab.indices],
-                               M_ab.indices, M_ab.indptr), shape=M_ab.shape)
-            Hbb = sp.csr_matrix((M_bb.data * lam_b[self.bb_rows] * lam_b[M_bb.indices],
-                                 M_bb.indices, M_bb.indptr), shape=M_bb.shape)
-            S = Hbb + sp.identity(nb, format="csr") - C.T @ C
         else:
             Lb = sp.csr_matrix((theta[self.lam_tidx], (self.lam_rows, self.lam_cols)),
-                               shape=(nb, nb))
-            Haa = La.T @ self.M_aa @ La + np.eye(q)
-            Ra = np.linalg.cholesky(Haa)  # LinAlgError if not positive definite (round-off)
-            Ra_inv = np.linalg.inv(Ra)  # lower triangular, (m, q, q)
-            # C = R_A^{-1} (I (x) Lambda_A') M_AB Lambda_B: a block-diagonal sparse left factor
-            left = Ra_inv @ La.T
-            if q == 1:
-                Lft = sp.diags(left.reshape(-1))
-            else:
-                Lft = sp.bsr_matrix((left, np.arange(m), np.arange(m + 1)),
-                                    shape=(m * q, m * q)).tocsr()
-            C = (Lft @ (self.M_ab @ Lb)).tocsr()
-            S = (Lb.T @ self.M_bb @ Lb + sp.identity(nb, format="csr") - C.T @ C)
+                               shape=(self.dim_b, self.dim_b))
+            Ra, Ra_inv, C, S = self._vector_blocks(La, Lb)
         log_det = 2.0 * float(np.log(np.diagonal(Ra, axis1=1, axis2=2)).sum())
-        dense = dense or nb <= DENSE_DIM or S.nnz > DENSE_FILL * nb * nb
         fac: object
+        nb = self.dim_b
+        dense = (dense or isinstance(S, np.ndarray) or nb <= DENSE_DIM
+                 or S.nnz > DENSE_FILL * nb * nb)
         if dense:
-            c, info = scipy.linalg.lapack.dpotrf(S.toarray(), lower=True, clean=False)
+            S_d = S if isinstance(S, np.ndarray) else S.toarray(order="F")
+            c, info = scipy.linalg.lapack.dpotrf(S_d, lower=True, clean=False,
+                                                 overwrite_a=True)
             if info != 0:
                 raise np.linalg.LinAlgError("not positive definite")
             log_det += 2.0 * float(np.log(np.diagonal(c)).sum())
             fac = c
         else:
-            lu = spla.splu(S.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                           options={"SymmetricMode": True})
+            try:
+                lu = spla.splu(S.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                               options={"SymmetricMode": True})
+            except RuntimeError as e:  # exactly singular (or not finite)
+                raise np.linalg.LinAlgError(str(e)) from e
             d = lu.U.diagonal()
             if not bool((d > 0).all()):
                 raise np.linalg.LinAlgError("not positive definite")
             log_det += float(np.log(d).sum())
             fac = lu
         return log_det, Ra_inv, C, Lb, fac, dense, La
+
+    def _scalar_blocks(self, lam_a: float, lam_b: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix,
+                                  np.ndarray | sp.csc_matrix]:
+        r"""Scalar terms (:math:`\Lambda` diagonal): :math:`R_A = \operatorname{diag}(r)`,
+        :math:`r_l^2 = 1 + \lambda_A^2 M_{AA,l}`, :math:`C = \operatorname{diag}(\lambda_A
+        / r) M_{AB} \Lambda_B` (elementwise on the stored nonzeros of :math:`M_{AB}`) and
+        :math:`S` from :class:`_ScalarSchur`."""
+        assert self.schur is not None
+        M_ab = self.M_ab
+        ra = np.sqrt(lam_a * lam_a * self.schur.m_aa + 1.0)
+        C = sp.csr_matrix((M_ab.data * (lam_a / ra)[self.ab_rows] * lam_b[M_ab.indices],
+                           M_ab.indices, M_ab.indptr), shape=M_ab.shape)
+        S = self.schur.assemble(lam_a, lam_b, self.ab_rows)
+        return ra.reshape(-1, 1, 1), (1.0 / ra).reshape(-1, 1, 1), C, S
+
+    def _vector_blocks(self, La: np.ndarray, Lb: sp.csr_matrix
+                       ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix, sp.csr_matrix]:
+        r"""Any terms: :math:`R_A` (batched Cholesky of :math:`\Lambda_A^\top M_{AA,l}
+        \Lambda_A + I`), its inverse, :math:`C = R_A^{-1} (I \otimes \Lambda_A^\top)
+        M_{AB} \Lambda_B` and :math:`S = \Lambda_B^\top M_{BB} \Lambda_B + I - C^\top C`,
+        all sparse."""
+        q, m, nb = self.q_a, self.m_a, self.dim_b
+        Haa = La.T @ self.M_aa @ La + np.eye(q)
+        Ra = np.linalg.cholesky(Haa)  # LinAlgError if not positive definite (round-off)
+        Ra_inv = np.linalg.inv(Ra)  # lower triangular, (m, q, q)
+        # C = R_A^{-1} (I (x) Lambda_A') M_AB Lambda_B: a block-diagonal sparse left factor
+        left = Ra_inv @ La.T
+        if q == 1:
+            Lft = sp.diags(left.reshape(-1))
+        else:
+            Lft = sp.bsr_matrix((left, np.arange(m), np.arange(m + 1)),
+                                shape=(m * q, m * q)).tocsr()
+        C = (Lft @ (self.M_ab @ Lb)).tocsr()
+        S = (Lb.T @ self.M_bb @ Lb + sp.identity(nb, format="csr") - C.T @ C)
+        return Ra, Ra_inv, C, S
 
     def _solve_s(self, fac: object, dense: bool, V: np.ndarray) -> np.ndarray:
         if dense:
@@ -395,6 +421,135 @@ class BlockedLMM:
                 b = pos - na
                 out.append(Sinv[b[:, :, None], b[:, None, :]])
         return out
+
+
+@dataclass(frozen=True)
+class _ScalarSchur:
+    r"""The Schur complement of scalar terms, assembled from a pattern fixed at set-up.
+
+    With every :math:`\Lambda_k` a scalar, :math:`\Lambda_A = \lambda_A I`,
+    :math:`\Lambda_B = \operatorname{diag}(\lambda_B)` and :math:`H_{AA}` diagonal, so
+
+    .. math::
+
+        S = I + \Lambda_B \Bigl(M_{BB} - \sum_g d_g T_g\Bigr) \Lambda_B, \qquad
+        d_g = \frac{\lambda_A^2}{1 + \lambda_A^2 m_g}, \qquad
+        T_g = \sum_{l:\, M_{AA,l} = m_g} M_{BA,l} M_{AB,l},
+
+    where :math:`M_{AB,l}` is row :math:`l` of :math:`M_{AB}` and the :math:`m_g` are the
+    distinct values of the diagonal :math:`M_{AA}` (levels with as many observations share
+    :math:`d_g`). The :math:`T_g` do not depend on :math:`\theta`: their lower triangles on
+    the pattern of :math:`S` are the columns of one sparse matrix ``T``, built once from
+    the pairs of nonzeros of each row of :math:`M_{AB}`, so :math:`C^\top C` costs one
+    sparse matrix-vector product per evaluation (no symbolic phase, no sparse-sparse
+    product, no conversion). Past :data:`SCHUR_PAIRS_MAX` pairs ``T`` would be too large:
+    then ``T`` is None and the product :math:`M_{BA} \operatorname{diag}(d) M_{AB}` is
+    formed per evaluation and :math:`S` is dense. :math:`S` is dense (Fortran order, lower
+    triangle, for LAPACK) when its pattern is (see :data:`DENSE_FILL`), else a CSC matrix
+    of the full symmetric pattern for SuperLU.
+    """
+
+    m_aa: np.ndarray  # (m_A,) the diagonal of M_AA
+    group: np.ndarray  # (m_A,) index of each level's m_g
+    m_group: np.ndarray  # (n_groups,)
+    rows: np.ndarray  # lower-triangular pattern of S (B coordinates), rows >= cols
+    cols: np.ndarray
+    M_bb: np.ndarray  # M_BB on the pattern
+    diag: np.ndarray  # positions of the diagonal in the pattern
+    T: sp.csr_matrix | None  # (pattern, groups); None: the product per evaluation
+    M_ab: sp.csr_matrix
+    M_ba: sp.csr_matrix | None  # M_AB' (CSR) when T is None
+    dense: bool
+    csc: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # indptr, indices, source entry
+
+    @classmethod
+    def of(cls, m_aa: np.ndarray, M_ab: sp.csr_matrix, M_bb: sp.csr_matrix,
+           ab_rows: np.ndarray) -> _ScalarSchur:
+        """The pattern and ``T`` (``M_ab`` with sorted indices; ``ab_rows`` the row of each
+        of its nonzeros)."""
+        nb = M_bb.shape[0]
+        m_group, group = np.unique(m_aa, return_inverse=True)
+        bb = sp.tril(M_bb).tocoo()
+        counts = np.diff(M_ab.indptr).astype(np.int64)
+        n_pairs = int((counts * (counts + 1) // 2).sum())
+        T = M_ba = None
+        # the pattern of S (lower triangle, sorted by row then column): M_BB, the diagonal
+        # and, with T, the pattern of M_BA M_AB (of |M_AB|: no cancellation)
+        pattern = M_bb + sp.identity(nb, format="csr")
+        if n_pairs <= SCHUR_PAIRS_MAX:
+            M_abs = abs(M_ab)
+            pattern = pattern + M_abs.T @ M_abs
+        pattern = sp.tril(pattern).tocsr()
+        pattern.sort_indices()
+        rows = np.repeat(np.arange(nb), np.diff(pattern.indptr))
+        cols = pattern.indices.astype(np.int64)
+        keys = rows * nb + cols
+        if n_pairs > SCHUR_PAIRS_MAX:
+            M_ba = M_ab.T.tocsr()
+        else:
+            # pairs (k1, k2), k2 <= k1, of the nonzeros of each row: the entry
+            # (indices[k1], indices[k2]) of the lower triangle, indices sorted by row
+            reps = np.arange(M_ab.nnz) - M_ab.indptr[ab_rows] + 1
+            k1 = np.repeat(np.arange(M_ab.nnz), reps)
+            start = np.cumsum(reps) - reps
+            k2 = M_ab.indptr[ab_rows[k1]] + np.arange(n_pairs) - np.repeat(start, reps)
+            pos = _positions(keys, M_ab.indices[k1].astype(np.int64) * nb + M_ab.indices[k2],
+                             nb)
+            T = sp.csr_matrix((M_ab.data[k1] * M_ab.data[k2], (pos, group[ab_rows[k1]])),
+                              shape=(keys.size, m_group.size))
+        Mbb = np.zeros(keys.size)
+        Mbb[_positions(keys, bb.row.astype(np.int64) * nb + bb.col, nb)] = bb.data
+        dense = T is None or nb <= DENSE_DIM or 2 * keys.size - nb > DENSE_FILL * nb * nb
+        csc = None
+        if not dense:  # the full symmetric pattern, by columns, and each entry's source
+            strict = np.flatnonzero(rows != cols)
+            r_full = np.concatenate([rows, cols[strict]])
+            c_full = np.concatenate([cols, rows[strict]])
+            src = np.concatenate([np.arange(keys.size), strict])
+            order = np.lexsort((r_full, c_full))
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(c_full, minlength=nb))])
+            csc = (indptr, r_full[order], src[order])
+        return cls(m_aa=m_aa, group=group, m_group=m_group, rows=rows, cols=cols, M_bb=Mbb,
+                   diag=np.flatnonzero(rows == cols), T=T, M_ab=M_ab, M_ba=M_ba,
+                   dense=dense, csc=csc)
+
+    def assemble(self, lam_a: float, lam_b: np.ndarray, ab_rows: np.ndarray
+                 ) -> np.ndarray | sp.csc_matrix:
+        r""":math:`S` at :math:`(\lambda_A, \lambda_B)`: a dense Fortran-ordered array
+        whose lower triangle holds :math:`S`, or a CSC matrix."""
+        d = lam_a * lam_a / (1.0 + lam_a * lam_a * self.m_group)
+        nb = lam_b.size
+        if self.T is None:
+            assert self.M_ba is not None
+            M_ab = self.M_ab
+            DM = sp.csr_matrix((M_ab.data * d[self.group][ab_rows], M_ab.indices,
+                                M_ab.indptr), shape=M_ab.shape)
+            S = (self.M_ba @ DM).toarray(order="F")
+            S *= -1.0
+            S[self.rows, self.cols] += self.M_bb
+            S *= lam_b[:, None]
+            S *= lam_b[None, :]
+            S.flat[::nb + 1] += 1.0
+            return S
+        v = (self.M_bb - self.T @ d) * lam_b[self.rows] * lam_b[self.cols]
+        v[self.diag] += 1.0
+        if self.dense:
+            S = np.zeros((nb, nb), order="F")
+            S[self.rows, self.cols] = v
+            return S
+        assert self.csc is not None
+        indptr, indices, src = self.csc
+        return sp.csc_matrix((v[src], indices, indptr), shape=(nb, nb))
+
+
+def _positions(keys: np.ndarray, wanted: np.ndarray, nb: int) -> np.ndarray:
+    """Position in the sorted ``keys`` (``row * nb + col``) of each of ``wanted``: a lookup
+    table up to :math:`2^{25}` entries (128 MB), else a binary search."""
+    if nb * nb <= 1 << 25:
+        table = np.empty(nb * nb, dtype=np.int32)
+        table[keys] = np.arange(keys.size, dtype=np.int32)
+        return table[wanted]
+    return np.searchsorted(keys, wanted)
 
 
 def _cat(xs: list[np.ndarray]) -> np.ndarray:

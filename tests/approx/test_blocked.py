@@ -37,8 +37,9 @@ def _theta(n: int) -> np.ndarray:
 def test_equals_the_dense_profiled_objective(formula: str, reml: bool, sparse_schur: bool,
                                              pairs: bool, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
-    if not pairs:  # the conditional variances by dense products
+    if not pairs:  # the conditional variances by dense products, C'C by sparse products
         monkeypatch.setattr(blocked, "PAIRS_MAX", -1)
+        monkeypatch.setattr(blocked, "SCHUR_PAIRS_MAX", -1)
     if sparse_schur:  # SuperLU for every Schur complement
         monkeypatch.setattr(blocked, "DENSE_DIM", 0)
         monkeypatch.setattr(blocked, "DENSE_FILL", 2.0)
