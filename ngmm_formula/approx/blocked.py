@@ -43,7 +43,7 @@ There is no gradient: the optimiser is derivative-free, as lme4's BOBYQA
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
@@ -121,6 +121,10 @@ class BlockedLMM:
     n_theta: int
     reml: bool
     const: float
+    #: the last evaluation, by theta's bytes: the estimates and the conditional variances
+    #: at the optimum reuse its factor
+    _last: dict[bytes, tuple[_PLS, tuple]] = field(default_factory=dict, init=False,
+                                                   repr=False, compare=False)
 
     @classmethod
     def of(cls, problem: Problem) -> BlockedLMM:
@@ -296,6 +300,15 @@ class BlockedLMM:
         return fac.solve(np.asfortranarray(V))  # type: ignore[attr-defined]
 
     def _pls(self, theta: np.ndarray) -> tuple[_PLS, tuple]:
+        """:meth:`_evaluate` at ``theta``, or the last evaluation when it was there."""
+        key = theta.tobytes()
+        if key not in self._last:
+            out = self._evaluate(theta)
+            self._last.clear()
+            self._last[key] = out
+        return self._last[key]
+
+    def _evaluate(self, theta: np.ndarray) -> tuple[_PLS, tuple]:
         log_det, Ra_inv, C, Lb, fac, dense, La = self._factor(theta)
         # K = Lambda' Z'W [r0, X] in (A, B) order; V_A = R_A^{-1} K_A, V_B = K_B - C' V_A
         if self.q_a == 1:
@@ -375,7 +388,9 @@ class BlockedLMM:
         :math:`(H^{-1})_{AA,l} = H_{AA,l}^{-1} + \tilde C_l S^{-1} \tilde C_l^\top`
         (:math:`\tilde C = R_A^{-\top} C`) and :math:`(H^{-1})_{BB} = S^{-1}` (formed once,
         dense)."""
-        _, Ra_inv, C, _, fac, _, _ = self._factor(theta, dense=True)
+        _, (Ra_inv, C, _, fac, dense, *_) = self._pls(theta)
+        if not dense:
+            _, Ra_inv, C, _, fac, _, _ = self._factor(theta, dense=True)
         q, m, nb = self.q_a, self.m_a, self.dim_b
         assert isinstance(fac, np.ndarray)
         inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)
