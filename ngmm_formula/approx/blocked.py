@@ -399,29 +399,33 @@ class BlockedLMM:
             _, Ra_inv, C, _, fac, _, _ = self._factor(theta, dense=True)
         q, m, nb = self.q_a, self.m_a, self.dim_b
         assert isinstance(fac, np.ndarray)
-        inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)
+        inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)  # lower triangle, Fortran
         if info != 0:
             raise np.linalg.LinAlgError("singular")
-        Sinv = np.tril(inv) + np.tril(inv, -1).T
+        inv_flat = inv.reshape(-1, order="F")
+
+        def s_inv(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            """Entries (i, j) of S^{-1}, from its lower triangle."""
+            return inv_flat[np.maximum(i, j) + nb * np.minimum(i, j)]
         # C~ = R_A^{-T} C, block-diagonal left factor as in _factor
         RiT = np.transpose(Ra_inv, (0, 2, 1))
         Lft = (sp.diags(RiT.reshape(-1)) if q == 1 else
                sp.bsr_matrix((RiT, np.arange(m), np.arange(m + 1)), shape=(m * q, m * q)))
         Ct = (Lft @ C).tocsr()
         V_a = np.einsum("lji,ljk->lik", Ra_inv, Ra_inv)  # H_AA,l^{-1} = R^{-T} R^{-1}
-        counts = np.diff(Ct.indptr)
-        if q == 1 and int((counts * counts).sum()) <= PAIRS_MAX:
+        counts = np.diff(Ct.indptr).astype(np.int64)
+        if q == 1 and int((counts * (counts + 1) // 2).sum()) <= PAIRS_MAX:
             # sum over the pairs (b, b') of each row's nonzeros of C~_lb S^{-1}_bb' C~_lb'
+            # (each unordered pair once, twice its value off the diagonal)
             row_of = np.repeat(np.arange(m), counts)
-            rep = counts[row_of]
-            left = np.repeat(np.arange(Ct.nnz), rep)
-            first = np.cumsum(rep) - rep
-            right = Ct.indptr[row_of[left]] + np.arange(int(rep.sum())) - np.repeat(first, rep)
-            vals = Ct.data[left] * Sinv[Ct.indices[left], Ct.indices[right]] * Ct.data[right]
-            V_a[:, 0, 0] += np.bincount(row_of[left], vals, minlength=m)
+            k1, k2 = _row_pairs(Ct.indptr, row_of)
+            vals = (Ct.data[k1] * Ct.data[k2] * np.where(k1 == k2, 1.0, 2.0)
+                    * s_inv(Ct.indices[k1], Ct.indices[k2]))
+            V_a[:, 0, 0] += np.bincount(row_of[k1], vals, minlength=m)
             m_dense = 0
         else:
             m_dense = m
+        Sinv = (np.tril(inv) + np.tril(inv, -1).T) if m_dense else inv
         chunk = max(1, (1 << 22) // max(1, nb * q))  # levels per piece: <= 32 MB dense
         for lo in range(0, m_dense, chunk):
             hi = min(m, lo + chunk)
@@ -440,7 +444,7 @@ class BlockedLMM:
                 out.append(V_a)
             else:
                 b = pos - na
-                out.append(Sinv[b[:, :, None], b[:, None, :]])
+                out.append(s_inv(b[:, :, None], b[:, None, :]))
         return out
 
 
@@ -507,12 +511,8 @@ class _ScalarSchur:
         if n_pairs > SCHUR_PAIRS_MAX:
             product = _Product.of(M_ab, counts > HEAVY_FRACTION * nb)
         else:
-            # pairs (k1, k2), k2 <= k1, of the nonzeros of each row: the entry
-            # (indices[k1], indices[k2]) of the lower triangle, indices sorted by row
-            reps = np.arange(M_ab.nnz) - M_ab.indptr[ab_rows] + 1
-            k1 = np.repeat(np.arange(M_ab.nnz), reps)
-            start = np.cumsum(reps) - reps
-            k2 = M_ab.indptr[ab_rows[k1]] + np.arange(n_pairs) - np.repeat(start, reps)
+            # the entry (indices[k1], indices[k2]) of the lower triangle (indices sorted)
+            k1, k2 = _row_pairs(M_ab.indptr, ab_rows)
             pos = _positions(keys, M_ab.indices[k1].astype(np.int64) * nb + M_ab.indices[k2],
                              nb)
             T = sp.csr_matrix((M_ab.data[k1] * M_ab.data[k2], (pos, group[ab_rows[k1]])),
@@ -603,6 +603,17 @@ class _Product:
             S = scipy.linalg.blas.dsyrk(-1.0, W, beta=1.0, c=S, trans=1, lower=1,
                                         overwrite_c=1)
         return S
+
+
+def _row_pairs(indptr: np.ndarray, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs ``(k1, k2)``, ``k2 <= k1``, of stored entries in the same row of a CSR
+    matrix (``row_of``: the row of each stored entry), row by row, without a loop."""
+    nnz = row_of.size
+    reps = np.arange(nnz) - indptr[row_of] + 1  # entries of the row up to k1
+    k1 = np.repeat(np.arange(nnz), reps)
+    start = np.cumsum(reps) - reps
+    k2 = indptr[row_of[k1]] + np.arange(k1.size) - np.repeat(start, reps)
+    return k1, k2
 
 
 def _positions(keys: np.ndarray, wanted: np.ndarray, nb: int) -> np.ndarray:
