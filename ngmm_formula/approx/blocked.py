@@ -481,6 +481,7 @@ class _ScalarSchur:
     cols: np.ndarray
     M_bb: np.ndarray  # M_BB on the pattern
     diag: np.ndarray  # positions of the diagonal in the pattern
+    flat: np.ndarray  # position of each pattern entry in a Fortran-ordered (nb, nb) array
     T: sp.csr_matrix | None  # (pattern, groups); None: the product per evaluation
     product: _Product | None  # when T is None
     dense: bool
@@ -530,7 +531,8 @@ class _ScalarSchur:
             indptr = np.concatenate([[0], np.cumsum(np.bincount(c_full, minlength=nb))])
             csc = (indptr, r_full[order], src[order])
         return cls(m_aa=m_aa, group=group, m_group=m_group, rows=rows, cols=cols, M_bb=Mbb,
-                   diag=np.flatnonzero(rows == cols), T=T, product=product,
+                   diag=np.flatnonzero(rows == cols), flat=rows + nb * cols, T=T,
+                   product=product,
                    dense=dense, csc=csc)
 
     def assemble(self, lam_a: float, lam_b: np.ndarray) -> np.ndarray | sp.csc_matrix:
@@ -547,9 +549,9 @@ class _ScalarSchur:
         v = (self.M_bb - self.T @ d) * lam_b[self.rows] * lam_b[self.cols]
         v[self.diag] += 1.0
         if self.dense:
-            S = np.zeros((nb, nb), order="F")
-            S[self.rows, self.cols] = v
-            return S
+            S = np.zeros(nb * nb)
+            S[self.flat] = v
+            return S.reshape((nb, nb), order="F")
         assert self.csc is not None
         indptr, indices, src = self.csc
         return sp.csc_matrix((v[src], indices, indptr), shape=(nb, nb))
