@@ -251,6 +251,7 @@ class BlockedLMM:
             log_det += 2.0 * float(np.log(np.diagonal(c)).sum())
             fac = c
         else:
+            assert not isinstance(S, np.ndarray)
             try:
                 lu = spla.splu(S.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                                options={"SymmetricMode": True})
