@@ -79,6 +79,9 @@ SCHUR_PAIRS_MAX = 10_000_000
 #: about nb^2 / 3e10 s (the break-even at 0.11 nb; MovieLens-size: 299 users of 6,040
 #: hold half of the pairs).
 HEAVY_FRACTION = 0.1
+#: ... and that dense S only up to this many B coordinates (800 MB); beyond, the sparse
+#: products and the fill test of any layout (:meth:`BlockedLMM._vector_blocks`).
+PRODUCT_MAX_DIM = 10_000
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,10 @@ class BlockedLMM:
         if all(k == 1 for k in q):  # Lambda_B diagonal: its theta index by B coordinate
             order = np.argsort(lam_rows)
             lam_rows, lam_cols, lam_tidx = lam_rows[order], lam_cols[order], lam_tidx[order]
-            schur = _ScalarSchur.of(M_aa.reshape(-1), M_ab, M_bb, ab_rows)
+            counts = np.diff(M_ab.indptr).astype(np.int64)
+            if ((counts * (counts + 1) // 2).sum() <= SCHUR_PAIRS_MAX
+                    or D - na <= PRODUCT_MAX_DIM):
+                schur = _ScalarSchur.of(M_aa.reshape(-1), M_ab, M_bb, ab_rows)
         return cls(
             q_a=q_a, m_a=m_a, dim_b=D - na, schur=schur, ab_rows=ab_rows,
             a_rows=np.array([i for i, _ in pa]), a_cols=np.array([j for _, j in pa]),
