@@ -79,9 +79,11 @@ __all__ = ["BlockedLMM", "ConditionalFactor", "profiled_objective"]
 #: SuperLU 77 ms) and STAR (0.8%: LAPACK 89 ms, SuperLU 6 ms).
 DENSE_FILL = 0.05
 DENSE_DIM = 200
-#: The conditional variances of the first block's levels sum over the pairs of nonzeros of
-#: each row of C when there are at most this many pairs (else dense products, by pieces).
-PAIRS_MAX = 20_000_000
+#: The conditional variances of the levels of a scalar first term sum over the pairs of
+#: nonzeros of each row of C when there are at most this many (unordered) pairs; else dense
+#: products, by pieces (faster there: the pairs read S^{-1} at random; the MovieLens-size
+#: model's 1.2e8 pairs took 5.9 s in all, the dense pieces 4.8 s).
+PAIRS_MAX = 10_000_000
 #: Scalar terms: :math:`C^\top C` on a pattern fixed at set-up, as one sparse
 #: matrix-vector product (:class:`_ScalarSchur`), when the levels of A meet at most this
 #: many pairs of B coordinates (InstEval: 1.8 million); else a sparse-sparse product per
