@@ -437,7 +437,17 @@ class BlockedLMM:
         Ct = (Lft @ C).tocsr()
         V_a = np.einsum("lji,ljk->lik", Ra_inv, Ra_inv)  # H_AA,l^{-1} = R^{-T} R^{-1}
         counts = np.diff(Ct.indptr).astype(np.int64)
-        if q == 1 and int((counts * (counts + 1) // 2).sum()) <= PAIRS_MAX:
+        if self.schur is not None and self.schur.T is not None:
+            # scalar terms: C~_l = (lambda_A / r_l^2) M_AB,l Lambda_B, and the pairs of
+            # level l are column l of T: one product with S^{-1} on the pattern (twice the
+            # off-diagonal entries, the pairs being unordered)
+            s, lam_b = self.schur, theta[self.lam_tidx]
+            w = (inv_flat[s.flat] * lam_b[s.rows] * lam_b[s.cols]
+                 * np.where(s.rows == s.cols, 1.0, 2.0))
+            g = V_a[:, 0, 0] * theta[self.a_tidx[0]]  # lambda_A / r_l^2
+            V_a[:, 0, 0] += g * g * (s.T.T @ w)
+            m_dense = 0
+        elif q == 1 and int((counts * (counts + 1) // 2).sum()) <= PAIRS_MAX:
             # sum over the pairs (b, b') of each row's nonzeros of C~_lb S^{-1}_bb' C~_lb'
             # (each unordered pair once, twice its value off the diagonal)
             row_of = np.repeat(np.arange(m), counts)
