@@ -328,6 +328,18 @@ class BlockedLMM:
             return scipy.linalg.cho_solve((fac, True), V, check_finite=False)
         return fac.solve(np.asfortranarray(V))  # type: ignore[attr-defined]
 
+    def _quadratic(self, fac: object, dense: bool, V: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+        r""":math:`V^\top S^{-1} V`, and :math:`S^{-1} V` where it comes on the way: with a
+        dense factor :math:`S = L L^\top` the forward substitution alone,
+        :math:`\|L^{-1} V\|^2` (one pass over the factor, not two)."""
+        if dense:
+            assert isinstance(fac, np.ndarray)
+            W = scipy.linalg.solve_triangular(fac, V, lower=True, check_finite=False)
+            return W.T @ W, None
+        SiV = self._solve_s(fac, dense, V)
+        return V.T @ SiV, SiV
+
     def _pls(self, theta: np.ndarray) -> tuple[_PLS, tuple]:
         """:meth:`_evaluate` at ``theta``, or the last evaluation when it was there."""
         key = theta.tobytes()
@@ -346,8 +358,8 @@ class BlockedLMM:
             Va = Ra_inv @ np.matmul(La.T, self.P_a)
         Va2 = Va.reshape(-1, self.p + 1)
         Vb = np.asarray(Lb.T @ self.P_b) - C.T @ Va2
-        SiVb = self._solve_s(fac, dense, Vb)
-        G = Va2.T @ Va2 + Vb.T @ SiVb
+        VbSiVb, SiVb = self._quadratic(fac, dense, Vb)
+        G = Va2.T @ Va2 + VbSiVb
         p = self.p
         S_X = self.XtWX - G[1:, 1:]
         rss = self.rss0 - G[0, 0]
@@ -387,6 +399,8 @@ class BlockedLMM:
         delta = -np.linalg.solve(st.S_X, st.G[1:, 0]) if p else np.zeros(0)
         # u = H^{-1} (K_0 - K_P delta): back-substitution of the same factor
         e = np.concatenate([[1.0], -delta])
+        if SiVb is None:
+            SiVb = self._solve_s(fac, dense, Vb)
         x_b = SiVb @ e
         w_a = (Va @ e) - (C @ x_b).reshape(self.m_a, self.q_a)
         x_a = np.einsum("lji,lj->li", Ra_inv, w_a)  # R_A^{-T}
@@ -442,6 +456,7 @@ class BlockedLMM:
             # level l are column l of T: one product with S^{-1} on the pattern (twice the
             # off-diagonal entries, the pairs being unordered)
             s, lam_b = self.schur, theta[self.lam_tidx]
+            assert s.T is not None
             w = (inv_flat[s.flat] * lam_b[s.rows] * lam_b[s.cols]
                  * np.where(s.rows == s.cols, 1.0, 2.0))
             g = V_a[:, 0, 0] * theta[self.a_tidx[0]]  # lambda_A / r_l^2
