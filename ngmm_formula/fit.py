@@ -750,8 +750,8 @@ def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarra
 
     Then the gradient and Hessian by finite differences of values, for the convergence check
     of :func:`_maximise` (as lme4's ``deriv12`` after BOBYQA): central differences for the
-    gradient and the diagonal, one-sided ones for the cross terms, ``1 + 2k + k(k-1)/2``
-    evaluations for ``k`` parameters.
+    gradient and the diagonal, one-sided ones for the cross terms, ``2k + k(k-1)/2``
+    evaluations for ``k`` parameters (the value at the optimum is COBYQA's own).
     """
     n_eval = 0
     x0 = np.maximum(np.asarray(x0, dtype=float), lower)
@@ -768,7 +768,7 @@ def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarra
     x = np.asarray(res.x, dtype=float)
     k = x.size
     h = rel_step * np.maximum(1.0, np.abs(x))
-    f0 = value(x)
+    f0 = -float(res.fun) if res.fun < 1e300 else value(x)  # COBYQA's value at its x
     up = np.array([value(x + h[i] * np.eye(k)[i]) for i in range(k)])
     down = np.array([value(x - h[i] * np.eye(k)[i]) for i in range(k)])
     grad = (up - down) / (2 * h)
@@ -779,7 +779,7 @@ def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarra
             step[i] += h[i]
             step[j] += h[j]
             H[i, j] = H[j, i] = (value(step) - up[i] - up[j] + f0) / (h[i] * h[j])
-    n_eval += 1 + 2 * k + k * (k - 1) // 2
+    n_eval += 2 * k + k * (k - 1) // 2 + (res.fun >= 1e300)
     finite = bool(np.isfinite(H).all() and np.isfinite(grad).all())
     eig = np.linalg.eigvalsh(-H) if H.size and finite else np.array([1.0 if finite else -1.0])
     hessian_pd = bool(eig.min() > 0)

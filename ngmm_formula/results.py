@@ -51,6 +51,10 @@ from ngmm_formula.registry import RESULT_METHODS
 __all__ = ["NGMMResult", "Diagnostics", "ReducedRank"]
 
 
+#: Types that hold no array (a list of them, e.g. a factor's level labels, is skipped whole).
+_SCALARS = frozenset({str, int, float, bool, type(None), np.str_, np.int64, np.float64})
+
+
 def _read_only(value: Any, seen: set[int]) -> None:
     """Make every numpy array reachable from ``value`` through dataclasses, tuples, lists and
     dicts read-only (the result's own arrays, its design's matrices and indices, the pandas
@@ -69,6 +73,8 @@ def _read_only(value: Any, seen: set[int]) -> None:
                 arr.setflags(write=False)
         _read_only(value.attrs, seen)  # ranef's postVar
     elif isinstance(value, (tuple, list)):
+        if all(type(v) in _SCALARS for v in value):  # level labels: nothing to protect
+            return
         for v in value:
             _read_only(v, seen)
     elif isinstance(value, dict):

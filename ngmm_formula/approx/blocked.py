@@ -36,14 +36,28 @@ and every quadratic form the profiled deviance needs is :math:`K^\top H_\theta^{
 :math:`K^\top H^{-1} K = V_A^\top V_A + V_B^\top S^{-1} V_B` with :math:`V_A = R_A^{-1} K_A`
 and :math:`V_B = K_B - C^\top V_A`.
 
+When every term is scalar (random intercepts, ``||`` terms), :math:`\Lambda` is diagonal
+and :math:`S` is a rescaling of fixed cross-products: :class:`_ScalarSchur` fixes its
+pattern at set-up and forms :math:`C^\top C` as one sparse matrix-vector product per
+evaluation (or, past :data:`SCHUR_PAIRS_MAX` pairs, a sparse product of the light levels plus
+a dense rank-k update of the heavy ones, :class:`_Product`). The last evaluation is kept, so
+that the estimates and the conditional variances at the optimum reuse its factor.
+
 There is no gradient: the optimiser is derivative-free, as lme4's BOBYQA
-(:func:`~ngmm_formula.fit.optimise`).
+(:func:`~ngmm_formula.fit.optimise`). An analytic gradient needs :math:`S^{-1}` on the
+pattern of :math:`S` (the derivative of :math:`\log|S|`): with a dense :math:`S` that is
+LAPACK's ``dpotri``, 2 to 3 times the cost of the factor (InstEval: 30 to 45 ms against
+14 ms), and SuperLU gives no selected inverse. Measured on InstEval, L-BFGS-B with
+central-difference gradients (standing in for exact ones) took 25 gradient evaluations
+against COBYQA's 63 values, about the same cost in all, and on Chem97 it stopped at
+:math:`\theta_k = 0`, where the gradient of the profiled deviance vanishes by symmetry, at
+a lower likelihood.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
@@ -65,9 +79,25 @@ __all__ = ["BlockedLMM", "ConditionalFactor", "profiled_objective"]
 #: SuperLU 77 ms) and STAR (0.8%: LAPACK 89 ms, SuperLU 6 ms).
 DENSE_FILL = 0.05
 DENSE_DIM = 200
-#: The conditional variances of the first block's levels sum over the pairs of nonzeros of
-#: each row of C when there are at most this many pairs (else dense products, by pieces).
-PAIRS_MAX = 20_000_000
+#: The conditional variances of the levels of a scalar first term sum over the pairs of
+#: nonzeros of each row of C when there are at most this many (unordered) pairs; else dense
+#: products, by pieces (faster there: the pairs read S^{-1} at random; the MovieLens-size
+#: model's 1.2e8 pairs took 5.9 s in all, the dense pieces 4.8 s).
+PAIRS_MAX = 10_000_000
+#: Scalar terms: :math:`C^\top C` on a pattern fixed at set-up, as one sparse
+#: matrix-vector product (:class:`_ScalarSchur`), when the levels of A meet at most this
+#: many pairs of B coordinates (InstEval: 1.8 million); else a sparse-sparse product per
+#: evaluation, densified.
+SCHUR_PAIRS_MAX = 10_000_000
+#: Without the pairs matrix, the levels of A with more than this fraction of B's
+#: coordinates among their nonzeros enter C'C by a dense rank-k update (BLAS syrk), the
+#: others by the sparse product: a sparse pair product costs about 2.8 ns, a dense level
+#: about nb^2 / 3e10 s (the break-even at 0.11 nb; MovieLens-size: 299 users of 6,040
+#: hold half of the pairs).
+HEAVY_FRACTION = 0.1
+#: ... and that dense S only up to this many B coordinates (800 MB); beyond, the sparse
+#: products and the fill test of any layout (:meth:`BlockedLMM._vector_blocks`).
+PRODUCT_MAX_DIM = 10_000
 
 
 @dataclass(frozen=True)
@@ -104,9 +134,8 @@ class BlockedLMM:
     P_a: np.ndarray  # (m_A, q_A, p + 1): Z'W [r0, X_s], A rows
     P_b: np.ndarray  # (dim_B, p + 1)
     perm: np.ndarray  # joint coordinate of each (A, B) coordinate
-    scalar: bool  # every term has q = 1 (Lambda diagonal)
-    ab_rows: np.ndarray  # row of each stored nonzero of M_ab, M_bb (CSR)
-    bb_rows: np.ndarray
+    schur: _ScalarSchur | None  # every term has q = 1 (Lambda diagonal): S's set-up
+    ab_rows: np.ndarray  # row of each stored nonzero of M_ab (CSR)
     q: tuple[int, ...]
     n_levels: tuple[int, ...]
     XtWX: np.ndarray
@@ -117,6 +146,10 @@ class BlockedLMM:
     n_theta: int
     reml: bool
     const: float
+    #: the last evaluation, by theta's bytes: the estimates and the conditional variances
+    #: at the optimum reuse its factor
+    _last: dict[bytes, tuple[_PLS, tuple]] = field(default_factory=dict, init=False,
+                                                   repr=False, compare=False)
 
     @classmethod
     def of(cls, problem: Problem) -> BlockedLMM:
@@ -184,17 +217,21 @@ class BlockedLMM:
                 tidx.append(np.full(mk, tstart[k] + e))
         pa = tril_pairs(q_a)
         M_ab, M_bb = M[:na, na:].tocsr(), M[na:, na:].tocsr()
+        M_ab.eliminate_zeros()  # (the pairs of _ScalarSchur are of its stored entries)
         M_ab.sort_indices()
         M_bb.sort_indices()
         lam_rows, lam_cols, lam_tidx = _cat(rows), _cat(cols), _cat(tidx)
-        scalar = all(k == 1 for k in q)
-        if scalar:  # Lambda_B diagonal: its theta index by B coordinate
+        ab_rows = np.repeat(np.arange(na), np.diff(M_ab.indptr))
+        schur = None
+        if all(k == 1 for k in q):  # Lambda_B diagonal: its theta index by B coordinate
             order = np.argsort(lam_rows)
             lam_rows, lam_cols, lam_tidx = lam_rows[order], lam_cols[order], lam_tidx[order]
+            counts = np.diff(M_ab.indptr).astype(np.int64)
+            if ((counts * (counts + 1) // 2).sum() <= SCHUR_PAIRS_MAX
+                    or D - na <= PRODUCT_MAX_DIM):
+                schur = _ScalarSchur.of(M_aa.reshape(-1), M_ab, M_bb, ab_rows)
         return cls(
-            q_a=q_a, m_a=m_a, dim_b=D - na, scalar=scalar,
-            ab_rows=np.repeat(np.arange(na), np.diff(M_ab.indptr)),
-            bb_rows=np.repeat(np.arange(D - na), np.diff(M_bb.indptr)),
+            q_a=q_a, m_a=m_a, dim_b=D - na, schur=schur, ab_rows=ab_rows,
             a_rows=np.array([i for i, _ in pa]), a_cols=np.array([j for _, j in pa]),
             a_tidx=tstart[a] + np.arange(len(pa)),
             lam_rows=lam_rows, lam_cols=lam_cols, lam_tidx=lam_tidx,
@@ -209,53 +246,39 @@ class BlockedLMM:
     def _factor(self, theta: np.ndarray, dense: bool = False
                 ) -> tuple[float, np.ndarray, sp.csr_matrix, sp.csr_matrix, object, bool,
                            np.ndarray]:
-        r"""Factorise :math:`H_\theta`: :math:`\log|H|`, :math:`R_A`, :math:`C`,
-        :math:`\Lambda_B`, the factor of :math:`S` (dense Cholesky or SuperLU; dense if
-        ``dense``), which, and :math:`\Lambda_A`."""
-        q, m, nb = self.q_a, self.m_a, self.dim_b
-        La = np.zeros((q, q))
+        r"""Factorise :math:`H_\theta`: :math:`\log|H|`, :math:`R_A^{-1}`, :math:`C`,
+        :math:`\Lambda_B`, the factor of :math:`S` (dense Cholesky, lower triangle, or
+        SuperLU; dense if ``dense``), which, and :math:`\Lambda_A`."""
+        La = np.zeros((self.q_a, self.q_a))
         La[self.a_rows, self.a_cols] = theta[self.a_tidx]
-        if self.scalar:
-            # every Lambda_k is a scalar: Lambda diagonal, every product elementwise on the
-            # stored nonzeros of the cross-products (no sparse-sparse product but C'C)
+        if self.schur is not None:
             lam_b = theta[self.lam_tidx]
-            lam_a = float(La[0, 0])
-            ra = np.sqrt(lam_a * lam_a * self.M_aa.reshape(-1) + 1.0)
-            Ra, Ra_inv = ra.reshape(m, 1, 1), (1.0 / ra).reshape(m, 1, 1)
+            Ra, Ra_inv, C, S = self._scalar_blocks(float(La[0, 0]), lam_b)
             Lb = sp.diags(lam_b).tocsr()
-            M_ab, M_bb = self.M_ab, self.M_bb
-            C = sp.csr_matrix((M_ab.data * (lam_a / ra)[self.ab_rows] * lam_b[M_ab.indices],
-                               M_ab.indices, M_ab.indptr), shape=M_ab.shape)
-            Hbb = sp.csr_matrix((M_bb.data * lam_b[self.bb_rows] * lam_b[M_bb.indices],
-                                 M_bb.indices, M_bb.indptr), shape=M_bb.shape)
-            S = Hbb + sp.identity(nb, format="csr") - C.T @ C
         else:
             Lb = sp.csr_matrix((theta[self.lam_tidx], (self.lam_rows, self.lam_cols)),
-                               shape=(nb, nb))
-            Haa = La.T @ self.M_aa @ La + np.eye(q)
-            Ra = np.linalg.cholesky(Haa)  # LinAlgError if not positive definite (round-off)
-            Ra_inv = np.linalg.inv(Ra)  # lower triangular, (m, q, q)
-            # C = R_A^{-1} (I (x) Lambda_A') M_AB Lambda_B: a block-diagonal sparse left factor
-            left = Ra_inv @ La.T
-            if q == 1:
-                Lft = sp.diags(left.reshape(-1))
-            else:
-                Lft = sp.bsr_matrix((left, np.arange(m), np.arange(m + 1)),
-                                    shape=(m * q, m * q)).tocsr()
-            C = (Lft @ (self.M_ab @ Lb)).tocsr()
-            S = (Lb.T @ self.M_bb @ Lb + sp.identity(nb, format="csr") - C.T @ C)
+                               shape=(self.dim_b, self.dim_b))
+            Ra, Ra_inv, C, S = self._vector_blocks(La, Lb)
         log_det = 2.0 * float(np.log(np.diagonal(Ra, axis1=1, axis2=2)).sum())
-        dense = dense or nb <= DENSE_DIM or S.nnz > DENSE_FILL * nb * nb
         fac: object
+        nb = self.dim_b
+        dense = (dense or isinstance(S, np.ndarray) or nb <= DENSE_DIM
+                 or S.nnz > DENSE_FILL * nb * nb)
         if dense:
-            c, info = scipy.linalg.lapack.dpotrf(S.toarray(), lower=True, clean=False)
+            S_d = S if isinstance(S, np.ndarray) else S.toarray(order="F")
+            c, info = scipy.linalg.lapack.dpotrf(S_d, lower=True, clean=False,
+                                                 overwrite_a=True)
             if info != 0:
                 raise np.linalg.LinAlgError("not positive definite")
             log_det += 2.0 * float(np.log(np.diagonal(c)).sum())
             fac = c
         else:
-            lu = spla.splu(S.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                           options={"SymmetricMode": True})
+            assert not isinstance(S, np.ndarray)
+            try:
+                lu = spla.splu(S.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                               options={"SymmetricMode": True})
+            except RuntimeError as e:  # exactly singular (or not finite)
+                raise np.linalg.LinAlgError(str(e)) from e
             d = lu.U.diagonal()
             if not bool((d > 0).all()):
                 raise np.linalg.LinAlgError("not positive definite")
@@ -263,13 +286,70 @@ class BlockedLMM:
             fac = lu
         return log_det, Ra_inv, C, Lb, fac, dense, La
 
+    def _scalar_blocks(self, lam_a: float, lam_b: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix,
+                                  np.ndarray | sp.csc_matrix]:
+        r"""Scalar terms (:math:`\Lambda` diagonal): :math:`R_A = \operatorname{diag}(r)`,
+        :math:`r_l^2 = 1 + \lambda_A^2 M_{AA,l}`, :math:`C = \operatorname{diag}(\lambda_A
+        / r) M_{AB} \Lambda_B` (elementwise on the stored nonzeros of :math:`M_{AB}`) and
+        :math:`S` from :class:`_ScalarSchur`."""
+        assert self.schur is not None
+        M_ab = self.M_ab
+        ra = np.sqrt(lam_a * lam_a * self.schur.m_aa + 1.0)
+        C = sp.csr_matrix((M_ab.data * (lam_a / ra)[self.ab_rows] * lam_b[M_ab.indices],
+                           M_ab.indices, M_ab.indptr), shape=M_ab.shape)
+        S = self.schur.assemble(lam_a, lam_b)
+        return ra.reshape(-1, 1, 1), (1.0 / ra).reshape(-1, 1, 1), C, S
+
+    def _vector_blocks(self, La: np.ndarray, Lb: sp.csr_matrix
+                       ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix, sp.csr_matrix]:
+        r"""Any terms: :math:`R_A` (batched Cholesky of :math:`\Lambda_A^\top M_{AA,l}
+        \Lambda_A + I`), its inverse, :math:`C = R_A^{-1} (I \otimes \Lambda_A^\top)
+        M_{AB} \Lambda_B` and :math:`S = \Lambda_B^\top M_{BB} \Lambda_B + I - C^\top C`,
+        all sparse."""
+        q, m, nb = self.q_a, self.m_a, self.dim_b
+        Haa = La.T @ self.M_aa @ La + np.eye(q)
+        Ra = np.linalg.cholesky(Haa)  # LinAlgError if not positive definite (round-off)
+        Ra_inv = np.linalg.inv(Ra)  # lower triangular, (m, q, q)
+        # C = R_A^{-1} (I (x) Lambda_A') M_AB Lambda_B: a block-diagonal sparse left factor
+        left = Ra_inv @ La.T
+        if q == 1:
+            Lft = sp.diags(left.reshape(-1))
+        else:
+            Lft = sp.bsr_matrix((left, np.arange(m), np.arange(m + 1)),
+                                shape=(m * q, m * q)).tocsr()
+        C = (Lft @ (self.M_ab @ Lb)).tocsr()
+        S = (Lb.T @ self.M_bb @ Lb + sp.identity(nb, format="csr") - C.T @ C)
+        return Ra, Ra_inv, C, S
+
     def _solve_s(self, fac: object, dense: bool, V: np.ndarray) -> np.ndarray:
         if dense:
             assert isinstance(fac, np.ndarray)
             return scipy.linalg.cho_solve((fac, True), V, check_finite=False)
         return fac.solve(np.asfortranarray(V))  # type: ignore[attr-defined]
 
+    def _quadratic(self, fac: object, dense: bool, V: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+        r""":math:`V^\top S^{-1} V`, and :math:`S^{-1} V` where it comes on the way: with a
+        dense factor :math:`S = L L^\top` the forward substitution alone,
+        :math:`\|L^{-1} V\|^2` (one pass over the factor, not two)."""
+        if dense:
+            assert isinstance(fac, np.ndarray)
+            W = scipy.linalg.solve_triangular(fac, V, lower=True, check_finite=False)
+            return W.T @ W, None
+        SiV = self._solve_s(fac, dense, V)
+        return V.T @ SiV, SiV
+
     def _pls(self, theta: np.ndarray) -> tuple[_PLS, tuple]:
+        """:meth:`_evaluate` at ``theta``, or the last evaluation when it was there."""
+        key = theta.tobytes()
+        if key not in self._last:
+            out = self._evaluate(theta)
+            self._last.clear()
+            self._last[key] = out
+        return self._last[key]
+
+    def _evaluate(self, theta: np.ndarray) -> tuple[_PLS, tuple]:
         log_det, Ra_inv, C, Lb, fac, dense, La = self._factor(theta)
         # K = Lambda' Z'W [r0, X] in (A, B) order; V_A = R_A^{-1} K_A, V_B = K_B - C' V_A
         if self.q_a == 1:
@@ -278,8 +358,8 @@ class BlockedLMM:
             Va = Ra_inv @ np.matmul(La.T, self.P_a)
         Va2 = Va.reshape(-1, self.p + 1)
         Vb = np.asarray(Lb.T @ self.P_b) - C.T @ Va2
-        SiVb = self._solve_s(fac, dense, Vb)
-        G = Va2.T @ Va2 + Vb.T @ SiVb
+        VbSiVb, SiVb = self._quadratic(fac, dense, Vb)
+        G = Va2.T @ Va2 + VbSiVb
         p = self.p
         S_X = self.XtWX - G[1:, 1:]
         rss = self.rss0 - G[0, 0]
@@ -319,6 +399,8 @@ class BlockedLMM:
         delta = -np.linalg.solve(st.S_X, st.G[1:, 0]) if p else np.zeros(0)
         # u = H^{-1} (K_0 - K_P delta): back-substitution of the same factor
         e = np.concatenate([[1.0], -delta])
+        if SiVb is None:
+            SiVb = self._solve_s(fac, dense, Vb)
         x_b = SiVb @ e
         w_a = (Va @ e) - (C @ x_b).reshape(self.m_a, self.q_a)
         x_a = np.einsum("lji,lj->li", Ra_inv, w_a)  # R_A^{-T}
@@ -349,32 +431,49 @@ class BlockedLMM:
         :math:`(H^{-1})_{AA,l} = H_{AA,l}^{-1} + \tilde C_l S^{-1} \tilde C_l^\top`
         (:math:`\tilde C = R_A^{-\top} C`) and :math:`(H^{-1})_{BB} = S^{-1}` (formed once,
         dense)."""
-        _, Ra_inv, C, _, fac, _, _ = self._factor(theta, dense=True)
+        _, (Ra_inv, C, _, fac, dense, *_) = self._pls(theta)
+        if not dense:
+            _, Ra_inv, C, _, fac, _, _ = self._factor(theta, dense=True)
         q, m, nb = self.q_a, self.m_a, self.dim_b
         assert isinstance(fac, np.ndarray)
-        inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)
+        inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)  # lower triangle, Fortran
         if info != 0:
             raise np.linalg.LinAlgError("singular")
-        Sinv = np.tril(inv) + np.tril(inv, -1).T
+        inv_flat = inv.reshape(-1, order="F")
+
+        def s_inv(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            """Entries (i, j) of S^{-1}, from its lower triangle."""
+            return inv_flat[np.maximum(i, j) + nb * np.minimum(i, j)]
         # C~ = R_A^{-T} C, block-diagonal left factor as in _factor
         RiT = np.transpose(Ra_inv, (0, 2, 1))
         Lft = (sp.diags(RiT.reshape(-1)) if q == 1 else
                sp.bsr_matrix((RiT, np.arange(m), np.arange(m + 1)), shape=(m * q, m * q)))
         Ct = (Lft @ C).tocsr()
         V_a = np.einsum("lji,ljk->lik", Ra_inv, Ra_inv)  # H_AA,l^{-1} = R^{-T} R^{-1}
-        counts = np.diff(Ct.indptr)
-        if q == 1 and int((counts * counts).sum()) <= PAIRS_MAX:
+        counts = np.diff(Ct.indptr).astype(np.int64)
+        if self.schur is not None and self.schur.T is not None:
+            # scalar terms: C~_l = (lambda_A / r_l^2) M_AB,l Lambda_B, and the pairs of
+            # level l are column l of T: one product with S^{-1} on the pattern (twice the
+            # off-diagonal entries, the pairs being unordered)
+            s, lam_b = self.schur, theta[self.lam_tidx]
+            assert s.T is not None
+            w = (inv_flat[s.flat] * lam_b[s.rows] * lam_b[s.cols]
+                 * np.where(s.rows == s.cols, 1.0, 2.0))
+            g = V_a[:, 0, 0] * theta[self.a_tidx[0]]  # lambda_A / r_l^2
+            V_a[:, 0, 0] += g * g * (s.T.T @ w)
+            m_dense = 0
+        elif q == 1 and int((counts * (counts + 1) // 2).sum()) <= PAIRS_MAX:
             # sum over the pairs (b, b') of each row's nonzeros of C~_lb S^{-1}_bb' C~_lb'
+            # (each unordered pair once, twice its value off the diagonal)
             row_of = np.repeat(np.arange(m), counts)
-            rep = counts[row_of]
-            left = np.repeat(np.arange(Ct.nnz), rep)
-            first = np.cumsum(rep) - rep
-            right = Ct.indptr[row_of[left]] + np.arange(int(rep.sum())) - np.repeat(first, rep)
-            vals = Ct.data[left] * Sinv[Ct.indices[left], Ct.indices[right]] * Ct.data[right]
-            V_a[:, 0, 0] += np.bincount(row_of[left], vals, minlength=m)
+            k1, k2 = _row_pairs(Ct.indptr, row_of)
+            vals = (Ct.data[k1] * Ct.data[k2] * np.where(k1 == k2, 1.0, 2.0)
+                    * s_inv(Ct.indices[k1], Ct.indices[k2]))
+            V_a[:, 0, 0] += np.bincount(row_of[k1], vals, minlength=m)
             m_dense = 0
         else:
             m_dense = m
+        Sinv = (np.tril(inv) + np.tril(inv, -1).T) if m_dense else inv
         chunk = max(1, (1 << 22) // max(1, nb * q))  # levels per piece: <= 32 MB dense
         for lo in range(0, m_dense, chunk):
             hi = min(m, lo + chunk)
@@ -393,8 +492,187 @@ class BlockedLMM:
                 out.append(V_a)
             else:
                 b = pos - na
-                out.append(Sinv[b[:, :, None], b[:, None, :]])
+                out.append(s_inv(b[:, :, None], b[:, None, :]))
         return out
+
+
+@dataclass(frozen=True)
+class _ScalarSchur:
+    r"""The Schur complement of scalar terms, assembled from a pattern fixed at set-up.
+
+    With every :math:`\Lambda_k` a scalar, :math:`\Lambda_A = \lambda_A I`,
+    :math:`\Lambda_B = \operatorname{diag}(\lambda_B)` and :math:`H_{AA}` diagonal, so
+
+    .. math::
+
+        S = I + \Lambda_B \Bigl(M_{BB} - \sum_l d_l M_{BA,l} M_{AB,l}\Bigr) \Lambda_B,
+        \qquad d_l = \frac{\lambda_A^2}{1 + \lambda_A^2 M_{AA,l}},
+
+    where :math:`M_{AB,l}` is row :math:`l` of :math:`M_{AB}`. The products
+    :math:`M_{BA,l} M_{AB,l}` do not depend on :math:`\theta`: their lower triangles on the
+    pattern of :math:`S` are the columns of one sparse matrix ``T``, built once from the
+    pairs of nonzeros of each row of :math:`M_{AB}` in the order they come (CSR by level,
+    transposed: no sort), so :math:`C^\top C` costs one sparse matrix-vector product per
+    evaluation (no symbolic phase, no sparse-sparse product, no conversion). Merging the
+    levels with equal :math:`M_{AA,l}` (equal :math:`d_l`) would shorten the product by a
+    sixth on InstEval and cost more to build (sorting the pairs: 0.16 s against 0.04 s).
+    Past :data:`SCHUR_PAIRS_MAX` pairs ``T`` would be too large:
+    then ``T`` is None and the product :math:`M_{BA} \operatorname{diag}(d) M_{AB}` is
+    formed per evaluation and :math:`S` is dense. :math:`S` is dense (Fortran order, lower
+    triangle, for LAPACK) when its pattern is (see :data:`DENSE_FILL`), else a CSC matrix
+    of the full symmetric pattern for SuperLU.
+    """
+
+    m_aa: np.ndarray  # (m_A,) the diagonal of M_AA
+    rows: np.ndarray  # lower-triangular pattern of S (B coordinates), rows >= cols
+    cols: np.ndarray
+    M_bb: np.ndarray  # M_BB on the pattern
+    diag: np.ndarray  # positions of the diagonal in the pattern
+    flat: np.ndarray  # position of each pattern entry in a Fortran-ordered (nb, nb) array
+    T: sp.csc_matrix | None  # (pattern, levels of A); None: the product per evaluation
+    product: _Product | None  # when T is None
+    dense: bool
+    csc: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # indptr, indices, source entry
+
+    @classmethod
+    def of(cls, m_aa: np.ndarray, M_ab: sp.csr_matrix, M_bb: sp.csr_matrix,
+           ab_rows: np.ndarray) -> _ScalarSchur:
+        """The pattern and ``T`` (``M_ab`` with sorted indices; ``ab_rows`` the row of each
+        of its nonzeros)."""
+        nb = M_bb.shape[0]
+        bb = sp.tril(M_bb).tocoo()
+        counts = np.diff(M_ab.indptr).astype(np.int64)
+        n_pairs = int((counts * (counts + 1) // 2).sum())
+        T, product = None, None
+        # the pattern of S (lower triangle, sorted by row then column): M_BB, the diagonal
+        # and, with T, the pattern of M_BA M_AB (of |M_AB|: no cancellation)
+        pattern = M_bb + sp.identity(nb, format="csr")
+        if n_pairs <= SCHUR_PAIRS_MAX:
+            M_abs = abs(M_ab)
+            pattern = pattern + M_abs.T @ M_abs
+        pattern = sp.tril(pattern).tocsr()
+        pattern.sort_indices()
+        rows = np.repeat(np.arange(nb), np.diff(pattern.indptr))
+        cols = pattern.indices.astype(np.int64)
+        keys = rows * nb + cols
+        if n_pairs > SCHUR_PAIRS_MAX:
+            product = _Product.of(M_ab, counts > HEAVY_FRACTION * nb)
+        else:
+            # the entry (indices[k1], indices[k2]) of the lower triangle (indices sorted)
+            k1, k2 = _row_pairs(M_ab.indptr, ab_rows)
+            pos = _positions(keys, M_ab.indices[k1].astype(np.int64) * nb + M_ab.indices[k2],
+                             nb)
+            indptr = np.concatenate([[0], np.cumsum(counts * (counts + 1) // 2)])
+            T = sp.csr_matrix((M_ab.data[k1] * M_ab.data[k2], pos, indptr),
+                              shape=(m_aa.size, keys.size)).T
+        Mbb = np.zeros(keys.size)
+        Mbb[_positions(keys, bb.row.astype(np.int64) * nb + bb.col, nb)] = bb.data
+        dense = T is None or nb <= DENSE_DIM or 2 * keys.size - nb > DENSE_FILL * nb * nb
+        csc = None
+        if not dense:  # the full symmetric pattern, by columns, and each entry's source
+            strict = np.flatnonzero(rows != cols)
+            r_full = np.concatenate([rows, cols[strict]])
+            c_full = np.concatenate([cols, rows[strict]])
+            src = np.concatenate([np.arange(keys.size), strict])
+            order = np.lexsort((r_full, c_full))
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(c_full, minlength=nb))])
+            csc = (indptr, r_full[order], src[order])
+        return cls(m_aa=m_aa, rows=rows, cols=cols, M_bb=Mbb,
+                   diag=np.flatnonzero(rows == cols), flat=rows + nb * cols, T=T,
+                   product=product,
+                   dense=dense, csc=csc)
+
+    def assemble(self, lam_a: float, lam_b: np.ndarray) -> np.ndarray | sp.csc_matrix:
+        r""":math:`S` at :math:`(\lambda_A, \lambda_B)`: a dense Fortran-ordered array
+        whose lower triangle holds :math:`S`, or a CSC matrix."""
+        d = lam_a * lam_a / (1.0 + lam_a * lam_a * self.m_aa)
+        nb = lam_b.size
+        if self.T is None:
+            assert self.product is not None
+            S = self.product.dense(d, lam_b)
+            S[self.rows, self.cols] += self.M_bb * lam_b[self.rows] * lam_b[self.cols]
+            S.flat[::nb + 1] += 1.0
+            return S
+        v = (self.M_bb - self.T @ d) * lam_b[self.rows] * lam_b[self.cols]
+        v[self.diag] += 1.0
+        if self.dense:
+            S = np.zeros(nb * nb)
+            S[self.flat] = v
+            return S.reshape((nb, nb), order="F")
+        assert self.csc is not None
+        indptr, indices, src = self.csc
+        return sp.csc_matrix((v[src], indices, indptr), shape=(nb, nb))
+
+
+@dataclass(frozen=True)
+class _Product:
+    r""":math:`-\Lambda_B M_{BA} \operatorname{diag}(d) M_{AB} \Lambda_B` formed per
+    evaluation (dense, lower triangle valid): the light levels of A by a sparse product,
+    the heavy ones (:data:`HEAVY_FRACTION`) by a dense rank-k update,
+
+    .. math::
+
+        M_{BA} D M_{AB} = (D^{1/2} M_{AB,\text{light}})^\top (D^{1/2}
+        M_{AB,\text{light}}) + W^\top W, \qquad W = D_\text{heavy}^{1/2}
+        M_{AB,\text{heavy}} \text{ (dense)}.
+    """
+
+    light: sp.csr_matrix  # rows of M_AB of the light levels
+    light_t: sp.csr_matrix  # its transpose
+    light_rows: np.ndarray  # the level (of A) of each nonzero of ``light``
+    light_t_rows: np.ndarray  # the B coordinate of each nonzero of ``light_t``
+    heavy: np.ndarray  # the heavy levels
+    W: np.ndarray  # (heavy, nb) their rows of M_AB, dense
+
+    @classmethod
+    def of(cls, M_ab: sp.csr_matrix, heavy: np.ndarray) -> _Product:
+        levels = np.flatnonzero(~heavy)
+        light = M_ab[levels].tocsr()
+        light_t = light.T.tocsr()
+        return cls(light=light, light_t=light_t,
+                   light_rows=levels[np.repeat(np.arange(levels.size), np.diff(light.indptr))],
+                   light_t_rows=np.repeat(np.arange(light_t.shape[0]),
+                                          np.diff(light_t.indptr)),
+                   heavy=np.flatnonzero(heavy),
+                   W=M_ab[np.flatnonzero(heavy)].toarray())
+
+    def dense(self, d: np.ndarray, lam_b: np.ndarray) -> np.ndarray:
+        """The product's negative at level weights ``d`` and scales ``lam_b``, Fortran
+        order."""
+        L, Lt = self.light, self.light_t
+        left = sp.csr_matrix((Lt.data * lam_b[self.light_t_rows], Lt.indices, Lt.indptr),
+                             shape=Lt.shape)
+        right = sp.csr_matrix((L.data * d[self.light_rows] * lam_b[L.indices], L.indices,
+                               L.indptr), shape=L.shape)
+        # symmetric: the C-ordered array of the product is its transpose in Fortran order
+        S = (left @ right).toarray().T
+        S *= -1.0
+        if self.heavy.size:
+            W = self.W * np.sqrt(d[self.heavy])[:, None] * lam_b[None, :]
+            S = scipy.linalg.blas.dsyrk(-1.0, W, beta=1.0, c=S, trans=1, lower=1,
+                                        overwrite_c=1)
+        return S
+
+
+def _row_pairs(indptr: np.ndarray, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs ``(k1, k2)``, ``k2 <= k1``, of stored entries in the same row of a CSR
+    matrix (``row_of``: the row of each stored entry), row by row, without a loop."""
+    nnz = row_of.size
+    reps = np.arange(nnz) - indptr[row_of] + 1  # entries of the row up to k1
+    k1 = np.repeat(np.arange(nnz), reps)
+    start = np.cumsum(reps) - reps
+    k2 = indptr[row_of[k1]] + np.arange(k1.size) - np.repeat(start, reps)
+    return k1, k2
+
+
+def _positions(keys: np.ndarray, wanted: np.ndarray, nb: int) -> np.ndarray:
+    """Position in the sorted ``keys`` (``row * nb + col``) of each of ``wanted``: a lookup
+    table up to :math:`2^{25}` entries (128 MB), else a binary search."""
+    if nb * nb <= 1 << 25:
+        table = np.empty(nb * nb, dtype=np.int32)
+        table[keys] = np.arange(keys.size, dtype=np.int32)
+        return table[wanted]
+    return np.searchsorted(keys, wanted)
 
 
 def _cat(xs: list[np.ndarray]) -> np.ndarray:

@@ -30,15 +30,20 @@ def _theta(n: int) -> np.ndarray:
     return theta
 
 
-@pytest.mark.parametrize("pairs", [True, False])
+@pytest.mark.parametrize("pairs", [True, False, "heavy", "sparse"])
 @pytest.mark.parametrize("sparse_schur", [False, True])
 @pytest.mark.parametrize("reml", [True, False])
 @pytest.mark.parametrize("formula", FORMULAS)
 def test_equals_the_dense_profiled_objective(formula: str, reml: bool, sparse_schur: bool,
-                                             pairs: bool, monkeypatch: pytest.MonkeyPatch
+                                             pairs: bool | str, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
-    if not pairs:  # the conditional variances by dense products
+    if pairs is not True:  # the conditional variances by dense products, C'C formed per
+        # evaluation: by a sparse product, or by a dense rank-k update ("heavy": every level)
         monkeypatch.setattr(blocked, "PAIRS_MAX", -1)
+        monkeypatch.setattr(blocked, "SCHUR_PAIRS_MAX", -1)
+        monkeypatch.setattr(blocked, "HEAVY_FRACTION", -1.0 if pairs == "heavy" else 2.0)
+        if pairs == "sparse":  # scalar terms through the sparse products of any layout
+            monkeypatch.setattr(blocked, "PRODUCT_MAX_DIM", -1)
     if sparse_schur:  # SuperLU for every Schur complement
         monkeypatch.setattr(blocked, "DENSE_DIM", 0)
         monkeypatch.setattr(blocked, "DENSE_FILL", 2.0)
