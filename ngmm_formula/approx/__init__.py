@@ -23,7 +23,7 @@ the only thing that differs and they are data (:class:`~ngmm_formula.approx.rule
 The same evaluation for one scalar random effect per group in a family without dispersion
 (the commonest GLMM and neural fits) is fused into one autograd Function with its derivative
 written out, :mod:`~ngmm_formula.approx.scalar`; :class:`~ngmm_formula.fit.Objective` takes
-it where it applies.
+it for the Laplace rule (every training step of a neural fit).
 """
 
 from __future__ import annotations
