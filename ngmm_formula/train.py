@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -501,11 +502,9 @@ def _minibatch_objective(
     batches : callable
         ``batches(order, batch_groups)``: an epoch's minibatches (:class:`_Batch`).
     step : callable
-        ``step(optimiser, batch)``: one step on the minibatch ``batch`` (a :class:`_Batch`);
-        returns its log-likelihood.
+        ``step(optimiser, batch)``: one step on a :class:`_Batch`; its log-likelihood.
     state : _StepState
-        The state the two keep between calls (the modes' warm starts, the input noise's
-        generator), for checkpoints.
+        What they keep between calls (the modes' warm starts, the noise's generator).
     """
     per_group_blocks = not approx.joint
     step_approx = training_approximation(approx, control)
@@ -523,7 +522,7 @@ def _minibatch_objective(
                  ) -> torch.Tensor:
         """Log-likelihood of this process's part of ``groups`` (0 when it owns none); with
         ``grad`` the networks see the input noise. ``laid``: the groups' problem, gathered
-        in advance (:func:`batches`)."""
+        in advance (:func:`_lay_out`)."""
         gs_np = np.sort(groups[owned[groups]])
         noise = None
         if grad and input_noise is not None:  # drawn before the early return: in step
@@ -532,16 +531,12 @@ def _minibatch_objective(
             return problem.y.new_zeros(())
         gs = torch.as_tensor(gs_np, dtype=torch.long, device=device)
         start = cache[gs] if per_group_blocks else None
-        if laid is not None:
-            sub = laid
-        else:
+        if laid is None:
             rows = torch.as_tensor(rows_of(gs_np), dtype=torch.long, device=device)
-            sub = problem.subset(rows, gs) if per_group_blocks else problem.subset(rows)
-        if noise is not None:
-            sub = dataclasses.replace(sub, net_noise=noise)
-        # validation too takes the fixed Newton steps from the cached modes: they stop within
-        # 1e-3 of the mode after a Newton step, so the mode is off by ~1e-6 and the value,
-        # stationary there, by ~1e-12
+            laid = problem.subset(rows, gs if per_group_blocks else None)
+        sub = laid if noise is None else dataclasses.replace(laid, net_noise=noise)
+        # validation too takes the fixed Newton steps from the cached modes (the value, at
+        # a mode within ~1e-6 where it is stationary, is within ~1e-12)
         obj = Objective(sub, family, step_approx if grad else approx, module, mode_tol=1e-7,
                         mode_steps=control.train_mode_steps or None)
         with torch.set_grad_enabled(grad):
@@ -550,17 +545,9 @@ def _minibatch_objective(
             cache[gs] = obj.mode.v
         return ll
 
-    # the embeddings' prior, counted by one process of a distributed fit (the gradients are
-    # summed over the processes)
+    # the embeddings' prior, counted by one process (the gradients are summed over them)
     penalised = [net for net in module.nets if isinstance(net, CentredNetwork)
                  and (shard is None or shard.rank == 0)]
-
-    def batches(order: np.ndarray, batch_groups: int) -> list[_Batch]:
-        """An epoch's minibatches: consecutive runs of ``batch_groups`` groups of ``order``
-        (laid out in advance with one block per group in one process)."""
-        if shard is None and per_group_blocks and order.size:
-            return _lay_out(problem, by_group, order, batch_groups)
-        return [_Batch(order[s:s + batch_groups]) for s in range(0, order.size, batch_groups)]
 
     def step(optimiser: torch.optim.Optimizer, minibatch: _Batch) -> float:
         """One AdamW step on ``minibatch``; returns its log-likelihood."""
@@ -577,6 +564,8 @@ def _minibatch_objective(
         optimiser.step()
         return float(ll.detach())
 
+    batches = functools.partial(_batches, problem, by_group,
+                                lay_out=shard is None and per_group_blocks)
     return evaluate, batches, step, _StepState(cache, noise_gen)
 
 
@@ -587,6 +576,15 @@ class _Batch:
 
     groups: np.ndarray
     problem: Problem | None = None
+
+
+def _batches(problem: Problem, by_group: RowsByGroup, order: np.ndarray, batch_groups: int,
+             *, lay_out: bool) -> list[_Batch]:
+    """An epoch's minibatches: consecutive runs of ``batch_groups`` groups of ``order``, laid
+    out in advance (:func:`_lay_out`) with ``lay_out`` (one block per group, one process)."""
+    if lay_out and order.size:
+        return _lay_out(problem, by_group, order, batch_groups)
+    return [_Batch(order[s:s + batch_groups]) for s in range(0, order.size, batch_groups)]
 
 
 def _lay_out(problem: Problem, by_group: RowsByGroup, order: np.ndarray, batch_groups: int
