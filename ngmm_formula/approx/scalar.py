@@ -123,8 +123,8 @@ def scalar_modes(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
         ef, cd = eta_fixed.detach(), c.detach()
         c2 = cd * cd
         v = start.detach().reshape(-1)
-        move, H = float("inf"), v
-        for taken in range(1, steps + EXTRA_STEPS + 1):
+        move, H = float("inf"), torch.ones_like(v)  # both set by the first step
+        for taken in range(1, max(steps, 1) + EXTRA_STEPS + 1):
             d1, d2 = family.eta_derivatives(y, ef + cd * v.index_select(0, block), None, w)
             H = 1.0 - _group_sum(d2 * c2, block, n_blocks)
             step = (_group_sum(d1 * cd, block, n_blocks) - v) / H
