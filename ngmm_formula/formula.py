@@ -9,7 +9,9 @@ is split at its top-level ``+``/``-`` operators into
 * bar terms ``(expr | group)`` and ``(expr || group)`` -- the random effects, expanded as lme4's
   ``findbars``/``expandSlash``/``expandDoubleVerts`` do: ``(x || g)`` becomes ``(1 | g) +
   (0 + x | g)``, ``(1 | a/b)`` becomes ``(1 | b:a) + (1 | a)``;
-* neural terms ``nn(v1, v2, ..., hidden=(64, 64), activation="relu", dropout=0.0)``;
+* neural terms ``nn(v1, v2, ..., hidden=(64, 64), activation="relu", dropout=0.0,
+  additive=32)`` (``additive``: hidden units of the network's additive part per numeric
+  input, 0 for none; :class:`~ngmm_formula.networks.Additive`);
 * ``offset(expr)`` terms;
 * everything else, which is handed unchanged to formulaic as the fixed part (``C()``, ``I()``,
   interactions, ``scale()``, ``poly()``, ``0 +`` / ``- 1`` ...).
@@ -43,7 +45,8 @@ __all__ = ["BarTerm", "NNTerm", "ParsedFormula", "parse_formula", "ACTIVATIONS"]
 #: Activation functions accepted by ``nn(..., activation=...)``.
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "elu", "sigmoid", "softplus")
 
-_NN_DEFAULTS: dict[str, object] = {"hidden": (64, 64), "activation": "relu", "dropout": 0.0}
+_NN_DEFAULTS: dict[str, object] = {"hidden": (64, 64), "activation": "relu", "dropout": 0.0,
+                                   "additive": 32}
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class BarTerm:
 
 @dataclass(frozen=True)
 class NNTerm:
-    """A neural term ``nn(v1, v2, ..., hidden=..., activation=..., dropout=...)``.
+    """A neural term ``nn(v1, v2, ..., hidden=..., activation=..., dropout=..., additive=...)``.
 
     The network :math:`f(x; w)` maps the standardised inputs to one number that is added to
     the linear predictor; its output is centred on the training data and it has no final
@@ -95,6 +98,7 @@ class NNTerm:
     hidden: tuple[int, ...] = (64, 64)
     activation: str = "relu"
     dropout: float = 0.0
+    additive: int = 32
 
     @property
     def label(self) -> str:
@@ -495,7 +499,11 @@ def _parse_nn(inner: str, pos: int, formula: str,
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
         raise _fail(f"nn() option 'dropout' must be a number in [0, 1), got {drop!r}",
                     formula, opt_pos.get("dropout", pos))
-    return NNTerm(tuple(variables), tuple(hidden), str(act), float(drop))
+    additive = opts["additive"]
+    if isinstance(additive, bool) or not isinstance(additive, int) or additive < 0:
+        raise _fail(f"nn() option 'additive' must be an integer >= 0 (hidden units per numeric "
+                    f"input; 0: none), got {additive!r}", formula, opt_pos.get("additive", pos))
+    return NNTerm(tuple(variables), tuple(hidden), str(act), float(drop), additive)
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,8 +88,9 @@ import torch
 
 from ngmm_formula.formula import NNTerm
 
-__all__ = ["MLP", "CentredNetwork", "Ensemble", "NETWORKS", "EMBEDDING_PRIOR_PRECISION",
-           "embedding_dim", "input_label", "make_network", "network_from_data", "network_to_data"]
+__all__ = ["MLP", "Additive", "CentredNetwork", "Ensemble", "NETWORKS",
+           "EMBEDDING_PRIOR_PRECISION", "additive_label", "embedding_dim", "input_label",
+           "make_network", "network_from_data", "network_to_data"]
 
 #: Precision of the Gaussian prior on every entry of an embedding table (module docs).
 EMBEDDING_PRIOR_PRECISION = 1.0
@@ -151,6 +152,11 @@ class CentredNetwork(torch.nn.Module, abc.ABC):
         :class:`MLP`), added to the training loss."""
         return self.centre_value.new_zeros(())
 
+    def fast_parameters(self) -> list[torch.nn.Parameter]:
+        """The weights trained at a higher learning rate (the additive part of an
+        :class:`MLP`; :data:`~ngmm_formula.train.ADDITIVE_LR_SCALE`); none here."""
+        return []
+
     @property
     def n_weights(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -166,6 +172,57 @@ class CentredNetwork(torch.nn.Module, abc.ABC):
     def from_config(cls, config: dict[str, Any]) -> CentredNetwork:
         """A network of the architecture ``config`` (from :meth:`config`); its weights are
         placeholders until a ``state_dict`` is loaded."""
+
+
+class Additive(torch.nn.Module):
+    r"""The additive part of an :class:`MLP`: one small ReLU network per numeric input,
+    :math:`\sum_j \sum_{h=1}^{H} v_{jh}\, \max(0,\, a_{jh} x_j + c_{jh})`, a linear spline
+    in each input with :math:`H` learnt knots (module docs).
+
+    Parameters
+    ----------
+    numeric : sequence of bool
+        Per input column it sees, whether it is a numeric input (only those get a
+        subnetwork; one-hot columns are left to the body and the linear path).
+    units : int
+        :math:`H`, hidden units per numeric input (0: no additive part, no weights).
+    dtype : torch.dtype
+    """
+
+    columns: torch.Tensor
+
+    def __init__(self, numeric: Sequence[bool], units: int, dtype: torch.dtype):
+        super().__init__()
+        cols = [j for j, b in enumerate(numeric) if b]
+        if units < 0:
+            raise ValueError(f"Additive: units must be >= 0, got {units}")
+        self.units = int(units) if cols else 0
+        self.register_buffer("columns", torch.tensor(cols, dtype=torch.long), persistent=False)
+        if self.units:
+            shape = (len(cols), self.units)
+            self.slope = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+            self.shift = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+            self.weight = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+            self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Slopes and shifts uniform on (-1, 1) from torch's global generator (knots
+        :math:`-c/a` spread over the standardised inputs' range), output weights zero (the
+        part starts at 0: the GLMM start is kept)."""
+        if self.units:
+            self.slope.uniform_(-1.0, 1.0)
+            self.shift.uniform_(-1.0, 1.0)
+            self.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape (n, 1) from the columns ``x`` (n, len(numeric)); memory O(n x inputs x H).
+        The sum over inputs and units is an elementwise product summed along the contiguous
+        last axis, in an order fixed by the shape (a BLAS contraction's rounding depends on
+        memory alignment: :func:`~ngmm_formula.model.matvec`)."""
+        z = x.index_select(1, self.columns).unsqueeze(-1)
+        hidden = torch.relu(z * self.slope + self.shift) * self.weight
+        return hidden.reshape(hidden.shape[0], -1).sum(-1, keepdim=True)
 
 
 class MLP(CentredNetwork):
@@ -188,6 +245,8 @@ class MLP(CentredNetwork):
     embed_dims : sequence of int, optional
         Width of each embedded factor's embedding, in column order (default
         :func:`embedding_dim`).
+    additive : int
+        Hidden units per numeric input of the additive part (:class:`Additive`; 0: none).
 
     Attributes
     ----------
@@ -207,7 +266,7 @@ class MLP(CentredNetwork):
     def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str,
                  dropout: float, dtype: torch.dtype = torch.float64,
                  numeric: Sequence[bool] | None = None, factors: Sequence[int] | None = None,
-                 embed_dims: Sequence[int] | None = None):
+                 embed_dims: Sequence[int] | None = None, additive: int = 0):
         super().__init__(dtype)
         self.numeric = tuple(numeric) if numeric is not None else (True,) * in_features
         if len(self.numeric) != in_features:
@@ -249,6 +308,8 @@ class MLP(CentredNetwork):
         self.body = torch.nn.Sequential(*layers)
         self.linear = torch.nn.Linear(len(dense), 1, bias=False, dtype=dtype)
         torch.nn.init.zeros_(self.linear.weight)
+        # built after the body, so a network without it starts from the same weights
+        self.additive = Additive([self.numeric[j] for j in dense], int(additive), dtype)
 
     @property
     def tables(self) -> list[torch.nn.Embedding]:
@@ -280,6 +341,8 @@ class MLP(CentredNetwork):
         if any(self.factors):  # absent: a network without embeddings (files before them)
             out["factors"] = list(self.factors)
             out["embed_dims"] = list(self.embed_dims)
+        if self.additive.units:  # absent: no additive part (files before it)
+            out["additive"] = self.additive.units
         return out
 
     @classmethod
@@ -293,7 +356,8 @@ class MLP(CentredNetwork):
                   activation, float(config["dropout"]), dtype=_dtype(config["dtype"]),
                   numeric=[bool(b) for b in config["numeric"]],
                   factors=None if factors is None else [int(k) for k in factors],
-                  embed_dims=None if dims is None else [int(d) for d in dims])
+                  embed_dims=None if dims is None else [int(d) for d in dims],
+                  additive=int(config.get("additive", 0)))
         net.centre_value = torch.zeros((), dtype=_dtype(config["output_dtype"]))
         return net
 
@@ -318,6 +382,8 @@ class MLP(CentredNetwork):
                                  persistent=False)
             self.register_buffer("code_columns", torch.zeros(0, dtype=torch.long),
                                  persistent=False)
+        if "additive" not in self._modules:  # before the additive part: none
+            self.additive = Additive([], 0, first.weight.dtype)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -331,7 +397,11 @@ class MLP(CentredNetwork):
         torch.nn.init.zeros_(linears[-1].weight)
         for emb in self.tables:
             torch.nn.init.zeros_(emb.weight)
+        self.additive.reset()
         self.centre_value.zero_()
+
+    def fast_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.additive.parameters())
 
     def penalty(self) -> torch.Tensor:
         r"""Minus the log-prior of the embedding tables, up to a constant:
@@ -350,13 +420,18 @@ class MLP(CentredNetwork):
         x = x.to(dtype=w.dtype, device=w.device)
         if not self.embeddings:
             body_in = x if noise is None else x + noise.to(dtype=w.dtype, device=w.device)
-            return (self.body(body_in) + self.linear(x)).squeeze(-1)  # type: ignore[no-any-return]
+            out = self.body(body_in) + self.linear(x)
+            if self.additive.units:
+                out = out + self.additive(body_in)
+            return out.squeeze(-1)  # type: ignore[no-any-return]
         dense = x.index_select(1, self.dense_columns)
         codes = x.index_select(1, self.code_columns).round().long()
         body_dense = dense if noise is None else dense + noise.to(
             dtype=w.dtype, device=w.device).index_select(1, self.dense_columns)
         parts = [body_dense] + [emb(codes[:, j]) for j, emb in enumerate(self.tables)]
         out = self.body(torch.cat(parts, dim=1)) + self.linear(dense)
+        if self.additive.units:
+            out = out + self.additive(body_dense)
         for j, lev in enumerate(self.level_tables):
             out = out + lev(codes[:, j])
         return out.squeeze(-1)  # type: ignore[no-any-return]
@@ -430,6 +505,9 @@ class Ensemble(CentredNetwork):
         net = cls([network_from_data(m) for m in config["members"]])
         net.centre_value = torch.zeros((), dtype=_dtype(config["output_dtype"]))
         return net
+
+    def fast_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for net in self.members for p in cast(CentredNetwork, net).fast_parameters()]
 
     def penalty(self) -> torch.Tensor:
         total = self.centre_value.new_zeros(())
@@ -512,6 +590,16 @@ def input_label(net: torch.nn.Module, width: int) -> str:
     return " + ".join([str(int(net.dense_columns.numel())), *embeds])
 
 
+def additive_label(net: torch.nn.Module) -> str:
+    """The additive part of a network's architecture for summaries, e.g. ``" + additive
+    2x32"`` (numeric inputs x units each), or ``""`` without one."""
+    while isinstance(net, Ensemble):
+        net = net.members[0]
+    if not isinstance(net, MLP) or not net.additive.units:
+        return ""
+    return f" + additive {int(net.additive.columns.numel())}x{net.additive.units}"
+
+
 def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64,
                  device: str | torch.device = "cpu", output_dtype: torch.dtype | None = None,
                  numeric: Sequence[bool] | None = None,
@@ -526,7 +614,7 @@ def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.floa
     with their numbers of levels (:class:`MLP`).
     """
     net = MLP(in_features, term.hidden, term.activation, term.dropout, numeric=numeric,
-              factors=factors)
+              factors=factors, additive=term.additive)
     net.to(device=device, dtype=dtype)
     net.centre_value = torch.zeros((), dtype=output_dtype or dtype, device=device)
     return net

@@ -153,6 +153,10 @@ class TrainingHistory:
 #: (:func:`fit_linear_start`).
 LINEAR_START_COLUMNS = 64
 
+#: Learning rate of the networks' additive parts (:class:`~ngmm_formula.networks.Additive`)
+#: over ``Control.lr`` (module docs).
+ADDITIVE_LR_SCALE = 10.0
+
 
 def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
                      module: LinearPredictor, control: Control,
@@ -367,6 +371,11 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
         lr=tuple(schedule), members=tuple(histories), retrained_steps=final.retrained_steps)
 
 
+def _fast_parameters(module: LinearPredictor) -> list[torch.nn.Parameter]:
+    return [p for net in module.nets if isinstance(net, CentredNetwork)
+            for p in net.fast_parameters()]
+
+
 def _linear_params(module: LinearPredictor) -> list[torch.nn.Parameter]:
     return [module.beta, module.theta] + (
         [module.log_sigma] if module.log_sigma is not None else [])
@@ -410,7 +419,7 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     if schedule is None and val_groups.size:
         _fit_linear_part(problem, family, training_approximation(approx, control), module,
                          by_group.rows(train_groups), control, shard)
-    opt = _optimiser(net_params, other, control)
+    opt = _optimiser(net_params, other, control, _fast_parameters(module))
     # the embeddings' prior (networks.MLP.penalty) is per training observation
     n_train = [max(1, int(by_group.sizes[train_groups].sum()))]  # all groups' when retraining
     evaluate, batches, step, step_state = _minibatch_objective(
@@ -896,11 +905,11 @@ def _train_on_schedule(module: LinearPredictor, net_params: list[torch.nn.Parame
     control : Control
     """
     module.train()
-    opt = _optimiser(net_params, other, control)
+    opt = _optimiser(net_params, other, control, _fast_parameters(module))
     steps = 0
     for lr in schedule:
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         for batch in batches(rng.permutation(groups), batch_groups):
             step(opt, batch)
             steps += 1
@@ -929,14 +938,22 @@ def _fit_linear_part(problem: Problem, family: Family, approx: Approximation,
 
 
 def _optimiser(net_params: list[torch.nn.Parameter], other: list[torch.nn.Parameter],
-               control: Control) -> torch.optim.AdamW:
+               control: Control, fast: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
     """AdamW with weight decay on the network weights only; the multi-tensor
     (``foreach``) update, the same numbers bit for bit as the per-tensor loop torch uses by
-    default on the CPU, in fewer operations."""
-    return torch.optim.AdamW([
-        {"params": net_params, "weight_decay": control.weight_decay},
-        {"params": other, "weight_decay": 0.0},
-    ], lr=control.lr, foreach=True)
+    default on the CPU, in fewer operations. The weights ``fast`` (among ``net_params``:
+    the networks' additive parts) have their own group at :data:`ADDITIVE_LR_SCALE` times
+    the learning rate; every group's ``"lr_scale"`` is its rate over ``control.lr``, which
+    the plateau decay keeps and a schedule (:func:`_train_on_schedule`) applies."""
+    fast_ids = {id(p) for p in fast}
+    groups = [{"params": [p for p in net_params if id(p) not in fast_ids],
+               "weight_decay": control.weight_decay, "lr_scale": 1.0},
+              {"params": other, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if fast_ids:
+        groups.append({"params": [p for p in net_params if id(p) in fast_ids],
+                       "weight_decay": control.weight_decay, "lr_scale": ADDITIVE_LR_SCALE,
+                       "lr": control.lr * ADDITIVE_LR_SCALE})
+    return torch.optim.AdamW(groups, lr=control.lr, foreach=True)
 
 
 def _progress(control: Control):  # type: ignore[no-untyped-def]

@@ -214,6 +214,6 @@ def test_summary_shows_the_embedding(factor_fit) -> None:  # type: ignore[no-unt
     fit, _, _ = factor_fit
     (term,) = fit.nn_terms
     # 1 numeric column + 30 levels x 11; weights: tables 31 x 11 and 31 x 1, first layer
-    # (1 + 11) x 16 + 16, output 16, linear path 1
-    assert term["architecture"] == "1 + 30x11 -> 16 -> 1 (relu) + linear"
-    assert term["n_weights"] == 31 * 11 + 31 + 12 * 16 + 16 + 16 + 1
+    # (1 + 11) x 16 + 16, output 16, linear path 1, additive part 1 numeric input x 32 x 3
+    assert term["architecture"] == "1 + 30x11 -> 16 -> 1 (relu) + linear + additive 1x32"
+    assert term["n_weights"] == 31 * 11 + 31 + 12 * 16 + 16 + 16 + 1 + 96

@@ -43,10 +43,11 @@ def test_fit_has_networks_and_counts_their_weights(binary_fit) -> None:  # type:
     (term,) = binary_fit.nn_terms
     assert term["label"] == "nn(x1, x2)"
     # 2 -> 16 -> 16 -> 1 without output bias: 2*16 + 16 + 16*16 + 16 + 16 = 336, plus the
-    # linear path's 2, twice (an ensemble of two networks)
-    assert term["n_weights"] == 2 * 338
-    assert term["architecture"] == "2 -> 16 -> 16 -> 1 (relu) + linear"
-    assert binary_fit.npar == 2 + 1 + 2 * 338
+    # linear path's 2 and the additive part's 2 inputs x 32 units x 3, twice (an ensemble of
+    # two networks)
+    assert term["n_weights"] == 2 * (338 + 192)
+    assert term["architecture"] == "2 -> 16 -> 16 -> 1 (relu) + linear + additive 2x32"
+    assert binary_fit.npar == 2 + 1 + 2 * (338 + 192)
     assert 0 < term["variance_share"] < 1
     assert binary_fit.history.best_epoch >= 1
     text = str(binary_fit.summary())
@@ -197,13 +198,18 @@ def test_retrain_is_training_on_all_groups_for_the_selected_epochs() -> None:
     data = simulate_grouped(n_groups=60, n_per_group=40, family="binomial", effect="sine",
                             seed=3)
     ctl = Control(epochs=60, patience=30, min_steps=0, lr=0.03, progress=False, input_noise=0)
-    fit = ngmm(FORMULA, data, "binomial", control=replace(ctl, retrain=True), seed=1)
-    plain = ngmm(FORMULA, data, "binomial", control=ctl, seed=1)
+    # Without the additive part: at 10x the learning rate, Adam's normalised steps turn the
+    # warm starts' 1e-7 differences in near-zero gradients into full-size steps, and the
+    # two trainings drift apart (0.07 on a probability, measured); the schedule logic tested
+    # here is the same with or without it.
+    formula = FORMULA.replace("hidden=(16, 16)", "hidden=(16, 16), additive=0")
+    fit = ngmm(formula, data, "binomial", control=replace(ctl, retrain=True), seed=1)
+    plain = ngmm(formula, data, "binomial", control=ctl, seed=1)
     best = plain.history.best_epoch
     assert fit.history.best_epoch == best < 60 and fit.history.retrained_steps == best
     assert len(set(plain.history.lr[:best])) == 1
     assert fit.history.validation == plain.history.validation
-    direct = ngmm(FORMULA, data, "binomial",
+    direct = ngmm(formula, data, "binomial",
                   control=replace(ctl, validation=0.0, epochs=best), seed=1)
     # Not bit for bit: the two fits warm-start the conditional modes differently (Newton
     # tolerance 1e-7 on u), and the float32 network (eps 1.2e-7) carries those differences

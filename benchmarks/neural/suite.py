@@ -215,11 +215,13 @@ def _estimates(fit) -> C.Estimates:  # type: ignore[no-untyped-def]
 
 
 NGMM_CONTROL: dict = {}  # ``--control``: options of Control for the NGMM (default: none)
+NN_OPTIONS: list[str] = []  # ``--nn``: options of nn() for the NGMM (default: none)
 
 
 def fit_ngmm(shape: Shape, train: pd.DataFrame, family: str, seed: int
              ) -> tuple[C.Estimates, dict]:
-    fit = _quiet_fit(f"y ~ nn({', '.join(shape.inputs)}) + x3 + {shape.bar}", train, family,
+    fit = _quiet_fit(f"y ~ nn({', '.join([*shape.inputs, *NN_OPTIONS])}) + x3 + {shape.bar}",
+                     train, family,
                      seed, Control(progress=False, **NGMM_CONTROL))
     h = fit.history
     return _estimates(fit), {"epochs": len(h.train), "best_epoch": h.best_epoch}
@@ -401,9 +403,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--control", default="{}",
                    help="JSON options of Control for the NGMM, e.g. '{\"epochs\": 500}' "
                         "(screening candidate defaults; the suite's figures use none)")
+    p.add_argument("--nn", default="", help="options of nn() for the NGMM, e.g. 'additive=0' "
+                   "(screening candidate architectures; the suite's figures use none)")
     p.add_argument("--from-csv", nargs="*", default=None, help="tables from earlier runs")
     a = p.parse_args(argv)
     NGMM_CONTROL.update(json.loads(a.control))
+    NN_OPTIONS.extend(o.strip() for o in a.nn.split(",") if o.strip())
     if a.from_csv:
         runs = pd.concat([pd.read_csv(f) for f in a.from_csv], ignore_index=True)
     else:

@@ -1,0 +1,175 @@
+"""The additive part of ``nn()`` networks (``networks.Additive``, the ``additive=`` option of
+``nn()``, its own learning rate in ``train._optimiser``): what it computes, which inputs it
+sees, its gradients, model files with and without it, and the optimiser's groups.
+
+Its effect on predictions is measured by ``benchmarks/neural/suite.py`` (``--nn
+additive=0`` against the default), not asserted here.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ngmm_formula import Control, ngmm
+from ngmm_formula.errors import FormulaError
+from ngmm_formula.formula import parse_formula
+from ngmm_formula.networks import MLP, Additive, network_from_data, network_to_data
+from ngmm_formula.train import ADDITIVE_LR_SCALE, _optimiser, _train_on_schedule
+
+
+def _randomised(net: torch.nn.Module, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+
+
+def test_additive_is_a_sum_of_hinges_of_the_numeric_inputs() -> None:
+    """sum_j sum_h v_jh max(0, a_jh x_j + c_jh) over the numeric columns only, written out
+    with loops; exact up to the order of the sums (1e-12 on values of order 10)."""
+    part = Additive([True, False, True], 4, torch.float64)
+    assert part.weight.shape == (2, 4) and not part.weight.any()  # starts at 0
+    _randomised(part)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    expected = torch.zeros(6, dtype=torch.float64)
+    for m, j in enumerate([0, 2]):
+        for h in range(4):
+            expected += part.weight[m, h] * torch.relu(part.slope[m, h] * x[:, j]
+                                                       + part.shift[m, h])
+    torch.testing.assert_close(part(x).squeeze(-1), expected.detach(), rtol=0, atol=1e-12)
+    assert Additive([False, False], 4, torch.float64).units == 0  # no numeric input
+    assert not list(Additive([True], 0, torch.float64).parameters())
+    with pytest.raises(ValueError, match="units"):
+        Additive([True], -1, torch.float64)
+
+
+def test_mlp_adds_the_additive_part_of_the_noisy_dense_inputs() -> None:
+    """``raw = gamma' x + body(x + e) + additive(x + e)``; embedded code columns are not
+    its inputs."""
+    net = MLP(3, (5,), "relu", 0.0, factors=[0, 4, 0], additive=3)
+    _randomised(net, 1)
+    codes = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    x = torch.stack([torch.randn(4, dtype=torch.float64), codes.double(),
+                     torch.randn(4, dtype=torch.float64)], 1)
+    e = 0.1 * torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        without = net.raw(x, e)
+        extra = net.additive(x[:, [0, 2]] + e[:, [0, 2]]).squeeze(-1)
+        net.additive.weight.zero_()
+        torch.testing.assert_close(without - extra, net.raw(x, e), rtol=0, atol=1e-12)
+    assert net.additive.slope.shape == (2, 3)
+
+
+def test_additive_gradients() -> None:
+    """``gradcheck`` (float64 finite differences) of the output in the input and in the
+    additive part's weights, away from the hinges' kinks (a kink within the step has
+    probability ~1e-5 per unit here)."""
+    net = MLP(2, (4,), "tanh", 0.0, additive=3)
+    _randomised(net, 2)
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    names = ["additive.slope", "additive.shift", "additive.weight"]
+    leaves = [dict(net.named_parameters())[n].detach().clone().requires_grad_(True)
+              for n in names]
+
+    def f(x: torch.Tensor, *ws: torch.Tensor) -> torch.Tensor:
+        params = {**dict(net.named_parameters()), **dict(zip(names, ws))}
+        return torch.func.functional_call(net, params, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *leaves))
+
+
+def test_model_files_with_and_without_the_additive_part() -> None:
+    """``config()`` carries ``additive``; a configuration without it (files before it) and
+    a network pickled before it have no additive part and compute what they computed."""
+    net = MLP(2, (4,), "relu", 0.0, additive=5)
+    _randomised(net, 3)
+    x = torch.randn(6, 2, dtype=torch.float64)
+    data = network_to_data(net)
+    assert data["config"]["additive"] == 5
+    back = network_from_data(data)
+    back.load_state_dict(net.state_dict(), strict=True)
+    torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)
+    old_config = dict(data["config"])
+    del old_config["additive"]
+    plain = network_from_data({"type": "MLP", "config": old_config})
+    assert isinstance(plain, MLP) and plain.additive.units == 0 and not plain.fast_parameters()
+    old = MLP(2, (4,), "relu", 0.0)
+    _randomised(old, 4)
+    before = old(x)
+    del old._modules["additive"]
+    loaded = pickle.loads(pickle.dumps(old))
+    torch.testing.assert_close(loaded(x), before, rtol=0, atol=0)
+    assert loaded.additive.units == 0
+
+
+def test_optimiser_trains_the_additive_part_faster_on_every_schedule() -> None:
+    """The additive weights have their own group at ADDITIVE_LR_SCALE x lr; the plateau
+    decay (a factor on every group) and a replayed schedule keep the ratio."""
+    net = MLP(2, (4,), "relu", 0.0, additive=3)
+    other = [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]
+    control = Control(lr=1e-3, progress=False)
+    opt = _optimiser(list(net.parameters()), other, control, net.fast_parameters())
+    fast = opt.param_groups[2]
+    assert {id(p) for p in fast["params"]} == {id(p) for p in net.additive.parameters()}
+    assert not {id(p) for p in fast["params"]} & {id(p) for p in opt.param_groups[0]["params"]}
+    assert fast["lr"] == pytest.approx(1e-3 * ADDITIVE_LR_SCALE)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+    for score in (1.0, 0.0, 0.0):
+        sched.step(score)
+    assert fast["lr"] / opt.param_groups[0]["lr"] == pytest.approx(ADDITIVE_LR_SCALE)
+
+    class Module:  # what _train_on_schedule touches of a LinearPredictor
+        nets = (net,)
+
+        def train(self) -> None:
+            pass
+
+    seen: list[tuple[float, float]] = []
+
+    def step(o: torch.optim.Optimizer, batch: object) -> float:
+        seen.append((o.param_groups[0]["lr"], o.param_groups[2]["lr"]))
+        return 0.0
+
+    _train_on_schedule(Module(), list(net.parameters()), other,  # type: ignore[arg-type]
+                       lambda order, k: [order], step, np.random.default_rng(0),
+                       np.arange(3), 3, [1e-3, 5e-4], control)
+    assert seen == [(1e-3, pytest.approx(1e-3 * ADDITIVE_LR_SCALE)),
+                    (5e-4, pytest.approx(5e-4 * ADDITIVE_LR_SCALE))]
+
+
+def test_nn_option_additive() -> None:
+    """``nn(..., additive=H)`` sets the units per numeric input (default 32; 0: none); a bad
+    value is an error that names the option."""
+    (term,) = parse_formula("y ~ nn(x1, x2) + (1 | g)").nn_terms
+    assert term.additive == 32
+    (term,) = parse_formula("y ~ nn(x1, x2, additive=0) + (1 | g)").nn_terms
+    assert term.additive == 0
+    for bad in ("-1", "2.5", "True", "'a'"):
+        with pytest.raises(FormulaError, match="additive"):
+            parse_formula(f"y ~ nn(x1, additive={bad}) + (1 | g)")
+
+
+def test_fit_with_and_without_the_additive_part() -> None:
+    """A fit's networks get the part by default (32 units per numeric input, none for a
+    factor input) and none with ``additive=0``; the summary's weight count includes it."""
+    rng = np.random.default_rng(0)
+    n = 400
+    df = pd.DataFrame({"x1": rng.normal(size=n), "x2": rng.normal(size=n),
+                       "f": pd.Categorical(rng.choice(["a", "b", "c"], n)),
+                       "g": (np.arange(n) % 20).astype(str)})
+    df["y"] = np.sin(2 * df.x1) + rng.normal(0, 0.5, 20)[np.arange(n) % 20] + rng.normal(
+        0, 0.3, n)
+    quick = Control(epochs=5, min_steps=0, progress=False)
+    fit = ngmm("y ~ nn(x1, x2, f, hidden=(8,)) + (1 | g)", df, control=quick, seed=0)
+    (net,) = fit.nets
+    assert isinstance(net, MLP) and net.additive.slope.shape == (2, 32)
+    plain = ngmm("y ~ nn(x1, x2, f, hidden=(8,), additive=0) + (1 | g)", df, control=quick,
+                 seed=0)
+    (pnet,) = plain.nets
+    assert pnet.additive.units == 0
+    assert net.n_weights - pnet.n_weights == 3 * 2 * 32
