@@ -10,8 +10,10 @@ group's integral is never split):
     \text{loss}_B = -\frac{1}{n_B} \sum_{g \in B} \log \int p(y_g \mid u; \psi)\,
     N(u; 0, I)\, du ,
 
-with decoupled weight decay on the network weights only, Gaussian noise of standard deviation
-``Control.input_noise`` on the numeric inputs of the networks' nonlinear layers (drawn here,
+with decoupled weight decay on the network weights only (the networks' additive parts at
+:data:`ADDITIVE_LR_SCALE` times the learning rate: :mod:`~ngmm_formula.networks`), Gaussian
+noise of standard deviation ``Control.input_noise`` on the numeric inputs of the networks'
+nonlinear layers (drawn here,
 per minibatch, from a generator seeded by ``seed``: every process of a distributed fit draws
 the noise of the whole minibatch and keeps its own rows', so the fit does not depend on the
 number of processes), a learning rate halved when the
