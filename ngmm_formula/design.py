@@ -1184,15 +1184,8 @@ def build_design(
         raise DataError("weights must be non-negative")
     binomial_levels = _binomial_levels(formula, frame) if binomial else None
 
-    if agree is None:
-        fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context)
-        raw_terms = _random_terms(formula, frame, context)
-    else:  # the same collectives in the same order in every process
-        frame = _agree_levels(formula, frame, context, agree)
-        raw_terms = _random_terms(formula, frame, context)
-        select = functools.partial(_agreed_columns, agree, formula,
-                                   [(rt[0].group, rt[1]) for rt in raw_terms])
-        fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context, select)
+    fixed_spec, X, names_full, kept, raw_terms = _model_matrices(formula, frame, context,
+                                                                 agree)
     nets = tuple(_encode_net(t, frame) for t in formula.nn_terms)
     spec = DesignSpec(
         formula=formula,
@@ -1225,6 +1218,23 @@ def build_design(
         spec=spec,
         nobs_all=None if agree is None else int(agree.sum([n])[0]),
     )
+
+
+def _model_matrices(formula: ParsedFormula, frame: pd.DataFrame,
+                    context: Mapping[str, Any] | None, agree: Agreement | None
+                    ) -> tuple[Any, np.ndarray, list[str], list[int], list[_RawTerm]]:
+    """:func:`_fixed_matrix` and :func:`_random_terms` of ``frame``; under ``agree`` with the
+    factor levels and the full-rank columns agreed across processes (the same collectives
+    in the same order in every process)."""
+    if agree is None:
+        fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context)
+        return fixed_spec, X, names_full, kept, _random_terms(formula, frame, context)
+    frame = _agree_levels(formula, frame, context, agree)
+    raw_terms = _random_terms(formula, frame, context)
+    select = functools.partial(_agreed_columns, agree, formula,
+                               [(rt[0].group, rt[1]) for rt in raw_terms])
+    fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context, select)
+    return fixed_spec, X, names_full, kept, raw_terms
 
 
 def _checked_columns(formula: ParsedFormula, data: pd.DataFrame, na_action: str,

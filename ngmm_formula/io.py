@@ -378,18 +378,17 @@ def _filter_row_groups(src: Path, rank: int, world: int, cols: list[str] | None,
     if not files:
         raise NGMMError(f"data file '{src}' does not exist or holds no Parquet files")
     pieces = []
-    schema = None
+    read = None if cols is None else list(dict.fromkeys([*cols, group]))
     for file in files:
         pf = pq.ParquetFile(file)
-        names = pf.schema_arrow.names
-        _check_columns([*(cols or []), group], names, "data", str(file))
-        read = None if cols is None else list(dict.fromkeys([*cols, group]))
+        _check_columns([*(cols or []), group], pf.schema_arrow.names, "data", str(file))
+        empty = pf.schema_arrow.empty_table()
+        pieces.append(empty if read is None else empty.select(read))
         for i in range(pf.num_row_groups):
             table = pf.read_row_group(i, columns=read)
             mine = group_hash(table.column(group).to_pandas(), world) == rank
             pieces.append(table.filter(pa.array(mine)))
-            schema = table.schema
-    table = pa.concat_tables(pieces) if pieces else schema.empty_table()
+    table = pa.concat_tables(pieces)
     if cols is not None and group not in cols:
         table = table.drop_columns([group])
     return table.to_pandas()
