@@ -256,7 +256,13 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
         one-process fit up to the order of summation. Call it on every process with the
         same arguments; models with one grouping factor only (see
         :mod:`ngmm_formula.distributed`, and :func:`ngmm_formula.fit_distributed` for local
-        worker processes and the ``torchrun`` commands for several machines).
+        worker processes and the ``torchrun`` commands for several machines). With ``data``
+        the path of a Parquet file or dataset (e.g. written by
+        :func:`ngmm_formula.io.write_partitioned`) a linear GLMM is read shard by shard:
+        each process reads only its own groups' rows (:func:`ngmm_formula.io.read_shard`)
+        and the encodings are agreed across processes; the result's ``design``, ``ranef``
+        and ``predict()`` then hold this process's rows and groups, ``nobs`` and the
+        estimates all. Not yet for ``nn()`` terms (pass the DataFrame).
     context : mapping, optional
         Extra names the formula may use, e.g. ``{"winsor": my_function, "k": 3.0}`` for
         ``y ~ winsor(x) + I(x * k) + (1 | g)`` (patsy's ``eval_env``, formulaic's

@@ -41,6 +41,14 @@ one flat vector per step is what DDP's bucketing would do here anyway, in a fixe
 Every process reads the whole data set and builds the whole design (so factor levels, the
 standardisation and the networks' input scaling agree bit for bit); the sharded part is the
 work repeated at every iteration -- the Newton searches, the integrals and their gradients.
+The exception is a **sharded read** of a linear GLMM (``ngmm(parquet_path,
+distributed=True)``, :func:`ngmm_formula.io.read_shard`): each process reads and builds only
+its own groups' rows, the encodings are agreed by collectives
+(:func:`agreement`, :class:`~ngmm_formula.design.Agreement`), the GLM start sums its IRLS
+normal equations over the processes (:func:`~ngmm_formula.fit.glm_start`), and the
+:class:`Shard` (:meth:`Shard.of_local`, ``presharded``) numbers the blocks rank by rank; each
+process's result then holds its own rows and groups, with the estimates, ``loglik`` and
+``nobs`` of all.
 Crossed or nested factors (and REML) couple all groups in one joint block, which cannot be
 split by group: :func:`shard_groups` raises :class:`~ngmm_formula.errors.NGMMError` for them.
 
@@ -383,6 +391,9 @@ def agreement(world_size: int, device: torch.device = _CPU) -> Agreement:
 def shard_groups(problem: Problem, approx: Approximation, n_grouping_factors: int,
                  *, presharded: bool = False) -> Shard:
     """This process's :class:`Shard` of ``problem``'s groups in the current process group.
+
+    ``presharded``: ``problem`` holds this process's groups only (a sharded read,
+    :meth:`Shard.of_local`); otherwise it holds all groups and gets a contiguous range.
 
     Raises
     ------
