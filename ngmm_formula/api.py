@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,12 @@ from ngmm_formula.approx.variational import (
 )
 from ngmm_formula.assemble import Prepared, make_result, variational_result
 from ngmm_formula.checks import check_separation
-from ngmm_formula.design import build_design, check_reduced_rank_response, required_columns
+from ngmm_formula.design import (
+    Agreement,
+    build_design,
+    check_reduced_rank_response,
+    required_columns,
+)
 from ngmm_formula.errors import (
     DataError,
     NGMMError,
@@ -41,7 +48,7 @@ from ngmm_formula.fit import (
     torch_threads,
 )
 from ngmm_formula.formula import ParsedFormula, parse_formula
-from ngmm_formula.io import is_data_source, read_data
+from ngmm_formula.io import PARQUET_SUFFIXES, is_data_source, partition_info, read_data, read_shard
 from ngmm_formula.model import (
     LinearPredictor,
     Problem,
@@ -51,7 +58,7 @@ from ngmm_formula.model import (
 )
 from ngmm_formula.networks import CentredNetwork, make_network
 from ngmm_formula.results import NGMMResult
-from ngmm_formula.shards import Shard, connect, shard_groups
+from ngmm_formula.shards import Shard, agreement, connect, shard_groups
 from ngmm_formula.train import (
     TrainingHistory,
     fit_linear_start,
@@ -79,11 +86,14 @@ def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
             points: int | None = None, weights: Any = None, offset: Any = None,
             reml: bool | None = None, control: Control | None = None,
             device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-            context: Mapping[str, Any] | None = None) -> Prepared:
+            context: Mapping[str, Any] | None = None, agree: Agreement | None = None
+            ) -> Prepared:
     """Parse, build the design, validate it against the family and lay out the blocks.
 
     ``device``, ``dtype`` and ``context`` as :func:`ngmm`; ``data`` a DataFrame, a
-    Parquet/CSV path or a pyarrow Dataset.
+    Parquet/CSV path or a pyarrow Dataset. ``agree``: ``data`` is this process's shard of a
+    sharded read, and the encodings are agreed with the other processes
+    (:class:`~ngmm_formula.design.Agreement`).
     """
     control = control or Control()
     dev, dt = resolve_device(device, dtype)
@@ -95,7 +105,7 @@ def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
     data = load_data(parsed, data, weights, offset, context)
     design = build_design(parsed, data, binomial=fam.name == "binomial", weights=weights,
                           offset=offset, na_action=control.na_action,  # type: ignore[arg-type]
-                          context=context)
+                          context=context, agree=agree)
     fam.validate_response(design.y, design.weights, design.response_name)
     fam.check_response_varies(design.y, design.weights, design.response_name)
     fam.check_levels([(t.group, t.n_levels, t.dim) for t in design.re_terms], design.nobs)
@@ -117,7 +127,7 @@ def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
     # float64 on a CPU and half the memory traffic, while the integrals stay in float64
     net_dtype = torch.float32 if dtype is None else dt
     problem = build_problem(design, fam, approximation, dtype=dt, device=dev,
-                            net_dtype=net_dtype)
+                            net_dtype=net_dtype, agree=agree)
     return Prepared(design, fam, approximation, problem)
 
 
@@ -246,7 +256,13 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
         one-process fit up to the order of summation. Call it on every process with the
         same arguments; models with one grouping factor only (see
         :mod:`ngmm_formula.distributed`, and :func:`ngmm_formula.fit_distributed` for local
-        worker processes and the ``torchrun`` commands for several machines).
+        worker processes and the ``torchrun`` commands for several machines). With ``data``
+        the path of a Parquet file or dataset (e.g. written by
+        :func:`ngmm_formula.io.write_partitioned`) a linear GLMM is read shard by shard:
+        each process reads only its own groups' rows (:func:`ngmm_formula.io.read_shard`)
+        and the encodings are agreed across processes; the result's ``design``, ``ranef``
+        and ``predict()`` then hold this process's rows and groups, ``nobs`` and the
+        estimates all. Not yet for ``nn()`` terms (pass the DataFrame).
     context : mapping, optional
         Extra names the formula may use, e.g. ``{"winsor": my_function, "k": 3.0}`` for
         ``y ~ winsor(x) + I(x * k) + (1 | g)`` (patsy's ``eval_env``, formulaic's
@@ -293,11 +309,16 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
     if distributed:
         device = connect(str(device))
     source = data
+    agree = None
+    if distributed and sharded_source(data):  # each process reads its own groups' rows
+        data, agree = _read_own_shard(parse_formula(formula), data, weights, offset, context,
+                                      str(device))
     data = load_data(parse_formula(formula), data, weights, offset, context)
     data_name = getattr(data, "attrs", {}).get("name") if isinstance(data, pd.DataFrame) else None
     prepared = prepare(formula, data, family, approx=approx, nagq=nagq, truncation=truncation,
                        points=points, weights=weights, offset=offset, reml=reml,
-                       control=control, device=device, dtype=dtype, context=context)
+                       control=control, device=device, dtype=dtype, context=context,
+                       agree=agree)
 
     refit = FitCall(formula, own_copy(source), family, dict(
         approx=approx, nagq=nagq, truncation=truncation, points=points, weights=weights,
@@ -309,7 +330,8 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
                                  data_name=data_name, refit=refit)
     # this process's range of groups in a distributed fit (None: all groups, one process)
     shard = (shard_groups(prepared.problem, prepared.approximation,
-                          len(prepared.design.grouping_factors)) if distributed else None)
+                          len(prepared.design.grouping_factors), presharded=agree is not None)
+             if distributed else None)
     module = _module(prepared)
     pr, fam = prepared.problem, prepared.family
     obj = Objective(pr, fam, prepared.approximation, module, shard=shard)
@@ -319,7 +341,7 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
                           shard=shard)
                 if module.nets else obj)
     if not profiled(obj):  # lmer's profiled fit starts at relative theta = 1 and needs no more
-        glm_start(pr, fam, module)
+        glm_start(pr, fam, module, shard=shard if agree is not None else None)
         if prepared.approximation.kind == "exact" and module.log_sigma is not None:
             with torch.no_grad():  # lme4 starts at relative theta = 1, i.e. absolute sigma
                 module.theta.mul_(module.log_sigma.exp())
@@ -340,6 +362,61 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
                        refit=refit, nets=_nets(module), net_offset=net_offset,
                        history=history)
+
+
+def sharded_source(data: Any) -> bool:
+    """Whether a distributed fit reads ``data`` shard by shard: a folder written by
+    :func:`~ngmm_formula.io.write_partitioned`, a Parquet file or a folder of Parquet files
+    (DataFrames, CSV files and pyarrow objects are read whole by every process)."""
+    if not isinstance(data, str | os.PathLike):
+        return False
+    path = Path(os.fspath(data))
+    if path.is_dir():
+        return partition_info(path) is not None or any(
+            p.suffix.lower() in PARQUET_SUFFIXES for p in path.iterdir())
+    return path.is_file() and path.suffix.lower() in PARQUET_SUFFIXES
+
+
+def _read_own_shard(parsed: ParsedFormula, source: Any, weights: Any, offset: Any,
+                    context: Mapping[str, Any] | None, device: str
+                    ) -> tuple[pd.DataFrame, Agreement]:
+    """This process's rows of a sharded read (:func:`~ngmm_formula.io.read_shard`: whole
+    groups of the formula's grouping factor) and the agreement on the encodings.
+
+    Refused with a clear :class:`NGMMError`: ``nn()`` terms (the networks' input encodings
+    and the training's minibatches of groups are not agreed across processes yet), and
+    several grouping factors (crossed or nested: no split by group). A grouping factor
+    ``a:b`` is read by the hash of ``a`` (each ``a:b`` group lies within one ``a``), or of
+    whichever of ``a``, ``b`` a partitioned dataset was written by.
+    """
+    import torch.distributed as dist
+
+    if parsed.nn_terms:
+        raise NGMMError(
+            "sharded reading of neural fits is not available yet: with nn() terms and "
+            "distributed=True, pass the data frame instead of the Parquet path (data="
+            "pandas.read_parquet(path)), so that every process reads all rows")
+    groups = sorted({bar.group for bar in parsed.bars})
+    if len(groups) != 1:
+        raise NGMMError(
+            f"a sharded read (distributed=True with a Parquet path) splits the rows by one "
+            f"grouping factor, and the formula has {len(groups)} ({', '.join(groups)}): "
+            "crossed or nested factors cannot be split across processes")
+    factors = next(bar for bar in parsed.bars).group_factors
+    info = partition_info(source) if Path(os.fspath(source)).is_dir() else None
+    if info is not None and info["group"] not in factors:
+        raise NGMMError(
+            f"'{os.fspath(source)}' is partitioned by '{info['group']}', but the model's groups "
+            f"are '{groups[0]}': its groups would be split across processes; write it again "
+            f"with write_partitioned(df, path, group='{factors[0]}', ...)")
+    cols = required_columns(parsed, with_response=True,
+                            context=context if isinstance(context, Mapping) else None)
+    cols += [a for a in (weights, offset) if isinstance(a, str)]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    frame = read_shard(source, rank, world, cols,
+                       group=info["group"] if info is not None else factors[0])
+    comm = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return frame, agreement(world, comm)
 
 
 def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: int,

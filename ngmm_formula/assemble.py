@@ -140,6 +140,9 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
     module = obj.module
     A = pr.standardisation.A
     ll_blocks, mode = obj.all_blocks()  # every group's, also in a distributed fit
+    loglik = float(ll_blocks.double().sum())
+    if obj.shard is not None and obj.shard.presharded:  # a sharded read: this process's groups
+        loglik = float(obj.reduce(np.array([loglik]))[0])
     sigma = float(module.log_sigma.detach().exp()) if module.log_sigma is not None else 1.0
     exact = approx.kind == "exact"
 
@@ -219,7 +222,7 @@ def make_result(prepared: Prepared, obj: Objective, opt: Optimum, control: Contr
             + sum(net.n_weights for net in nets))
     return NGMMResult(
         formula=formula, family=fam, approximation=approx, design=design, fixef=fixef,
-        vcov=vcov, theta=theta, sigma=sigma, loglik=float(ll_blocks.double().sum()), npar=npar,
+        vcov=vcov, theta=theta, sigma=sigma, loglik=loglik, npar=npar,
         varcorr=varcorr, ranef=ranef, eta=eta, diagnostics=diagnostics, data_name=data_name,
         random_coef=tuple(coefs), refit=refit, nets=tuple(net.cpu() for net in nets),
         history=history, reduced_rank=reduced,

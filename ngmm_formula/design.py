@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,6 +51,7 @@ from ngmm_formula.safety import EXTRA_TRANSFORMS, IDENTIFIER, check_python
 from ngmm_formula.scaling import SCALE_RATIO, column_scale_problems
 
 __all__ = [
+    "Agreement",
     "Design",
     "tril_pairs",
     "reapply_spec",
@@ -67,6 +68,7 @@ __all__ = [
     "re_quadratic",
     "build_design",
     "full_rank_columns",
+    "full_rank_columns_gram",
     "required_columns",
     "check_reduced_rank_response",
     "check_spec_formula",
@@ -527,6 +529,9 @@ class Design:
         Labels of the rows used, in the caller's DataFrame.
     response_name : str
     spec : DesignSpec
+    nobs_all : int or None
+        A sharded read (:class:`Agreement`): the number of observations of all processes
+        (``nobs`` is this process's rows). None otherwise.
     """
 
     formula: ParsedFormula
@@ -542,6 +547,8 @@ class Design:
     row_index: pd.Index
     response_name: str
     spec: DesignSpec
+    #: the observations of every process of a sharded read (None: this design holds all)
+    nobs_all: int | None = None
 
     def __repr__(self) -> str:
         # the arrays are fields; a printed Design showed all of them (kB)
@@ -974,6 +981,141 @@ def _encode_net(term: NNTerm, data: pd.DataFrame) -> NetInput:
 
 
 # --------------------------------------------------------------------------------------------
+# several processes, each with part of the rows
+
+
+@dataclass(frozen=True)
+class Agreement:
+    r"""How the processes of a distributed fit, each holding the rows of its own groups,
+    agree on the encodings that must be the same everywhere (a sharded read).
+
+    The one-process design learns these from all rows; here each is computed from sums or
+    sets that every process contributes to, so each process builds the design of its rows
+    exactly as the one-process design encodes them (up to the order of summation):
+
+    - the **levels of the fixed part's factors**: the union of every process's levels, sorted
+      as :func:`_factor_levels` sorts them (a level present in one process's rows only still
+      gets its column in every process, so ``X`` has the same columns everywhere);
+    - the **full-rank columns**: R's pivoting-QR rule applied to the all-reduced
+      :math:`X^\top X` (:func:`full_rank_columns_gram`), since whether a column is aliased is a
+      property of all rows;
+    - the **number of observations** (``Design.nobs_all``, for AIC, BIC and the residual
+      degrees of freedom);
+    - the **standardisation** of the fixed-effects columns (means and standard deviations
+      from all-reduced sums, :meth:`ngmm_formula.model.Standardisation.of`).
+
+    Grouping-factor levels stay local: each process owns whole groups (they are checked to be
+    disjoint), and its random-effect blocks are its own.
+
+    Attributes
+    ----------
+    all_sum : callable
+        ``all_sum(x)``: the elementwise sum of the float64 array ``x`` over the processes, the
+        same bits in every process. It may write into ``x``; :meth:`sum` passes a copy.
+    all_gather : callable
+        ``all_gather(obj)``: the list of every process's (picklable) ``obj``, in rank order.
+    """
+
+    all_sum: Callable[[np.ndarray], np.ndarray]
+    all_gather: Callable[[Any], list[Any]]
+
+    def sum(self, x: Any) -> np.ndarray:
+        """The sum of ``x`` over the processes (``x`` itself is never modified)."""
+        return np.asarray(self.all_sum(np.array(x, dtype=np.float64, copy=True)))
+
+    def max(self, x: Any) -> np.ndarray:
+        """The elementwise maximum of ``x`` over the processes."""
+        return np.max(np.stack([np.asarray(v, dtype=np.float64)
+                                for v in self.all_gather(np.asarray(x, dtype=np.float64))]),
+                      axis=0)
+
+
+def _agree_levels(formula: ParsedFormula, frame: pd.DataFrame,
+                  context: Mapping[str, Any] | None, agree: Agreement) -> pd.DataFrame:
+    """``frame`` with the fixed part's factor columns (strings, objects, categoricals) as
+    categoricals whose categories are the union of every process's levels.
+
+    Categoricals with the same categories in every process are kept as they are (their order
+    is the one-process order); otherwise the union is sorted as :func:`_factor_levels` sorts
+    string levels, which is also how formulaic orders the levels of a string column.
+    """
+    names = sorted(n for n in _formulaic_names(formula.fixed, context) if n in frame.columns)
+    factors = [n for n in names if not (pd.api.types.is_numeric_dtype(frame[n])
+                                        or pd.api.types.is_bool_dtype(frame[n]))
+               or isinstance(frame[n].dtype, pd.CategoricalDtype)]
+    if not factors:
+        agree.all_gather(None)  # every process takes part in the same collectives
+        return frame
+    mine = {n: (list(frame[n].cat.categories) if isinstance(frame[n].dtype, pd.CategoricalDtype)
+                else list(pd.unique(frame[n].dropna()))) for n in factors}
+    everyone = agree.all_gather(mine)
+    if any(sorted(e) != factors for e in everyone):
+        raise DataError("the fixed part's factor columns differ in type across processes "
+                        f"(here: {factors}); give every process the same column types")
+    converted = {}
+    for n in factors:
+        lists = [e[n] for e in everyone]
+        if isinstance(frame[n].dtype, pd.CategoricalDtype) and all(v == lists[0] for v in lists):
+            continue
+        union = sorted({v for lv in lists for v in lv}, key=str)
+        converted[n] = pd.Categorical(frame[n], categories=union)
+    return frame.assign(**converted) if converted else frame
+
+
+def full_rank_columns_gram(G: np.ndarray, tol: float = 1e-7) -> list[int]:
+    r""":func:`full_rank_columns` from the cross-product :math:`G = X^\top X` alone.
+
+    Column :math:`j` is kept when the norm of its residual after projecting out the kept
+    columns before it, :math:`\sqrt{G_{jj} - g_j^\top G_{KK}^{-1} g_j}` (the next diagonal
+    entry of the Cholesky factor of :math:`G_{KK}` bordered by :math:`j`), exceeds ``tol``
+    times its norm :math:`\sqrt{G_{jj}}`: the same rule as R's dqrdc2, from a matrix that a
+    distributed fit sums over the processes' rows. Less accurate than the QR for nearly
+    aliased columns (the squares lose half the digits), which is why the one-process design
+    keeps the QR.
+    """
+    kept: list[int] = []
+    R = np.zeros((0, 0))  # upper Cholesky factor of G[kept][:, kept]
+    for j in range(G.shape[0]):
+        gjj = float(G[j, j])
+        if gjj <= 0:
+            continue
+        r = (np.linalg.solve(R.T, G[kept, j]) if kept else np.zeros(0))
+        resid = gjj - float(r @ r)
+        if resid > (tol ** 2) * gjj:
+            k = len(kept)
+            R2 = np.zeros((k + 1, k + 1))
+            R2[:k, :k], R2[:k, k], R2[k, k] = R, r, np.sqrt(resid)
+            R, kept = R2, [*kept, j]
+    return kept
+
+
+def _agreed_columns(agree: Agreement, formula: ParsedFormula,
+                    re_levels: list[tuple[str, tuple[str, ...]]], X_full: np.ndarray,
+                    names_full: list[str]) -> list[int]:
+    """The full-rank columns of all processes' ``X_full`` (:func:`full_rank_columns_gram` of
+    the all-reduced cross-product); checks first that every process has the same
+    fixed-effect columns and that no group's rows are split between processes."""
+    names = agree.all_gather(names_full)
+    if any(nm != names_full for nm in names):
+        raise DataError(f"the fixed part '{formula.fixed}' gives different columns in different "
+                        f"processes ({names[0]} and {next(nm for nm in names if nm != names[0])})"
+                        ": a transform learnt from the rows (C() of a number, poly(), scale()) "
+                        "cannot be agreed across processes; compute it before the fit")
+    everyone = agree.all_gather(re_levels)
+    for k, (group, _) in enumerate(re_levels):
+        seen: dict[str, int] = {}
+        for rank, levels in enumerate(e[k][1] for e in everyone):
+            for lv in levels:
+                if seen.setdefault(lv, rank) != rank:
+                    raise DataError(
+                        f"group '{lv}' of '{group}' has rows in processes {seen[lv]} and "
+                        f"{rank}: each process must hold whole groups (read the data with "
+                        "ngmm_formula.io.read_shard, or partition it with write_partitioned)")
+    G = agree.sum(X_full.T @ X_full)
+    return full_rank_columns_gram(G) if X_full.shape[1] else []
+
+
+# --------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -986,6 +1128,7 @@ def build_design(
     offset: np.ndarray | pd.Series | str | None = None,
     na_action: NaAction = "omit",
     context: Mapping[str, Any] | None = None,
+    agree: Agreement | None = None,
 ) -> Design:
     """Evaluate a parsed formula on a data frame.
 
@@ -1006,6 +1149,10 @@ def build_design(
     context : mapping, optional
         Extra names the formula may use (functions or values), as formulaic's ``context``;
         besides them only the data's columns and the formula transforms are reachable.
+    agree : Agreement, optional
+        A sharded read: ``data`` holds this process's groups, and the fixed part's factor
+        levels, full-rank columns and number of observations are agreed with the other
+        processes (:class:`Agreement`). None (default): ``data`` is all the data.
 
     Returns
     -------
@@ -1037,8 +1184,8 @@ def build_design(
         raise DataError("weights must be non-negative")
     binomial_levels = _binomial_levels(formula, frame) if binomial else None
 
-    fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context)
-    raw_terms = _random_terms(formula, frame, context)
+    fixed_spec, X, names_full, kept, raw_terms = _model_matrices(formula, frame, context,
+                                                                 agree)
     nets = tuple(_encode_net(t, frame) for t in formula.nn_terms)
     spec = DesignSpec(
         formula=formula,
@@ -1069,7 +1216,25 @@ def build_design(
         row_index=frame.index,
         response_name=response_name,
         spec=spec,
+        nobs_all=None if agree is None else int(agree.sum([n])[0]),
     )
+
+
+def _model_matrices(formula: ParsedFormula, frame: pd.DataFrame,
+                    context: Mapping[str, Any] | None, agree: Agreement | None
+                    ) -> tuple[Any, np.ndarray, list[str], list[int], list[_RawTerm]]:
+    """:func:`_fixed_matrix` and :func:`_random_terms` of ``frame``; under ``agree`` with the
+    factor levels and the full-rank columns agreed across processes (the same collectives
+    in the same order in every process)."""
+    if agree is None:
+        fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context)
+        return fixed_spec, X, names_full, kept, _random_terms(formula, frame, context)
+    frame = _agree_levels(formula, frame, context, agree)
+    raw_terms = _random_terms(formula, frame, context)
+    select = functools.partial(_agreed_columns, agree, formula,
+                               [(rt[0].group, rt[1]) for rt in raw_terms])
+    fixed_spec, X, names_full, kept = _fixed_matrix(formula, frame, context, select)
+    return fixed_spec, X, names_full, kept, raw_terms
 
 
 def _checked_columns(formula: ParsedFormula, data: pd.DataFrame, na_action: str,
@@ -1187,8 +1352,13 @@ def _binomial_levels(formula: ParsedFormula, frame: pd.DataFrame) -> tuple[str, 
     return None
 
 
+def _full_rank(X: np.ndarray, names: list[str]) -> list[int]:
+    return full_rank_columns(X)
+
+
 def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
-                  context: Mapping[str, Any] | None
+                  context: Mapping[str, Any] | None,
+                  select: Callable[[np.ndarray, list[str]], list[int]] = _full_rank,
                   ) -> tuple[Any, np.ndarray, list[str], list[int]]:
     """The fixed-effects model matrix, its columns of full rank, and their lme4 names.
 
@@ -1198,6 +1368,9 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
     frame : DataFrame
         The complete rows.
     context : mapping or None
+    select : callable
+        ``select(X_full, names)``: the columns of full rank (:func:`full_rank_columns`, or
+        the processes' agreed choice of a sharded read).
 
     Returns
     -------
@@ -1221,7 +1394,7 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
                            f"{exc}", formula.formula) from None
     names_full = [lme4_name(c) for c in columns]
     _check_scales(X_full, names_full, "fixed-effect")
-    kept = full_rank_columns(X_full) if X_full.shape[1] else []
+    kept = select(X_full, names_full) if X_full.shape[1] else []
     return spec, X_full[:, kept], names_full, kept
 
 

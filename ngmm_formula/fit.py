@@ -266,14 +266,15 @@ class Objective:
 
     def all_blocks(self) -> tuple[torch.Tensor, ConditionalMode]:
         """Log marginal likelihood and conditional mode of every block of the whole problem at
-        the current parameters (no gradient; gathered from all processes under a shard);
+        the current parameters (no gradient; gathered from all processes under a shard, but
+        this process's own blocks after a sharded read, whose design holds only their rows);
         those of a profiled fit's solution (:attr:`solved`) while the parameters are its."""
         if self.solved is not None and self.solved[0] == _state(self.module):
             return self.solved[1], self.solved[2]
         with torch.no_grad():
             ll = self.per_block(warm=True)
         assert self.mode is not None
-        if self.shard is None:
+        if self.shard is None or self.shard.presharded:  # a sharded read: this process's
             return ll, self.mode
         return self.shard.gather_blocks(ll), self.shard.gather_mode(self.mode)
 
@@ -440,7 +441,7 @@ class Optimum:
 
 
 def glm_start(problem: Problem, family: Family, module: LinearPredictor,
-              max_iter: int = 50) -> None:
+              max_iter: int = 50, shard: Shard | None = None) -> None:
     """Set beta (and log_sigma) to the fixed-effects-only GLM fit: lme4's start for glmer.
 
     Iteratively reweighted least squares as R's ``glm.fit``: Fisher-scoring steps, halved
@@ -450,6 +451,14 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
     by :func:`~ngmm_formula.model.lstsq_fixed_order` and every ``X beta`` by
     :func:`~ngmm_formula.model.matvec`, so that the start (and hence the fit) does not depend
     on memory alignment.
+
+    With a ``shard`` of a sharded read (each process holds the rows of its own groups) the
+    same iterations run on all processes' rows: every log-likelihood is all-reduced, and each
+    weighted least-squares problem is solved from the all-reduced normal equations
+    ``X'WX beta = X'Wz`` (:func:`_wls`) with rank 0's solution
+    broadcast, so every process takes the same steps and the same decisions (no process
+    waits in a collective that another skipped). The starting sigma is rank 0's moment
+    estimate (it only brackets the search over the all-reduced log-likelihood).
     """
     y, w, off, Xs = problem.y, problem.w, problem.offset, problem.Xs
     y_np, w_np = y.cpu().numpy(), w.cpu().numpy()  # the families' starting values are numpy
@@ -458,29 +467,30 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
         if module.log_sigma is not None:
             eta_init = torch.as_tensor(family.initial_eta(y_np, w_np), dtype=y.dtype,
                                        device=y.device)
-            ls0 = torch.tensor(family.initial_log_sigma(y_np,
-                                                        family.mean(eta_init).cpu().numpy(),
-                                                        w_np), dtype=y.dtype, device=y.device)
+            ls0_np = family.initial_log_sigma(y_np, family.mean(eta_init).cpu().numpy(), w_np)
+            if shard is not None:
+                ls0_np = float(shard.same(np.array([ls0_np]))[0])
+            ls0 = torch.tensor(ls0_np, dtype=y.dtype, device=y.device)
         if problem.p:
             eta = torch.as_tensor(family.initial_eta(y_np, w_np), dtype=y.dtype,
                                   device=y.device)
-            beta = lstsq_fixed_order(Xs, eta - off)
-            ll = family.log_prob(y, off + matvec(Xs, beta), ls0, w).sum()
+            beta = _wls(Xs, eta - off, None, shard)
+            ll = _sum_all(family.log_prob(y, off + matvec(Xs, beta), ls0, w).sum(), shard)
             if not torch.isfinite(ll):  # least squares left the support: start from eta_init
                 beta = torch.zeros_like(beta)
             for _ in range(max_iter):
                 eta = off + matvec(Xs, beta)
-                ll = family.log_prob(y, eta, ls0, w).sum()
+                ll = _sum_all(family.log_prob(y, eta, ls0, w).sum(), shard)
                 W = family.fisher_weight(eta, ls0, w).clamp_min(1e-12)
                 z = eta - off + family.dlogp(y, eta, ls0, w) / W
-                sw = W.sqrt().unsqueeze(-1)
-                target = lstsq_fixed_order(Xs * sw, z * sw.squeeze(-1))
+                target = _wls(Xs, z, W, shard)
                 if not bool(torch.isfinite(target).all()):
                     break
                 step, t = target - beta, 1.0
                 for _ in range(30):
                     new = beta + t * step
-                    ll_new = family.log_prob(y, off + matvec(Xs, new), ls0, w).sum()
+                    ll_new = _sum_all(family.log_prob(y, off + matvec(Xs, new), ls0, w).sum(),
+                                      shard)
                     if torch.isfinite(ll_new) and (ll_new >= ll - 1e-10 * abs(float(ll))
                                                    or not torch.isfinite(ll)):
                         break
@@ -495,12 +505,46 @@ def glm_start(problem: Problem, family: Family, module: LinearPredictor,
             eta = off + (matvec(Xs, module.beta) if problem.p else 0.0)
 
             def nll(ls: float) -> float:
-                v = family.log_prob(y, eta, torch.tensor(ls, dtype=y.dtype, device=y.device),
-                                    w).sum()
+                v = _sum_all(family.log_prob(y, eta, torch.tensor(ls, dtype=y.dtype,
+                                                                   device=y.device), w).sum(),
+                             shard)
                 return float(-v) if torch.isfinite(v) else 1e300
 
             res = scipy.optimize.minimize_scalar(nll, bracket=(float(ls0) - 1.0, float(ls0)))
             module.log_sigma.fill_(float(res.x) if np.isfinite(res.fun) else float(ls0))
+
+
+def _sum_all(v: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """A scalar summed over the processes of a sharded read (``v`` itself without one)."""
+    if shard is None:
+        return v
+    total = shard.all_sum(np.array([float(v)]))  # a new array: all_sum may reduce in place
+    return torch.tensor(float(total[0]), dtype=v.dtype, device=v.device)
+
+
+def _wls(Xs: torch.Tensor, z: torch.Tensor, W: torch.Tensor | None, shard: Shard | None
+         ) -> torch.Tensor:
+    r"""The weighted least-squares coefficients of ``z`` on ``Xs`` (weights ``W``, None: 1).
+
+    One process: :func:`~ngmm_formula.model.lstsq_fixed_order` of the rows scaled by
+    :math:`\sqrt{W}`, as R's ``glm.fit``. A sharded read: the normal equations
+    :math:`X^\top W X \beta = X^\top W z` with both sides all-reduced (sums over rows, so
+    they add up over the processes), solved by least squares (a singular cross-product
+    gives the minimum-norm solution) and broadcast from rank 0.
+    """
+    if shard is None:
+        if W is None:
+            return lstsq_fixed_order(Xs, z)
+        sw = W.sqrt().unsqueeze(-1)
+        return lstsq_fixed_order(Xs * sw, z * sw.squeeze(-1))
+    X = Xs.detach().cpu().double().numpy()
+    zn = z.detach().cpu().double().numpy()
+    Xw = X if W is None else X * W.detach().cpu().double().numpy()[:, None]
+    p = X.shape[1]
+    sums = shard.all_sum(np.concatenate([(Xw.T @ X).ravel(), Xw.T @ zn]))
+    G, b = sums[:p * p].reshape(p, p), sums[p * p:]
+    beta = shard.same(np.linalg.lstsq(G, b, rcond=None)[0])
+    return torch.as_tensor(beta, dtype=Xs.dtype, device=Xs.device)
 
 
 _BLAS: list[Any] = []  # threadpoolctl's controller, found once (scanning the libraries: ~1 ms)

@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from ngmm_formula.design import Design, ReTerm, SparseRows, tril_pairs
+from ngmm_formula.design import Agreement, Design, ReTerm, SparseRows, tril_pairs
 from ngmm_formula.families import Family
 from ngmm_formula.layout import Blocks, Split
 
@@ -216,15 +216,33 @@ class Standardisation:
     A: np.ndarray
 
     @classmethod
-    def of(cls, X: np.ndarray) -> Standardisation:
+    def of(cls, X: np.ndarray, agree: Agreement | None = None) -> Standardisation:
+        r"""The standardisation of ``X``'s columns.
+
+        With ``agree`` (a sharded read, :class:`~ngmm_formula.design.Agreement`) ``X`` holds
+        this process's rows and every statistic is of all processes' rows, so that every
+        process scales the columns alike: the mean from all-reduced column sums and counts,
+        the standard deviation from all-reduced sums of squared deviations from that mean
+        (two passes, as ``X.std``), the largest absolute value by an all-gather, and a
+        column is the intercept when no process has a value away from 1.
+        """
         p = X.shape[1]
         A = np.eye(p)
         if p == 0:
             return cls(A)
-        sd = X.std(axis=0)
-        const = sd < 1e-12 * np.maximum(1.0, np.abs(X).max(axis=0))
-        intercept = [j for j in range(p) if const[j] and np.allclose(X[:, j], 1.0)]
-        mean = X.mean(axis=0)
+        if agree is None:
+            sd = X.std(axis=0)
+            const = sd < 1e-12 * np.maximum(1.0, np.abs(X).max(axis=0))
+            intercept = [j for j in range(p) if const[j] and np.allclose(X[:, j], 1.0)]
+            mean = X.mean(axis=0)
+        else:
+            n = agree.sum([X.shape[0]])[0]
+            mean = agree.sum(X.sum(axis=0)) / n
+            sd = np.sqrt(agree.sum(((X - mean) ** 2).sum(axis=0)) / n)
+            peak = agree.max(np.abs(X).max(axis=0) if X.shape[0] else np.zeros(p))
+            const = sd < 1e-12 * np.maximum(1.0, peak)
+            away = agree.sum([0.0 if np.allclose(X[:, j], 1.0) else 1.0 for j in range(p)])
+            intercept = [j for j in range(p) if const[j] and away[j] == 0]
         for j in range(p):
             if const[j]:
                 continue
@@ -338,14 +356,18 @@ class Problem:
 
 def build_problem(design: Design, family: Family, approx: BlockChoice, *,
                   dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
-                  net_dtype: torch.dtype | None = None) -> Problem:
+                  net_dtype: torch.dtype | None = None, agree: Agreement | None = None
+                  ) -> Problem:
     """Tensors and block layout for ``design`` under ``approx``, on ``device``.
+
+    ``agree``: a sharded read's agreement (the standardisation of all processes' rows,
+    :meth:`Standardisation.of`).
 
     Everything the engine integrates is in ``dtype``; the network inputs are in
     ``net_dtype`` (default ``dtype``). Index tensors are int32 for one block per group when
     every flat index of the engine (up to ``n_blocks * D * D``) fits, else int64.
     """
-    std = Standardisation.of(design.X)
+    std = Standardisation.of(design.X, agree)
     Xs = design.X @ std.A
 
     def t(a: np.ndarray) -> torch.Tensor:

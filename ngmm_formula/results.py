@@ -218,7 +218,9 @@ class NGMMResult:
 
     @property
     def nobs(self) -> int:
-        return self.design.nobs
+        """The number of observations (of all processes after a sharded read, whose
+        ``design`` holds this process's rows)."""
+        return self.design.nobs if self.design.nobs_all is None else self.design.nobs_all
 
     @property
     def aic(self) -> float:

@@ -41,6 +41,14 @@ one flat vector per step is what DDP's bucketing would do here anyway, in a fixe
 Every process reads the whole data set and builds the whole design (so factor levels, the
 standardisation and the networks' input scaling agree bit for bit); the sharded part is the
 work repeated at every iteration -- the Newton searches, the integrals and their gradients.
+The exception is a **sharded read** of a linear GLMM (``ngmm(parquet_path,
+distributed=True)``, :func:`ngmm_formula.io.read_shard`): each process reads and builds only
+its own groups' rows, the encodings are agreed by collectives
+(:func:`agreement`, :class:`~ngmm_formula.design.Agreement`), the GLM start sums its IRLS
+normal equations over the processes (:func:`~ngmm_formula.fit.glm_start`), and the
+:class:`Shard` (:meth:`Shard.of_local`, ``presharded``) numbers the blocks rank by rank; each
+process's result then holds its own rows and groups, with the estimates, ``loglik`` and
+``nobs`` of all.
 Crossed or nested factors (and REML) couple all groups in one joint block, which cannot be
 split by group: :func:`shard_groups` raises :class:`~ngmm_formula.errors.NGMMError` for them.
 
@@ -67,12 +75,13 @@ import torch.distributed as dist
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.conditional import Blocks, ConditionalMode
 from ngmm_formula.approx.factor import DenseFactor
+from ngmm_formula.design import Agreement
 from ngmm_formula.errors import NGMMError
 
 if TYPE_CHECKING:
     from ngmm_formula.model import Problem
 
-__all__ = ["Shard", "connect", "shard_groups"]
+__all__ = ["Shard", "agreement", "connect", "shard_groups"]
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _CPU = torch.device("cpu")
@@ -175,6 +184,9 @@ class Shard:
     world_size: int
     bounds: tuple[int, ...]
     device: torch.device = _CPU
+    #: a sharded read: the problem holds only this process's groups (numbered from 0), and
+    #: the blocks of all processes are numbered in rank order (:meth:`of_local`)
+    presharded: bool = False
 
     @classmethod
     def of(cls, blocks: Blocks, rank: int, world_size: int, device: torch.device = _CPU
@@ -187,6 +199,29 @@ class Shard:
                             f"{blocks.n_blocks} groups for {world_size} processes")
         sizes = torch.bincount(blocks.block_of_obs, minlength=blocks.n_blocks).cpu().numpy()
         return cls(rank, world_size, _bounds(sizes, world_size), device)
+
+    @classmethod
+    def of_local(cls, n_blocks: int, rank: int, world_size: int, device: torch.device = _CPU
+                 ) -> Shard:
+        """The shard of a sharded read: this process holds ``n_blocks`` whole groups.
+
+        The blocks of all processes are numbered rank by rank (rank 0's first), so
+        ``bounds`` are the cumulative all-reduced counts. Every process needs a group.
+        """
+        counts = np.zeros(world_size)
+        counts[rank] = n_blocks
+        if world_size > 1:
+            reduced = torch.tensor(counts, device=device)
+            dist.all_reduce(reduced)
+            counts = reduced.cpu().numpy()
+        if (counts < 1).any():
+            empty = [r for r in range(world_size) if counts[r] < 1]
+            raise NGMMError(f"process(es) {empty} read no groups: a sharded read needs at "
+                            f"least one group per process ({int(counts.sum())} groups for "
+                            f"{world_size} processes; write the data set with more partitions "
+                            "or use fewer processes)")
+        bounds = (0, *(int(c) for c in np.cumsum(counts)))
+        return cls(rank, world_size, bounds, device, presharded=True)
 
     @property
     def first(self) -> int:
@@ -203,8 +238,9 @@ class Shard:
 
     def local(self, problem: Problem) -> Problem:
         """The rows of this process's blocks, blocks renumbered from 0 (rows keep their order,
-        so every block's sums run in the same order as in one process)."""
-        if self.world_size == 1:
+        so every block's sums run in the same order as in one process); the problem
+        itself after a sharded read (:attr:`presharded`), which holds just those rows."""
+        if self.world_size == 1 or self.presharded:
             return problem
         bo = problem.blocks.block_of_obs
         rows = torch.nonzero((bo >= self.first) & (bo < self.stop)).squeeze(1)
@@ -225,6 +261,18 @@ class Shard:
         if self.world_size == 1:
             return x
         return self._all_reduce(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+
+    def same(self, x: np.ndarray) -> np.ndarray:
+        """Rank 0's ``x`` (float64) in every process: one broadcast, so that quantities each
+        process computed from the same all-reduced sums are identical to the last bit."""
+        if self.world_size == 1:
+            return x
+        return self._broadcast(torch.tensor(np.asarray(x, dtype=np.float64))).numpy()
+
+    def agreement(self) -> Agreement:
+        """The :class:`~ngmm_formula.design.Agreement` of the design layer over the process
+        group: all-reduced sums (:meth:`all_sum`) and all-gathered objects."""
+        return agreement(self.world_size, self.device)
 
     def all_sum_grads(self, params: Sequence[torch.Tensor]) -> None:
         """Sum the ``.grad`` of ``params`` over the processes, in one all-reduce.
@@ -319,8 +367,33 @@ class Shard:
         return box[0]
 
 
-def shard_groups(problem: Problem, approx: Approximation, n_grouping_factors: int) -> Shard:
+def agreement(world_size: int, device: torch.device = _CPU) -> Agreement:
+    """The :class:`~ngmm_formula.design.Agreement` over the current process group, before any
+    :class:`Shard` exists (the design is built first): sums by ``all_reduce`` on ``device``
+    (CPU for gloo), objects by ``all_gather_object``."""
+    def all_sum(x: np.ndarray) -> np.ndarray:
+        if world_size == 1:
+            return x
+        t = torch.tensor(np.asarray(x, dtype=np.float64), device=device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def all_gather(obj: Any) -> list[Any]:
+        if world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    return Agreement(all_sum=all_sum, all_gather=all_gather)
+
+
+def shard_groups(problem: Problem, approx: Approximation, n_grouping_factors: int,
+                 *, presharded: bool = False) -> Shard:
     """This process's :class:`Shard` of ``problem``'s groups in the current process group.
+
+    ``presharded``: ``problem`` holds this process's groups only (a sharded read,
+    :meth:`Shard.of_local`); otherwise it holds all groups and gets a contiguous range.
 
     Raises
     ------
@@ -344,6 +417,9 @@ def shard_groups(problem: Problem, approx: Approximation, n_grouping_factors: in
     if dist.get_backend() == "nccl" and device.type != "cuda":
         raise NGMMError("the process group uses the nccl backend, which communicates CUDA "
                         "tensors: pass device='cuda' (or initialise the group with gloo)")
+    if presharded:  # a sharded read: the problem holds this process's whole groups
+        return Shard.of_local(problem.blocks.n_blocks, dist.get_rank(), dist.get_world_size(),
+                              _comm_device(device))
     return Shard.of(problem.blocks, dist.get_rank(), dist.get_world_size(),
                     _comm_device(device))
 
