@@ -28,6 +28,9 @@ their ratio. Prints a table::
     python benchmarks/neural_epoch.py --rows 100000 --epochs 10
     python benchmarks/neural_epoch.py --approx laplace   # the same fit with one node
     python benchmarks/neural_epoch.py --control "" train_approx=laplace   # A/B, same run
+    python benchmarks/neural_epoch.py --nn "" additive=0   # nn() options: A/B, same run
+
+``--control`` and ``--nn`` combine: one run per size, Control setting and nn() options.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from ngmm_formula.datasets import simulate_grouped
 
 rows, groups, epochs, seed = map(int, sys.argv[1:5])
 approx = sys.argv[5]
+nn_options = sys.argv[7]  # appended inside nn(), e.g. "additive=0"
 settings = {}  # Control fields of this run, "name=value,name=value"
 for item in filter(None, sys.argv[6].split(",")):
     name, value = item.split("=")
@@ -107,7 +111,8 @@ train._fit_linear_part = stage("linear start", train._fit_linear_part, False)
 train.train_member = stage("train", train.train_member, True)
 
 control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
-fit = ngmm("y ~ nn(x1, x2, hidden=(64, 64)) + x3 + (1 | g)", df, "binomial",
+inputs = ", ".join(filter(None, ["x1, x2, hidden=(64, 64)", nn_options]))
+fit = ngmm(f"y ~ nn({inputs}) + x3 + (1 | g)", df, "binomial",
            approx=approx, control=control, seed=seed)
 n_epochs = len(fit.history.train)
 loop = parts["train"] - parts["linear start"]
@@ -157,7 +162,9 @@ mlp_cpu = (time.process_time() - c) / epochs
 sums /= epochs
 print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
                   "setting": ",".join(filter(None, [approx if approx != "auto" else "",
-                                                    sys.argv[6]])) or "default",
+                                                    sys.argv[6],
+                                                    nn_options and f"nn({nn_options})"]))
+                             or "default",
                   "ngmm": ngmm, "ngmm_epoch": loop / n_epochs,
                   "mlp_epoch": mlp_total, "mlp_cpu": mlp_cpu,
                   "ngmm_cpu": (cpu["train"] - cpu["linear start"]) / n_epochs,
@@ -167,13 +174,13 @@ print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
 
 
 def run(rows: int, groups: int, epochs: int, seed: int, approx: str = "auto",
-        control: str = "") -> dict:
+        control: str = "", nn: str = "") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", CHILD, str(rows), str(groups), str(epochs),
-                          str(seed), approx, control], check=True, capture_output=True, text=True,
-                         env=env)
+                          str(seed), approx, control, nn], check=True, capture_output=True,
+                         text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -208,14 +215,18 @@ def main() -> None:
     ap.add_argument("--control", nargs="+", default=[""],
                     help="Control settings to compare, one run each per size, e.g. '' "
                          "train_approx=laplace ('' = the default)")
+    ap.add_argument("--nn", nargs="+", default=[""],
+                    help="options appended inside nn() to compare, one run each per size and "
+                         "Control setting, e.g. '' additive=0 ('' = the default; several "
+                         "options in one string: 'additive=0, dropout=0.1')")
     args = ap.parse_args()
     per_group = args.per_group + [args.per_group[-1]] * (len(args.rows) - len(args.per_group))
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f}; seconds per epoch, "
           "one thread")
     print(f"approx={args.approx!r}")
-    results = [run(n, n // k, args.epochs, args.seed, args.approx, c)
-               for n, k in zip(args.rows, per_group) for c in args.control]
+    results = [run(n, n // k, args.epochs, args.seed, args.approx, c, o)
+               for n, k in zip(args.rows, per_group) for c in args.control for o in args.nn]
     print(table(results))
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
