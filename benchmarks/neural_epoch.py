@@ -16,6 +16,10 @@ the run) while timers wrap the stages the training loop composes:
 * ``validation``: the forward pass on the validation groups (gradients off);
 * ``other``: the rest of the epoch loop (bookkeeping, best-state copies).
 
+With ``--noise-inputs K`` the network also sees K standard normal columns ``z0, ...`` that
+do not enter the truth (the case of many numeric inputs, e.g. for the additive part's cost;
+the plain MLP gets them too).
+
 The plain MLP is the same architecture (inputs x1, x2, x3 standardised; two hidden layers of
 64, ReLU), float32 like the NGMM's networks, ``BCEWithLogitsLoss``, Adam, minibatches of the
 NGMM's ``batch_size`` rows, on the same rows, in the same process. Each size runs in a fresh
@@ -55,6 +59,7 @@ from ngmm_formula.datasets import simulate_grouped
 rows, groups, epochs, seed = map(int, sys.argv[1:5])
 approx = sys.argv[5]
 nn_options = sys.argv[7]  # appended inside nn(), e.g. "additive=0"
+noise_inputs = [f"z{k}" for k in range(int(sys.argv[8]))]  # inputs outside the truth
 settings = {}  # Control fields of this run, "name=value,name=value"
 for item in filter(None, sys.argv[6].split(",")):
     name, value = item.split("=")
@@ -111,7 +116,9 @@ train._fit_linear_part = stage("linear start", train._fit_linear_part, False)
 train.train_member = stage("train", train.train_member, True)
 
 control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
-inputs = ", ".join(filter(None, ["x1, x2, hidden=(64, 64)", nn_options]))
+for k, name in enumerate(noise_inputs):
+    df[name] = np.random.default_rng([seed, k]).standard_normal(len(df))
+inputs = ", ".join(filter(None, ["x1, x2", *noise_inputs, "hidden=(64, 64)", nn_options]))
 fit = ngmm(f"y ~ nn({inputs}) + x3 + (1 | g)", df, "binomial",
            approx=approx, control=control, seed=seed)
 n_epochs = len(fit.history.train)
@@ -130,12 +137,13 @@ ngmm = {k: v / n_epochs for k, v in ngmm.items()}
 
 # the plain MLP on the same rows
 batch = control.batch_size
-x = torch.as_tensor(np.column_stack([df.x1, df.x2, df.x3]), dtype=torch.float32)
+columns = ["x1", "x2", *noise_inputs, "x3"]
+x = torch.as_tensor(df[columns].to_numpy(), dtype=torch.float32)
 x = (x - x.mean(0)) / x.std(0)
 y = torch.as_tensor(df.y.to_numpy(), dtype=torch.float32)
 torch.manual_seed(seed)
-mlp = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
-                          torch.nn.ReLU(), torch.nn.Linear(64, 1))
+mlp = torch.nn.Sequential(torch.nn.Linear(len(columns), 64), torch.nn.ReLU(),
+                          torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
 opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
 lossf = torch.nn.BCEWithLogitsLoss()
 def mlp_epoch():
@@ -163,7 +171,9 @@ sums /= epochs
 print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
                   "setting": ",".join(filter(None, [approx if approx != "auto" else "",
                                                     sys.argv[6],
-                                                    nn_options and f"nn({nn_options})"]))
+                                                    nn_options and f"nn({nn_options})",
+                                                    noise_inputs
+                                                    and f"{len(noise_inputs)} noise inputs"]))
                              or "default",
                   "ngmm": ngmm, "ngmm_epoch": loop / n_epochs,
                   "mlp_epoch": mlp_total, "mlp_cpu": mlp_cpu,
@@ -174,13 +184,13 @@ print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
 
 
 def run(rows: int, groups: int, epochs: int, seed: int, approx: str = "auto",
-        control: str = "", nn: str = "") -> dict:
+        control: str = "", nn: str = "", noise_inputs: int = 0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", CHILD, str(rows), str(groups), str(epochs),
-                          str(seed), approx, control, nn], check=True, capture_output=True,
-                         text=True, env=env)
+                          str(seed), approx, control, nn, str(noise_inputs)], check=True,
+                         capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -219,13 +229,16 @@ def main() -> None:
                     help="options appended inside nn() to compare, one run each per size and "
                          "Control setting, e.g. '' additive=0 ('' = the default; several "
                          "options in one string: 'additive=0, dropout=0.1')")
+    ap.add_argument("--noise-inputs", type=int, default=0,
+                    help="standard normal columns outside the truth, added to the inputs of "
+                         "nn() and of the plain MLP")
     args = ap.parse_args()
     per_group = args.per_group + [args.per_group[-1]] * (len(args.rows) - len(args.per_group))
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f}; seconds per epoch, "
           "one thread")
     print(f"approx={args.approx!r}")
-    results = [run(n, n // k, args.epochs, args.seed, args.approx, c, o)
+    results = [run(n, n // k, args.epochs, args.seed, args.approx, c, o, args.noise_inputs)
                for n, k in zip(args.rows, per_group) for c in args.control for o in args.nn]
     print(table(results))
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
