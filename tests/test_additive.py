@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ngmm_formula import Control, ngmm
+from ngmm_formula import Control, networks, ngmm
 from ngmm_formula.errors import FormulaError
 from ngmm_formula.formula import parse_formula
 from ngmm_formula.networks import MLP, Additive, _HingeSum, network_from_data, network_to_data
@@ -100,10 +100,13 @@ def _hinge_inputs(n: int, m: int, units: int, dtype: torch.dtype, seed: int
     return z, a, c, v, g
 
 
-def test_hinge_sum_gradcheck() -> None:
+@pytest.mark.parametrize("chunk_bytes", [networks.HINGE_CHUNK_BYTES, 250])
+def test_hinge_sum_gradcheck(chunk_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """``gradcheck`` of the additive part's hand-written backward (``_HingeSum``) against
-    float64 finite differences in the inputs, slopes, shifts and output weights; every
+    float64 finite differences in the inputs, slopes, shifts and output weights, in one chunk
+    of rows and in chunks of 2 rows (250 bytes, 9 rows: the last chunk shorter); every
     pre-activation is at least 1e-3 from its kink, far beyond gradcheck's step of 1e-6."""
+    monkeypatch.setattr(networks, "HINGE_CHUNK_BYTES", chunk_bytes)
     z, a, c, v, _ = _hinge_inputs(9, 3, 5, torch.float64, 4)
     assert (z.unsqueeze(-1) * a + c).abs().min() > 1e-3
     leaves = [t.clone().requires_grad_(True) for t in (z, a, c, v)]
@@ -112,15 +115,20 @@ def test_hinge_sum_gradcheck() -> None:
     assert torch.autograd.gradcheck(_HingeSum.apply, only_weights)
 
 
+@pytest.mark.parametrize("chunk_bytes", [networks.HINGE_CHUNK_BYTES, 10_000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hinge_sum_equals_the_broadcasting_formula(dtype: torch.dtype) -> None:
+def test_hinge_sum_equals_the_broadcasting_formula(dtype: torch.dtype, chunk_bytes: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The forward values are the broadcasting formula's bit for bit (the same operations in
-    the same order); the gradients differ only by the order of the sums over rows (and the
-    split of dL/dv into a S^z + c S). The same mask [fl(a z + c) > 0] is used by both, so
+    the same order; each row's sum does not depend on the chunk of rows it is computed in:
+    one chunk, or chunks of 26 or 13 rows, the last one shorter); the gradients differ only by
+    the order of the sums over rows (and the split of dL/dv into a S^z + c S). The same mask
+    [fl(a z + c) > 0] is used by both, so
     each gradient is a sum of K <= rows + units + 4 rounded terms computed twice, and the two
     differ by at most 2 K u T, u the unit roundoff and T the sum of the absolute values of
     the terms: the worst-case bound of any summation order on IEEE arithmetic (fused
     multiply-add only tightens it), so it holds on any machine."""
+    monkeypatch.setattr(networks, "HINGE_CHUNK_BYTES", chunk_bytes)
     n, m, units = 1000, 3, 32
     z, a, c, v, g = _hinge_inputs(n, m, units, dtype, 5)
     leaves = [t.clone().requires_grad_(True) for t in (z, a, c, v)]
