@@ -244,11 +244,11 @@ class _HingeSum(torch.autograd.Function):
     with :math:`S = \sum_n r_n` and :math:`S^z = \sum_n r_n z_n`: sums over the leading axis
     per chunk, then over the chunks in order (and over the last axis for :math:`z`), an order
     fixed by the shape and dtype; no BLAS contraction (:func:`~ngmm_formula.model.matvec`).
-    Measured (one thread, float32, 4,096 rows, 32 units, forward and backward): 2 inputs
-    0.85-0.96 ms against autograd's 1.3-1.7 ms through the broadcasting formula, 5 inputs 1.6
-    against 3.6, 20 inputs 4.6-5.0 against 16-20 (``tests/test_additive.py`` checks values and
-    gradients against it). Not twice differentiable (nothing in the package differentiates a
-    network twice)."""
+    Measured (``benchmarks/additive_kernel.py``: one thread, float32, 4,096 rows, 32 units,
+    forward and backward): 2 inputs 0.85-0.96 ms against autograd's 1.3-1.7 ms through the
+    broadcasting formula, 5 inputs 1.6 against 3.2-3.6, 20 inputs 4.6-5.0 against 16-20
+    (``tests/test_additive.py`` checks values and gradients against it). Not twice
+    differentiable (nothing in the package differentiates a network twice)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx,  # type: ignore[override]
