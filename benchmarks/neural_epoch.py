@@ -16,6 +16,10 @@ the run) while timers wrap the stages the training loop composes:
 * ``validation``: the forward pass on the validation groups (gradients off);
 * ``other``: the rest of the epoch loop (bookkeeping, best-state copies).
 
+With ``--noise-inputs K`` the network also sees K standard normal columns ``z0, ...`` that
+do not enter the truth (the case of many numeric inputs, e.g. for the additive part's cost;
+the plain MLP gets them too).
+
 The plain MLP is the same architecture (inputs x1, x2, x3 standardised; two hidden layers of
 64, ReLU), float32 like the NGMM's networks, ``BCEWithLogitsLoss``, Adam, minibatches of the
 NGMM's ``batch_size`` rows, on the same rows, in the same process. Each size runs in a fresh
@@ -28,6 +32,9 @@ their ratio. Prints a table::
     python benchmarks/neural_epoch.py --rows 100000 --epochs 10
     python benchmarks/neural_epoch.py --approx laplace   # the same fit with one node
     python benchmarks/neural_epoch.py --control "" train_approx=laplace   # A/B, same run
+    python benchmarks/neural_epoch.py --nn "" additive=0   # nn() options: A/B, same run
+
+``--control`` and ``--nn`` combine: one run per size, Control setting and nn() options.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from ngmm_formula.datasets import simulate_grouped
 
 rows, groups, epochs, seed = map(int, sys.argv[1:5])
 approx = sys.argv[5]
+nn_options = sys.argv[7]  # appended inside nn(), e.g. "additive=0"
+noise_inputs = [f"z{k}" for k in range(int(sys.argv[8]))]  # inputs outside the truth
 settings = {}  # Control fields of this run, "name=value,name=value"
 for item in filter(None, sys.argv[6].split(",")):
     name, value = item.split("=")
@@ -107,7 +116,10 @@ train._fit_linear_part = stage("linear start", train._fit_linear_part, False)
 train.train_member = stage("train", train.train_member, True)
 
 control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
-fit = ngmm("y ~ nn(x1, x2, hidden=(64, 64)) + x3 + (1 | g)", df, "binomial",
+for k, name in enumerate(noise_inputs):
+    df[name] = np.random.default_rng([seed, k]).standard_normal(len(df))
+inputs = ", ".join(filter(None, ["x1, x2", *noise_inputs, "hidden=(64, 64)", nn_options]))
+fit = ngmm(f"y ~ nn({inputs}) + x3 + (1 | g)", df, "binomial",
            approx=approx, control=control, seed=seed)
 n_epochs = len(fit.history.train)
 loop = parts["train"] - parts["linear start"]
@@ -125,12 +137,13 @@ ngmm = {k: v / n_epochs for k, v in ngmm.items()}
 
 # the plain MLP on the same rows
 batch = control.batch_size
-x = torch.as_tensor(np.column_stack([df.x1, df.x2, df.x3]), dtype=torch.float32)
+columns = ["x1", "x2", *noise_inputs, "x3"]
+x = torch.as_tensor(df[columns].to_numpy(), dtype=torch.float32)
 x = (x - x.mean(0)) / x.std(0)
 y = torch.as_tensor(df.y.to_numpy(), dtype=torch.float32)
 torch.manual_seed(seed)
-mlp = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
-                          torch.nn.ReLU(), torch.nn.Linear(64, 1))
+mlp = torch.nn.Sequential(torch.nn.Linear(len(columns), 64), torch.nn.ReLU(),
+                          torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
 opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
 lossf = torch.nn.BCEWithLogitsLoss()
 def mlp_epoch():
@@ -157,7 +170,11 @@ mlp_cpu = (time.process_time() - c) / epochs
 sums /= epochs
 print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
                   "setting": ",".join(filter(None, [approx if approx != "auto" else "",
-                                                    sys.argv[6]])) or "default",
+                                                    sys.argv[6],
+                                                    nn_options and f"nn({nn_options})",
+                                                    noise_inputs
+                                                    and f"{len(noise_inputs)} noise inputs"]))
+                             or "default",
                   "ngmm": ngmm, "ngmm_epoch": loop / n_epochs,
                   "mlp_epoch": mlp_total, "mlp_cpu": mlp_cpu,
                   "ngmm_cpu": (cpu["train"] - cpu["linear start"]) / n_epochs,
@@ -167,13 +184,13 @@ print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
 
 
 def run(rows: int, groups: int, epochs: int, seed: int, approx: str = "auto",
-        control: str = "") -> dict:
+        control: str = "", nn: str = "", noise_inputs: int = 0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", CHILD, str(rows), str(groups), str(epochs),
-                          str(seed), approx, control], check=True, capture_output=True, text=True,
-                         env=env)
+                          str(seed), approx, control, nn, str(noise_inputs)], check=True,
+                         capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -208,14 +225,21 @@ def main() -> None:
     ap.add_argument("--control", nargs="+", default=[""],
                     help="Control settings to compare, one run each per size, e.g. '' "
                          "train_approx=laplace ('' = the default)")
+    ap.add_argument("--nn", nargs="+", default=[""],
+                    help="options appended inside nn() to compare, one run each per size and "
+                         "Control setting, e.g. '' additive=0 ('' = the default; several "
+                         "options in one string: 'additive=0, dropout=0.1')")
+    ap.add_argument("--noise-inputs", type=int, default=0,
+                    help="standard normal columns outside the truth, added to the inputs of "
+                         "nn() and of the plain MLP")
     args = ap.parse_args()
     per_group = args.per_group + [args.per_group[-1]] * (len(args.rows) - len(args.per_group))
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f}; seconds per epoch, "
           "one thread")
     print(f"approx={args.approx!r}")
-    results = [run(n, n // k, args.epochs, args.seed, args.approx, c)
-               for n, k in zip(args.rows, per_group) for c in args.control]
+    results = [run(n, n // k, args.epochs, args.seed, args.approx, c, o, args.noise_inputs)
+               for n, k in zip(args.rows, per_group) for c in args.control for o in args.nn]
     print(table(results))
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
