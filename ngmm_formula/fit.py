@@ -518,7 +518,7 @@ def _sum_all(v: torch.Tensor, shard: Shard | None) -> torch.Tensor:
     """A scalar summed over the processes of a sharded read (``v`` itself without one)."""
     if shard is None:
         return v
-    total = shard.all_sum(np.array([float(v)]))  # a new array: all_sum may reduce in place
+    total = shard.all_sum(np.array([float(v)]))
     return torch.tensor(float(total[0]), dtype=v.dtype, device=v.device)
 
 

@@ -257,10 +257,11 @@ class Shard:
         return on.to(t.device)
 
     def all_sum(self, x: np.ndarray) -> np.ndarray:
-        """Elementwise sum of ``x`` over the processes (every process gets the same bits)."""
+        """Elementwise sum of ``x`` over the processes (every process gets the same bits), in
+        a new array: ``x`` is copied before the in-place all-reduce, never changed."""
         if self.world_size == 1:
             return x
-        return self._all_reduce(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+        return self._all_reduce(torch.tensor(np.asarray(x, dtype=np.float64))).numpy()
 
     def same(self, x: np.ndarray) -> np.ndarray:
         """Rank 0's ``x`` (float64) in every process: one broadcast, so that quantities each
