@@ -41,6 +41,8 @@ def test_additive_is_a_sum_of_hinges_of_the_numeric_inputs() -> None:
         for h in range(4):
             expected += part.weight[m, h] * torch.relu(part.slope[m, h] * x[:, j]
                                                        + part.shift[m, h])
+    # float64: 8 terms of size <= ~10 summed in two orders differ by a few ulps of 10
+    # (~1e-14) on any IEEE machine, with or without fused multiply-add; 1e-12 leaves 100x
     torch.testing.assert_close(part(x).squeeze(-1), expected.detach(), rtol=0, atol=1e-12)
     assert Additive([False, False], 4, torch.float64).units == 0  # no numeric input
     assert not list(Additive([True], 0, torch.float64).parameters())
@@ -61,6 +63,8 @@ def test_mlp_adds_the_additive_part_of_the_noisy_dense_inputs() -> None:
         without = net.raw(x, e)
         extra = net.additive(x[:, [0, 2]] + e[:, [0, 2]]).squeeze(-1)
         net.additive.weight.zero_()
+        # float64 values of order 10: subtracting the part again leaves rounding of a few
+        # ulps (~1e-14) on any IEEE machine; 1e-12 leaves 100x
         torch.testing.assert_close(without - extra, net.raw(x, e), rtol=0, atol=1e-12)
     assert net.additive.slope.shape == (2, 3)
 

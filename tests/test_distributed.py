@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import signal
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from ngmm_formula.api import _module, prepare
 from ngmm_formula.datasets import simulate_grouped
 from ngmm_formula.fit import Objective
 from ngmm_formula.shards import Shard, _bounds
+from tests.torchrun import run_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,18 +216,7 @@ def torchrun(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     d = tmp_path_factory.mktemp("torchrun")
     script = d / "job.py"
     script.write_text(_JOB.format(tests=str(ROOT / "tests")))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(d / "out")], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the workers it started
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s:\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    run_two_processes(script, str(d / "out"))
     return [json.loads((d / f"out.{r}.json").read_text()) for r in range(2)]
 
 

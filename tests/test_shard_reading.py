@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import warnings
@@ -47,6 +46,8 @@ from ngmm_formula.io import (
 )
 
 pytest.importorskip("pyarrow")
+
+from tests.torchrun import run_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 BINOMIAL = "y ~ x + f + (1 | g)"
@@ -208,18 +209,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
     df.to_parquet(d / "plain.parquet", row_group_size=300)
     script = d / "job.py"
     script.write_text(_JOB.format(binomial=BINOMIAL, gaussian=GAUSSIAN))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(d)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the workers it started
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s:\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    run_two_processes(script, str(d))
     return [json.loads((d / f"out.{r}.json").read_text()) for r in range(2)]
 
 
