@@ -8,9 +8,10 @@ group in a family without dispersion (binomial, Poisson, any link), the same qua
 computed here as one autograd Function with its derivative written out: a minibatch step
 of a neural fit, or a Laplace evaluation of a linear GLMM, then runs a fraction of the
 small tensor operations (``benchmarks/neural_epoch.py``). The Function takes any
-one-dimensional rule; :class:`~ngmm_formula.fit.Objective` routes the one-node rule through
-it (with 11 adaptive Gauss-Hermite nodes it measured 5-10 % slower than the general route at
-10^6 rows, where the rows x nodes arithmetic dominates both).
+one-dimensional rule, and :class:`~ngmm_formula.fit.Objective` routes every one of them
+through it (its ``_scalar_blocks`` gives the timings against the general route). A linear
+fit's outer optimiser finds the modes here too, from the last evaluation's (:func:`scalar_modes`
+with ``settle`` = :data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL` squared).
 
 For group :math:`b` with rows :math:`i`, :math:`e_i = \eta^{\text{fixed}}_i + c_i v` (``c``
 the slot value :math:`z_i^\top\Lambda`, for a random intercept the SD :math:`\sigma_b`),
@@ -92,7 +93,7 @@ def _no_dispersion(family: Family) -> None:
 
 def scalar_modes(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch.Tensor,
                  c: torch.Tensor, block: torch.Tensor, n_blocks: int, start: torch.Tensor,
-                 steps: int) -> torch.Tensor | None:
+                 steps: int, *, settle: float = FIXED_STEP_TOL) -> torch.Tensor | None:
     """The modes of every group by undamped Newton steps from ``start`` (detached), or None
     where they do not settle (module docstring).
 
@@ -113,6 +114,10 @@ def scalar_modes(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
         The modes' warm start.
     steps : int
         Newton steps from ``start`` (up to :data:`EXTRA_STEPS` more while unsettled).
+    settle : float
+        The largest last move that is accepted (None is returned above it): the training
+        steps' :data:`~ngmm_formula.approx.conditional.FIXED_STEP_TOL`; a linear fit's
+        outer optimiser asks for its square, a mode within about 1e-12.
 
     Returns
     -------
@@ -137,7 +142,7 @@ def scalar_modes(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
             if taken >= steps and not move > FIXED_STEP_TOL ** 2:  # NaN goes on, then fails
                 break
         # a curvature <= 0 (a family that is not log-concave) gives a NaN move
-        if not move <= FIXED_STEP_TOL or not bool((H > 0).all()):
+        if not move <= settle or not bool((H > 0).all()):
             return None
     return v
 
