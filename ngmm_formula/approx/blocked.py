@@ -57,6 +57,7 @@ a lower likelihood.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -429,39 +430,48 @@ class BlockedLMM:
         r"""The diagonal blocks of :math:`H_\theta^{-1}`, one (levels, q, q) array per term:
         :math:`(H^{-1})_{AA,l} = H_{AA,l}^{-1} + \tilde C_l S^{-1} \tilde C_l^\top`
         (:math:`\tilde C = R_A^{-\top} C`) and :math:`(H^{-1})_{BB} = S^{-1}` (formed once,
-        dense)."""
+        dense; from a sparse factor, on the pattern of S alone where that is all that is
+        read: :meth:`_PermutedLU.on_pattern`)."""
         _, (Ra_inv, C, _, fac, dense, *_) = self._pls(theta)
-        if not dense:
-            _, Ra_inv, C, _, fac, _, _ = self._factor(theta, dense=True)
         q, m, nb = self.q_a, self.m_a, self.dim_b
-        assert isinstance(fac, np.ndarray)
-        inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)  # lower triangle, Fortran
-        if info != 0:
-            raise np.linalg.LinAlgError("singular")
-        inv_flat = inv.reshape(-1, order="F")
+        counts = np.diff(C.indptr).astype(np.int64)
+        scalar_pairs = self.schur is not None and self.schur.T is not None
+        # every entry of S^{-1} read below lies on the pattern of S, unless the pieces of C~
+        # S^{-1} C~' of the last branch are formed densely
+        on_pattern = (scalar_pairs
+                      or q == 1 and int((counts * (counts + 1) // 2).sum()) <= PAIRS_MAX)
+        if not dense and on_pattern and isinstance(fac, _PermutedLU):
+            s_inv = fac.on_pattern()
+        else:
+            if not dense:
+                _, Ra_inv, C, _, fac, _, _ = self._factor(theta, dense=True)
+            assert isinstance(fac, np.ndarray)
+            inv, info = scipy.linalg.lapack.dpotri(fac, lower=True)  # lower triangle, Fortran
+            if info != 0:
+                raise np.linalg.LinAlgError("singular")
+            inv_flat = inv.reshape(-1, order="F")
 
-        def s_inv(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-            """Entries (i, j) of S^{-1}, from its lower triangle."""
-            return inv_flat[np.maximum(i, j) + nb * np.minimum(i, j)]
+            def s_inv(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+                """Entries (i, j) of S^{-1}, from its lower triangle."""
+                return inv_flat[np.maximum(i, j) + nb * np.minimum(i, j)]
         # C~ = R_A^{-T} C, block-diagonal left factor as in _factor
         RiT = np.transpose(Ra_inv, (0, 2, 1))
         Lft = (sp.diags(RiT.reshape(-1)) if q == 1 else
                sp.bsr_matrix((RiT, np.arange(m), np.arange(m + 1)), shape=(m * q, m * q)))
         Ct = (Lft @ C).tocsr()
         V_a = np.einsum("lji,ljk->lik", Ra_inv, Ra_inv)  # H_AA,l^{-1} = R^{-T} R^{-1}
-        counts = np.diff(Ct.indptr).astype(np.int64)
-        if self.schur is not None and self.schur.T is not None:
+        if scalar_pairs:
             # scalar terms: C~_l = (lambda_A / r_l^2) M_AB,l Lambda_B, and the pairs of
             # level l are column l of T: one product with S^{-1} on the pattern (twice the
             # off-diagonal entries, the pairs being unordered)
             s, lam_b = self.schur, theta[self.lam_tidx]
             assert s.T is not None
-            w = (inv_flat[s.flat] * lam_b[s.rows] * lam_b[s.cols]
+            w = (s_inv(s.rows, s.cols) * lam_b[s.rows] * lam_b[s.cols]
                  * np.where(s.rows == s.cols, 1.0, 2.0))
             g = V_a[:, 0, 0] * theta[self.a_tidx[0]]  # lambda_A / r_l^2
             V_a[:, 0, 0] += g * g * (s.T.T @ w)
             m_dense = 0
-        elif q == 1 and int((counts * (counts + 1) // 2).sum()) <= PAIRS_MAX:
+        elif on_pattern:
             # sum over the pairs (b, b') of each row's nonzeros of C~_lb S^{-1}_bb' C~_lb'
             # (each unordered pair once, twice its value off the diagonal)
             row_of = np.repeat(np.arange(m), counts)
@@ -472,7 +482,8 @@ class BlockedLMM:
             m_dense = 0
         else:
             m_dense = m
-        Sinv = (np.tril(inv) + np.tril(inv, -1).T) if m_dense else inv
+        if m_dense:
+            Sinv = np.tril(inv) + np.tril(inv, -1).T
         chunk = max(1, (1 << 22) // max(1, nb * q))  # levels per piece: <= 32 MB dense
         for lo in range(0, m_dense, chunk):
             hi = min(m, lo + chunk)
@@ -559,6 +570,47 @@ class _PermutedLU:
         x = np.empty_like(b, dtype=np.float64)
         x[self.perm] = self.lu.solve(np.asfortranarray(b[self.perm]))
         return x
+
+    def on_pattern(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        r"""Entries of :math:`S^{-1}` on the pattern of the factor (which holds S's), by
+        Takahashi's recursion: with :math:`S_P = L D L^\top` (SuperLU's unit lower L and
+        :math:`U = D L^\top`, no pivoting) and :math:`Z = S_P^{-1}`, from the last column
+        to the first, over the rows :math:`c` of column j of L below the diagonal,
+
+        .. math::  Z_{cj} = -Z_{cc} L_{cj}, \qquad Z_{jj} = 1/d_j - L_{cj}^\top Z_{cj},
+
+        where :math:`Z_{cc}` lies on the filled pattern (c is a clique of the elimination)
+        and was formed before. About the factor's own flops, against :math:`n^3` for the
+        dense inverse; a loop over columns with small dense pieces (star's 1,454 columns:
+        0.03 s against 0.09 s for ``dpotrf`` and ``dpotri`` of the densified S, CPU time).
+
+        Returns ``s_inv(i, j)``, the entries of :math:`S^{-1}` at index arrays ``i, j``
+        (correct only on the filled pattern).
+        """
+        lu, n = self.lu, self.perm.size
+        if not np.array_equal(lu.perm_r, np.arange(n)):  # pivoted: no LDL' here
+            raise np.linalg.LinAlgError("a pivoted factor")
+        L = lu.L.tocsc()
+        d = lu.U.diagonal()
+        Z = np.zeros((n, n))
+        for j in range(n - 1, -1, -1):
+            lo, hi = L.indptr[j], L.indptr[j + 1]
+            rows = L.indices[lo:hi]
+            below = rows > j
+            c, l_c = rows[below], L.data[lo:hi][below]
+            if c.size:
+                z = -(Z[np.ix_(c, c)] @ l_c)
+                Z[c, j] = z
+                Z[j, c] = z
+                Z[j, j] = 1.0 / d[j] - float(l_c @ z)
+            else:
+                Z[j, j] = 1.0 / d[j]
+        where = np.empty(n, dtype=np.int64)  # position of each coordinate of S in S_P
+        where[self.perm] = np.arange(n)
+
+        def s_inv(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            return Z[where[i], where[j]]
+        return s_inv
 
 
 @dataclass(frozen=True)
