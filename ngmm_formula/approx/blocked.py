@@ -465,7 +465,7 @@ class BlockedLMM:
             # level l are column l of T: one product with S^{-1} on the pattern (twice the
             # off-diagonal entries, the pairs being unordered)
             s, lam_b = self.schur, theta[self.lam_tidx]
-            assert s.T is not None
+            assert s is not None and s.T is not None
             w = (s_inv(s.rows, s.cols) * lam_b[s.rows] * lam_b[s.cols]
                  * np.where(s.rows == s.cols, 1.0, 2.0))
             g = V_a[:, 0, 0] * theta[self.a_tidx[0]]  # lambda_A / r_l^2
