@@ -646,6 +646,8 @@ class Family(ABC):
     # A(eta) = mu'(eta) / V(mu) under the canonical link (-1 for the Gamma "inverse" link,
     # because R's inverse link is eta = 1/mu while the canonical parameter is -1/mu).
     _canonical_a: ClassVar[float] = 1.0
+    # whether canonical_link is the natural parameter's link (see newton_scoring)
+    _canonical_natural: ClassVar[bool] = True
 
     __slots__ = ("_link",)
     _link: Link
@@ -711,6 +713,14 @@ class Family(ABC):
 
     def _log_mean(self, eta: Tensor) -> Tensor:
         return self.link.log_inverse(eta)
+
+    @property
+    def newton_scoring(self) -> bool:
+        r"""Whether the expected information in :math:`\eta` equals the observed one for
+        every response (the canonical link of an exponential family; not the negative
+        binomial's log link): Fisher scoring is then Newton's method, and converges
+        quadratically near the mode."""
+        return self.link.name == self.canonical_link and self._canonical_natural
 
     @property
     def quadratic(self) -> bool:
@@ -1680,6 +1690,7 @@ class NegativeBinomial(_PositiveMeanFamily):
     allowed_links = ("log",)
     default_link = "log"
     canonical_link = "log"  # not canonical in the strict sense; see _score_terms
+    _canonical_natural = False
     has_dispersion = True
     sigma_label = "size k (NB2: Var = mu + mu^2/k)"
     __slots__ = ()

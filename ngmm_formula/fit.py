@@ -140,11 +140,16 @@ class Objective:
         pr, fam = self.problem, self.family
         block, n_blocks = pr.blocks.block_of_obs, pr.blocks.n_blocks
         v = mode = None
-        if start is not None:
-            # from the warm modes: training's fixed steps, or (a linear fit's outer
-            # optimiser) Newton steps until the last moves no mode by more than
-            # FIXED_STEP_TOL ** 2 (a mode within about 1e-12), else the damped search below
-            v = scalar_modes(fam, pr.y, pr.w, eta_fixed, c, block, n_blocks, start,
+        # from the warm modes: training's fixed steps, or (a linear fit's outer optimiser)
+        # Newton steps until the last moves no mode by more than FIXED_STEP_TOL ** 2 (a mode
+        # within about 1e-12), else the damped search below; from 0 likewise under a
+        # canonical link (family.newton_scoring), where h is concave (its one stationary
+        # point is the mode)
+        first = (start if start is not None
+                 else eta_fixed.new_zeros(n_blocks) if fam.newton_scoring
+                 else None)
+        if first is not None:
+            v = scalar_modes(fam, pr.y, pr.w, eta_fixed, c, block, n_blocks, first,
                              self.mode_steps or 1,
                              settle=FIXED_STEP_TOL if self.mode_steps else FIXED_STEP_TOL ** 2)
         if v is None:
