@@ -458,8 +458,8 @@ def fit_package_isolated(m: Model, reps: int, timeout: float, mem_gb: float) -> 
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        row.status, row.timed_out = f"> {timeout:.0f} s", timeout
-        row.note = (f"stopped after {timeout:.0f} s of wall time without finishing (child "
+        row.status, row.timed_out = f"> {timeout:g} s", timeout
+        row.note = (f"stopped after {timeout:g} s of wall time without finishing (child "
                     "process: imports, data and warm-up fits included)")
         return row
     elapsed = time.perf_counter() - t0
@@ -745,8 +745,8 @@ def fit_r_engine(m: Model, eng: str, call: str, vc: str, data: str, reps: int,
         rec = _json_after_marker(p.stdout)
         err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
     except subprocess.TimeoutExpired:
-        row.status, row.timed_out = f"> {timeout:.0f} s", timeout
-        row.note = (f"Rscript stopped after {timeout:.0f} s of wall time without finishing "
+        row.status, row.timed_out = f"> {timeout:g} s", timeout
+        row.note = (f"Rscript stopped after {timeout:g} s of wall time without finishing "
                     "(R start-up, data and warm-up fits included)")
         return row
     finally:
