@@ -60,11 +60,12 @@ Timing rules
   too slow or runs out of memory is recorded as such (``> 900 s`` in the table) and the run
   goes on.
 * ``--timeout`` defaults to 900 s, chosen so that the whole panel stays under about an hour
-  on a 2-core machine: all models but one take about 15 minutes together (the binomial model
-  about 6 of them: this package about 80 s, lme4 about 225 s, glmmTMB about 65 s); the
-  1M-row model is the unknown (this package about 55 s; lme4 and glmmTMB were never run at
-  that size), and if both R engines run into the limit there it adds 30 minutes. A stopped
-  row can be rerun alone with a longer limit, e.g. ``--only movielens --timeout 3600``.
+  on a 2-core machine: all models but one take about 15 minutes together, most of it the
+  binomial model (5.5 minutes in all on 2026-12-06 at load 2: this package 35 s, lme4 214 s,
+  glmmTMB 63 s); the 1M-row model is the unknown (this package 55 s; lme4 and glmmTMB were
+  not run at that size), and if both R engines run into the limit there it adds 30 minutes.
+  A stopped row can be rerun alone with a longer limit, e.g.
+  ``--only movielens --timeout 3600``.
 
 Peak memory ("peak GB", 10^9 bytes): the peak resident set size of the process that fitted
 the model, data, imports and warm-up fits included: for this package the child process's
