@@ -39,9 +39,10 @@ and :math:`V_B = K_B - C^\top V_A`.
 When every term is scalar (random intercepts, ``||`` terms), :math:`\Lambda` is diagonal
 and :math:`S` is a rescaling of fixed cross-products: :class:`_ScalarSchur` fixes its
 pattern at set-up and forms :math:`C^\top C` as one sparse matrix-vector product per
-evaluation (or, past :data:`SCHUR_PAIRS_MAX` pairs, a sparse product of the light levels plus
-a dense rank-k update of the heavy ones, :class:`_Product`). The last evaluation is kept, so
-that the estimates and the conditional variances at the optimum reuse its factor.
+evaluation (past :data:`SCHUR_PAIRS_MAX` pairs, that product for the light levels of a dense
+S plus a dense rank-k update of the heavy ones; past :data:`LIGHT_PAIRS_MAX` light pairs, a
+sparse product of the light levels per evaluation, :class:`_Product`). The last evaluation is
+kept, so that the estimates and the conditional variances at the optimum reuse its factor.
 
 There is no gradient: the optimiser is derivative-free, as lme4's BOBYQA
 (:func:`~ngmm_formula.fit.optimise`). An analytic gradient needs :math:`S^{-1}` on the
@@ -99,6 +100,14 @@ HEAVY_FRACTION = 0.1
 #: ... and that dense S only up to this many B coordinates (800 MB); beyond, the sparse
 #: products and the fill test of any layout (:meth:`BlockedLMM._vector_blocks`).
 PRODUCT_MAX_DIM = 10_000
+#: Past :data:`SCHUR_PAIRS_MAX` pairs, the light levels still enter :math:`C^\top C` by
+#: the pairs matrix when they meet at most this many pairs (12 bytes a pair: 720 MB); the
+#: heavy ones by the dense rank-k update. MovieLens-size (371 heavy users of 6,040):
+#: 5.45e7 light pairs, one matrix-vector product of about 0.1 s against 0.45 s for the
+#: sparse-sparse product with its symbolic pass.
+LIGHT_PAIRS_MAX = 60_000_000
+#: Pairs handled at a time while the pairs matrix is built (bounds its temporaries).
+PAIRS_CHUNK = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -466,10 +475,19 @@ class BlockedLMM:
             # off-diagonal entries, the pairs being unordered)
             s, lam_b = self.schur, theta[self.lam_tidx]
             assert s is not None and s.T is not None
-            w = (s_inv(s.rows, s.cols) * lam_b[s.rows] * lam_b[s.cols]
-                 * np.where(s.rows == s.cols, 1.0, 2.0))
+            if s.full:  # by position in the Fortran-ordered S^{-1} (lower triangle read)
+                w = inv * lam_b[:, None] * (2.0 * lam_b[None, :])
+                w.flat[s.diag] *= 0.5
+                w = w.reshape(-1, order="F")
+            else:
+                w = (s_inv(s.rows, s.cols) * lam_b[s.rows] * lam_b[s.cols]
+                     * np.where(s.rows == s.cols, 1.0, 2.0))
             g = V_a[:, 0, 0] * theta[self.a_tidx[0]]  # lambda_A / r_l^2
             V_a[:, 0, 0] += g * g * (s.T.T @ w)
+            if s.heavy.size:  # their rows of M_AB Lambda_B, dense: W S^{-1} W' (diagonal)
+                Sinv_h = np.tril(inv) + np.tril(inv, -1).T
+                Wl = s.W * lam_b[None, :]
+                V_a[s.heavy, 0, 0] += g[s.heavy] ** 2 * ((Wl @ Sinv_h) * Wl).sum(1)
             m_dense = 0
         elif on_pattern:
             # sum over the pairs (b, b') of each row's nonzeros of C~_lb S^{-1}_bb' C~_lb'
@@ -633,11 +651,13 @@ class _ScalarSchur:
     evaluation (no symbolic phase, no sparse-sparse product, no conversion). Merging the
     levels with equal :math:`M_{AA,l}` (equal :math:`d_l`) would shorten the product by a
     sixth on InstEval and cost more to build (sorting the pairs: 0.16 s against 0.04 s).
-    Past :data:`SCHUR_PAIRS_MAX` pairs ``T`` would be too large:
-    then ``T`` is None and the product :math:`M_{BA} \operatorname{diag}(d) M_{AB}` is
-    formed per evaluation and :math:`S` is dense. :math:`S` is dense (Fortran order, lower
-    triangle, for LAPACK) when its pattern is (see :data:`DENSE_FILL`), else a CSC matrix
-    of the full symmetric pattern for SuperLU.
+    Past :data:`SCHUR_PAIRS_MAX` pairs ``T`` holds the light levels only and S is dense
+    (:meth:`_light_and_heavy`; the 1M-row MovieLens-size model: 45.5 s against 60.4 s
+    for the sparse product, peak memory 2.16 against 1.19 GB); past
+    :data:`LIGHT_PAIRS_MAX` light pairs ``T`` is None and the product :math:`M_{BA}
+    \operatorname{diag}(d) M_{AB}` is formed per evaluation, S dense. :math:`S` is dense
+    (Fortran order, lower triangle, for LAPACK) when its pattern is (see
+    :data:`DENSE_FILL`), else a CSC matrix of the full symmetric pattern for SuperLU.
     """
 
     m_aa: np.ndarray  # (m_A,) the diagonal of M_AA
@@ -650,6 +670,11 @@ class _ScalarSchur:
     product: _Product | None  # when T is None
     dense: bool
     csc: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # indptr, indices, source entry
+    heavy: np.ndarray  # levels of A outside T (by the dense update W), with T
+    W: np.ndarray  # (heavy, nb) their rows of M_AB, dense
+    #: T's rows and M_bb are the positions of the Fortran-ordered (nb, nb) S
+    #: (:meth:`_light_and_heavy`; rows, cols and flat then unused)
+    full: bool = False
 
     @classmethod
     def of(cls, m_aa: np.ndarray, M_ab: sp.csr_matrix, M_bb: sp.csr_matrix,
@@ -659,7 +684,11 @@ class _ScalarSchur:
         nb = M_bb.shape[0]
         bb = sp.tril(M_bb).tocoo()
         counts = np.diff(M_ab.indptr).astype(np.int64)
-        n_pairs = int((counts * (counts + 1) // 2).sum())
+        pairs = counts * (counts + 1) // 2
+        n_pairs = int(pairs.sum())
+        heavy = counts > HEAVY_FRACTION * nb
+        if n_pairs > SCHUR_PAIRS_MAX and int(pairs[~heavy].sum()) <= LIGHT_PAIRS_MAX:
+            return cls._light_and_heavy(m_aa, M_ab, bb, ab_rows, heavy)
         T, product = None, None
         # the pattern of S (lower triangle, sorted by row then column): M_BB, the diagonal
         # and, with T, the pattern of M_BA M_AB (of |M_AB|: no cancellation)
@@ -696,8 +725,47 @@ class _ScalarSchur:
             csc = (indptr, r_full[order], src[order])
         return cls(m_aa=m_aa, rows=rows, cols=cols, M_bb=Mbb,
                    diag=np.flatnonzero(rows == cols), flat=rows + nb * cols, T=T,
-                   product=product,
-                   dense=dense, csc=csc)
+                   product=product, dense=dense, csc=csc,
+                   heavy=np.zeros(0, dtype=np.int64), W=np.zeros((0, nb)))
+
+    @classmethod
+    def _light_and_heavy(cls, m_aa: np.ndarray, M_ab: sp.csr_matrix, bb: sp.coo_matrix,
+                         ab_rows: np.ndarray, heavy: np.ndarray) -> _ScalarSchur:
+        r"""Past :data:`SCHUR_PAIRS_MAX` pairs: a dense S (``full``) whose entries are
+        addressed by their position in the Fortran-ordered (nb, nb) array; ``T`` of the
+        light levels (the heavy ones' columns empty) by rows of that array (CSR: a
+        matrix-vector product reads the small vector d at random and writes in order,
+        where the pattern-ordered ``T`` above scatters its writes over S); the heavy
+        levels' rows of :math:`M_{AB}` dense, for a rank-k update per evaluation. Built
+        :data:`PAIRS_CHUNK` pairs at a time."""
+        nb, m = M_ab.shape[1], M_ab.shape[0]
+        counts = np.where(heavy, 0, np.diff(M_ab.indptr)).astype(np.int64)
+        per_level = counts * (counts + 1) // 2
+        indptr = np.concatenate([[0], np.cumsum(per_level)])
+        data = np.empty(int(indptr[-1]))
+        pos = np.empty(int(indptr[-1]), dtype=np.int32 if nb * nb < 2**31 else np.int64)
+        light = np.flatnonzero(~heavy)
+        ends = np.cumsum(per_level[light])
+        cuts = np.searchsorted(ends, np.arange(PAIRS_CHUNK, max(int(ends[-1:].sum()), 1),
+                                               PAIRS_CHUNK))
+        for chunk in np.split(light, np.unique(cuts + 1)):
+            if not chunk.size:
+                continue
+            sub = M_ab[chunk]  # rows sorted: indices[k2] <= indices[k1]
+            k1, k2 = _row_pairs(sub.indptr, np.repeat(np.arange(chunk.size),
+                                                      np.diff(sub.indptr)))
+            lo = int(indptr[chunk[0]])
+            data[lo:lo + k1.size] = sub.data[k1] * sub.data[k2]
+            pos[lo:lo + k1.size] = sub.indices[k1] + nb * sub.indices[k2].astype(np.int64)
+        T = sp.csr_matrix((data, pos, indptr), shape=(m, nb * nb)).T.tocsr()
+        del data, pos
+        Mbb = np.zeros(nb * nb)
+        Mbb[bb.row + nb * bb.col.astype(np.int64)] = bb.data
+        h = np.flatnonzero(heavy)
+        none = np.zeros(0, dtype=np.int64)
+        return cls(m_aa=m_aa, rows=none, cols=none, M_bb=Mbb,
+                   diag=np.arange(nb) * (nb + 1), flat=none, T=T, product=None, dense=True,
+                   csc=None, heavy=h, W=M_ab[h].toarray(), full=True)
 
     def assemble(self, lam_a: float, lam_b: np.ndarray) -> np.ndarray | sp.csc_matrix:
         r""":math:`S` at :math:`(\lambda_A, \lambda_B)`: a dense Fortran-ordered array
@@ -710,6 +778,14 @@ class _ScalarSchur:
             S[self.rows, self.cols] += self.M_bb * lam_b[self.rows] * lam_b[self.cols]
             S.flat[::nb + 1] += 1.0
             return S
+        if self.full:
+            S = self.T @ d
+            np.subtract(self.M_bb, S, out=S)  # no fresh 8 nb^2 bytes to fault in
+            S = S.reshape((nb, nb), order="F")
+            S *= lam_b[:, None]
+            S *= lam_b[None, :]
+            S.flat[self.diag] += 1.0
+            return _minus_heavy(S, self.W, d[self.heavy], lam_b) if self.heavy.size else S
         v = (self.M_bb - self.T @ d) * lam_b[self.rows] * lam_b[self.cols]
         v[self.diag] += 1.0
         if self.dense:
@@ -764,11 +840,15 @@ class _Product:
         # symmetric: the C-ordered array of the product is its transpose in Fortran order
         S = (left @ right).toarray().T
         S *= -1.0
-        if self.heavy.size:
-            W = self.W * np.sqrt(d[self.heavy])[:, None] * lam_b[None, :]
-            S = scipy.linalg.blas.dsyrk(-1.0, W, beta=1.0, c=S, trans=1, lower=1,
-                                        overwrite_c=1)
-        return S
+        return _minus_heavy(S, self.W, d[self.heavy], lam_b) if self.heavy.size else S
+
+
+def _minus_heavy(S: np.ndarray, W: np.ndarray, d: np.ndarray, lam_b: np.ndarray
+                 ) -> np.ndarray:
+    r""":math:`S - \Lambda_B W^\top \operatorname{diag}(d) W \Lambda_B` on the lower
+    triangle of the Fortran-ordered ``S`` (in place), by BLAS ``dsyrk``."""
+    V = W * np.sqrt(d)[:, None] * lam_b[None, :]
+    return scipy.linalg.blas.dsyrk(-1.0, V, beta=1.0, c=S, trans=1, lower=1, overwrite_c=1)
 
 
 def _row_pairs(indptr: np.ndarray, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,18 +30,24 @@ def _theta(n: int) -> np.ndarray:
     return theta
 
 
-@pytest.mark.parametrize("pairs", [True, False, "heavy", "sparse"])
+@pytest.mark.parametrize("pairs", [True, False, "heavy", "mixed", "product", "sparse"])
 @pytest.mark.parametrize("sparse_schur", [False, True])
 @pytest.mark.parametrize("reml", [True, False])
 @pytest.mark.parametrize("formula", FORMULAS)
 def test_equals_the_dense_profiled_objective(formula: str, reml: bool, sparse_schur: bool,
                                              pairs: bool | str, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
-    if pairs is not True:  # the conditional variances by dense products, C'C formed per
-        # evaluation: by a sparse product, or by a dense rank-k update ("heavy": every level)
+    if pairs is not True:  # past the pairs limits: the conditional variances by dense
+        # products; C'C of scalar terms by the pairs matrix of the light levels plus a dense
+        # rank-k update of the heavy ones (False: every level light, "heavy": every level
+        # heavy, "mixed": 25 of the first term's 59 levels heavy), or by a sparse product per
+        # evaluation ("product", with heavy levels too; "sparse": of any layout)
         monkeypatch.setattr(blocked, "PAIRS_MAX", -1)
         monkeypatch.setattr(blocked, "SCHUR_PAIRS_MAX", -1)
-        monkeypatch.setattr(blocked, "HEAVY_FRACTION", -1.0 if pairs == "heavy" else 2.0)
+        monkeypatch.setattr(blocked, "HEAVY_FRACTION",
+                            {"heavy": -1.0, "mixed": 0.3, "product": 0.3}.get(str(pairs), 2.0))
+        if pairs == "product":
+            monkeypatch.setattr(blocked, "LIGHT_PAIRS_MAX", -1)
         if pairs == "sparse":  # scalar terms through the sparse products of any layout
             monkeypatch.setattr(blocked, "PRODUCT_MAX_DIM", -1)
     if sparse_schur:  # SuperLU for every Schur complement
