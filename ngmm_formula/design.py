@@ -30,6 +30,7 @@ reachable.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import re
@@ -776,14 +777,54 @@ def _evaluate(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None =
               ) -> np.ndarray:
     """Evaluate one R/formulaic expression (``log(t)``, ``size - incidence``) to a vector."""
     check_python(expr, None, 0, _known_names(data, context))
-    if (expr.isidentifier() and expr in data.columns and expr not in (context or {})
-            and isinstance(data[expr].dtype, np.dtype) and data[expr].dtype.kind in "iuf"):
-        # a numeric column itself (cbind(incidence, ...)): what I(incidence) gives, without
-        # materialising a formula
-        return np.array(data[expr], dtype=float)
+    plain = _arithmetic(expr, data, context)
+    if plain is not None:
+        return plain
     mm = _checked_formula(f"0 + I({expr})", data, context).get_model_matrix(
         data, na_action="ignore", context=_formulaic_context(context))
     return np.asarray(mm, dtype=float)[:, 0]
+
+
+_ARITHMETIC = {ast.Add: np.add, ast.Sub: np.subtract, ast.Mult: np.multiply,
+               ast.Div: np.true_divide}
+
+
+def _arithmetic(expr: str, data: pd.DataFrame, context: Mapping[str, Any] | None
+                ) -> np.ndarray | None:
+    """``expr`` evaluated directly when it is a numeric column or +, -, *, / of numeric
+    columns and numbers (``incidence``, ``size - incidence``): what ``I(expr)`` gives,
+    without materialising a formula (about 5 ms of a 70 ms cbpp fit); None otherwise."""
+    try:
+        tree = ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+
+    def value(node: ast.expr) -> np.ndarray | float | None:
+        if isinstance(node, ast.Name):
+            col = (data[node.id] if node.id in data.columns and node.id not in (context or {})
+                   else None)
+            if (col is None or not isinstance(col.dtype, np.dtype)
+                    or col.dtype.kind not in "iuf"):
+                return None
+            return np.array(col, dtype=float)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not (
+                isinstance(node.value, bool)):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            inner = value(node.operand)
+            return None if inner is None else -inner
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            left, right = value(node.left), value(node.right)
+            if left is None or right is None:
+                return None
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return _ARITHMETIC[type(node.op)](left, right)  # type: ignore[no-any-return]
+        return None
+
+    out = value(tree)
+    if not isinstance(out, np.ndarray):  # a constant alone: formulaic's way
+        return None
+    return out
 
 
 def _offset_terms(formula: ParsedFormula, data: pd.DataFrame,

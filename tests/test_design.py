@@ -527,3 +527,23 @@ def test_net_constant_input_has_unit_scale() -> None:
     d = build_design(parse_formula("y ~ nn(x, c)"), _frame().assign(c=3.0))
     np.testing.assert_array_equal(d.nets[0].X[:, 1], np.zeros(40))
     assert d.nets[0].encodings[1].scale == 1.0
+
+
+@pytest.mark.parametrize("expr", ["size - incidence", "incidence", "2 * size / 3 - incidence",
+                                  "-size", "size * (incidence + 1)"])
+def test_arithmetic_of_numeric_columns_equals_formulaic(expr: str) -> None:
+    """The direct evaluation of +, -, *, / of numeric columns (cbind's counts, offsets) gives
+    formulaic's I(expr) exactly (the same float64 operations in the same order)."""
+    from ngmm_formula.design import _arithmetic, _checked_formula, _formulaic_context
+
+    d = load("cbpp")
+    mm = _checked_formula(f"0 + I({expr})", d, None).get_model_matrix(
+        d, na_action="ignore", context=_formulaic_context(None))
+    np.testing.assert_array_equal(_arithmetic(expr, d, None), np.asarray(mm, float)[:, 0])
+
+
+@pytest.mark.parametrize("expr", ["log(size)", "herd", "3", "size ** 2"])
+def test_other_expressions_are_left_to_formulaic(expr: str) -> None:
+    from ngmm_formula.design import _arithmetic
+
+    assert _arithmetic(expr, load("cbpp"), None) is None
