@@ -591,9 +591,9 @@ def theta_start(obj: Objective, scales: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03
     the data's (the inverse link of a Gamma model with means near 4 has eta near 0.25) that
     start lies where most groups' integrands are degenerate, so a few smaller multiples are
     tried too (one objective evaluation each), in decreasing order until one is finite and
-    worse than the best so far: the log-likelihood is taken to be unimodal along the scale
-    (as in every reference fit of the test suite, whose starts and results this left
-    unchanged), so the rest would not be chosen.
+    worse than the best so far: the log-likelihood is taken to be unimodal along the scale,
+    so the rest would not be chosen (the reference-fit tests pass unchanged with the early
+    stop).
     """
     theta0 = obj.module.theta.detach().clone()
     best, best_ll = 1.0, -math.inf
@@ -703,9 +703,9 @@ NEAR_BOUNDARY = 1e-3
 
 #: A Newton polish that moves no parameter by more than this (relative to max(1, |x|)) keeps
 #: the Hessian of the L-BFGS point: the Hessian then changes by about as much relatively,
-#: 1e-6 at most (measured on grouseticks, cbpp and VerbAgg: moves of 1e-8 to 1e-7 changed
-#: it by 3e-8 to 2e-7 and the standard errors by 2e-8), below a central difference's own
-#: error, where a fresh one costs 2 k gradient evaluations.
+#: 1e-6 at most (measured on grouseticks and VerbAgg: moves of 1e-8 to 1e-7 changed it by
+#: 3e-8 to 2e-7 and the standard errors by 2e-8), far below the digits reported, where a
+#: fresh one costs 2 k gradient evaluations.
 REUSE_HESSIAN_MOVE = 1e-6
 
 
