@@ -103,8 +103,8 @@ PRODUCT_MAX_DIM = 10_000
 #: Past :data:`SCHUR_PAIRS_MAX` pairs, the light levels still enter :math:`C^\top C` by
 #: the pairs matrix when they meet at most this many pairs (12 bytes a pair: 720 MB); the
 #: heavy ones by the dense rank-k update. MovieLens-size (371 heavy users of 6,040):
-#: 5.45e7 light pairs, one matrix-vector product of about 0.1 s against 0.45 s for the
-#: sparse-sparse product with its symbolic pass.
+#: 5.45e7 light pairs, a matrix-vector product of 0.13 s and 0.1 s of dense arithmetic per
+#: evaluation against about 0.45 s for the sparse-sparse product with its symbolic pass.
 LIGHT_PAIRS_MAX = 60_000_000
 #: Pairs handled at a time while the pairs matrix is built (bounds its temporaries).
 PAIRS_CHUNK = 5_000_000
@@ -688,7 +688,7 @@ class _ScalarSchur:
         n_pairs = int(pairs.sum())
         heavy = counts > HEAVY_FRACTION * nb
         if n_pairs > SCHUR_PAIRS_MAX and int(pairs[~heavy].sum()) <= LIGHT_PAIRS_MAX:
-            return cls._light_and_heavy(m_aa, M_ab, bb, ab_rows, heavy)
+            return cls._light_and_heavy(m_aa, M_ab, bb, heavy)
         T, product = None, None
         # the pattern of S (lower triangle, sorted by row then column): M_BB, the diagonal
         # and, with T, the pattern of M_BA M_AB (of |M_AB|: no cancellation)
@@ -730,7 +730,7 @@ class _ScalarSchur:
 
     @classmethod
     def _light_and_heavy(cls, m_aa: np.ndarray, M_ab: sp.csr_matrix, bb: sp.coo_matrix,
-                         ab_rows: np.ndarray, heavy: np.ndarray) -> _ScalarSchur:
+                         heavy: np.ndarray) -> _ScalarSchur:
         r"""Past :data:`SCHUR_PAIRS_MAX` pairs: a dense S (``full``) whose entries are
         addressed by their position in the Fortran-ordered (nb, nb) array; ``T`` of the
         light levels (the heavy ones' columns empty) by rows of that array (CSR: a
