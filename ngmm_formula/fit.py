@@ -685,13 +685,11 @@ def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_ste
         if not obj.problem.reml and obj.problem.p:
             m.beta.copy_(torch.as_tensor(sol.beta))
     obj.forget_modes()
-    if not isinstance(prof, ProfiledLMM):
-        # the results' modes and conditional variances from the same factorisation (the
-        # full objective would search the modes and factorise the joint block again)
-        v, factor = prof.conditional(opt.x, sol.sigma)
-        mode = ConditionalMode(v=torch.as_tensor(v), factor=factor, iterations=0,
-                               converged=True)
-        obj.solved = (_state(m), torch.tensor([sol.loglik], dtype=torch.float64), mode)
+    # the results' modes and conditional variances from the same factorisation (the full
+    # objective would search the modes and factorise again: 1.6 ms of sleepstudy's 17)
+    v, factor = prof.conditional(opt.x, sol.sigma)
+    mode = ConditionalMode(v=torch.as_tensor(v), factor=factor, iterations=0, converged=True)
+    obj.solved = (_state(m), torch.tensor([sol.loglik], dtype=torch.float64), mode)
     return dataclasses.replace(opt, profiled=True, cov_beta=sol.cov_beta)
 
 

@@ -68,13 +68,13 @@ import scipy.sparse.linalg as spla
 import torch
 
 from ngmm_formula.approx.conditional import LOG_2PI
-from ngmm_formula.approx.factor import Factor
+from ngmm_formula.approx.factor import ConditionalFactor
 from ngmm_formula.approx.profiled import PLSSolution, ProfiledLMM, gram, use_profiled
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
 
-__all__ = ["BlockedLMM", "ConditionalFactor", "profiled_objective"]
+__all__ = ["BlockedLMM", "profiled_objective"]
 
 #: The Schur complement is factorised densely above this fraction of nonzeros (or below
 #: :data:`DENSE_DIM` coordinates); SuperLU otherwise. Measured on InstEval (22%: LAPACK 37 ms,
@@ -874,63 +874,6 @@ def _positions(keys: np.ndarray, wanted: np.ndarray, nb: int) -> np.ndarray:
 
 def _cat(xs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
-
-
-class ConditionalFactor(Factor):
-    r"""The parts of the factor of the whole problem's :math:`H` that the results ask for
-    (:meth:`inverse_blocks`): the diagonal blocks of :math:`H_\theta^{-1}` (the
-    conditional covariance of :math:`v`, given :math:`\hat\beta` under REML) and, under
-    REML, the :math:`\beta` block of the joint inverse, :math:`\hat\sigma^2 (R_X^\top
-    R_X)^{-1}`. Not for evaluating the objective (:meth:`half_logdet` and :meth:`solve`
-    raise)."""
-
-    def __init__(self, blocks: list[np.ndarray], q: tuple[int, ...], n_levels: tuple[int, ...],
-                 cov_beta: np.ndarray, reml: bool):
-        self.blocks = blocks
-        self.ok = True
-        self.cov_beta = cov_beta
-        self.reml = reml
-        dim_u = int(sum(k * m for k, m in zip(q, n_levels)))
-        self.dim_u = dim_u
-        # per u coordinate: its term, level and column
-        self.term = np.repeat(np.arange(len(q)), [k * m for k, m in zip(q, n_levels)])
-        offs = np.cumsum([0, *[k * m for k, m in zip(q, n_levels)][:-1]])
-        qq = np.asarray(q)[self.term]
-        local = np.arange(dim_u) - offs[self.term]
-        self.level, self.col = local // qq, local % qq
-
-    def half_logdet(self) -> torch.Tensor:
-        raise NotImplementedError("ConditionalFactor only gives inverse blocks")
-
-    def solve(self, g: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("ConditionalFactor only gives inverse blocks")
-
-    def detach(self) -> ConditionalFactor:
-        return self
-
-    def inverse_blocks(self, coords: torch.Tensor, given: torch.Tensor | None = None
-                       ) -> torch.Tensor:
-        c = coords.cpu().numpy()
-        p = self.cov_beta.shape[0]
-        if self.reml and c.size and bool((c >= self.dim_u).all()):
-            if given is not None and given.numel():
-                raise ValueError("the beta block is available unconditionally only")
-            b = c - self.dim_u
-            return torch.as_tensor(self.cov_beta[b[:, :, None], b[:, None, :]])
-        if bool((c >= self.dim_u).any()):
-            raise ValueError("each row of coords must lie in the random effects or in beta")
-        if self.reml and (given is None or given.numel() != p):
-            raise ValueError("random-effect blocks are available given beta only (REML)")
-        term, level, col = self.term[c], self.level[c], self.col[c]
-        if bool((term != term[:, :1]).any() or (level != level[:, :1]).any()):
-            raise ValueError("each row of coords must lie in one level of one term")
-        out = np.empty(c.shape + c.shape[-1:])
-        for k, V in enumerate(self.blocks):
-            rows = term[:, 0] == k
-            if rows.any():
-                lv, cc = level[rows, 0], col[rows]
-                out[rows] = V[lv[:, None, None], cc[:, :, None], cc[:, None, :]]
-        return torch.as_tensor(out)
 
 
 def profiled_objective(problem: Problem) -> ProfiledLMM | BlockedLMM:

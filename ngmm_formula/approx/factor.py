@@ -3,7 +3,7 @@ block's log-integrand: the one object behind every log-determinant, Newton solve
 conditional variance of :mod:`~ngmm_formula.approx`.
 
 Two implementations of one interface (:class:`Factor`: ``half_logdet``, ``solve``,
-``inverse_blocks``, ``detach``):
+``inverse_blocks``, ``detach``) for the objective:
 
 * :class:`DenseFactor` -- a batched dense Cholesky factor :math:`H_b = R_b R_b^\top` of every
   block (n_blocks, D, D). Used for the per-group blocks of a single grouping factor (small D)
@@ -42,6 +42,11 @@ Two implementations of one interface (:class:`Factor`: ``half_logdet``, ``solve`
   plus the scatter-adds, instead of :math:`O(D^3)`; with InstEval's crossed students and
   lecturers (:math:`D = 4100`) :math:`\dim(B) = 1129`.
 
+A third, :class:`ConditionalFactor`, holds only what the results ask of the factor of a
+linear Gaussian model fitted by its profiled objective (the diagonal blocks of
+:math:`H^{-1}` and, under REML, the covariance of :math:`\hat\beta`), so that the results
+need not search the modes and factorise again.
+
 Everything is differentiable with torch autograd (the approximations differentiate
 ``half_logdet`` of the factor at the one-step-corrected mode) and vectorised over levels.
 """
@@ -51,11 +56,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ngmm_formula.layout import SchurMaps, Split, pairs_of_pairs
 
-__all__ = ["DenseFactor", "Factor", "SchurFactor", "SchurMaps", "Split", "cholesky"]
+__all__ = ["ConditionalFactor", "DenseFactor", "Factor", "SchurFactor", "SchurMaps", "Split",
+           "cholesky"]
 
 
 def cholesky(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -377,3 +384,60 @@ class SchurFactor(Factor):
         return SchurFactor(self.maps, self.chol_aa.detach(), self.h_ab.detach(),
                            self.m_ab.detach(), self.chol_s.detach(), self.ok,
                            self.schur.detach())
+
+
+class ConditionalFactor(Factor):
+    r"""The parts of the factor of the whole problem's :math:`H` that the results ask for
+    (:meth:`inverse_blocks`): the diagonal blocks of :math:`H_\theta^{-1}` (the
+    conditional covariance of :math:`v`, given :math:`\hat\beta` under REML) and, under
+    REML, the :math:`\beta` block of the joint inverse, :math:`\hat\sigma^2 (R_X^\top
+    R_X)^{-1}`. Not for evaluating the objective (:meth:`half_logdet` and :meth:`solve`
+    raise)."""
+
+    def __init__(self, blocks: list[np.ndarray], q: tuple[int, ...], n_levels: tuple[int, ...],
+                 cov_beta: np.ndarray, reml: bool):
+        self.blocks = blocks
+        self.ok = True
+        self.cov_beta = cov_beta
+        self.reml = reml
+        dim_u = int(sum(k * m for k, m in zip(q, n_levels)))
+        self.dim_u = dim_u
+        # per u coordinate: its term, level and column
+        self.term = np.repeat(np.arange(len(q)), [k * m for k, m in zip(q, n_levels)])
+        offs = np.cumsum([0, *[k * m for k, m in zip(q, n_levels)][:-1]])
+        qq = np.asarray(q)[self.term]
+        local = np.arange(dim_u) - offs[self.term]
+        self.level, self.col = local // qq, local % qq
+
+    def half_logdet(self) -> torch.Tensor:
+        raise NotImplementedError("ConditionalFactor only gives inverse blocks")
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("ConditionalFactor only gives inverse blocks")
+
+    def detach(self) -> ConditionalFactor:
+        return self
+
+    def inverse_blocks(self, coords: torch.Tensor, given: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        c = coords.cpu().numpy()
+        p = self.cov_beta.shape[0]
+        if self.reml and c.size and bool((c >= self.dim_u).all()):
+            if given is not None and given.numel():
+                raise ValueError("the beta block is available unconditionally only")
+            b = c - self.dim_u
+            return torch.as_tensor(self.cov_beta[b[:, :, None], b[:, None, :]])
+        if bool((c >= self.dim_u).any()):
+            raise ValueError("each row of coords must lie in the random effects or in beta")
+        if self.reml and (given is None or given.numel() != p):
+            raise ValueError("random-effect blocks are available given beta only (REML)")
+        term, level, col = self.term[c], self.level[c], self.col[c]
+        if bool((term != term[:, :1]).any() or (level != level[:, :1]).any()):
+            raise ValueError("each row of coords must lie in one level of one term")
+        out = np.empty(c.shape + c.shape[-1:])
+        for k, V in enumerate(self.blocks):
+            rows = term[:, 0] == k
+            if rows.any():
+                lv, cc = level[rows, 0], col[rows]
+                out[rows] = V[lv[:, None, None], cc[:, :, None], cc[:, None, :]]
+        return torch.as_tensor(out)

@@ -72,6 +72,7 @@ import scipy.linalg.lapack
 import torch
 
 from ngmm_formula.approx.conditional import LOG_2PI, Blocks, gradient, neg_hessian
+from ngmm_formula.approx.factor import ConditionalFactor, DenseFactor, Factor
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
@@ -130,6 +131,7 @@ class _State:
 
     Lams: list[np.ndarray]
     MLam: np.ndarray
+    H: np.ndarray
     Hinv: np.ndarray
     HiLP: np.ndarray
     Sinv: np.ndarray
@@ -305,7 +307,7 @@ class ProfiledLMM:
             log_det += np.linalg.slogdet(S)[1] if p else 0.0
             dof = self.n - p
         m2ll = log_det + dof * (1.0 + LOG_2PI + math.log(rss / dof)) + self.const
-        return _State(Lams, MLam, Hinv, HiLP, Sinv, delta, u, rss, float(m2ll))
+        return _State(Lams, MLam, H, Hinv, HiLP, Sinv, delta, u, rss, float(m2ll))
 
     def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         r"""The profiled (restricted) log-likelihood :math:`\tilde\ell(\theta)` and its
@@ -333,6 +335,39 @@ class ProfiledLMM:
         sigma2 = st.rss / (self.n - self.p if self.reml else self.n)
         return PLSSolution(loglik=-0.5 * st.m2ll, sigma=math.sqrt(sigma2),
                            beta=self.beta0 + st.delta, u=st.u, cov_beta=sigma2 * st.Sinv)
+
+
+    def conditional(self, theta: np.ndarray, sigma: float) -> tuple[np.ndarray, Factor]:
+        r"""The conditional modes and the factor at the profiled solution, in the problem's
+        layout (this package's :math:`v = u / \sigma`), for the results
+        (:meth:`~ngmm_formula.fit.Objective.all_blocks`): what the full objective's mode
+        search would find there, without the search. Per group (ML with one grouping
+        factor): the modes (groups, D) and the Cholesky factors of :math:`H_b`. Otherwise
+        one joint block in lme4's Zt order (term, level, column), then
+        :math:`\hat\beta_s` under REML, with a
+        :class:`~ngmm_formula.approx.factor.ConditionalFactor`."""
+        st = self._pls(np.asarray(theta, dtype=float))
+        if self.per_group and not self.reml:
+            return st.u / sigma, DenseFactor.of(torch.as_tensor(st.H))
+        if self.per_group:  # one grouping factor: term k at columns start..start+q of each
+            parts = [(st.u[:, t.start:t.start + t.q].reshape(-1),
+                      st.Hinv[:, t.start:t.start + t.q, t.start:t.start + t.q])
+                     for t in self.terms]
+            n_levels = tuple(self.n_blocks for _ in self.terms)
+        else:  # joint layout: term k's level l at start + l q + (0..q-1)
+            parts = []
+            for t in self.terms:
+                idx = t.start + np.arange(t.n_levels)[:, None] * t.q + np.arange(t.q)
+                parts.append((st.u[0, idx].reshape(-1),
+                              st.Hinv[0][idx[:, :, None], idx[:, None, :]]))
+            n_levels = tuple(t.n_levels for t in self.terms)
+        v = np.concatenate([u for u, _ in parts]) / sigma
+        if self.reml:
+            v = np.concatenate([v, self.beta0 + st.delta])
+        cov_beta = st.rss / (self.n - self.p if self.reml else self.n) * st.Sinv
+        return v[None, :], ConditionalFactor([b for _, b in parts],
+                                             tuple(t.q for t in self.terms), n_levels,
+                                             cov_beta, self.reml)
 
 
 def _log_det_and_inverse(H: np.ndarray) -> tuple[float, np.ndarray]:
