@@ -253,3 +253,33 @@ def test_large_crossed_blocks_take_the_blocked_factorisation() -> None:
     assert isinstance(profiled_objective(one_factor.problem), ProfiledLMM)
     for ref_id, data, formula, reml in LMER:
         assert use_profiled(prepared(data, formula, reml=reml).problem), ref_id
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("formula", ["y ~ x + (x | g)", "y ~ x + (1 | g) + (0 + x | g)",
+                                     "y ~ x + (1 | g) + (1 | h)"])
+def test_results_from_the_profiled_solution_equal_the_mode_search(
+        formula: str, reml: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The modes and factor that a profiled fit hands the results
+    (:meth:`ProfiledLMM.conditional`: per group under ML with one factor, one joint block in
+    lme4's order otherwise, beta appended under REML) give the results of the full
+    objective's own mode search at the same parameters (weights with zeros and an offset);
+    both are exact for a Gaussian model, so the tolerance is round-off (1e-9 relative)."""
+    data = _weighted_data()
+    direct = ngmm(formula, data, weights="w", offset="off", reml=reml)
+    found = Objective.all_blocks
+
+    def search(self: Objective) -> Any:
+        self.solved = None  # the full objective's mode search
+        return found(self)
+
+    monkeypatch.setattr(Objective, "all_blocks", search)
+    searched = ngmm(formula, data, weights="w", offset="off", reml=reml)
+    assert direct.loglik == pytest.approx(searched.loglik, rel=1e-12)
+    np.testing.assert_allclose(direct.fixef, searched.fixef, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(direct.vcov, searched.vcov, rtol=1e-9, atol=1e-14)
+    for g, re in direct.ranef.items():
+        other = searched.ranef[g]
+        np.testing.assert_allclose(re.to_numpy(), other.to_numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(re.attrs["postVar"], other.attrs["postVar"], rtol=1e-9,
+                                   atol=1e-14)
