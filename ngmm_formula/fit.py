@@ -142,12 +142,12 @@ class Objective:
         v = mode = None
         # from the warm modes: training's fixed steps, or (a linear fit's outer optimiser)
         # Newton steps until the last moves no mode by more than FIXED_STEP_TOL ** 2 (a mode
-        # within about 1e-12), else the damped search below; from 0 likewise under a
-        # canonical link (family.newton_scoring), where h is concave (its one stationary
-        # point is the mode)
+        # within about 1e-12), else the damped search below; from 0 likewise (outside
+        # training) under a canonical link (family.newton_scoring), where h is concave (its
+        # one stationary point is the mode)
         first = (start if start is not None
-                 else eta_fixed.new_zeros(n_blocks) if fam.newton_scoring
-                 else None)
+                 else eta_fixed.new_zeros(n_blocks)
+                 if fam.newton_scoring and not self.mode_steps else None)
         if first is not None:
             v = scalar_modes(fam, pr.y, pr.w, eta_fixed, c, block, n_blocks, first,
                              self.mode_steps or 1,
