@@ -948,6 +948,8 @@ def _group_index(data: pd.DataFrame, bar: BarTerm) -> tuple[list[str], np.ndarra
         position[used] = np.arange(len(used))
         combined = combined * len(used) + position[codes]
         per.append(lv)
+    if len(per) == 1:  # one factor: every used level is present, in the categories' order
+        return per[0], combined.astype(np.int32)
     present, gidx = np.unique(combined, return_inverse=True)
     parts = np.unravel_index(present, tuple(len(lv) for lv in per))
     levels = [":".join(lv[i] for lv, i in zip(per, idx)) for idx in zip(*(p.tolist()

@@ -267,7 +267,9 @@ class BlockedLMM:
         if self.schur is not None:
             lam_b = theta[self.lam_tidx]
             Ra, Ra_inv, C, S = self._scalar_blocks(float(La[0, 0]), lam_b)
-            Lb = sp.diags(lam_b).tocsr()
+            # diagonal (lam_rows = lam_cols = 0..nb-1 here): CSR directly, not sp.diags
+            Lb = sp.csr_matrix((lam_b, self.lam_cols, np.arange(lam_b.size + 1)),
+                               shape=(lam_b.size, lam_b.size))
         else:
             Lb = sp.csr_matrix((theta[self.lam_tidx], (self.lam_rows, self.lam_cols)),
                                shape=(self.dim_b, self.dim_b))
