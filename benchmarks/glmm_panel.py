@@ -407,12 +407,17 @@ def ngmm_kwargs(m: Model) -> dict[str, Any]:
 
 
 def warm_up() -> None:
-    """One untimed fit, so that lazy imports and first-call costs are not timed."""
+    """Untimed fits, so that lazy imports and first-call costs are not timed: a GLMM, the
+    dense profiled route (sleepstudy, Penicillin) and the blocked route of large crossed or
+    nested models (Chem97, 0.1 s; without it the big models' first fit in their child process
+    paid COBYQA's import and first call, about 0.15-0.2 s of InstEval's)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ngmm(_CBPP_F, datasets.load("cbpp"), "binomial")
         ngmm("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
         ngmm("diameter ~ 1 + (1 | plate) + (1 | sample)", datasets.load("Penicillin"),
+             reml=False)
+        ngmm("score ~ gcsecnt + (1 | school) + (1 | lea)", datasets.load("Chem97"),
              reml=False)
 
 
