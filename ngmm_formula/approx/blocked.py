@@ -486,10 +486,11 @@ class BlockedLMM:
                      * np.where(s.rows == s.cols, 1.0, 2.0))
             g = V_a[:, 0, 0] * theta[self.a_tidx[0]]  # lambda_A / r_l^2
             V_a[:, 0, 0] += g * g * (s.T.T @ w)
-            if s.heavy.size:  # their rows of M_AB Lambda_B, dense: W S^{-1} W' (diagonal)
-                Sinv_h = np.tril(inv) + np.tril(inv, -1).T
+            if s.heavy.size:  # their rows of M_AB Lambda_B, dense: W S^{-1} W' (diagonal),
+                # W S^{-1} by BLAS dsymm from dpotri's lower triangle (no symmetrised copy)
                 Wl = s.W * lam_b[None, :]
-                V_a[s.heavy, 0, 0] += g[s.heavy] ** 2 * ((Wl @ Sinv_h) * Wl).sum(1)
+                WS = scipy.linalg.blas.dsymm(1.0, inv, Wl, side=1, lower=1)
+                V_a[s.heavy, 0, 0] += g[s.heavy] ** 2 * (WS * Wl).sum(1)
             m_dense = 0
         elif on_pattern:
             # sum over the pairs (b, b') of each row's nonzeros of C~_lb S^{-1}_bb' C~_lb'

@@ -64,7 +64,7 @@ deviance, :func:`~ngmm_formula.approx.blocked.profiled_objective`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
@@ -182,6 +182,10 @@ class ProfiledLMM:
     p: int
     reml: bool
     const: float  # -sum log w (+ 2 log|det A| under REML), in -2 loglik units
+    #: the last evaluation, by theta's bytes: the estimates and the results' modes and factor
+    #: at the optimum (:meth:`solve`, :meth:`conditional`) reuse it
+    _last: dict[bytes, _State] = field(default_factory=dict, init=False, repr=False,
+                                       compare=False)
 
     @classmethod
     def of(cls, problem: Problem) -> ProfiledLMM:
@@ -277,6 +281,15 @@ class ProfiledLMM:
         return np.concatenate(out)
 
     def _pls(self, theta: np.ndarray) -> _State:
+        """:meth:`_evaluate` at ``theta``, or the last evaluation when it was there."""
+        key = theta.tobytes()
+        if key not in self._last:
+            state = self._evaluate(theta)
+            self._last.clear()
+            self._last[key] = state
+        return self._last[key]
+
+    def _evaluate(self, theta: np.ndarray) -> _State:
         """Solve the PLS problem at relative ``theta``; -2 loglik with it."""
         Lams = self._lambdas(theta)
         MLam = self._right(self.M, Lams)
@@ -364,7 +377,7 @@ class ProfiledLMM:
         v = np.concatenate([u for u, _ in parts]) / sigma
         if self.reml:
             v = np.concatenate([v, self.beta0 + st.delta])
-        cov_beta = st.rss / (self.n - self.p if self.reml else self.n) * st.Sinv
+        cov_beta = sigma * sigma * st.Sinv  # as solve()'s, at sigma = solve()'s sigma
         return v[None, :], ConditionalFactor([b for _, b in parts],
                                              tuple(t.q for t in self.terms), n_levels,
                                              cov_beta, self.reml)
