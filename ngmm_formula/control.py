@@ -31,7 +31,8 @@ class Control:
     na_action : {"omit", "raise"}
         Missing values: drop the rows (and report how many) or raise.
     epochs : int
-        Maximum number of passes over the training groups (neural models).
+        Maximum number of epochs (neural models): passes over the training groups, or parts
+        of them of ``steps_per_epoch`` minibatches.
     lr : float
         AdamW learning rate. 1e-3: on the binomial synthetic benchmark (4,000 Bernoulli
         responses, where an epoch is one full-batch step) early stopping at 3e-3 left noisier
@@ -60,6 +61,12 @@ class Control:
         Fraction of groups held out for early stopping (0 disables early stopping).
     patience : int
         Epochs without improvement of the validation score before stopping.
+    steps_per_epoch : int or None
+        An epoch -- the unit of ``epochs``, ``patience``, the learning-rate decay, the
+        validation score and the checkpoints -- is at most this many minibatches: on large
+        data a pass over the training groups is cut into epochs of ``steps_per_epoch``
+        steps (the last one of a pass shorter), so that the score is checked as often on
+        10^6 rows as on 10^5. None: an epoch is a pass. DRAFT
     min_steps : int
         Optimiser steps before early stopping and learning-rate decay may act.
     min_delta : float
@@ -156,6 +163,7 @@ class Control:
     batch_groups: int | None = None
     validation: float = 0.1
     patience: int = 15
+    steps_per_epoch: int | None = None
     min_steps: int = 200
     min_delta: float = 1e-5
     ensemble: int = 1
@@ -178,6 +186,9 @@ class Control:
             ("batch_groups", self.batch_groups is None or self.batch_groups >= 1),
             ("validation", 0 <= self.validation < 1), ("patience", self.patience >= 1),
             ("min_steps", self.min_steps >= 0), ("ensemble", self.ensemble >= 1),
+            ("steps_per_epoch", self.steps_per_epoch is None or (
+                isinstance(self.steps_per_epoch, int)
+                and not isinstance(self.steps_per_epoch, bool) and self.steps_per_epoch >= 1)),
             ("folds", self.folds >= 1 and (self.folds == 1 or self.ensemble == 1)),
             ("na_action", self.na_action in ("omit", "raise")),
             ("train_approx", self.train_approx in ("fit", "laplace")),

@@ -589,6 +589,63 @@ class _Batch:
     problem: Problem | None = None
 
 
+class _Epochs:
+    """The minibatches of the training loop, epoch after epoch.
+
+    A *pass* visits every group of ``groups`` once, in an order drawn by ``rng``, in
+    minibatches of ``batch_groups`` groups; an *epoch* is the next ``steps`` minibatches of
+    the current pass, or what is left of it (``steps`` None: the whole pass). An epoch never
+    spans two passes, so where a pass has at most ``steps`` minibatches (every data set of
+    up to ``steps * Control.batch_size`` training rows) an epoch is a pass.
+
+    Parameters
+    ----------
+    batches : callable
+        ``batches(order, batch_groups)``: a pass's minibatches (:func:`_batches`).
+    rng : numpy.random.Generator
+        Draws each pass's order.
+    groups : ndarray of int
+    batch_groups : int
+    steps : int or None
+    """
+
+    def __init__(self, batches: Callable[[np.ndarray, int], list[_Batch]],
+                 rng: np.random.Generator, groups: np.ndarray, batch_groups: int,
+                 steps: int | None) -> None:
+        self._batches, self._rng, self._groups = batches, rng, groups
+        self._batch_groups, self._steps = batch_groups, steps
+        self._order: np.ndarray | None = None  # the current pass's order
+        self._pending: list[_Batch] = []  # its minibatches not yet taken
+        self._taken = 0
+
+    def next(self) -> list[_Batch]:
+        """The next epoch's minibatches."""
+        if not self._pending:
+            self._order = self._rng.permutation(self._groups)
+            self._pending = self._batches(self._order, self._batch_groups)
+            self._taken = 0
+        n = len(self._pending) if self._steps is None else self._steps
+        epoch, self._pending = self._pending[:n], self._pending[n:]
+        self._taken += len(epoch)
+        return epoch
+
+    def state(self) -> dict:
+        """Where the current pass stands (for a checkpoint): its order, None at a pass's
+        end, and the minibatches taken."""
+        order = None if not self._pending or self._order is None else torch.as_tensor(
+            self._order)
+        return {"order": order, "taken": self._taken}
+
+    def restore(self, state: dict | None) -> None:
+        """Continue the pass of :meth:`state` (the generator's state is restored apart)."""
+        if state is None or state["order"] is None:
+            self._order, self._pending, self._taken = None, [], 0
+            return
+        self._order = state["order"].numpy()
+        self._taken = int(state["taken"])
+        self._pending = self._batches(self._order, self._batch_groups)[self._taken:]
+
+
 def _batches(problem: Problem, by_group: RowsByGroup, order: np.ndarray, batch_groups: int,
              *, lay_out: bool) -> list[_Batch]:
     """An epoch's minibatches: consecutive runs of ``batch_groups`` groups of ``order``, laid
@@ -745,15 +802,17 @@ def _train_with_early_stopping(
         opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
     progress = _progress(control) if shard is None or shard.rank == 0 else None
     log = _EpochLog()
+    minibatches = _Epochs(batches, rng, train_groups, batch_groups, control.steps_per_epoch)
     saved = saver.checkpoints.start_loop() if saver is not None else None
     if saver is not None and saved is not None:
         _restore(saved, module, opt, sched, rng, saver.step_state, log)
+        minibatches.restore(saved.get("pass"))
         if progress is not None:
             progress.update(log.epoch)
     for epoch in range(log.epoch + 1, epochs + 1) if not log.stopped else ():
         module.train()
         total, n_rows = 0.0, 0
-        for batch in batches(rng.permutation(train_groups), batch_groups):
+        for batch in minibatches.next():
             total += step(opt, batch)
             log.steps += 1
             n_rows += int(sizes[batch.groups].sum())
@@ -777,7 +836,8 @@ def _train_with_early_stopping(
             progress.set_postfix(train=f"{log.train[-1]:.4f}",
                                  valid=f"{log.validation[-1]:.4f}" if log.validation else "-")
         if saver is not None and saver.checkpoints.due(epoch, log.stopped or epoch == epochs):
-            saver.checkpoints.write(_loop_state(module, opt, sched, rng, saver.step_state, log))
+            saver.checkpoints.write(_loop_state(module, opt, sched, rng, saver.step_state, log,
+                                                minibatches))
         if log.stopped:
             break
     if progress is not None:
@@ -804,7 +864,7 @@ def _decide(log: _EpochLog, score: float, epoch: int, module: LinearPredictor,
 
 def _loop_state(module: LinearPredictor, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.ReduceLROnPlateau, rng: np.random.Generator,
-                step_state: _StepState, log: _EpochLog) -> dict:
+                step_state: _StepState, log: _EpochLog, minibatches: _Epochs) -> dict:
     """Everything :func:`_restore` needs to continue the loop after ``log.epoch`` exactly as
     it would have gone on: tensors, dicts, lists and plain values only
     (:mod:`~ngmm_formula.checkpoint`)."""
@@ -823,6 +883,7 @@ def _loop_state(module: LinearPredictor, opt: torch.optim.Optimizer,
         "torch_rng": torch.get_rng_state(),  # dropout
         "noise_rng": step_state.noise.get_state(),
         "modes": step_state.modes.detach().cpu().clone(),
+        "pass": minibatches.state(),
     }
 
 
@@ -909,10 +970,11 @@ def _train_on_schedule(module: LinearPredictor, net_params: list[torch.nn.Parame
     module.train()
     opt = _optimiser(net_params, other, control, _fast_parameters(module))
     steps = 0
+    minibatches = _Epochs(batches, rng, groups, batch_groups, control.steps_per_epoch)
     for lr in schedule:
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        for batch in batches(rng.permutation(groups), batch_groups):
+        for batch in minibatches.next():
             step(opt, batch)
             steps += 1
     return steps

@@ -161,6 +161,30 @@ def test_ensemble_resumes_in_its_second_member(tmp_path: Path,
     assert writes == [(1, 6), (1, 8)]  # nothing written while the first member ran again
 
 
+def test_checkpoint_in_the_middle_of_a_pass_resumes_that_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``steps_per_epoch`` an epoch may end inside a pass over the groups (36 training
+    groups in minibatches of 8: 5 steps a pass, epochs of 2, 2 and 1 steps); a fit that
+    crashes after the checkpoint of epoch 10 (the first epoch of the fourth pass) resumes
+    the rest of that pass and ends where the uninterrupted fit ended, bit for bit."""
+    options = dict(epochs=20, steps_per_epoch=2)
+    reference = fit(**options)
+    path = tmp_path / "fit.ckpt"
+    write = ckpt.Checkpoints.write
+
+    def crash_after_epoch_10(self: ckpt.Checkpoints, state: Any) -> None:
+        write(self, state)
+        if state["epoch"] == 10:
+            assert state["pass"]["order"] is not None and state["pass"]["taken"] == 2
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(ckpt.Checkpoints, "write", crash_after_epoch_10)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(**options, checkpoint=path, checkpoint_every=5)
+    monkeypatch.setattr(ckpt.Checkpoints, "write", write)
+    identical(fit(**options, checkpoint=path, checkpoint_every=5), reference)
+
+
 def test_write_checkpoint_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "c.ckpt"
     ckpt.write_checkpoint(path, {"x": torch.arange(3.0), "note": "first"})

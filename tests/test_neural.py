@@ -537,3 +537,55 @@ def test_linear_start_leaves_wide_factors_to_training(monkeypatch: pytest.Monkey
     assert kept == [[0]]
     gamma = module.nets[0].linear_coefficients().numpy()
     assert gamma[0] != 0 and not gamma[1:].any()
+
+
+def test_epochs_cut_passes_into_steps_per_epoch_minibatches() -> None:
+    """``train._Epochs``: a pass visits every group once; with ``steps`` an epoch is the next
+    ``steps`` minibatches of the pass (the last one shorter), never two passes' worth; with
+    None an epoch is the pass, drawn exactly as the loop drew it before (one permutation of
+    the groups per epoch, from the same generator)."""
+    from ngmm_formula.train import _Batch, _Epochs
+
+    def batches(order: np.ndarray, k: int) -> list[_Batch]:
+        return [_Batch(order[s:s + k]) for s in range(0, order.size, k)]
+
+    groups = np.arange(23)
+    cut = _Epochs(batches, np.random.default_rng(5), groups, 4, steps=2)
+    sizes = [len(cut.next()) for _ in range(8)]
+    assert sizes == [2, 2, 2, 2, 2, 2, 2, 2]  # 6 minibatches a pass: 3 epochs each
+    cut = _Epochs(batches, np.random.default_rng(5), groups, 5, steps=2)
+    epochs = [cut.next() for _ in range(6)]  # 5 minibatches a pass: epochs of 2, 2, 1
+    assert [len(e) for e in epochs] == [2, 2, 1, 2, 2, 1]
+    for one_pass in (epochs[:3], epochs[3:]):
+        seen = np.concatenate([b.groups for e in one_pass for b in e])
+        assert np.array_equal(np.sort(seen), groups)
+    whole = _Epochs(batches, np.random.default_rng(5), groups, 5, steps=None)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        assert [b.groups.tolist() for b in whole.next()] == [
+            b.groups.tolist() for b in batches(rng.permutation(groups), 5)]
+    # a checkpoint's state mid-pass continues the same pass
+    cut = _Epochs(batches, np.random.default_rng(5), groups, 5, steps=2)
+    cut.next()
+    again = _Epochs(batches, np.random.default_rng(99), groups, 5, steps=2)
+    again.restore(cut.state())
+    assert [b.groups.tolist() for b in again.next()] == [b.groups.tolist() for b in cut.next()]
+    with pytest.raises(NGMMError, match="steps_per_epoch"):
+        Control(steps_per_epoch=0)
+
+
+def test_steps_per_epoch_at_least_a_pass_is_the_same_fit(binary: pd.DataFrame) -> None:
+    """Where a pass has no more minibatches than ``steps_per_epoch``, the epochs are the
+    passes and the fit is the same bit for bit; with fewer the validation score is taken
+    more often (one value per epoch of at most that many steps)."""
+    ctl = Control(epochs=12, patience=5, progress=False, batch_groups=10)  # 6 steps a pass
+    base = ngmm(FORMULA, binary, "binomial", control=ctl, seed=1)
+    same = ngmm(FORMULA, binary, "binomial", control=replace(ctl, steps_per_epoch=6), seed=1)
+    assert same.history.validation == base.history.validation
+    assert np.array_equal(same.fixef.to_numpy(), base.fixef.to_numpy())
+    assert np.array_equal(same.predict(type="link"), base.predict(type="link"))
+    cut = ngmm(FORMULA, binary, "binomial",
+               control=replace(ctl, steps_per_epoch=3, epochs=24), seed=1)
+    # 54 training groups in minibatches of 10: 6 steps a pass, two epochs of 3
+    assert len(cut.history.validation) == 24
+    assert cut.history.validation != base.history.validation
