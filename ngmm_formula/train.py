@@ -20,7 +20,9 @@ number of processes), a learning rate halved when the
 validation score stalls (``ReduceLROnPlateau``), and early stopping on **held-out groups**:
 a fraction ``Control.validation`` of the levels of the (largest) grouping factor is set
 aside, and training stops when their marginal log-likelihood per observation has not improved
-for ``Control.patience`` epochs; the best weights are restored. Neither early stopping nor
+for ``Control.patience`` epochs; the best weights are restored. An epoch is a pass over the
+training groups, or ``Control.steps_per_epoch`` minibatches of it on large data
+(:class:`_Epochs`). Neither early stopping nor
 the learning-rate decay acts during the first ``Control.min_steps`` optimiser steps (on small
 data an epoch is a single step, and stopping after a few dozen steps left networks that had
 learnt nothing: measured in ``benchmarks/neural/README.md``). Before the first epoch the
