@@ -16,6 +16,11 @@ the run) while timers wrap the stages the training loop composes:
 * ``validation``: the forward pass on the validation groups (gradients off);
 * ``other``: the rest of the epoch loop (bookkeeping, best-state copies).
 
+Every figure of the NGMM is per *pass* over its training groups, as the MLP's epoch is a
+pass over the rows: with ``Control.steps_per_epoch`` (default 50 minibatches) a pass of more
+minibatches is several of the trainer's epochs, each with its validation score, and the
+table counts all of them (at 10^6 rows: 4.4 validations a pass).
+
 With ``--noise-inputs K`` the network also sees K standard normal columns ``z0, ...`` that
 do not enter the truth (the case of many numeric inputs, e.g. for the additive part's cost;
 the plain MLP gets them too).
@@ -111,6 +116,20 @@ def stage(name, fn, inside_value):  # time fn (wall, CPU) as name; epoch timers 
             inside[0] = outer
     return wrapper
 
+# minibatches taken and per pass: the NGMM's figures are per pass over its training groups
+# (with Control.steps_per_epoch an epoch can be part of a pass; its validation scores and
+# bookkeeping then come several times a pass, and the table counts them all)
+taken, pass_length = [0], [1]
+epochs_next = train._Epochs.next
+def counting_next(self):
+    new_pass = not self._pending
+    out = epochs_next(self)
+    if new_pass:
+        pass_length[0] = len(out) + len(self._pending)
+    taken[0] += len(out)
+    return out
+train._Epochs.next = counting_next
+
 # the linear start's evaluations are not the epoch's
 train._fit_linear_part = stage("linear start", train._fit_linear_part, False)
 train.train_member = stage("train", train.train_member, True)
@@ -133,7 +152,8 @@ ngmm = {
     "validation": parts["validation"],
 }
 ngmm["other"] = loop - sum(ngmm.values())
-ngmm = {k: v / n_epochs for k, v in ngmm.items()}
+passes = taken[0] / pass_length[0]
+ngmm = {k: v / passes for k, v in ngmm.items()}
 
 # the plain MLP on the same rows
 batch = control.batch_size
@@ -168,16 +188,16 @@ for _ in range(epochs):
 mlp_total = (time.perf_counter() - t) / epochs
 mlp_cpu = (time.process_time() - c) / epochs
 sums /= epochs
-print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs,
+print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs, "passes": passes,
                   "setting": ",".join(filter(None, [approx if approx != "auto" else "",
                                                     sys.argv[6],
                                                     nn_options and f"nn({nn_options})",
                                                     noise_inputs
                                                     and f"{len(noise_inputs)} noise inputs"]))
                              or "default",
-                  "ngmm": ngmm, "ngmm_epoch": loop / n_epochs,
+                  "ngmm": ngmm, "ngmm_epoch": loop / passes,
                   "mlp_epoch": mlp_total, "mlp_cpu": mlp_cpu,
-                  "ngmm_cpu": (cpu["train"] - cpu["linear start"]) / n_epochs,
+                  "ngmm_cpu": (cpu["train"] - cpu["linear start"]) / passes,
                   "mlp_fwd": sums[0], "mlp_bwd": sums[1],
                   "mlp_step": sums[2], "threads": torch.get_num_threads()}))
 """
@@ -196,14 +216,15 @@ def run(rows: int, groups: int, epochs: int, seed: int, approx: str = "auto",
 
 def table(results: list[dict]) -> str:
     stages = list(results[0]["ngmm"])
-    head = ("| rows | groups | setting | epochs | " + " | ".join(stages)
-            + " | NGMM epoch s | MLP epoch s | MLP fwd / bwd / step | ratio | CPU s NGMM / MLP "
+    head = ("| rows | groups | setting | epochs (passes) | " + " | ".join(stages)
+            + " | NGMM pass s | MLP epoch s | MLP fwd / bwd / step | ratio | CPU s NGMM / MLP "
             "| CPU ratio |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         cells = " | ".join(f"{r['ngmm'][s]:.3f}" for s in stages)
         lines.append(
-            f"| {r['rows']:,} | {r['groups']:,} | {r['setting']} | {r['epochs']} | {cells} | "
+            f"| {r['rows']:,} | {r['groups']:,} | {r['setting']} | {r['epochs']} "
+            f"({r['passes']:.1f}) | {cells} | "
             f"{r['ngmm_epoch']:.3f} | {r['mlp_epoch']:.3f} | {r['mlp_fwd']:.3f} / "
             f"{r['mlp_bwd']:.3f} / {r['mlp_step']:.3f} | "
             f"{r['ngmm_epoch'] / r['mlp_epoch']:.2f} | {r['ngmm_cpu']:.3f} / "
