@@ -116,20 +116,6 @@ def stage(name, fn, inside_value):  # time fn (wall, CPU) as name; epoch timers 
             inside[0] = outer
     return wrapper
 
-# minibatches taken and per pass: the NGMM's figures are per pass over its training groups
-# (with Control.steps_per_epoch an epoch can be part of a pass; its validation scores and
-# bookkeeping then come several times a pass, and the table counts them all)
-taken, pass_length = [0], [1]
-epochs_next = train._Epochs.next
-def counting_next(self):
-    new_pass = not self._pending
-    out = epochs_next(self)
-    if new_pass:
-        pass_length[0] = len(out) + len(self._pending)
-    taken[0] += len(out)
-    return out
-train._Epochs.next = counting_next
-
 # the linear start's evaluations are not the epoch's
 train._fit_linear_part = stage("linear start", train._fit_linear_part, False)
 train.train_member = stage("train", train.train_member, True)
@@ -152,7 +138,9 @@ ngmm = {
     "validation": parts["validation"],
 }
 ngmm["other"] = loop - sum(ngmm.values())
-passes = taken[0] / pass_length[0]
+# per pass over the training groups: with Control.steps_per_epoch an epoch can be part of
+# a pass, its validation scores and bookkeeping then come several times a pass (all counted)
+passes = fit.history.passes
 ngmm = {k: v / passes for k, v in ngmm.items()}
 
 # the plain MLP on the same rows

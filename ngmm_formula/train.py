@@ -111,7 +111,10 @@ class TrainingHistory:
     With ``Control.folds = K`` the validation curve is the folds' pooled one, ``best_epoch``
     its maximiser, ``train`` the first fold's curve and ``members`` the folds' histories.
     ``retrained_steps`` is the number of optimiser steps of the retraining on all groups
-    (``Control.retrain`` or ``Control.folds``; 0 without them).
+    (``Control.retrain`` or ``Control.folds``; 0 without them). ``steps`` is the number of
+    optimiser steps of the early-stopping loop and ``pass_steps`` the minibatches of one pass
+    over its training groups (an epoch is a pass, or ``Control.steps_per_epoch`` steps of
+    one: :attr:`passes`).
     """
 
     train: tuple[float, ...]
@@ -123,6 +126,13 @@ class TrainingHistory:
     lr: tuple[float, ...] = field(default=())
     members: tuple[TrainingHistory, ...] = field(default=())
     retrained_steps: int = 0
+    steps: int = 0
+    pass_steps: int = 0
+
+    @property
+    def passes(self) -> float:
+        """Passes over the training groups (of the first network): ``steps / pass_steps``."""
+        return self.steps / self.pass_steps if self.pass_steps else 0.0
 
     @property
     def epochs(self) -> int:
@@ -138,7 +148,9 @@ class TrainingHistory:
 
     def __repr__(self) -> str:
         # a few numbers, not the curves (``.train``, ``.validation``, ``.lr`` hold them)
-        parts = [f"{self.epochs} epochs", "stopped early" if self.stopped_early
+        parts = [f"{self.epochs} epochs ({self.passes:.1f} passes)"
+                 if self.pass_steps and self.steps != self.epochs * self.pass_steps
+                 else f"{self.epochs} epochs", "stopped early" if self.stopped_early
                  else "ran all epochs", f"best epoch {self.best_epoch}"]
         if self.validation:
             parts.append(f"validation {self.best_score:.4f}/obs at best "
@@ -323,7 +335,8 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
         stopped_early=first.stopped_early, seconds=time.perf_counter() - t0,
         n_validation_groups=first.n_validation_groups, lr=first.lr,
         members=tuple(histories) if control.ensemble > 1 else (),
-        retrained_steps=sum(h.retrained_steps for h in histories))
+        retrained_steps=sum(h.retrained_steps for h in histories), steps=first.steps,
+        pass_steps=first.pass_steps)
 
 
 def _train_folds(problem: Problem, family: Family, approx: Approximation,
@@ -372,7 +385,8 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
         train=histories[0].train[:length], validation=tuple(float(v) for v in pooled),
         best_epoch=best, stopped_early=all(h.stopped_early for h in histories),
         seconds=time.perf_counter() - t0, n_validation_groups=int(present.size),
-        lr=tuple(schedule), members=tuple(histories), retrained_steps=final.retrained_steps)
+        lr=tuple(schedule), members=tuple(histories), retrained_steps=final.retrained_steps,
+        steps=histories[0].steps, pass_steps=histories[0].pass_steps)
 
 
 def _fast_parameters(module: LinearPredictor) -> list[torch.nn.Parameter]:
@@ -453,7 +467,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
                            best_epoch=log.best_epoch, stopped_early=log.stopped,
                            seconds=time.perf_counter() - t0,
                            n_validation_groups=int(val_groups.size), lr=tuple(log.lr),
-                           retrained_steps=retrained)
+                           retrained_steps=retrained, steps=log.steps,
+                           pass_steps=-(-train_groups.size // batch_groups))
 
 
 def training_approximation(approx: Approximation, control: Control) -> Approximation:

@@ -588,4 +588,7 @@ def test_steps_per_epoch_at_least_a_pass_is_the_same_fit(binary: pd.DataFrame) -
                control=replace(ctl, steps_per_epoch=3, epochs=24), seed=1)
     # 54 training groups in minibatches of 10: 6 steps a pass, two epochs of 3
     assert len(cut.history.validation) == 24
+    assert (cut.history.steps, cut.history.pass_steps, cut.history.passes) == (72, 6, 12.0)
+    assert (base.history.steps, base.history.pass_steps) == (72, 6)
+    assert "24 epochs (12.0 passes)" in repr(cut.history)
     assert cut.history.validation != base.history.validation
