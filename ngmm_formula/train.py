@@ -468,7 +468,7 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
                            seconds=time.perf_counter() - t0,
                            n_validation_groups=int(val_groups.size), lr=tuple(log.lr),
                            retrained_steps=retrained, steps=log.steps,
-                           pass_steps=-(-train_groups.size // batch_groups))
+                           pass_steps=math.ceil(train_groups.size / batch_groups))
 
 
 def training_approximation(approx: Approximation, control: Control) -> Approximation:
@@ -528,7 +528,7 @@ def _minibatch_objective(
     evaluate : callable
         ``evaluate(groups, grad=...)``: log-likelihood of this process's part of ``groups``.
     batches : callable
-        ``batches(order, batch_groups)``: an epoch's minibatches (:class:`_Batch`).
+        ``batches(order, batch_groups)``: a pass's minibatches (:class:`_Batch`).
     step : callable
         ``step(optimiser, batch)``: one step on a :class:`_Batch`; its log-likelihood.
     state : _StepState
@@ -665,7 +665,7 @@ class _Epochs:
 
 def _batches(problem: Problem, by_group: RowsByGroup, order: np.ndarray, batch_groups: int,
              *, lay_out: bool) -> list[_Batch]:
-    """An epoch's minibatches: consecutive runs of ``batch_groups`` groups of ``order``, laid
+    """A pass's minibatches: consecutive runs of ``batch_groups`` groups of ``order``, laid
     out in advance (:func:`_lay_out`) with ``lay_out`` (one block per group, one process)."""
     if lay_out and order.size:
         return _lay_out(problem, by_group, order, batch_groups)
