@@ -92,7 +92,7 @@ from ngmm_formula.checkpoint import Checkpoints
 from ngmm_formula.design import full_rank_columns
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
-from ngmm_formula.fit import Control, Objective, optimise
+from ngmm_formula.fit import CHUNK_ROWS, Control, Objective, optimise
 from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, linear_part
 from ngmm_formula.networks import MLP, CentredNetwork, Ensemble
 
@@ -546,17 +546,29 @@ def _minibatch_objective(
     noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     input_noise = _input_noise_sampler(problem, module, control, noise_gen, rows_of)
 
+    # the validation groups' pieces, gathered once (they are the same every epoch)
+    pieces: dict[bytes, list[tuple[np.ndarray, Problem]]] = {}
+
     def evaluate(groups: np.ndarray, *, grad: bool, laid: Problem | None = None
                  ) -> torch.Tensor:
         """Log-likelihood of this process's part of ``groups`` (0 when it owns none); with
         ``grad`` the networks see the input noise. ``laid``: the groups' problem, gathered
-        in advance (:func:`_lay_out`)."""
+        in advance (:func:`_lay_out`). Without ``grad`` and ``laid`` (validation), groups
+        with one block each are evaluated in consecutive pieces of about
+        :data:`~ngmm_formula.fit.CHUNK_ROWS` rows, gathered once and kept: their (rows x
+        nodes) temporaries stay in cache (:meth:`~ngmm_formula.fit.Objective.chunks`)."""
         gs_np = np.sort(groups[owned[groups]])
         noise = None
         if grad and input_noise is not None:  # drawn before the early return: in step
             noise = input_noise(groups, rows_of(gs_np))
         if not gs_np.size:
             return problem.y.new_zeros(())
+        if not grad and laid is None and per_group_blocks:
+            key = gs_np.tobytes()
+            if key not in pieces:
+                pieces[key] = _pieces(problem, by_group, gs_np)
+            return functools.reduce(torch.add, [evaluate(g, grad=False, laid=sub)
+                                                for g, sub in pieces[key]])
         gs = torch.as_tensor(gs_np, dtype=torch.long, device=device)
         start = cache[gs] if per_group_blocks else None
         if laid is None:
@@ -595,6 +607,23 @@ def _minibatch_objective(
     batches = functools.partial(_batches, problem, by_group,
                                 lay_out=shard is None and per_group_blocks)
     return evaluate, batches, step, _StepState(cache, noise_gen)
+
+
+def _pieces(problem: Problem, by_group: RowsByGroup, groups: np.ndarray
+            ) -> list[tuple[np.ndarray, Problem]]:
+    """The sorted ``groups`` in consecutive runs of about :data:`CHUNK_ROWS` rows (whole
+    groups), each with its rows' problem (one block per group)."""
+    ends = np.cumsum(by_group.sizes[groups])
+    cuts = np.searchsorted(ends, np.arange(CHUNK_ROWS, int(ends[-1]), CHUNK_ROWS), side="left")
+    bounds = np.unique(np.concatenate([[0], cuts + 1, [groups.size]]))
+    device = problem.y.device
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        g = groups[lo:hi]
+        rows = torch.as_tensor(by_group.rows(g), dtype=torch.long, device=device)
+        out.append((g, problem.subset(rows, torch.as_tensor(g, dtype=torch.long,
+                                                            device=device))))
+    return out
 
 
 @dataclass(frozen=True)
