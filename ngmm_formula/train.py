@@ -17,7 +17,8 @@ nonlinear layers (drawn here,
 per minibatch, from a generator seeded by ``seed``: every process of a distributed fit draws
 the noise of the whole minibatch and keeps its own rows', so the fit does not depend on the
 number of processes), a learning rate halved when the
-validation score stalls (``ReduceLROnPlateau``), and early stopping on **held-out groups**:
+validation score stalls (:class:`~ngmm_formula.adamw.Plateau`, torch's
+``ReduceLROnPlateau``), and early stopping on **held-out groups**:
 a fraction ``Control.validation`` of the levels of the (largest) grouping factor is set
 aside, and training stops when their marginal log-likelihood per observation has not improved
 for ``Control.patience`` epochs; the best weights are restored. An epoch is a pass over the
@@ -87,6 +88,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ngmm_formula.adamw import AdamW, Plateau
 from ngmm_formula.approx import Approximation
 from ngmm_formula.checkpoint import Checkpoints
 from ngmm_formula.design import full_rank_columns
@@ -500,7 +502,7 @@ def _minibatch_objective(
         by_group: RowsByGroup, control: Control, rng: np.random.Generator,
         shard: Shard | None, params: list[torch.nn.Parameter], n_train: list[int],
 ) -> tuple[Callable[..., torch.Tensor], Callable[[np.ndarray, int], list[_Batch]],
-           Callable[[torch.optim.Optimizer, _Batch], float], _StepState]:
+           Callable[[AdamW, _Batch], float], _StepState]:
     """The log-likelihood of a set of groups and one optimiser step on a minibatch.
 
     The conditional modes of every group are cached between calls as warm starts; the input
@@ -546,17 +548,13 @@ def _minibatch_objective(
     noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     input_noise = _input_noise_sampler(problem, module, control, noise_gen, rows_of)
 
-    # the validation groups' pieces, gathered once (they are the same every epoch)
-    pieces: dict[bytes, list[tuple[np.ndarray, Problem]]] = {}
+    pieces = _Pieces(problem, by_group)  # the validation groups', gathered once
 
     def evaluate(groups: np.ndarray, *, grad: bool, laid: Problem | None = None
                  ) -> torch.Tensor:
         """Log-likelihood of this process's part of ``groups`` (0 when it owns none); with
         ``grad`` the networks see the input noise. ``laid``: the groups' problem, gathered
-        in advance (:func:`_lay_out`). Without ``grad`` and ``laid`` (validation), groups
-        with one block each are evaluated in consecutive pieces of about
-        :data:`~ngmm_formula.fit.CHUNK_ROWS` rows, gathered once and kept: their (rows x
-        nodes) temporaries stay in cache (:meth:`~ngmm_formula.fit.Objective.chunks`)."""
+        in advance (:func:`_lay_out`); else validation goes by :class:`_Pieces`."""
         gs_np = np.sort(groups[owned[groups]])
         noise = None
         if grad and input_noise is not None:  # drawn before the early return: in step
@@ -564,11 +562,8 @@ def _minibatch_objective(
         if not gs_np.size:
             return problem.y.new_zeros(())
         if not grad and laid is None and per_group_blocks:
-            key = gs_np.tobytes()
-            if key not in pieces:
-                pieces[key] = _pieces(problem, by_group, gs_np)
             return functools.reduce(torch.add, [evaluate(g, grad=False, laid=sub)
-                                                for g, sub in pieces[key]])
+                                                for g, sub in pieces.of(gs_np)])
         gs = torch.as_tensor(gs_np, dtype=torch.long, device=device)
         start = cache[gs] if per_group_blocks else None
         if laid is None:
@@ -588,42 +583,56 @@ def _minibatch_objective(
     # the embeddings' prior, counted by one process (the gradients are summed over them)
     penalised = [net for net in module.nets if isinstance(net, CentredNetwork)
                  and (shard is None or shard.rank == 0)]
-
-    def step(optimiser: torch.optim.Optimizer, minibatch: _Batch) -> float:
-        """One AdamW step on ``minibatch``; returns its log-likelihood."""
-        batch = minibatch.groups
-        ll = evaluate(batch, grad=True, laid=minibatch.problem)
-        loss = -ll / int(sizes[batch].sum())
-        for net in penalised:
-            loss = loss + net.penalty() / n_train[0]
-        optimiser.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-        if shard is not None:
-            shard.all_sum_grads(params)
-        optimiser.step()
-        return float(ll.detach())
-
+    step = functools.partial(_step, evaluate, sizes, penalised, n_train, shard, params)
     batches = functools.partial(_batches, problem, by_group,
                                 lay_out=shard is None and per_group_blocks)
     return evaluate, batches, step, _StepState(cache, noise_gen)
 
 
-def _pieces(problem: Problem, by_group: RowsByGroup, groups: np.ndarray
-            ) -> list[tuple[np.ndarray, Problem]]:
-    """The sorted ``groups`` in consecutive runs of about :data:`CHUNK_ROWS` rows (whole
-    groups), each with its rows' problem (one block per group)."""
-    ends = np.cumsum(by_group.sizes[groups])
-    cuts = np.searchsorted(ends, np.arange(CHUNK_ROWS, int(ends[-1]), CHUNK_ROWS), side="left")
-    bounds = np.unique(np.concatenate([[0], cuts + 1, [groups.size]]))
-    device = problem.y.device
-    out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        g = groups[lo:hi]
-        rows = torch.as_tensor(by_group.rows(g), dtype=torch.long, device=device)
-        out.append((g, problem.subset(rows, torch.as_tensor(g, dtype=torch.long,
-                                                            device=device))))
-    return out
+def _step(evaluate: Callable[..., torch.Tensor], sizes: np.ndarray,
+          penalised: list[CentredNetwork], n_train: list[int], shard: Shard | None,
+          params: list[torch.nn.Parameter], optimiser: AdamW, minibatch: _Batch) -> float:
+    """One AdamW step on ``minibatch`` (:func:`_minibatch_objective`, whose arguments the
+    first six are); returns its log-likelihood."""
+    batch = minibatch.groups
+    ll = evaluate(batch, grad=True, laid=minibatch.problem)
+    loss = -ll / int(sizes[batch].sum())
+    for net in penalised:
+        loss = loss + net.penalty() / n_train[0]
+    optimiser.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+    if shard is not None:
+        shard.all_sum_grads(params)
+    optimiser.step()
+    return float(ll.detach())
+
+
+class _Pieces:
+    """Groups (one block each) in consecutive pieces of about :data:`CHUNK_ROWS` rows, each
+    with its rows' problem, gathered on first use and kept: the validation groups are the
+    same every epoch, and a piece's (rows x nodes) temporaries stay in cache
+    (:meth:`~ngmm_formula.fit.Objective.chunks`). Below :data:`CHUNK_ROWS` rows: one piece,
+    the problem the evaluation gathered before (the same numbers)."""
+
+    def __init__(self, problem: Problem, by_group: RowsByGroup) -> None:
+        self.problem, self.by_group = problem, by_group
+        self._kept: dict[bytes, list[tuple[np.ndarray, Problem]]] = {}
+
+    def of(self, groups: np.ndarray) -> list[tuple[np.ndarray, Problem]]:
+        """The pieces of the sorted ``groups``: (their groups, their problem)."""
+        key = groups.tobytes()
+        if key not in self._kept:
+            ends = np.cumsum(self.by_group.sizes[groups])
+            cuts = np.searchsorted(ends, np.arange(CHUNK_ROWS, int(ends[-1]), CHUNK_ROWS),
+                                   side="left")
+            bounds = np.unique(np.concatenate([[0], cuts + 1, [groups.size]]))
+            device = self.problem.y.device
+            self._kept[key] = [
+                (g, self.problem.subset(torch.as_tensor(self.by_group.rows(g), device=device),
+                                        torch.as_tensor(g, device=device)))
+                for g in (groups[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))]
+        return self._kept[key]
 
 
 @dataclass(frozen=True)
@@ -810,10 +819,10 @@ class _Saver:
 
 
 def _train_with_early_stopping(
-        module: LinearPredictor, opt: torch.optim.Optimizer,
+        module: LinearPredictor, opt: AdamW,
         evaluate: Callable[..., torch.Tensor],
         batches: Callable[[np.ndarray, int], list[_Batch]],
-        step: Callable[[torch.optim.Optimizer, _Batch], float], rng: np.random.Generator,
+        step: Callable[[AdamW, _Batch], float], rng: np.random.Generator,
         train_groups: np.ndarray, val_groups: np.ndarray, sizes: np.ndarray,
         batch_groups: int, control: Control, shard: Shard | None, epochs: int,
         saver: _Saver | None = None) -> _EpochLog:
@@ -844,8 +853,7 @@ def _train_with_early_stopping(
         is one for it, and saves its state every ``control.checkpoint_every`` epochs and
         after the last.
     """
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="max", factor=0.5, patience=max(1, control.patience // 3))
+    sched = Plateau(opt, factor=0.5, patience=max(1, control.patience // 3))
     progress = _progress(control) if shard is None or shard.rank == 0 else None
     log = _EpochLog()
     minibatches = _Epochs(batches, rng, train_groups, batch_groups, control.steps_per_epoch)
@@ -892,7 +900,7 @@ def _train_with_early_stopping(
 
 
 def _decide(log: _EpochLog, score: float, epoch: int, module: LinearPredictor,
-            sched: torch.optim.lr_scheduler.ReduceLROnPlateau, control: Control) -> None:
+            sched: Plateau, control: Control) -> None:
     """After ``epoch`` with validation ``score``: the learning-rate decay, the best epoch
     (and a copy of its weights), the epochs without improvement and whether to stop."""
     log.epoch = epoch
@@ -908,8 +916,8 @@ def _decide(log: _EpochLog, score: float, epoch: int, module: LinearPredictor,
     log.stopped = log.wait >= control.patience
 
 
-def _loop_state(module: LinearPredictor, opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.ReduceLROnPlateau, rng: np.random.Generator,
+def _loop_state(module: LinearPredictor, opt: AdamW,
+                sched: Plateau, rng: np.random.Generator,
                 step_state: _StepState, log: _EpochLog, minibatches: _Epochs) -> dict:
     """Everything :func:`_restore` needs to continue the loop after ``log.epoch`` exactly as
     it would have gone on: tensors, dicts, lists and plain values only
@@ -933,8 +941,8 @@ def _loop_state(module: LinearPredictor, opt: torch.optim.Optimizer,
     }
 
 
-def _restore(saved: dict, module: LinearPredictor, opt: torch.optim.Optimizer,
-             sched: torch.optim.lr_scheduler.ReduceLROnPlateau, rng: np.random.Generator,
+def _restore(saved: dict, module: LinearPredictor, opt: AdamW,
+             sched: Plateau, rng: np.random.Generator,
              step_state: _StepState, log: _EpochLog) -> None:
     """Put the state of :func:`_loop_state` back (parameters copied in place, so the
     optimiser keeps its references)."""
@@ -992,7 +1000,7 @@ def fingerprint(problem: Problem, family: Family, approx: Approximation,
 def _train_on_schedule(module: LinearPredictor, net_params: list[torch.nn.Parameter],
                        other: list[torch.nn.Parameter],
                        batches: Callable[[np.ndarray, int], list[_Batch]],
-                       step: Callable[[torch.optim.Optimizer, _Batch], float],
+                       step: Callable[[AdamW, _Batch], float],
                        rng: np.random.Generator, groups: np.ndarray, batch_groups: int,
                        schedule: Sequence[float], control: Control) -> int:
     """Train with a fresh optimiser on ``groups`` for one epoch per learning rate of
@@ -1048,10 +1056,10 @@ def _fit_linear_part(problem: Problem, family: Family, approx: Approximation,
 
 
 def _optimiser(net_params: list[torch.nn.Parameter], other: list[torch.nn.Parameter],
-               control: Control, fast: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
-    """AdamW with weight decay on the network weights only; the multi-tensor
-    (``foreach``) update, the same numbers bit for bit as the per-tensor loop torch uses by
-    default on the CPU, in fewer operations. The weights ``fast`` (among ``net_params``:
+               control: Control, fast: Sequence[torch.nn.Parameter] = ()) -> AdamW:
+    """AdamW with weight decay on the network weights only (:class:`~ngmm_formula.adamw.AdamW`:
+    ``torch.optim.AdamW``'s multi-tensor update, the same numbers bit for bit, without
+    torch.optim's import of ``torch._dynamo``). The weights ``fast`` (among ``net_params``:
     the networks' additive parts) have their own group at :data:`ADDITIVE_LR_SCALE` times
     the learning rate; every group's ``"lr_scale"`` is its rate over ``control.lr``, which
     the plateau decay keeps and a schedule (:func:`_train_on_schedule`) applies."""
@@ -1063,7 +1071,7 @@ def _optimiser(net_params: list[torch.nn.Parameter], other: list[torch.nn.Parame
         groups.append({"params": [p for p in net_params if id(p) in fast_ids],
                        "weight_decay": control.weight_decay, "lr_scale": ADDITIVE_LR_SCALE,
                        "lr": control.lr * ADDITIVE_LR_SCALE})
-    return torch.optim.AdamW(groups, lr=control.lr, foreach=True)
+    return AdamW(groups, lr=control.lr)
 
 
 def _progress(control: Control):  # type: ignore[no-untyped-def]

@@ -34,7 +34,8 @@ PACKAGE = ROOT / "ngmm_formula"
 #: this list; README.md shows the same list.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version"),
-    ("safety", "control", "runtime", "scaling", "families", "summary", "datasets", "registry"),
+    ("safety", "control", "runtime", "scaling", "families", "summary", "datasets", "registry",
+     "adamw"),
     ("formula",),
     ("io", "networks", "design"),
     ("checks",),
