@@ -108,6 +108,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from ngmm_formula.adamw import AdamW, Plateau
 from ngmm_formula.approx.rules import gauss_hermite_rule
 from ngmm_formula.families import Family
 from ngmm_formula.model import (
@@ -581,8 +582,8 @@ def _stochastic(obj: VariationalObjective, control: Control, seed: int
         {"params": _model_tensors(module) + others, "weight_decay": 0.0}]
     if net_params:
         groups.append({"params": net_params, "weight_decay": float(control.weight_decay)})
-    opt = torch.optim.AdamW(groups, lr=max(float(control.lr), 1e-2))  # type: ignore[arg-type]
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+    opt = AdamW(groups, lr=max(float(control.lr), 1e-2))
+    sched = Plateau(opt, factor=0.5, patience=0)
 
     others_k = [j for j in range(len(levels.q)) if j != k_loc]
 
