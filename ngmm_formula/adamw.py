@@ -1,6 +1,7 @@
 r"""AdamW and the plateau decay of its learning rate, without :mod:`torch.optim` (a leaf).
 
-The trainer (:mod:`~ngmm_formula.train`) uses exactly ``torch.optim.AdamW(groups, lr,
+The trainer (:mod:`~ngmm_formula.train`) and the variational approximation
+(:mod:`~ngmm_formula.approx.variational`) used ``torch.optim.AdamW(groups, lr,
 foreach=True)`` and ``torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max",
 factor=0.5, patience=p)``; these classes compute the same numbers, bit for bit on the CPU
 (``tests/test_adamw.py`` runs both side by side), without what ``torch.optim`` costs a process
