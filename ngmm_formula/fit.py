@@ -59,6 +59,16 @@ __all__ = ["CHUNK_ROWS", "Control", "Objective", "Optimum", "optimise"]
 CHUNK_ROWS = 2**15
 
 
+def piece_bounds(sizes: np.ndarray) -> np.ndarray:
+    """Bounds ``[0, ..., len(sizes)]`` of consecutive runs of blocks (of ``sizes`` rows each,
+    whole blocks) of about :data:`CHUNK_ROWS` rows: piece ``j`` is blocks
+    ``bounds[j]:bounds[j + 1]``."""
+    ends = np.cumsum(sizes)
+    cuts = np.searchsorted(ends, np.arange(CHUNK_ROWS, int(ends[-1]), CHUNK_ROWS),
+                           side="left")
+    return np.unique(np.concatenate([[0], cuts + 1, [len(sizes)]]))
+
+
 class Objective:
     """The approximate marginal log-likelihood of ``module``'s current parameters.
 
@@ -195,10 +205,7 @@ class Objective:
             else:
                 block = pr.blocks.block_of_obs.cpu().numpy().astype(np.int64)
                 by_block = RowsByGroup.of(block, pr.blocks.n_blocks)
-                ends = np.cumsum(by_block.sizes)
-                # consecutive block ranges of about CHUNK_ROWS rows (whole blocks)
-                cuts = np.searchsorted(ends, np.arange(CHUNK_ROWS, n, CHUNK_ROWS), side="left")
-                bounds = np.unique(np.concatenate([[0], cuts + 1, [pr.blocks.n_blocks]]))
+                bounds = piece_bounds(by_block.sizes)
                 device = pr.y.device
                 self._chunks = []
                 for lo, hi in zip(bounds[:-1], bounds[1:]):

@@ -94,7 +94,7 @@ from ngmm_formula.checkpoint import Checkpoints
 from ngmm_formula.design import full_rank_columns
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
-from ngmm_formula.fit import CHUNK_ROWS, Control, Objective, optimise
+from ngmm_formula.fit import Control, Objective, optimise, piece_bounds
 from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, linear_part
 from ngmm_formula.networks import MLP, CentredNetwork, Ensemble
 
@@ -609,10 +609,11 @@ def _step(evaluate: Callable[..., torch.Tensor], sizes: np.ndarray,
 
 
 class _Pieces:
-    """Groups (one block each) in consecutive pieces of about :data:`CHUNK_ROWS` rows, each
+    """Groups (one block each) in consecutive pieces of about
+    :data:`~ngmm_formula.fit.CHUNK_ROWS` rows (:func:`~ngmm_formula.fit.piece_bounds`), each
     with its rows' problem, gathered on first use and kept: the validation groups are the
     same every epoch, and a piece's (rows x nodes) temporaries stay in cache
-    (:meth:`~ngmm_formula.fit.Objective.chunks`). Below :data:`CHUNK_ROWS` rows: one piece,
+    (:meth:`~ngmm_formula.fit.Objective.chunks`). Below that many rows: one piece,
     the problem the evaluation gathered before (the same numbers)."""
 
     def __init__(self, problem: Problem, by_group: RowsByGroup) -> None:
@@ -623,10 +624,7 @@ class _Pieces:
         """The pieces of the sorted ``groups``: (their groups, their problem)."""
         key = groups.tobytes()
         if key not in self._kept:
-            ends = np.cumsum(self.by_group.sizes[groups])
-            cuts = np.searchsorted(ends, np.arange(CHUNK_ROWS, int(ends[-1]), CHUNK_ROWS),
-                                   side="left")
-            bounds = np.unique(np.concatenate([[0], cuts + 1, [groups.size]]))
+            bounds = piece_bounds(self.by_group.sizes[groups])
             device = self.problem.y.device
             self._kept[key] = [
                 (g, self.problem.subset(torch.as_tensor(self.by_group.rows(g), device=device),

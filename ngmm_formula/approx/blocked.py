@@ -69,7 +69,13 @@ import torch
 
 from ngmm_formula.approx.conditional import LOG_2PI
 from ngmm_formula.approx.factor import ConditionalFactor
-from ngmm_formula.approx.profiled import PLSSolution, ProfiledLMM, gram, use_profiled
+from ngmm_formula.approx.profiled import (
+    PLSSolution,
+    ProfiledLMM,
+    gram,
+    last_or_new,
+    use_profiled,
+)
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
@@ -353,12 +359,7 @@ class BlockedLMM:
 
     def _pls(self, theta: np.ndarray) -> tuple[_PLS, tuple]:
         """:meth:`_evaluate` at ``theta``, or the last evaluation when it was there."""
-        key = theta.tobytes()
-        if key not in self._last:
-            out = self._evaluate(theta)
-            self._last.clear()
-            self._last[key] = out
-        return self._last[key]
+        return last_or_new(self._last, theta, self._evaluate)
 
     def _evaluate(self, theta: np.ndarray) -> tuple[_PLS, tuple]:
         log_det, Ra_inv, C, Lb, fac, dense, La = self._factor(theta)

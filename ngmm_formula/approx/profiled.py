@@ -64,7 +64,9 @@ deviance, :func:`~ngmm_formula.approx.blocked.profiled_objective`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import scipy.linalg
@@ -84,6 +86,22 @@ from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
 DENSE_MAX_DIM = 500
 
 __all__ = ["DENSE_MAX_DIM", "PLSSolution", "ProfiledLMM", "gram", "use_profiled"]
+
+
+T = TypeVar("T")
+
+
+def last_or_new(last: dict[bytes, T], theta: np.ndarray,
+                evaluate: Callable[[np.ndarray], T]) -> T:
+    """``evaluate(theta)``, or the result kept in ``last`` when the last evaluation was at
+    ``theta``; ``last`` keeps the latest one only (the optimum's solve and conditional modes
+    then reuse the optimiser's last factorisation)."""
+    key = theta.tobytes()
+    if key not in last:
+        out = evaluate(theta)
+        last.clear()
+        last[key] = out
+    return last[key]
 
 
 @dataclass(frozen=True)
@@ -282,12 +300,7 @@ class ProfiledLMM:
 
     def _pls(self, theta: np.ndarray) -> _State:
         """:meth:`_evaluate` at ``theta``, or the last evaluation when it was there."""
-        key = theta.tobytes()
-        if key not in self._last:
-            state = self._evaluate(theta)
-            self._last.clear()
-            self._last[key] = state
-        return self._last[key]
+        return last_or_new(self._last, theta, self._evaluate)
 
     def _evaluate(self, theta: np.ndarray) -> _State:
         """Solve the PLS problem at relative ``theta``; -2 loglik with it."""
