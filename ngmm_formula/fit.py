@@ -15,7 +15,7 @@ model (exact integral, no networks) is fitted as ``lmer`` fits it: over lme4's r
 theta alone, on the profiled objective (beta and sigma in closed form given theta, standard
 errors of beta from the same factorisation): the same optimiser with the analytic gradient
 of :mod:`~ngmm_formula.approx.profiled` for one grouping factor and small joint blocks, and
-a derivative-free one (COBYQA, as lmer's BOBYQA) on the blocked sparse factorisation of
+a derivative-free one (BOBYQA from nlopt, as lmer's) on the blocked sparse factorisation of
 :mod:`~ngmm_formula.approx.blocked` for larger crossed and nested factors.
 """
 
@@ -720,7 +720,8 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
 def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_steps: int
                        ) -> Optimum:
     r"""lmer's fit: maximise the profiled log-likelihood :math:`\tilde\ell(\theta)` over
-    the relative theta (started from the module's ``theta / sigma``), then set beta, theta
+    the relative theta (started from the module's ``theta / sigma``, or for the blocked
+    factorisation with scalar terms from its moment start), then set beta, theta
     (absolute: :math:`\hat\sigma\theta`) and log_sigma to the profiled solution."""
     prof = profiled_objective(obj.problem)
     m = obj.module
@@ -730,9 +731,11 @@ def _optimise_profiled(obj: Objective, *, max_iter: int, gtol: float, newton_ste
         opt = _maximise(prof.value_and_grad, theta0, max_iter=max_iter, gtol=gtol,
                         newton_steps=newton_steps,
                         stop_at_gtol=theta_lower(obj.problem.q) == 0)
-    else:  # the blocked sparse factorisation has no gradient: lme4's way, derivative-free
-        opt = maximise_derivative_free(prof.value, theta0, theta_lower(obj.problem.q),
-                                       max_eval=max(max_iter, 50))
+    else:  # the blocked sparse factorisation has no gradient: lme4's way, derivative-free,
+        # from the moments of the level means where every term is scalar
+        start = prof.moment_start()
+        opt = maximise_derivative_free(prof.value, theta0 if start is None else start,
+                                       theta_lower(obj.problem.q), max_eval=max(max_iter, 50))
     sol = prof.solve(opt.x)
     with torch.no_grad():
         m.theta.copy_(torch.as_tensor(opt.x * sol.sigma))
@@ -873,34 +876,78 @@ def theta_lower(q: tuple[int, ...]) -> np.ndarray:
     return np.array([0.0 if i == j else -np.inf for k in q for i, j in tril_pairs(k)])
 
 
+#: nlopt's BOBYQA as lme4's ``nloptwrap`` sets it (absolute tolerances 1e-8 on theta and
+#: on the deviance, i.e. 5e-9 on the log-likelihood), with a relative tolerance on theta of
+#: 1e-6 instead of nloptr's default 1e-4 (2-5 more evaluations; it kept InstEval's
+#: log-likelihood within 1e-8 of the best found where 1e-4 stopped 7.5e-6 short).
+BOBYQA_XTOL_ABS = 1e-8
+BOBYQA_FTOL_ABS = 5e-9
+BOBYQA_XTOL_REL = 1e-6
+#: BOBYQA's initial trust radius on the relative theta: a fifth of a residual SD. From the
+#: moment start (:meth:`~ngmm_formula.approx.blocked.BlockedLMM.moment_start`) it took 40
+#: evaluations on InstEval (3 terms) and 53 on star, where a radius of 1 from lme4's start
+#: of 1 took 63 and 52 with COBYQA, 65 to 105 with BOBYQA (benchmarks/README.md).
+BOBYQA_INITIAL_STEP = 0.2
+_NLOPT_MESSAGES = {1: "BOBYQA: success", 2: "BOBYQA: stopval reached",
+                   3: "BOBYQA: ftol_abs reached", 4: "BOBYQA: xtol reached",
+                   5: "BOBYQA: maximum number of evaluations reached",
+                   6: "BOBYQA: maximum time reached"}
+
+
 def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarray,
                              lower: np.ndarray, *, max_eval: int = 2000,
-                             rel_step: float = 1e-4) -> Optimum:
-    """Maximise ``value`` without derivatives, as lmer does with BOBYQA: scipy's COBYQA (a
-    trust-region method on quadratic interpolation models, Powell's successor to BOBYQA) under
-    the bounds ``lower``, from a trust radius of 1 down to 1e-5.
+                             rel_step: float = 1e-4,
+                             initial_step: float = BOBYQA_INITIAL_STEP) -> Optimum:
+    """Maximise ``value`` without derivatives, as lmer does: BOBYQA (Powell's trust-region
+    method on quadratic interpolation models, from the nlopt library as lme4's default
+    ``nloptwrap``) under the bounds ``lower``, with the tolerances :data:`BOBYQA_XTOL_ABS`,
+    :data:`BOBYQA_FTOL_ABS` and :data:`BOBYQA_XTOL_REL`. nlopt's C code adds no per-step
+    Python (scipy's COBYQA, used before, cost about 2.5 ms a step: 0.1 s of star's 0.45).
 
     Then the gradient and Hessian by finite differences of values, for the convergence check
     of :func:`_maximise` (as lme4's ``deriv12`` after BOBYQA): central differences for the
     gradient and the diagonal, one-sided ones for the cross terms, ``2k + k(k-1)/2``
-    evaluations for ``k`` parameters (the value at the optimum is COBYQA's own).
+    evaluations for ``k`` parameters (the value at the optimum is BOBYQA's own).
     """
+    import nlopt  # lazily: only crossed and nested Gaussian LMMs use it
+
     n_eval = 0
     x0 = np.maximum(np.asarray(x0, dtype=float), lower)
+    best: list[Any] = [x0, math.inf]  # nlopt raises on round-off and loses its point
+    worst = -math.inf
 
-    def f(x: np.ndarray) -> float:
-        nonlocal n_eval
+    def f(x: np.ndarray, grad: np.ndarray) -> float:
+        # a non-finite value (a system not positive definite by round-off) counts as a
+        # little worse than the worst finite one: a huge stand-in wrecks BOBYQA's quadratic
+        # model (it then stopped far from a test's optimum, with "xtol reached")
+        nonlocal n_eval, worst
         n_eval += 1
         v = value(x)
-        return -v if math.isfinite(v) else 1e300
+        if not math.isfinite(v):
+            return worst + 1.0 + 1e-3 * abs(worst) if math.isfinite(worst) else 1e300
+        worst = max(worst, -v)
+        if -v < best[1]:
+            best[:] = [np.array(x, dtype=float), -v]
+        return -v
 
-    res = scipy.optimize.minimize(
-        f, x0, method="COBYQA", bounds=scipy.optimize.Bounds(lower, np.inf),
-        options={"initial_tr_radius": 1.0, "final_tr_radius": 1e-5, "maxfev": max_eval})
-    x = np.asarray(res.x, dtype=float)
+    bobyqa = nlopt.opt(nlopt.LN_BOBYQA, x0.size)
+    bobyqa.set_lower_bounds(np.asarray(lower, dtype=float))
+    bobyqa.set_min_objective(f)
+    bobyqa.set_xtol_abs(BOBYQA_XTOL_ABS)
+    bobyqa.set_ftol_abs(BOBYQA_FTOL_ABS)
+    bobyqa.set_xtol_rel(BOBYQA_XTOL_REL)
+    bobyqa.set_maxeval(max_eval)
+    bobyqa.set_initial_step(initial_step)
+    try:
+        bobyqa.optimize(x0)
+        message = _NLOPT_MESSAGES.get(bobyqa.last_optimize_result(), "stopped")
+    except (nlopt.RoundoffLimited, RuntimeError) as err:  # its best point is still ours
+        message = f"BOBYQA stopped: {type(err).__name__} {err}".strip()
+    x, f_best = best
+    steps = n_eval
     k = x.size
     h = rel_step * np.maximum(1.0, np.abs(x))
-    f0 = -float(res.fun) if res.fun < 1e300 else value(x)  # COBYQA's value at its x
+    f0 = -float(f_best) if math.isfinite(f_best) else value(x)  # BOBYQA's value at its x
     up = np.array([value(x + h[i] * np.eye(k)[i]) for i in range(k)])
     down = np.array([value(x - h[i] * np.eye(k)[i]) for i in range(k)])
     grad = (up - down) / (2 * h)
@@ -911,7 +958,7 @@ def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarra
             step[i] += h[i]
             step[j] += h[j]
             H[i, j] = H[j, i] = (value(step) - up[i] - up[j] + f0) / (h[i] * h[j])
-    n_eval += 2 * k + k * (k - 1) // 2 + (res.fun >= 1e300)
+    n_eval += 2 * k + k * (k - 1) // 2 + (not math.isfinite(f_best))
     finite = bool(np.isfinite(H).all() and np.isfinite(grad).all())
     eig = np.linalg.eigvalsh(-H) if H.size and finite else np.array([1.0 if finite else -1.0])
     hessian_pd = bool(eig.min() > 0)
@@ -923,6 +970,6 @@ def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarra
     if hessian_pd:
         scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), g))
     max_grad = float(np.max(np.minimum(scaled, np.abs(g)))) if g.size else 0.0
-    return Optimum(x=x, loglik=f0, gradient=grad, hessian=H, iterations=int(res.nit),
-                   evaluations=n_eval, message=str(res.message),
+    return Optimum(x=x, loglik=f0, gradient=grad, hessian=H, iterations=steps,
+                   evaluations=n_eval, message=message,
                    converged=bool(max_grad < 0.002 and finite), hessian_pd=hessian_pd)

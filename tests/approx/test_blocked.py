@@ -177,3 +177,68 @@ def test_whole_fit_with_a_vector_first_block_equals_the_dense_route(
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max())
         pa, pb = dense.ranef[g].attrs["postVar"], blk.ranef[g].attrs["postVar"]
         np.testing.assert_allclose(pb, pa, rtol=1e-3, atol=1e-3 * np.abs(pa).max())
+
+
+def test_the_moment_start_of_scalar_terms() -> None:
+    """The derivative-free optimiser's start for crossed and nested scalar terms
+    (:meth:`BlockedLMM.moment_start`): the level means of the OLS residuals. On a simulated
+    crossed model with many levels per term (1,500 and 300; true relative SDs 0.5, 0.3 and
+    one of 0: the third term has no variance) it lies within 15% of the truth on the first
+    two (the sampling error of 300 level means is about 8%; seed fixed, so the check is
+    deterministic) and at the floor 0.05 for the third, off the bound; a vector-valued term
+    gives None (lme4's start of 1 then)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    n = 60_000
+    a, b, c = rng.integers(0, 1500, n), rng.integers(0, 300, n), rng.integers(0, 50, n)
+    x = rng.normal(size=n)
+    y = x + rng.normal(0, 0.5, 1500)[a] + rng.normal(0, 0.3, 300)[b] + rng.normal(size=n)
+    d = pd.DataFrame({"y": y, "x": x, "a": pd.Categorical(a), "b": pd.Categorical(b),
+                      "c": pd.Categorical(c)})
+    blk = BlockedLMM.of(prepared(d, "y ~ x + (1 | a) + (1 | b) + (1 | c)", reml=True).problem)
+    start = blk.moment_start()
+    assert start is not None
+    np.testing.assert_allclose(start[:2], [0.5, 0.3], rtol=0.15)
+    assert start[2] == 0.05
+    vector = BlockedLMM.of(prepared(_weighted_data(), FORMULAS[1], reml=True, weights="w",
+                                    offset="off").problem)
+    assert vector.moment_start() is None
+
+
+def test_the_derivative_free_optimiser_on_known_functions() -> None:
+    """:func:`~ngmm_formula.fit.maximise_derivative_free` (nlopt's BOBYQA): a concave
+    quadratic with its maximum inside the bounds is found to 1e-5 (BOBYQA's tolerances on
+    theta are 1e-6 relative and 1e-8 absolute; the finite-difference Hessian of 1e-4 steps
+    is exact on a quadratic but for round-off); one whose maximum lies beyond the lower
+    bound stops on the bound and still counts as converged (lme4 drops the gradient of a
+    parameter at its bound); -inf in part of the domain (a non-positive-definite system) is
+    avoided and the maximum found (a stand-in of 1e300 there made BOBYQA stop far away)."""
+    from ngmm_formula.fit import maximise_derivative_free
+
+    centre = np.array([0.7, -0.4, 1.3])
+    A = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]])
+
+    def quadratic(x: np.ndarray) -> float:
+        return -float((x - centre) @ A @ (x - centre))
+
+    lower = np.array([0.0, -np.inf, 0.0])
+    opt = maximise_derivative_free(quadratic, np.ones(3), lower)
+    np.testing.assert_allclose(opt.x, centre, atol=1e-5)
+    assert opt.converged and opt.hessian_pd
+    # round-off of the differences: 1e-16 |f| / h^2 with h = 1e-4, about 1e-8
+    np.testing.assert_allclose(opt.hessian, -2 * A, atol=1e-6)
+
+    def beyond(x: np.ndarray) -> float:  # maximum at x0 = -0.5 < 0
+        return -float((x[0] + 0.5) ** 2 + (x[1] - 0.2) ** 2)
+
+    opt = maximise_derivative_free(beyond, np.ones(2), np.zeros(2))
+    assert opt.x[0] == pytest.approx(0.0, abs=1e-8)
+    assert opt.x[1] == pytest.approx(0.2, abs=1e-5)
+    assert opt.converged
+
+    def walled(x: np.ndarray) -> float:  # -inf past 2 in the first coordinate
+        return -np.inf if x[0] > 2.0 else quadratic(x)
+
+    opt = maximise_derivative_free(walled, np.array([1.9, 0.0, 1.0]), lower)
+    np.testing.assert_allclose(opt.x, centre, atol=1e-5)
