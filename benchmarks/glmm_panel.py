@@ -410,7 +410,7 @@ def warm_up() -> None:
     """Untimed fits, so that lazy imports and first-call costs are not timed: a GLMM, the
     dense profiled route (sleepstudy, Penicillin) and the blocked route of large crossed or
     nested models (Chem97, 0.1 s; without it the big models' first fit in their child process
-    paid COBYQA's import and first call, about 0.15-0.2 s of InstEval's)."""
+    paid the optimiser's import and first call, about 0.15-0.2 s of InstEval's)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ngmm(_CBPP_F, datasets.load("cbpp"), "binomial")
