@@ -5,11 +5,11 @@ output ``benchmarks/results/lmm_speed_lme4.json``: lmer with its default control
 1.1-31): mlmRev's Chem97 with school and lea (local education authority) as crossed
 intercepts, ML, 31,022 rows; and InstEval with three crossed terms, REML, 73,421 rows. Both
 data sets are bundled. Tolerances (the issue's): log-likelihood within 1e-4, every standard
-deviation within 1e-3 relative. They hold on any machine: both optimisers stop where the
-profiled deviance is flat to ~1e-8 (measured differences 7e-9 and 1.3e-8 in the
-log-likelihood, 8e-5 and 3e-5 in the SDs: ``benchmarks/results/lmm_speed_f79d0fd.md``), and
-a different BLAS or rounding moves the optimum by orders of magnitude less than the
-tolerances.
+deviation within 1e-3 relative. They hold on any machine: both optimisers (BOBYQA, lme4's
+from theta = 1 and this package's from a moment start) stop where the profiled deviance is
+flat to ~1e-8 (measured differences 7.6e-10 and 2.3e-8 in the log-likelihood, 1.8e-5 and
+3.9e-5 in the SDs: ``benchmarks/results/lmm_speed_stop28.md``), and a different BLAS or
+rounding moves the optimum by orders of magnitude less than the tolerances.
 """
 
 from __future__ import annotations
