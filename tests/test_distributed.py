@@ -266,6 +266,62 @@ def test_torchrun_crossed_model_is_a_clear_error(torchrun: list[dict[str, Any]])
 
 
 # --------------------------------------------------------------------------------------------
+# two "machines" on this host: two torchrun launches meeting by the c10d rendezvous
+
+TICKS = "TICKS ~ YEAR + HEIGHT + (1 | BROOD)"
+
+_NODE_JOB = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import torch.distributed as dist
+from ngmm_formula import datasets, ngmm
+
+out = {{"rank": dist.get_rank() if dist.is_initialized() else None}}
+fit = ngmm({cbpp!r}, datasets.load("cbpp"), "binomial", distributed=True)
+out.update(world=dist.get_world_size(), rank=dist.get_rank(), cbpp={{
+    "loglik": fit.loglik, "fixef": fit.fixef.tolist(), "theta": fit.theta.tolist()}})
+# each "machine" reads only its partitions of a partitioned dataset
+fit = ngmm({ticks!r}, sys.argv[2], "poisson", distributed=True)
+out["ticks"] = {{"loglik": fit.loglik, "fixef": fit.fixef.tolist(),
+                "theta": fit.theta.tolist(), "rows_read": fit.design.nobs,
+                "nobs": fit.nobs}}
+with open(sys.argv[1] + "." + str(dist.get_rank()) + ".json", "w") as fh:
+    json.dump(out, fh)
+"""
+
+
+def test_two_torchrun_nodes_with_the_c10d_rendezvous_equal_single_process(
+        tmp_path: Path) -> None:
+    """The README's multi-machine command run as two "machines" on localhost (two
+    ``torchrun --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d --rdzv_endpoint=...``
+    launches): both ranks return the one-process fit of a GLMM given as a DataFrame, and of
+    one read from a partitioned dataset where each reads only its own partitions (rows read
+    add up to the whole). Tolerance 1e-6 as the other linear GLMMs here (module docstring)."""
+    from ngmm_formula.io import write_partitioned
+    from tests.torchrun import run_two_nodes
+
+    ticks = datasets.load("grouseticks")
+    write_partitioned(ticks, tmp_path / "ticks", group="BROOD", n_parts=8)
+    script = tmp_path / "job.py"
+    script.write_text(_NODE_JOB.format(cbpp=CBPP, ticks=TICKS))
+    run_two_nodes(script, str(tmp_path / "out"), str(tmp_path / "ticks"))
+    got = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in range(2)]
+    assert [g["world"] for g in got] == [2, 2] and sorted(g["rank"] for g in got) == [0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = {"cbpp": ngmm(CBPP, datasets.load("cbpp"), "binomial"),
+                  "ticks": ngmm(TICKS, ticks, "poisson")}
+    for name, fit in single.items():
+        for g in got:
+            assert close(fit.loglik, g[name]["loglik"], 1e-6), name
+            assert close(fit.fixef, g[name]["fixef"], 1e-6), name
+            assert close(fit.theta, g[name]["theta"], 1e-6), name
+    assert sum(g["ticks"]["rows_read"] for g in got) == len(ticks)
+    assert all(g["ticks"]["nobs"] == len(ticks) for g in got)
+    assert all(0 < g["ticks"]["rows_read"] < len(ticks) for g in got)
+
+
+# --------------------------------------------------------------------------------------------
 # fit_distributed: this process is rank 0, one worker process (forkserver)
 
 
