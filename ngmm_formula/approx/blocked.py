@@ -412,8 +412,9 @@ class BlockedLMM:
         and :math:`\theta_k = \max(\hat\sigma_k / \hat\sigma, 0.05)` (off the bound, where
         the optimiser's first model would be one-sided). Crossed and nested terms share
         variance in the level means, so this is a start, not an estimate: measured within
-        10-60% of the optimum on InstEval, star and Chem97, where lme4's start of 1 is off
-        by up to 10x (``benchmarks/README.md``). Costs a few vector operations.
+        2-50% of the optimum on InstEval's three terms and star's, and 4.5x on Chem97's
+        small LEA term (0.23 against 0.05), where lme4's start of 1 is off by up to 20x
+        (``benchmarks/README.md``). Costs a few vector operations.
         """
         if any(k != 1 for k in self.q):
             return None
