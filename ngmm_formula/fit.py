@@ -678,7 +678,7 @@ def profiled(obj: Objective) -> bool:
 
 
 def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
-             newton_steps: int = 8, final_hessian: bool = True) -> Optimum:
+             newton_steps: int = 8, final_hessian: bool = True, warm: bool = False) -> Optimum:
     """Maximise the objective over beta, theta and log_sigma (float64).
 
     Linear Gaussian models (:func:`profiled`) are fitted as ``lmer`` fits them: over lme4's
@@ -694,6 +694,9 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
     polish (the returned one is then the polish's, at the L-BFGS point): for fits whose
     standard errors are not reported (the GLMM start of a neural fit), where each Hessian
     costs ``2 k`` gradient evaluations over all the data.
+
+    ``warm``: the module is at a nearby fit's optimum; Newton steps with BHHH's Hessian come
+    first where it applies (:func:`_maximise`), L-BFGS-B only if they stop short.
     """
     if profiled(obj):
         return _optimise_profiled(obj, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps)
@@ -705,7 +708,7 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
 
     value_and_grad = _LastEvaluation(lambda x: _value_and_grad(obj, x))
     opt = _maximise(value_and_grad, x0, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps,
-                    final_hessian=final_hessian,
+                    final_hessian=final_hessian, warm=warm,
                     hessian=_score_information_hessian(obj, errors=final_hessian))
     # the module (and, in a distributed fit, every process) at the optimum: already there
     # when the last evaluation was at it
@@ -771,10 +774,45 @@ def _within(x: np.ndarray, x0: np.ndarray, rel: float) -> bool:
     return bool((np.abs(x - x0) <= rel * np.maximum(1.0, np.abs(x0))).all())
 
 
+def _newton_polish(vg: ValueAndGrad, x: np.ndarray, value: float, grad: np.ndarray,
+                   H: np.ndarray, gtol: float, steps: int
+                   ) -> tuple[np.ndarray, float, np.ndarray, bool]:
+    """At most ``steps`` chord-Newton steps with the fixed Hessian ``H`` until the gradient
+    is below ``gtol``; each must not lower the objective (halving up to 20 times), else
+    the polish stops. Returns the point, its value and gradient, and whether it moved."""
+    moved = False
+    for _ in range(steps):
+        if np.abs(grad).max() < gtol:
+            break
+        try:
+            step = np.linalg.solve(-H, grad)
+        except np.linalg.LinAlgError:
+            break
+        t = 1.0
+        improved = False
+        for _ in range(20):
+            v_new, g_new = vg(x + t * step)
+            if v_new >= value - 1e-12 * abs(value):
+                x, value, grad = x + t * step, v_new, g_new
+                improved = moved = True
+                break
+            t *= 0.5
+        if not improved:
+            break
+    return x, value, grad, moved
+
+
+#: Newton steps of a warm start (:func:`_maximise`'s ``warm``) before it falls back to
+#: L-BFGS-B: with BHHH's Hessian the steps converge linearly, about 100x a step on the
+#: linear starts of a neural fit (``benchmarks/README.md``).
+WARM_NEWTON_STEPS = 12
+
+
 def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gtol: float,
               newton_steps: int, final_hessian: bool = True,
               stop_at_gtol: np.ndarray | None = None,
-              hessian: Callable[[np.ndarray], np.ndarray] | None = None) -> Optimum:
+              hessian: Callable[[np.ndarray], np.ndarray] | None = None,
+              warm: bool = False) -> Optimum:
     r"""L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
 
     Newton polishing is the chord method: the finite-difference Hessian at the L-BFGS point
@@ -794,6 +832,10 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
 
     ``hessian``: a function giving the (approximate) Hessian at a point in one evaluation
     (BHHH's, :func:`_score_information_hessian`) instead of finite differences.
+
+    ``warm`` (with ``hessian``): ``x0`` is near the optimum (a refit from a nearby fit's):
+    up to :data:`WARM_NEWTON_STEPS` Newton steps with ``hessian`` at ``x0`` come first, and
+    L-BFGS-B runs only if they stop short of ``gtol``.
     """
     if not isinstance(value_and_grad, _LastEvaluation):
         value_and_grad = _LastEvaluation(value_and_grad)
@@ -826,35 +868,30 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
                 and bool((np.abs(x[stop_at_gtol]) > NEAR_BOUNDARY).all())):
             raise StopIteration
 
-    res = scipy.optimize.minimize(
-        f, x0, jac=True, method="L-BFGS-B",
-        callback=None if stop_at_gtol is None else stop,
-        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-9,
-                 "maxls": 50},
-    )
-    x = vg.snap(res.x)
-    value, grad = vg(x)
-    H = curvature(x)
-    x_hessian = x
-    moved = False
-    for _ in range(newton_steps):
-        if np.abs(grad).max() < gtol:
-            break
-        try:
-            step = np.linalg.solve(-H, grad)
-        except np.linalg.LinAlgError:
-            break
-        t = 1.0
-        improved = False
-        for _ in range(20):
-            v_new, g_new = vg(x + t * step)
-            if v_new >= value - 1e-12 * abs(value):
-                x, value, grad = x + t * step, v_new, g_new
-                improved = moved = True
-                break
-            t *= 0.5
-        if not improved:
-            break
+    done = False  # a warm start's Newton steps reached gtol: no L-BFGS-B
+    iterations, message = 0, "CONVERGENCE: NEWTON STEPS FROM A WARM START"
+    if warm and hessian is not None:
+        x_hessian = np.asarray(x0, dtype=float)
+        value, grad = vg(x_hessian)
+        H = curvature(x_hessian)
+        x, value, grad, moved = _newton_polish(vg, x_hessian, value, grad, H, gtol,
+                                               WARM_NEWTON_STEPS)
+        done = bool(np.abs(grad).max(initial=0.0) < gtol)
+        x0 = x
+    if not done:
+        res = scipy.optimize.minimize(
+            f, x0, jac=True, method="L-BFGS-B",
+            callback=None if stop_at_gtol is None else stop,
+            options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": 1e-9,
+                     "maxls": 50},
+        )
+        iterations = int(res.nit)
+        message = (f"CONVERGENCE: MAX|GRADIENT| < {gtol:g}" if res.status == 99
+                   else str(res.message))
+        x = x_hessian = vg.snap(res.x)
+        value, grad = vg(x)
+        H = curvature(x)
+        x, value, grad, moved = _newton_polish(vg, x, value, grad, H, gtol, newton_steps)
     if moved and final_hessian and not _within(x, x_hessian, REUSE_HESSIAN_MOVE):
         H = curvature(x)
     eig = np.linalg.eigvalsh(-H) if H.size else np.array([1.0])
@@ -864,9 +901,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         scaled = np.abs(np.linalg.solve(np.linalg.cholesky(-H), grad))
     max_grad = float(np.max(np.minimum(scaled, np.abs(grad)))) if grad.size else 0.0
     return Optimum(
-        x=x, loglik=value, gradient=grad, hessian=H, iterations=int(res.nit),
-        evaluations=vg.evaluations + n_hessian, converged=max_grad < 0.002,
-        message=f"CONVERGENCE: MAX|GRADIENT| < {gtol:g}" if res.status == 99 else str(res.message),
+        x=x, loglik=value, gradient=grad, hessian=H, iterations=iterations,
+        evaluations=vg.evaluations + n_hessian, converged=max_grad < 0.002, message=message,
         hessian_pd=hessian_pd,
     )
 

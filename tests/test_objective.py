@@ -563,3 +563,36 @@ def test_chunked_fit_equals_whole_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_allclose(b.varcorr.sdcor.to_numpy(), a.varcorr.sdcor.to_numpy(),
                                rtol=1e-6)
     np.testing.assert_allclose(b.ranef["g"].to_numpy(), a.ranef["g"].to_numpy(), atol=1e-6)
+
+
+def test_a_warm_start_takes_newton_steps_before_lbfgs() -> None:
+    """:func:`~ngmm_formula.fit._maximise` with ``warm=True`` (the refit of a neural fit's
+    linear part from a nearby optimum): a smooth concave function whose given Hessian is 10 %
+    off (as BHHH's can be) converges by chord-Newton steps alone, linearly at about 0.1 a
+    step, to the gradient tolerance, without L-BFGS-B (iterations 0); from a start where
+    those steps stop short it falls back to L-BFGS-B and ends at the same maximum. Both to
+    within the gradient tolerance 1e-10 (the maximum is unique; the tolerance is on the
+    gradient of a function whose curvature is of order 1)."""
+    from ngmm_formula.fit import _maximise
+
+    centre = np.array([0.3, -1.2, 2.0])
+    A = np.array([[3.0, 0.5, 0.0], [0.5, 2.0, 0.3], [0.0, 0.3, 1.0]])
+
+    def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        d = x - centre
+        # concave and smooth, not quadratic: log-cosh terms flatten far from the centre
+        return (-float(d @ A @ d) / 2 - float(np.log(np.cosh(d)).sum()),
+                -(A @ d) - np.tanh(d))
+
+    def hessian(x: np.ndarray) -> np.ndarray:  # the true one at the centre, 10 % too large
+        return -1.1 * (A + np.eye(3))
+
+    near = _maximise(value_and_grad, centre + 0.01, max_iter=200, gtol=1e-10,
+                     newton_steps=8, final_hessian=False, hessian=hessian, warm=True)
+    assert near.iterations == 0 and "WARM START" in near.message
+    assert np.abs(near.gradient).max() < 1e-10
+    np.testing.assert_allclose(near.x, centre, atol=1e-9)
+    far = _maximise(value_and_grad, centre + 40.0, max_iter=200, gtol=1e-10,
+                    newton_steps=8, final_hessian=False, hessian=hessian, warm=True)
+    assert far.iterations > 0  # the Newton steps from 40 away stopped short
+    np.testing.assert_allclose(far.x, centre, atol=1e-9)
