@@ -44,15 +44,17 @@ S plus a dense rank-k update of the heavy ones; past :data:`LIGHT_PAIRS_MAX` lig
 sparse product of the light levels per evaluation, :class:`_Product`). The last evaluation is
 kept, so that the estimates and the conditional variances at the optimum reuse its factor.
 
-There is no gradient: the optimiser is derivative-free, as lme4's BOBYQA
-(:func:`~ngmm_formula.fit.optimise`). An analytic gradient needs :math:`S^{-1}` on the
-pattern of :math:`S` (the derivative of :math:`\log|S|`): with a dense :math:`S` that is
-LAPACK's ``dpotri``, 2 to 3 times the cost of the factor (InstEval: 30 to 45 ms against
-14 ms), and SuperLU gives no selected inverse. Measured on InstEval, L-BFGS-B with
-central-difference gradients (standing in for exact ones) took 25 gradient evaluations
-against COBYQA's 63 values, about the same cost in all, and on Chem97 it stopped at
-:math:`\theta_k = 0`, where the gradient of the profiled deviance vanishes by symmetry, at
-a lower likelihood.
+There is no gradient: the optimiser is derivative-free, lme4's BOBYQA (nlopt's, from
+:meth:`BlockedLMM.moment_start` where every term is scalar;
+:func:`~ngmm_formula.fit.maximise_derivative_free`). An analytic gradient needs
+:math:`S^{-1}` on the pattern of :math:`S` (the derivative of :math:`\log|S|`): with a
+dense :math:`S` that is LAPACK's ``dpotri``, 2 to 3 times the cost of the factor
+(InstEval: 30 to 45 ms against 14 ms), and SuperLU gives no selected inverse. Measured on
+InstEval, L-BFGS-B with central-difference gradients (standing in for exact ones) took 25
+gradient evaluations against the 63 values of the derivative-free optimiser of then
+(COBYQA from theta = 1; BOBYQA from the moment start now takes 40), about the same cost in
+all, and on Chem97 it stopped at :math:`\theta_k = 0`, where the gradient of the profiled
+deviance vanishes by symmetry, at a lower likelihood.
 """
 
 from __future__ import annotations
