@@ -45,7 +45,7 @@ sparse product of the light levels per evaluation, :class:`_Product`). The last 
 kept, so that the estimates and the conditional variances at the optimum reuse its factor.
 
 There is no gradient: the optimiser is derivative-free, lme4's BOBYQA (nlopt's, from
-:meth:`BlockedLMM.moment_start` where every term is scalar;
+:meth:`~ngmm_formula.approx.blocked.BlockedLMM.moment_start` where every term is scalar;
 :func:`~ngmm_formula.fit.maximise_derivative_free`). An analytic gradient needs
 :math:`S^{-1}` on the pattern of :math:`S` (the derivative of :math:`\log|S|`): with a
 dense :math:`S` that is LAPACK's ``dpotri``, 2 to 3 times the cost of the factor
