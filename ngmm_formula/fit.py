@@ -949,21 +949,21 @@ def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarra
 
     n_eval = 0
     x0 = np.maximum(np.asarray(x0, dtype=float), lower)
-    best: list[Any] = [x0, math.inf]  # nlopt raises on round-off and loses its point
-    worst = -math.inf
+    # the best point so far (nlopt raises on round-off and loses its own) and the worst value
+    x, f_best, worst = x0, math.inf, -math.inf
 
-    def f(x: np.ndarray, grad: np.ndarray) -> float:
+    def f(point: np.ndarray, grad: np.ndarray) -> float:
         # a non-finite value (a system not positive definite by round-off) counts as a
         # little worse than the worst finite one: a huge stand-in wrecks BOBYQA's quadratic
         # model (it then stopped far from a test's optimum, with "xtol reached")
-        nonlocal n_eval, worst
+        nonlocal n_eval, x, f_best, worst
         n_eval += 1
-        v = value(x)
+        v = value(point)
         if not math.isfinite(v):
             return worst + 1.0 + 1e-3 * abs(worst) if math.isfinite(worst) else 1e300
         worst = max(worst, -v)
-        if -v < best[1]:
-            best[:] = [np.array(x, dtype=float), -v]
+        if -v < f_best:
+            x, f_best = np.array(point, dtype=float), -v
         return -v
 
     bobyqa = nlopt.opt(nlopt.LN_BOBYQA, x0.size)
@@ -979,8 +979,7 @@ def maximise_derivative_free(value: Callable[[np.ndarray], float], x0: np.ndarra
         message = _NLOPT_MESSAGES.get(bobyqa.last_optimize_result(), "stopped")
     except (nlopt.RoundoffLimited, RuntimeError) as err:  # its best point is still ours
         message = f"BOBYQA stopped: {type(err).__name__} {err}".strip()
-    x, f_best = best
-    steps = n_eval
+    steps = n_eval  # BOBYQA's; the finite differences below add to n_eval
     k = x.size
     h = rel_step * np.maximum(1.0, np.abs(x))
     f0 = -float(f_best) if math.isfinite(f_best) else value(x)  # BOBYQA's value at its x
