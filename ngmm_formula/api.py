@@ -383,19 +383,16 @@ def _read_own_shard(parsed: ParsedFormula, source: Any, weights: Any, offset: An
     """This process's rows of a sharded read (:func:`~ngmm_formula.io.read_shard`: whole
     groups of the formula's grouping factor) and the agreement on the encodings.
 
-    Refused with a clear :class:`NGMMError`: ``nn()`` terms (the networks' input encodings
-    and the training's minibatches of groups are not agreed across processes yet), and
-    several grouping factors (crossed or nested: no split by group). A grouping factor
+    Refused with a clear :class:`NGMMError`: several grouping factors (crossed or nested: no
+    split by group). ``nn()`` terms are read alike: their inputs' standardisation and levels
+    are agreed in the design (:class:`~ngmm_formula.design.Agreement`), the training numbers
+    the groups of all processes as one process would (:meth:`~ngmm_formula.shards.Shard.
+    numbering`) and the networks are centred on all rows. A grouping factor
     ``a:b`` is read by the hash of ``a`` (each ``a:b`` group lies within one ``a``), or of
     whichever of ``a``, ``b`` a partitioned dataset was written by.
     """
     import torch.distributed as dist
 
-    if parsed.nn_terms:
-        raise NGMMError(
-            "sharded reading of neural fits is not available yet: with nn() terms and "
-            "distributed=True, pass the data frame instead of the Parquet path (data="
-            "pandas.read_parquet(path)), so that every process reads all rows")
     groups = sorted({bar.group for bar in parsed.bars})
     if len(groups) != 1:
         raise NGMMError(
@@ -428,27 +425,30 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
     refit and the Hessian concern beta, theta and sigma only (conditional on the networks).
     """
     pr, design, approx = prepared.problem, prepared.design, prepared.approximation
-    split = (design.re_terms[0].group_index if approx.joint
-             else pr.blocks.block_of_obs.cpu().numpy())
-    history = train_networks(pr, prepared.family, approx, module, np.asarray(split),
-                             control, seed, shard,
-                             describe={"formula": design.formula.formula})
-    linear, lin_module, net_out = _freeze_networks(prepared, module)
+    split = np.asarray(design.re_terms[0].group_index if approx.joint
+                       else pr.blocks.block_of_obs.cpu().numpy())
+    if shard is not None and shard.presharded:  # this process's groups, numbered among all
+        split = shard.numbering(design.re_terms[0].levels)[split]
+    history = train_networks(pr, prepared.family, approx, module, split, control, seed,
+                             shard, describe={"formula": design.formula.formula})
+    linear, lin_module, net_out = _freeze_networks(prepared, module, shard)
     return (history, Objective(linear, prepared.family, approx, lin_module, shard=shard),
             net_out)
 
 
-def _freeze_networks(prepared: Prepared, module: LinearPredictor
+def _freeze_networks(prepared: Prepared, module: LinearPredictor, shard: Shard | None = None
                      ) -> tuple[Problem, LinearPredictor, torch.Tensor]:
     """Centre the trained networks (the intercept absorbs the shift), freeze them, and return
     the problem with their outputs as offset, a linear module with the same parameters and
-    the outputs."""
+    the outputs. After a sharded read (``shard.presharded``) the centre is the mean over
+    every process's rows."""
     pr, design = prepared.problem, prepared.design
     intercept = [j for j, n in enumerate(design.fixed_names) if n == "(Intercept)"]
+    all_sum = shard.all_sum if shard is not None and shard.presharded else None
     with torch.no_grad():
         for net, x in zip(_nets(module), pr.net_X):
             if intercept:  # centre on the training data; the intercept absorbs the shift
-                shift = net.centre(x)
+                shift = net.centre(x, all_sum)
                 module.beta[intercept[0]] += shift
         net_out = module.network_output(pr)
     module.nets.requires_grad_(False)

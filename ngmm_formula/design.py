@@ -1000,7 +1000,12 @@ def full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> list[int]:
     return kept
 
 
-def _encode_net(term: NNTerm, data: pd.DataFrame) -> NetInput:
+def _encode_net(term: NNTerm, data: pd.DataFrame, agree: Agreement | None = None
+                ) -> NetInput:
+    """The input matrix of an ``nn()`` term: numeric inputs standardised by their mean and
+    (population) standard deviation, factors over their levels. Under ``agree`` (a sharded
+    read) both are of every process's rows: :func:`_agreed_moments`, :func:`_agreed_levels`,
+    the same collectives in the same order in every process."""
     encs = []
     for v in term.variables:
         col = data[v]
@@ -1010,10 +1015,11 @@ def _encode_net(term: NNTerm, data: pd.DataFrame) -> NetInput:
             x = np.asarray(col, dtype=float)
             if not np.isfinite(x).all():
                 raise DataError(f"nn() input '{v}' has infinite values")
-            sd = float(x.std())
-            encs.append(NetEncoding(v, "numeric", float(x.mean()), sd if sd > 0 else 1.0))
+            mean, sd = (float(x.mean()), float(x.std())) if agree is None else (
+                _agreed_moments(x, agree))
+            encs.append(NetEncoding(v, "numeric", mean, sd if sd > 0 else 1.0))
         else:
-            levels = tuple(_factor_levels(col))
+            levels = tuple(_factor_levels(col) if agree is None else _agreed_levels(col, agree))
             if len(levels) > MAX_EMBEDDED_LEVELS:
                 raise DataError(f"nn() input '{v}' has {len(levels)} levels; at most "
                                 f"{MAX_EMBEDDED_LEVELS} are supported")
@@ -1103,6 +1109,32 @@ def _agree_levels(formula: ParsedFormula, frame: pd.DataFrame,
         union = sorted({v for lv in lists for v in lv}, key=str)
         converted[n] = pd.Categorical(frame[n], categories=union)
     return frame.assign(**converted) if converted else frame
+
+
+def _agreed_moments(x: np.ndarray, agree: Agreement) -> tuple[float, float]:
+    """Mean and population standard deviation of ``x`` over every process's rows: the mean
+    from all-reduced sums and counts, then the all-reduced sum of squared deviations from it
+    (two passes, as ``x.std()``)."""
+    total, n = agree.sum([x.sum(), x.size])
+    mean = total / n
+    ss = agree.sum([np.square(x - mean).sum()])[0]
+    return float(mean), float(np.sqrt(ss / n))
+
+
+def _agreed_levels(col: pd.Series, agree: Agreement) -> list[str]:
+    """:func:`_factor_levels` of the union of every process's values of ``col``: the same
+    rule applied to the values of all rows (a categorical's order where every process has
+    the same categories; else sorted, numerically for numbers)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        mine: Any = ("categorical", list(col.cat.categories), _factor_levels(col))
+    else:
+        mine = ("values", col.dropna().unique().tolist(), None)
+    everyone = agree.all_gather(mine)
+    if all(e[0] == "categorical" and e[1] == everyone[0][1] for e in everyone):
+        used = {lv for e in everyone for lv in e[2]}
+        return [str(c) for c in everyone[0][1] if str(c) in used]
+    values = [v for e in everyone for v in (e[2] if e[0] == "categorical" else e[1])]
+    return _factor_levels(pd.Series(values).drop_duplicates())
 
 
 def full_rank_columns_gram(G: np.ndarray, tol: float = 1e-7) -> list[int]:
@@ -1229,7 +1261,7 @@ def build_design(
 
     fixed_spec, X, names_full, kept, raw_terms = _model_matrices(formula, frame, context,
                                                                  agree)
-    nets = tuple(_encode_net(t, frame) for t in formula.nn_terms)
+    nets = tuple(_encode_net(t, frame, agree) for t in formula.nn_terms)
     spec = DesignSpec(
         formula=formula,
         fixed_spec=fixed_spec,

@@ -186,11 +186,16 @@ class RowsByGroup:
         Rows per group.
     starts : ndarray
         Position in ``order`` of each group's first row.
+    here : ndarray or None
+        Rows per group among the rows held here, where they differ from ``sizes``: a
+        process of a sharded read holds its own groups' rows, and ``sizes`` counts the rows
+        of every process (:meth:`everywhere`). None: ``sizes``.
     """
 
     order: np.ndarray
     sizes: np.ndarray
     starts: np.ndarray
+    here: np.ndarray | None = None
 
     @classmethod
     def of(cls, group_of_row: np.ndarray, n_groups: int) -> RowsByGroup:
@@ -198,9 +203,15 @@ class RowsByGroup:
         return cls(order=np.argsort(group_of_row, kind="stable"), sizes=sizes,
                    starts=np.concatenate([[0], np.cumsum(sizes)[:-1]]))
 
+    def everywhere(self, sizes: np.ndarray) -> RowsByGroup:
+        """The same rows, with ``sizes`` the rows per group of all processes (a sharded
+        read; these rows' counts become :attr:`here`)."""
+        return dataclasses.replace(self, sizes=np.asarray(sizes, dtype=np.int64),
+                                   here=self.sizes)
+
     def rows(self, groups: np.ndarray) -> np.ndarray:
-        """The rows of ``groups``, group after group in the order given."""
-        counts = self.sizes[groups]
+        """The rows of ``groups`` held here, group after group in the order given."""
+        counts = (self.sizes if self.here is None else self.here)[groups]
         offsets = np.repeat(self.starts[groups] - np.cumsum(counts) + counts, counts)
         return self.order[offsets + np.arange(counts.sum())]
 

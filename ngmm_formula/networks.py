@@ -110,9 +110,10 @@ shrinkage target. Prediction uses it only with ``allow_new_levels=True`` (else
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from ngmm_formula.formula import NNTerm
@@ -167,11 +168,19 @@ class CentredNetwork(torch.nn.Module, abc.ABC):
         return self.raw(x, noise).to(self.centre_value.dtype) - self.centre_value
 
     @torch.no_grad()
-    def centre(self, x: torch.Tensor) -> float:
-        """Centre the output on ``x`` (the training inputs); returns the shift applied."""
+    def centre(self, x: torch.Tensor,
+               all_sum: Callable[[np.ndarray], np.ndarray] | None = None) -> float:
+        """Centre the output on ``x`` (the training inputs); returns the shift applied.
+        ``all_sum`` (a sharded read, :meth:`~ngmm_formula.shards.Shard.all_sum`): ``x`` is
+        this process's rows, and the mean is of all processes' rows."""
         was = self.training
         self.eval()
-        shift = float(self.forward(x).double().mean())
+        out = self.forward(x).double()
+        if all_sum is None:
+            shift = float(out.mean())
+        else:
+            total, n = all_sum(np.array([float(out.sum()), out.numel()]))
+            shift = float(total / n)
         self.centre_value.add_(shift)
         self.train(was)
         return shift

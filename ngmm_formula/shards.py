@@ -247,6 +247,31 @@ class Shard:
         ids = torch.arange(self.first, self.stop, device=bo.device)
         return problem.subset(rows, ids)
 
+    def numbering(self, levels: Sequence[str]) -> np.ndarray:
+        """A sharded read: the number of each of this process's group ``levels`` among the
+        levels of all processes, ordered as one process reading every row orders them
+        (numerically when every level is a number, else as strings; a categorical grouping
+        factor's own order is not known here and falls back to these). The neural training
+        draws its validation groups and minibatches by these numbers, so that a seeded fit
+        draws the same groups as in one process (:func:`~ngmm_formula.train.train_networks`).
+        """
+        everyone = [str(v) for part in agreement(self.world_size, self.device).all_gather(
+            [str(v) for v in levels]) for v in part]
+
+        def number(v: str) -> float | None:
+            try:
+                return float(v)
+            except ValueError:
+                return None
+
+        numbers = [number(v) for v in everyone]
+        if all(x is not None for x in numbers):
+            order = sorted(range(len(everyone)), key=lambda i: (numbers[i], everyone[i]))
+        else:
+            order = sorted(range(len(everyone)), key=lambda i: everyone[i])
+        position = {everyone[i]: k for k, i in enumerate(order)}
+        return np.array([position[str(v)] for v in levels], dtype=np.int64)
+
     # collectives --------------------------------------------------------------------------
 
     def _all_reduce(self, t: torch.Tensor, op: Any = None) -> torch.Tensor:

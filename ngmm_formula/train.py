@@ -91,7 +91,7 @@ import torch
 from ngmm_formula.adamw import AdamW, Plateau
 from ngmm_formula.approx import Approximation
 from ngmm_formula.checkpoint import Checkpoints
-from ngmm_formula.design import full_rank_columns
+from ngmm_formula.design import full_rank_columns, full_rank_columns_gram
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.fit import Control, Objective, optimise, piece_bounds
@@ -185,7 +185,9 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     :math:`[X_s, N_1, \dots, N_K]`; columns aliased with earlier ones (an input that is also
     a linear term, one level of a one-hot factor, an input shared by two networks) are left
     out by the pivoting rank check of the fixed effects
-    (:func:`~ngmm_formula.design.full_rank_columns`). The GLMM is fitted by L-BFGS from
+    (:func:`~ngmm_formula.design.full_rank_columns`; after a sharded read, the rule from the
+    cross-product of all processes' rows, :func:`~ngmm_formula.design.full_rank_columns_gram`).
+    The GLMM is fitted by L-BFGS from
     ``module``'s beta, theta and sigma (extra coefficients from 0); then beta, theta and sigma
     are set to its estimates and network ``k``'s linear path :math:`\gamma_k` to the
     coefficients of :math:`N_k` (0 for left-out columns). With the output layers at zero the
@@ -219,8 +221,10 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     X_all = torch.cat([problem.Xs, *blocks], dim=1)
     # every column of X is kept (the design's rank check already dropped aliased ones)
     columns = np.concatenate([np.arange(p), p + candidates])
-    extra = [int(columns[j]) for j in full_rank_columns(X_all[:, columns].cpu().numpy())
-             if j >= p]
+    X_cand = X_all[:, columns].cpu().numpy()
+    rank_ok = (full_rank_columns(X_cand) if shard is None or not shard.presharded
+               else full_rank_columns_gram(shard.all_sum(X_cand.T @ X_cand)))  # all rows'
+    extra = [int(columns[j]) for j in rank_ok if j >= p]
     kept = list(range(p)) + extra
     owner = np.concatenate([np.full(x.shape[1], k) for k, x in enumerate(blocks)])
     column = np.concatenate([np.arange(x.shape[1]) for x in blocks])
@@ -245,11 +249,25 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     return kept_by_net
 
 
-def _split_groups(groups: np.ndarray, n_groups: int, fraction: float,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask over groups: True for the held-out (validation) ones."""
-    held = np.zeros(n_groups, dtype=bool)
-    present = np.unique(groups)
+def _rows_by_group(split_groups: np.ndarray, shard: Shard | None) -> RowsByGroup:
+    """The rows of every group of ``split_groups``; after a sharded read (``shard.
+    presharded``: ``split_groups`` numbers this process's groups among every process's,
+    :meth:`~ngmm_formula.shards.Shard.numbering`) with the rows per group of all processes,
+    summed over them, as :attr:`~ngmm_formula.model.RowsByGroup.sizes`."""
+    if shard is None or not shard.presharded:
+        return RowsByGroup.of(split_groups, int(split_groups.max()) + 1)
+    # the groups of all processes are numbered 0 .. (their number - 1)
+    n_groups = int(shard.all_sum(np.array([float(np.unique(split_groups).size)]))[0])
+    here = RowsByGroup.of(split_groups, n_groups)
+    return here.everywhere(np.rint(shard.all_sum(here.sizes.astype(np.float64))))
+
+
+def _split_groups(sizes: np.ndarray, fraction: float, rng: np.random.Generator
+                  ) -> np.ndarray:
+    """Boolean mask over groups (``sizes``: their rows): True for the held-out (validation)
+    ones, drawn among the groups with rows."""
+    held = np.zeros(sizes.size, dtype=bool)
+    present = np.flatnonzero(sizes > 0)
     k = int(round(fraction * present.size))
     if fraction > 0 and present.size >= 10 and k >= 1:
         held[rng.choice(present, size=k, replace=False)] = True
@@ -283,9 +301,12 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
     seed : int
     shard : Shard, optional
         Data-parallel training (:mod:`ngmm_formula.distributed`): every process draws the same
-        minibatches and evaluates the groups it owns (``split_groups`` are then the blocks);
-        the loss keeps the global batch's number of observations as denominator, and the
-        gradients and the scores are summed over the processes.
+        minibatches and evaluates the groups it owns (``split_groups`` are then the blocks;
+        after a sharded read, ``shard.presharded``, the problem holds this process's groups
+        only and ``split_groups`` numbers them among every process's groups,
+        :meth:`~ngmm_formula.shards.Shard.numbering`); the loss keeps the global batch's
+        number of observations as denominator, and the gradients and the scores are summed
+        over the processes.
     describe : mapping of str to str, optional
         What the caller knows of the fit and the trainer does not (the formula): joins the
         fingerprint of the checkpoints (``Control.checkpoint``; :func:`fingerprint`).
@@ -306,8 +327,9 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
                             "process would need its own file, written at the same epoch)")
         checkpoints = Checkpoints(control.checkpoint, control.checkpoint_every, fingerprint(
             problem, family, approx, module, split_groups, control, seed, describe))
-    if control.folds > 1 and np.unique(split_groups).size >= 2 * control.folds:
-        return _train_folds(problem, family, approx, module, split_groups, control, seed,
+    by_group = _rows_by_group(split_groups, shard)
+    if control.folds > 1 and np.count_nonzero(by_group.sizes) >= 2 * control.folds:
+        return _train_folds(problem, family, approx, module, by_group, control, seed,
                             shard, start, t0, checkpoints)
     histories: list[TrainingHistory] = []
     members: list[list[CentredNetwork]] = [[] for _ in module.nets]
@@ -320,7 +342,7 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
                 if isinstance(net, MLP):
                     net.reset()
         rng = np.random.default_rng(seed if k == 0 else (seed, k))
-        histories.append(train_member(problem, family, approx, module, split_groups,
+        histories.append(train_member(problem, family, approx, module, by_group,
                                       control, rng, shard, checkpoints=checkpoints))
         for j, net in enumerate(module.nets):
             assert isinstance(net, CentredNetwork)
@@ -342,7 +364,7 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
 
 
 def _train_folds(problem: Problem, family: Family, approx: Approximation,
-                 module: LinearPredictor, split_groups: np.ndarray, control: Control,
+                 module: LinearPredictor, by_group: RowsByGroup, control: Control,
                  seed: int, shard: Shard | None, start: dict, t0: float,
                  checkpoints: Checkpoints | None = None) -> TrainingHistory:
     r"""K-fold early stopping over groups, then one network trained on all groups.
@@ -361,16 +383,15 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
     """
     import time
 
-    n_groups = int(split_groups.max()) + 1
-    present = np.unique(split_groups)
+    rows = by_group.sizes
+    present = np.flatnonzero(rows > 0)
     rng = np.random.default_rng(seed)
-    fold = np.full(n_groups, -1)
+    fold = np.full(rows.size, -1)
     fold[rng.permutation(present)] = np.arange(present.size) % control.folds
-    rows = np.bincount(split_groups, minlength=n_groups)
     histories, weights = [], []
     for k in range(control.folds):
         module.load_state_dict(start)
-        histories.append(train_member(problem, family, approx, module, split_groups, control,
+        histories.append(train_member(problem, family, approx, module, by_group, control,
                                       np.random.default_rng((seed, k)), shard,
                                       held=fold == k, checkpoints=checkpoints))
         weights.append(float(rows[fold == k].sum()))
@@ -381,7 +402,7 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
     best = int(np.argmax(pooled)) + 1
     schedule = np.array([h.lr[:best] for h in histories]).mean(0).tolist()
     module.load_state_dict(start)
-    final = train_member(problem, family, approx, module, split_groups, control, rng, shard,
+    final = train_member(problem, family, approx, module, by_group, control, rng, shard,
                          schedule=schedule)
     return TrainingHistory(
         train=histories[0].train[:length], validation=tuple(float(v) for v in pooled),
@@ -402,7 +423,7 @@ def _linear_params(module: LinearPredictor) -> list[torch.nn.Parameter]:
 
 
 def train_member(problem: Problem, family: Family, approx: Approximation,
-                 module: LinearPredictor, split_groups: np.ndarray, control: Control,
+                 module: LinearPredictor, by_group: RowsByGroup, control: Control,
                  rng: np.random.Generator, shard: Shard | None = None, *,
                  held: np.ndarray | None = None,
                  schedule: Sequence[float] | None = None,
@@ -412,6 +433,8 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     ``rng`` draws the validation groups and the order of the minibatches; the best
     validation state is restored in ``module``. Parameters as :func:`train_networks`, and
 
+    by_group : RowsByGroup
+        The rows of the groups of ``split_groups`` (:func:`_rows_by_group`).
     held : ndarray of bool, shape (n_groups,), optional
         The validation groups (default: a fraction ``control.validation`` drawn by ``rng``).
     schedule : sequence of float, optional
@@ -425,17 +448,15 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     import time
 
     t0 = time.perf_counter()
-    n_groups = int(split_groups.max()) + 1
     if held is None:
-        held = _split_groups(split_groups, n_groups, control.validation,
-                             rng) if schedule is None else np.zeros(n_groups, dtype=bool)
-    train_groups = np.flatnonzero(~held & np.isin(np.arange(n_groups), split_groups))
+        held = (_split_groups(by_group.sizes, control.validation, rng) if schedule is None
+                else np.zeros(by_group.sizes.size, dtype=bool))
+    train_groups = np.flatnonzero(~held & (by_group.sizes > 0))
     val_groups = np.flatnonzero(held)
-    batch_groups = _groups_per_batch(problem, split_groups, control)
+    batch_groups = _groups_per_batch(by_group.sizes, control)
     net_params = [p for net in module.nets for p in net.parameters()]
     other = _linear_params(module)
     initial = copy.deepcopy(module.state_dict()) if control.retrain else None
-    by_group = RowsByGroup.of(split_groups, n_groups)  # a batch's rows in O(its rows)
     if schedule is None and val_groups.size:
         _fit_linear_part(problem, family, training_approximation(approx, control), module,
                          by_group.rows(train_groups), control, shard)
@@ -482,18 +503,18 @@ def training_approximation(approx: Approximation, control: Control) -> Approxima
     return approx
 
 
-def _groups_per_batch(problem: Problem, split_groups: np.ndarray, control: Control) -> int:
+def _groups_per_batch(sizes: np.ndarray, control: Control) -> int:
     """Groups per minibatch: ``control.batch_groups``, or as many as make about
     ``control.batch_size`` rows at the mean group size.
 
     Parameters
     ----------
-    problem : Problem
-    split_groups : ndarray of int
-        Each row's group of the grouping factor that minibatches are made of.
+    sizes : ndarray of int
+        Rows per group of the grouping factor that minibatches are made of (of all
+        processes).
     control : Control
     """
-    rows_per_group = problem.y.shape[0] / max(1, np.unique(split_groups).size)
+    rows_per_group = int(sizes.sum()) / max(1, int(np.count_nonzero(sizes)))
     return control.batch_groups or max(1, int(round(control.batch_size / rows_per_group)))
 
 
@@ -539,16 +560,17 @@ def _minibatch_objective(
     per_group_blocks = not approx.joint
     step_approx = training_approximation(approx, control)
     n_groups = by_group.sizes.size
-    owned = (np.ones(n_groups, dtype=bool) if shard is None
-             else shard.owned(n_groups))  # the groups this process evaluates
+    owned = (np.ones(n_groups, dtype=bool) if shard is None  # the groups evaluated here
+             else by_group.here > 0 if by_group.here is not None else shard.owned(n_groups))
     sizes, rows_of = by_group.sizes, by_group.rows
+    blocks_of = _blocks_of(problem, by_group)
     device = problem.y.device
     cache = torch.zeros(problem.blocks.n_blocks, problem.blocks.dim, dtype=problem.y.dtype,
                         device=device)
     noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    input_noise = _input_noise_sampler(problem, module, control, noise_gen, rows_of)
+    input_noise = _input_noise_sampler(problem, module, control, noise_gen, sizes)
 
-    pieces = _Pieces(problem, by_group)  # the validation groups', gathered once
+    pieces = _Pieces(problem, by_group, blocks_of)  # the validation groups', gathered once
 
     def evaluate(groups: np.ndarray, *, grad: bool, laid: Problem | None = None
                  ) -> torch.Tensor:
@@ -558,13 +580,13 @@ def _minibatch_objective(
         gs_np = np.sort(groups[owned[groups]])
         noise = None
         if grad and input_noise is not None:  # drawn before the early return: in step
-            noise = input_noise(groups, rows_of(gs_np))
+            noise = input_noise(groups, gs_np)
         if not gs_np.size:
             return problem.y.new_zeros(())
         if not grad and laid is None and per_group_blocks:
             return functools.reduce(torch.add, [evaluate(g, grad=False, laid=sub)
                                                 for g, sub in pieces.of(gs_np)])
-        gs = torch.as_tensor(gs_np, dtype=torch.long, device=device)
+        gs = torch.as_tensor(blocks_of(gs_np), dtype=torch.long, device=device)
         start = cache[gs] if per_group_blocks else None
         if laid is None:
             rows = torch.as_tensor(rows_of(gs_np), dtype=torch.long, device=device)
@@ -608,6 +630,18 @@ def _step(evaluate: Callable[..., torch.Tensor], sizes: np.ndarray,
     return float(ll.detach())
 
 
+def _blocks_of(problem: Problem, by_group: RowsByGroup
+               ) -> Callable[[np.ndarray], np.ndarray]:
+    """``blocks_of(groups)``: the sorted blocks of ``problem`` that hold the sorted groups
+    ``groups`` (groups with rows here, one block each): the groups' own numbers, except
+    after a sharded read, where a group's number is among all processes' groups and its
+    block is this process's (each group's block read off its first row here)."""
+    if by_group.here is None:
+        return lambda groups: groups
+    block_of_obs = problem.blocks.block_of_obs.cpu().numpy()
+    return lambda groups: np.sort(block_of_obs[by_group.order[by_group.starts[groups]]])
+
+
 class _Pieces:
     """Groups (one block each) in consecutive pieces of about
     :data:`~ngmm_formula.fit.CHUNK_ROWS` rows (:func:`~ngmm_formula.fit.piece_bounds`), each
@@ -616,8 +650,9 @@ class _Pieces:
     (:meth:`~ngmm_formula.fit.Objective.chunks`). Below that many rows: one piece,
     the problem the evaluation gathered before (the same numbers)."""
 
-    def __init__(self, problem: Problem, by_group: RowsByGroup) -> None:
-        self.problem, self.by_group = problem, by_group
+    def __init__(self, problem: Problem, by_group: RowsByGroup,
+                 blocks_of: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.problem, self.by_group, self.blocks_of = problem, by_group, blocks_of
         self._kept: dict[bytes, list[tuple[np.ndarray, Problem]]] = {}
 
     def of(self, groups: np.ndarray) -> list[tuple[np.ndarray, Problem]]:
@@ -628,7 +663,7 @@ class _Pieces:
             device = self.problem.y.device
             self._kept[key] = [
                 (g, self.problem.subset(torch.as_tensor(self.by_group.rows(g), device=device),
-                                        torch.as_tensor(g, device=device)))
+                                        torch.as_tensor(self.blocks_of(g), device=device)))
                 for g in (groups[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))]
         return self._kept[key]
 
@@ -744,7 +779,7 @@ class _StepState:
 
 def _input_noise_sampler(
         problem: Problem, module: LinearPredictor, control: Control,
-        noise_gen: torch.Generator, rows_of: Callable[[np.ndarray], np.ndarray],
+        noise_gen: torch.Generator, sizes: np.ndarray,
 ) -> Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, ...]] | None:
     """The Gaussian noise of standard deviation ``control.input_noise`` on the networks'
     numeric inputs (none on one-hot columns), or None when no input gets any.
@@ -757,14 +792,14 @@ def _input_noise_sampler(
     noise_gen : torch.Generator
         Draws the noise (seeded by the caller from its ``rng`` whether there is noise or
         not: the stream of ``rng`` does not depend on ``control.input_noise``).
-    rows_of : callable
-        The rows of a sorted array of groups (:class:`~ngmm_formula.model.RowsByGroup`).
+    sizes : ndarray of int
+        Rows per group (of all processes).
 
     Returns
     -------
     callable or None
-        ``sample(groups, own_rows)``: the noise of the rows ``own_rows`` among those of the
-        minibatch ``groups``, one tensor per network.
+        ``sample(groups, own)``: the noise of the rows of the sorted groups ``own`` among
+        those of the minibatch ``groups``, one tensor per network.
     """
     # SD per input column of every network (0 for one-hot columns)
     noise_sd = [control.input_noise * torch.tensor(
@@ -774,15 +809,21 @@ def _input_noise_sampler(
     if not noisy:
         return None
 
-    def sample(groups: np.ndarray, own_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Noise of the rows ``own_rows`` among those of the minibatch ``groups``: drawn for
-        the whole minibatch in group order, so every process draws the same numbers."""
-        rows = rows_of(np.sort(groups))
-        pick = (torch.as_tensor(np.flatnonzero(np.isin(rows, own_rows)))
-                if own_rows.size < rows.size else None)
+    def sample(groups: np.ndarray, own: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Noise of the rows of the groups ``own`` among those of the minibatch ``groups``:
+        drawn for the whole minibatch in group order (a group's rows together, in their
+        order), so every process draws the same numbers."""
+        counts = sizes[np.sort(groups)]
+        pick = None
+        if own.size < counts.size:  # the positions of the own groups' rows
+            mine = np.isin(np.sort(groups), own)
+            c = counts[mine]
+            first = (np.cumsum(counts) - counts)[mine]
+            pick = torch.as_tensor(np.repeat(first - np.cumsum(c) + c, c) + np.arange(c.sum()))
         out = []
         for sd, x in zip(noise_sd, problem.net_X):
-            e = torch.randn(rows.size, x.shape[1], generator=noise_gen, dtype=torch.float64) * sd
+            e = torch.randn(int(counts.sum()), x.shape[1], generator=noise_gen,
+                            dtype=torch.float64) * sd
             out.append((e if pick is None else e[pick]).to(dtype=x.dtype, device=x.device))
         return tuple(out)
 
