@@ -1051,7 +1051,9 @@ class Agreement:
     - the **number of observations** (``Design.nobs_all``, for AIC, BIC and the residual
       degrees of freedom);
     - the **standardisation** of the fixed-effects columns (means and standard deviations
-      from all-reduced sums, :meth:`ngmm_formula.model.Standardisation.of`).
+      from all-reduced sums, :meth:`ngmm_formula.model.Standardisation.of`);
+    - the **inputs of the networks**: the means and standard deviations of numeric inputs
+      (:func:`_agreed_moments`) and the levels of factor inputs (:func:`_agreed_levels`).
 
     Grouping-factor levels stay local: each process owns whole groups (they are checked to be
     disjoint), and its random-effect blocks are its own.

@@ -41,14 +41,17 @@ one flat vector per step is what DDP's bucketing would do here anyway, in a fixe
 Every process reads the whole data set and builds the whole design (so factor levels, the
 standardisation and the networks' input scaling agree bit for bit); the sharded part is the
 work repeated at every iteration -- the Newton searches, the integrals and their gradients.
-The exception is a **sharded read** of a linear GLMM (``ngmm(parquet_path,
-distributed=True)``, :func:`ngmm_formula.io.read_shard`): each process reads and builds only
-its own groups' rows, the encodings are agreed by collectives
-(:func:`agreement`, :class:`~ngmm_formula.design.Agreement`), the GLM start sums its IRLS
-normal equations over the processes (:func:`~ngmm_formula.fit.glm_start`), and the
+The exception is a **sharded read** (``ngmm(parquet_path, distributed=True)``,
+:func:`ngmm_formula.io.read_shard`): each process reads and builds only its own groups' rows,
+the encodings are agreed by collectives (:func:`agreement`,
+:class:`~ngmm_formula.design.Agreement`; the networks' inputs too), the GLM start sums its
+IRLS normal equations over the processes (:func:`~ngmm_formula.fit.glm_start`), and the
 :class:`Shard` (:meth:`Shard.of_local`, ``presharded``) numbers the blocks rank by rank; each
 process's result then holds its own rows and groups, with the estimates, ``loglik`` and
-``nobs`` of all.
+``nobs`` of all. A neural fit's training numbers the groups of all processes as one process
+would (:meth:`Shard.numbering`), so that it draws the same minibatches and validation groups,
+with each group's rows counted over all processes
+(:meth:`~ngmm_formula.model.RowsByGroup.everywhere`).
 Crossed or nested factors (and REML) couple all groups in one joint block, which cannot be
 split by group: :func:`shard_groups` raises :class:`~ngmm_formula.errors.NGMMError` for them.
 
