@@ -21,6 +21,7 @@ import torch
 
 from ngmm_formula.approx import choose_approximation
 from ngmm_formula.approx.variational import (
+    Levels,
     VariationalObjective,
     fit_variational,
     profiled_elbo,
@@ -58,7 +59,7 @@ from ngmm_formula.model import (
 )
 from ngmm_formula.networks import CentredNetwork, make_network
 from ngmm_formula.results import NGMMResult
-from ngmm_formula.shards import Shard, agreement, connect, shard_groups
+from ngmm_formula.shards import Shard, agreement, connect, shard_groups, shard_levels
 from ngmm_formula.train import (
     TrainingHistory,
     fit_linear_start,
@@ -254,15 +255,17 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
         on CUDA): each process evaluates a contiguous range of the groups and values and
         gradients are all-reduced, so every process returns the same result, equal to the
         one-process fit up to the order of summation. Call it on every process with the
-        same arguments; models with one grouping factor only (see
-        :mod:`ngmm_formula.distributed`, and :func:`ngmm_formula.fit_distributed` for local
-        worker processes and the ``torchrun`` commands for several machines). With ``data``
-        the path of a Parquet file or dataset (e.g. written by
-        :func:`ngmm_formula.io.write_partitioned`) a linear GLMM is read shard by shard:
-        each process reads only its own groups' rows (:func:`ngmm_formula.io.read_shard`)
-        and the encodings are agreed across processes; the result's ``design``, ``ranef``
-        and ``predict()`` then hold this process's rows and groups, ``nobs`` and the
-        estimates all. Not yet for ``nn()`` terms (pass the DataFrame).
+        same arguments; models with one grouping factor, or crossed and nested ones with
+        ``approx="variational"`` (each process evaluates the rows of a range of the largest
+        factor's levels; see :mod:`ngmm_formula.shards`, and
+        :func:`ngmm_formula.fit_distributed` for local worker processes and the
+        ``torchrun`` commands for several machines). With ``data`` the path of a Parquet
+        file or dataset (e.g. written by :func:`ngmm_formula.io.write_partitioned`) a model
+        with one grouping factor, ``nn()`` terms or not, is read shard by shard: each
+        process reads only its own groups' rows (:func:`ngmm_formula.io.read_shard`) and
+        the encodings are agreed across processes; the result's ``design``, ``ranef`` and
+        ``predict()`` then hold this process's rows and groups, ``nobs`` and the estimates
+        all.
     context : mapping, optional
         Extra names the formula may use, e.g. ``{"winsor": my_function, "k": 3.0}`` for
         ``y ~ winsor(x) + I(x * k) + (1 | g)`` (patsy's ``eval_env``, formulaic's
@@ -303,9 +306,11 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
           device: str | torch.device, dtype: str | torch.dtype | None = None,
           distributed: bool = False, context: Mapping[str, Any] | None = None) -> NGMMResult:
     torch.manual_seed(seed)
-    if distributed and approx == "variational":
-        raise NGMMError("distributed=True is not available with approx='variational' (its "
-                        "minibatches already bound the memory of one process)")
+    if distributed and approx == "variational" and sharded_source(data):
+        raise NGMMError("a sharded read (distributed=True with a Parquet path) is not "
+                        "available with approx='variational': its crossed factors cannot be "
+                        "split by the rows of one; pass the data frame (every process reads "
+                        "all rows and evaluates its share of them)")
     if distributed:
         device = connect(str(device))
     source = data
@@ -327,7 +332,7 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
 
     if prepared.approximation.kind == "variational":
         return _ngmm_variational(prepared, control, seed, formula=formula,
-                                 data_name=data_name, refit=refit)
+                                 data_name=data_name, refit=refit, distributed=distributed)
     # this process's range of groups in a distributed fit (None: all groups, one process)
     shard = (shard_groups(prepared.problem, prepared.approximation,
                           len(prepared.design.grouping_factors), presharded=agree is not None)
@@ -463,22 +468,34 @@ def _freeze_networks(prepared: Prepared, module: LinearPredictor, shard: Shard |
 
 
 def _ngmm_variational(prepared: Prepared, control: Control, seed: int, *, formula: str,
-                      data_name: str | None, refit: Any) -> NGMMResult:
+                      data_name: str | None, refit: Any, distributed: bool = False
+                      ) -> NGMMResult:
     """``approx="variational"``: maximise the evidence lower bound
-    (:func:`~ngmm_formula.approx.variational.fit_variational`) from the GLM start."""
+    (:func:`~ngmm_formula.approx.variational.fit_variational`) from the GLM start; with
+    ``distributed``, each process evaluates the rows of its range of the levels of the
+    largest grouping factor (:func:`~ngmm_formula.shards.shard_levels`) and every process
+    returns the same fit."""
     if control.checkpoint is not None and prepared.problem.net_X:
         raise NGMMError("Control.checkpoint is not available with approx='variational' "
                         "(its optimiser does not write checkpoints yet): drop checkpoint= or "
                         "choose another approx")
     module = _module(prepared)
     pr, fam = prepared.problem, prepared.family
+    shard = None
+    if distributed:
+        levels = Levels.of(pr)
+        k = int(np.argmax(levels.n_levels))
+        shard = shard_levels(levels.level_of_obs[k], levels.n_levels[k], pr.y.device)
     glm_start(pr, fam, module)
+    if shard is not None:  # rank 0's start for every process (the IRLS bits may differ)
+        shard.sync(module)
 
     def freeze(obj: VariationalObjective) -> VariationalObjective:
         linear, lin_module, _ = _freeze_networks(prepared, module)
-        return VariationalObjective(linear, fam, lin_module, obj.params)
+        return VariationalObjective(linear, fam, lin_module, obj.params, shard=obj.shard)
 
-    obj, vfit = fit_variational(pr, fam, module, control, seed, on_trained=freeze)
+    obj, vfit = fit_variational(pr, fam, module, control, seed, on_trained=freeze,
+                                shard=shard)
     net_offset = obj.problem.offset - pr.offset if module.nets else None
     return variational_result(prepared, obj, vfit, control, formula=formula,
                               data_name=data_name, refit=refit, nets=_nets(module),

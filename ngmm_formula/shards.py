@@ -54,6 +54,13 @@ with each group's rows counted over all processes
 (:meth:`~ngmm_formula.model.RowsByGroup.everywhere`).
 Crossed or nested factors (and REML) couple all groups in one joint block, which cannot be
 split by group: :func:`shard_groups` raises :class:`~ngmm_formula.errors.NGMMError` for them.
+Their **variational fit** (``approx="variational"``) splits instead: every process holds all
+rows and every level's Gaussian, and evaluates the rows of a contiguous range of the levels of
+the largest grouping factor (:func:`shard_levels`); the full-batch L-BFGS is led by rank 0 as
+above, the minibatch fit sums the gradients as the neural training does, and each process's
+levels' Gaussians are shared at the end
+(:class:`~ngmm_formula.approx.variational.VariationalObjective`,
+:class:`~ngmm_formula.approx.variational.Collectives`). Memory is not split there.
 
 Two entry points:
 
@@ -84,7 +91,7 @@ from ngmm_formula.errors import NGMMError
 if TYPE_CHECKING:
     from ngmm_formula.model import Problem
 
-__all__ = ["Shard", "agreement", "connect", "shard_groups"]
+__all__ = ["Shard", "agreement", "connect", "shard_groups", "shard_levels"]
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _CPU = torch.device("cpu")
@@ -195,12 +202,19 @@ class Shard:
     def of(cls, blocks: Blocks, rank: int, world_size: int, device: torch.device = _CPU
            ) -> Shard:
         """Split ``blocks`` into ``world_size`` ranges balanced by observations."""
+        sizes = torch.bincount(blocks.block_of_obs, minlength=blocks.n_blocks).cpu().numpy()
+        return cls.of_sizes(sizes, rank, world_size, device)
+
+    @classmethod
+    def of_sizes(cls, sizes: np.ndarray, rank: int, world_size: int,
+                 device: torch.device = _CPU, what: str = "group") -> Shard:
+        """Split blocks (or levels: ``what``) with ``sizes`` observations into
+        ``world_size`` ranges balanced by observations."""
         if not 0 <= rank < world_size:
             raise NGMMError(f"rank must be in 0..{world_size - 1}, got {rank}")
-        if blocks.n_blocks < world_size:
-            raise NGMMError(f"distributed fitting needs at least one group per process: "
-                            f"{blocks.n_blocks} groups for {world_size} processes")
-        sizes = torch.bincount(blocks.block_of_obs, minlength=blocks.n_blocks).cpu().numpy()
+        if sizes.size < world_size:
+            raise NGMMError(f"distributed fitting needs at least one {what} per process: "
+                            f"{sizes.size} {what}s for {world_size} processes")
         return cls(rank, world_size, _bounds(sizes, world_size), device)
 
     @classmethod
@@ -451,6 +465,19 @@ def shard_groups(problem: Problem, approx: Approximation, n_grouping_factors: in
                               _comm_device(device))
     return Shard.of(problem.blocks, dist.get_rank(), dist.get_world_size(),
                     _comm_device(device))
+
+
+def shard_levels(level_of_obs: torch.Tensor, n_levels: int, device: torch.device) -> Shard:
+    """This process's :class:`Shard` of a variational fit: a contiguous range of the levels
+    of the term with the most levels (``level_of_obs``, ``n_levels``: the "students"),
+    balanced by observations; this process evaluates their rows
+    (:class:`~ngmm_formula.approx.variational.VariationalObjective`)."""
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        raise NGMMError("the process group uses the nccl backend, which communicates CUDA "
+                        "tensors: pass device='cuda' (or initialise the group with gloo)")
+    sizes = torch.bincount(level_of_obs, minlength=n_levels).cpu().numpy()
+    return Shard.of_sizes(sizes, dist.get_rank(), dist.get_world_size(), _comm_device(device),
+                          what="level of the largest grouping factor")
 
 
 # --------------------------------------------------------------------------------------------

@@ -182,6 +182,8 @@ def test_what_a_sharded_read_refuses(tmp_path: Path) -> None:
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
+        with pytest.raises(NGMMError, match="not available with approx='variational'"):
+            ngmm(BINOMIAL, path, "binomial", approx="variational", distributed=True)
         with pytest.raises(NGMMError, match="partitioned by 'h'.*split across processes"):
             ngmm(BINOMIAL, path, "binomial", distributed=True)
         with pytest.raises(NGMMError, match="has 2 .*crossed or nested"):

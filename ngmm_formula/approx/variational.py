@@ -100,9 +100,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import scipy.optimize
@@ -123,15 +123,47 @@ from ngmm_formula.networks import CentredNetwork
 if TYPE_CHECKING:
     from ngmm_formula.control import Control
 
-__all__ = ["FULL_BATCH_MAX_ROWS", "GH_NODES", "Levels", "VariationalFit", "VariationalObjective",
-           "VariationalParameters", "expected_log_prob", "fit_variational", "initial_log_sd",
-           "kl_standard_normal", "profiled_elbo", "profiled_hessian"]
+__all__ = ["FULL_BATCH_MAX_ROWS", "GH_NODES", "Collectives", "Levels", "VariationalFit",
+           "VariationalObjective", "VariationalParameters", "expected_log_prob",
+           "fit_variational", "initial_log_sd", "kl_standard_normal", "profiled_elbo",
+           "profiled_hessian"]
 
 #: Observations up to which linear models are fitted by full-batch L-BFGS.
 FULL_BATCH_MAX_ROWS = 100_000
 
 #: Gauss--Hermite nodes of the one-dimensional expectations (exact up to degree 2K - 1).
 GH_NODES = 16
+
+
+class Collectives(Protocol):
+    """What a distributed variational fit needs of its process group
+    (:class:`~ngmm_formula.shards.Shard`, over the levels of the term with the most levels:
+    this process evaluates the rows of its range of those levels). Declared here, below the
+    layer of :mod:`~ngmm_formula.shards`, which provides it."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def owned(self, n_blocks: int) -> np.ndarray:
+        """Mask over the levels: this process's."""
+
+    def all_sum(self, x: np.ndarray) -> np.ndarray:
+        """Elementwise sum over the processes, the same bits everywhere."""
+
+    def all_sum_grads(self, params: Sequence[torch.Tensor]) -> None:
+        """Sum the parameters' ``.grad`` over the processes."""
+
+    def lead(self, x: np.ndarray) -> None:
+        """Rank 0: the others evaluate at ``x``."""
+
+    def finish(self, k: int, result: Any) -> None:
+        """Rank 0: end the evaluations and send ``result``."""
+
+    def follow(self, k: int, evaluate: Callable[[np.ndarray], Any]) -> Any:
+        """Other ranks: evaluate where rank 0 asks; its result."""
 
 
 @dataclass(frozen=True)
@@ -292,16 +324,45 @@ class VariationalObjective:
     family : Family
     module : LinearPredictor
     params : VariationalParameters
+    shard : Collectives, optional
+        A distributed fit: this process's data term covers the rows of its levels of the term
+        with the most levels (:attr:`own_rows`), the KL term is counted by rank 0, and the
+        values and gradients are summed over the processes (:meth:`value`,
+        :func:`_value_and_grad`). Every process holds every row and every level's Gaussian.
     """
 
     def __init__(self, problem: Problem, family: Family, module: LinearPredictor,
-                 params: VariationalParameters, *, n_nodes: int = GH_NODES):
+                 params: VariationalParameters, *, n_nodes: int = GH_NODES,
+                 shard: Collectives | None = None):
         self.problem = problem
         self.family = family
         self.module = module
         self.params = params
         self.levels = Levels.of(problem)
         self.n_nodes = n_nodes
+        self.shard = shard if shard is not None and shard.world_size > 1 else None
+        #: the rows this process evaluates (None: all)
+        self.own_rows: torch.Tensor | None = None
+        if self.shard is not None:
+            k = self.largest_term
+            owned = torch.as_tensor(self.shard.owned(self.levels.n_levels[k]))
+            self.own_rows = torch.nonzero(owned[self.levels.level_of_obs[k].cpu()]).squeeze(1)
+
+    @property
+    def largest_term(self) -> int:
+        """The term with the most levels (the "students": minibatches and shards are made of
+        its levels)."""
+        return int(np.argmax(self.levels.n_levels))
+
+    def counts_kl(self) -> bool:
+        """Whether this process adds the KL term (rank 0 of a distributed fit)."""
+        return self.shard is None or self.shard.rank == 0
+
+    def value(self) -> float:
+        """The ELBO without gradients, summed over the processes of a distributed fit."""
+        with torch.no_grad():
+            v = float(self())
+        return v if self.shard is None else float(self.shard.all_sum(np.array([v]))[0])
 
     @property
     def nobs(self) -> int:
@@ -346,16 +407,23 @@ class VariationalObjective:
 
     def __call__(self, rows: torch.Tensor | None = None, chunk: int = 500_000) -> torch.Tensor:
         """The ELBO; with ``rows`` its unbiased minibatch estimate (data term scaled by
-        n / len(rows)). Without ``rows`` and gradients off, evaluated in chunks of rows."""
+        n / len(rows)). Without ``rows`` and gradients off, evaluated in chunks of rows. In
+        a distributed fit (``shard``), without ``rows``: this process's part (its rows, and
+        the KL term on rank 0), which :meth:`value` sums over the processes."""
         if rows is not None:
             return self.expected_loglik(rows).sum() * (self.nobs / rows.numel()) - self.kl()
-        if torch.is_grad_enabled() or self.nobs <= chunk:
-            return self.expected_loglik().sum() - self.kl()
-        total = torch.zeros((), dtype=self.problem.y.dtype)
-        for s in range(0, self.nobs, chunk):
-            total = total + self.expected_loglik(torch.arange(s, min(s + chunk, self.nobs))
-                                                 ).sum()
-        return total - self.kl()
+        own = self.own_rows
+        n = self.nobs if own is None else own.numel()
+        if torch.is_grad_enabled() or n <= chunk:
+            total = self.expected_loglik(own).sum()
+        else:
+            total = torch.zeros((), dtype=self.problem.y.dtype)
+            for s in range(0, n, chunk):
+                part = torch.arange(s, min(s + chunk, n))
+                total = total + self.expected_loglik(part if own is None else own[part]).sum()
+        # after the data term: autograd sums the two terms' gradients in the order of
+        # their graphs (the same bits as before distributed fits existed)
+        return total - self.kl() if self.counts_kl() else total
 
 
 def initial_log_sd(levels: Levels, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -411,25 +479,38 @@ def _assign(tensors: list[torch.Tensor], x: np.ndarray) -> None:
 
 def _lbfgs(obj: VariationalObjective, tensors: list[torch.Tensor], max_iter: int,
            gtol: float = 1e-9) -> tuple[scipy.optimize.OptimizeResult, int]:
-    """Maximise the full-batch ELBO over ``tensors`` by L-BFGS-B (others held fixed)."""
+    """Maximise the full-batch ELBO over ``tensors`` by L-BFGS-B (others held fixed).
+
+    In a distributed fit rank 0 runs the optimiser on the summed values and gradients and
+    the other processes evaluate their rows wherever it asks, then take its result (as
+    :func:`~ngmm_formula.fit.optimise`: identical optimisers in every process could end 1
+    ulp apart and stop at different iterations)."""
     n_eval = 0
 
     def f(x: np.ndarray) -> tuple[float, np.ndarray]:
         nonlocal n_eval
         n_eval += 1
         _assign(tensors, x)
-        value = obj()
-        grads = torch.autograd.grad(value, tensors, allow_unused=True)
-        g = _flat([gr if gr is not None else torch.zeros_like(p)
-                   for gr, p in zip(grads, tensors)])
-        v = float(value.detach())
+        v, g = _value_and_grad(obj, tensors)
         if not math.isfinite(v):
             return 1e300, np.zeros_like(x)
         return -v, -g
 
-    res = scipy.optimize.minimize(
-        f, _flat(tensors), jac=True, method="L-BFGS-B",
-        options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": gtol, "maxls": 50})
+    shard, x0 = obj.shard, _flat(tensors)
+    if shard is not None and shard.rank != 0:
+        res = shard.follow(x0.size, f)
+    else:
+        def lead(x: np.ndarray) -> tuple[float, np.ndarray]:
+            if shard is not None:
+                shard.lead(x)
+            return f(x)
+
+        res = scipy.optimize.minimize(
+            lead, x0, jac=True, method="L-BFGS-B",
+            options={"maxiter": max_iter, "maxcor": 20, "ftol": 1e-15, "gtol": gtol,
+                     "maxls": 50})
+        if shard is not None:
+            shard.finish(x0.size, res)
     _assign(tensors, res.x)
     return res, n_eval
 
@@ -438,10 +519,22 @@ def _model_tensors(module: LinearPredictor) -> list[torch.Tensor]:
     return list(optimised_parameters(module))
 
 
-def _gradient(obj: VariationalObjective, tensors: list[torch.Tensor]) -> np.ndarray:
+def _value_and_grad(obj: VariationalObjective, tensors: list[torch.Tensor]
+                    ) -> tuple[float, np.ndarray]:
+    """The ELBO and its gradient in ``tensors`` (summed over the processes of a distributed
+    fit, in one all-reduce)."""
     value = obj()
     grads = torch.autograd.grad(value, tensors, allow_unused=True)
-    return _flat([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, tensors)])
+    g = _flat([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, tensors)])
+    v = float(value.detach())
+    if obj.shard is None:
+        return v, g
+    both = obj.shard.all_sum(np.concatenate([[v], g]))
+    return float(both[0]), both[1:]
+
+
+def _gradient(obj: VariationalObjective, tensors: list[torch.Tensor]) -> np.ndarray:
+    return _value_and_grad(obj, tensors)[1]
 
 
 def profiled_elbo(problem: Problem, family: Family, module: LinearPredictor,
@@ -454,8 +547,7 @@ def profiled_elbo(problem: Problem, family: Family, module: LinearPredictor,
                                    initial_log_sd(levels, problem.y.dtype))
     obj = VariationalObjective(problem, family, module, params)
     _lbfgs(obj, list(params.parameters()), max_iter)
-    with torch.no_grad():
-        return float(obj())
+    return obj.value()
 
 
 def profiled_hessian(obj: VariationalObjective, max_iter: int, rel_step: float = 1e-4
@@ -554,12 +646,18 @@ def _stochastic(obj: VariationalObjective, control: Control, seed: int
 
     Returns (optimiser steps, score per epoch, stopped before ``Control.epochs``). With
     networks, levels are held out for early stopping and the best state is restored.
+
+    In a distributed fit (``obj.shard``) every process draws the same minibatches of levels,
+    sets the Gaussians of its own levels among them and evaluates their rows; the gradients
+    (the KL and prior terms counted by rank 0) and the scores are summed over the processes,
+    and at the end every process gets every level's Gaussian (:func:`_share_levels`).
     """
     rng = np.random.default_rng(seed)
-    levels = obj.levels
-    k_loc = int(np.argmax(levels.n_levels))
+    levels, shard = obj.levels, obj.shard
+    k_loc = obj.largest_term
     n_loc = levels.n_levels[k_loc]
     owner = levels.level_of_obs[k_loc].cpu().numpy()
+    mine = shard.owned(n_loc) if shard is not None else np.ones(n_loc, dtype=bool)
     module, params = obj.module, obj.params
     present = np.flatnonzero(np.bincount(owner, minlength=n_loc))
     n_val = (int(round(control.validation * present.size))
@@ -570,9 +668,11 @@ def _stochastic(obj: VariationalObjective, control: Control, seed: int
     sizes = by_level.sizes
 
     def rows_of(ls: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.sort(by_level.rows(ls)), dtype=torch.long)
+        """The rows of this process's levels among ``ls``."""
+        return torch.as_tensor(np.sort(by_level.rows(ls[mine[ls]])), dtype=torch.long)
 
     val_rows = rows_of(np.sort(held)) if n_val else None
+    n_val_rows = int(sizes[held].sum())
     per_batch = max(1, int(round(control.batch_size / max(1.0, obj.nobs / present.size))))
     n_train = int(sizes[train_levels].sum())
     others = [p for j in range(len(levels.q)) if j != k_loc
@@ -583,6 +683,7 @@ def _stochastic(obj: VariationalObjective, control: Control, seed: int
     if net_params:
         groups.append({"params": net_params, "weight_decay": float(control.weight_decay)})
     opt = AdamW(groups, lr=max(float(control.lr), 1e-2))
+    stepped = [p for g in groups for p in g["params"]]  # type: ignore[attr-defined]
     sched = Plateau(opt, factor=0.5, patience=0)
 
     others_k = [j for j in range(len(levels.q)) if j != k_loc]
@@ -604,26 +705,17 @@ def _stochastic(obj: VariationalObjective, control: Control, seed: int
         module.train()
         for s in range(0, order.size, per_batch):
             batch = order[s:s + per_batch]
-            rows = rows_of(batch)
-            local_update(obj, k_loc, rows)
-            ll = obj.expected_loglik(rows).sum()
-            # unbiased for the training levels' ELBO; the local term's KL has no gradient
-            # in the parameters stepped here (its Gaussians were just set by local_update)
-            elbo = ll * (train_levels.size / batch.size) - kl_others()
-            for net in module.nets:  # the embeddings' prior (networks.MLP.penalty)
-                if isinstance(net, CentredNetwork):
-                    elbo = elbo - net.penalty()
+            elbo = _minibatch_elbo(obj, k_loc, rows_of(batch), train_levels.size / batch.size,
+                                   kl_others)
             opt.zero_grad(set_to_none=True)
-            (-elbo / n_train).backward()
+            if elbo.requires_grad:
+                (-elbo / n_train).backward()
+            if shard is not None:
+                shard.all_sum_grads(stepped)
             opt.step()
             steps += 1
         module.eval()
-        with torch.no_grad():
-            if val_rows is not None:
-                local_update(obj, k_loc, val_rows)
-                score = float(obj.expected_loglik(val_rows).sum()) / val_rows.numel()
-            else:
-                score = float(obj()) / obj.nobs
+        score = _epoch_score(obj, k_loc, val_rows, n_val_rows)
         curve.append(score)
         sched.step(score)
         if best_state is None or score > best + float(control.min_delta) * max(1.0, abs(best)):
@@ -641,13 +733,64 @@ def _stochastic(obj: VariationalObjective, control: Control, seed: int
     for j in others_k:
         params.set_centred(j, False, Lams[j])
     # the local term's Gaussians at the final parameters, in one pass over all rows
-    local_update(obj, k_loc, torch.arange(obj.nobs))
+    local_update(obj, k_loc, torch.arange(obj.nobs) if obj.own_rows is None else obj.own_rows)
+    if shard is not None:
+        _share_levels(obj, k_loc, mine)
     return steps, tuple(curve), stopped
+
+
+def _minibatch_elbo(obj: VariationalObjective, k: int, rows: torch.Tensor, scale: float,
+                    kl_others: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """This process's part of a minibatch's ELBO estimate: the Gaussians of the levels of
+    term ``k`` owning ``rows`` set by :func:`local_update`, their data term times ``scale``
+    (unbiased for the training levels'), and (rank 0) the other terms' KL and the networks'
+    priors. The local term's KL has no gradient in the parameters stepped with it (its
+    Gaussians were just set)."""
+    elbo = obj.problem.y.new_zeros(())
+    if rows.numel():
+        local_update(obj, k, rows)
+        elbo = obj.expected_loglik(rows).sum() * scale
+    if obj.counts_kl():
+        elbo = elbo - kl_others()
+        for net in obj.module.nets:  # the embeddings' prior (networks.MLP.penalty)
+            if isinstance(net, CentredNetwork):
+                elbo = elbo - net.penalty()
+    return elbo
+
+
+def _epoch_score(obj: VariationalObjective, k: int, val_rows: torch.Tensor | None,
+                 n_val_rows: int) -> float:
+    """The ELBO per observation, or with validation levels (``val_rows``: this process's
+    rows of them, ``n_val_rows``: all processes') their expected log-likelihood per
+    observation after :func:`local_update` of their Gaussians (term ``k``)."""
+    with torch.no_grad():
+        if val_rows is None:
+            return obj.value() / obj.nobs
+        vll = 0.0
+        if val_rows.numel():
+            local_update(obj, k, val_rows)
+            vll = float(obj.expected_loglik(val_rows).sum())
+        if obj.shard is not None:
+            vll = float(obj.shard.all_sum(np.array([vll]))[0])
+        return vll / n_val_rows
+
+
+def _share_levels(obj: VariationalObjective, k: int, mine: np.ndarray) -> None:
+    """Every process's Gaussians of its own levels of term ``k`` (``mine``) into every
+    process (an all-reduce of the tensors with the other levels' rows zeroed: exact)."""
+    assert obj.shard is not None
+    keep = torch.as_tensor(mine)
+    with torch.no_grad():
+        for t in (obj.params.mean[k], obj.params.raw[k]):
+            own = torch.where(keep.reshape(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
+            t.copy_(torch.as_tensor(obj.shard.all_sum(own.numpy()), dtype=t.dtype))
 
 
 def fit_variational(problem: Problem, family: Family, module: LinearPredictor, control: Control,
                     seed: int, *, full_batch_max_rows: int = FULL_BATCH_MAX_ROWS,
-                    on_trained: Callable[[VariationalObjective], VariationalObjective] | None = None
+                    on_trained: Callable[[VariationalObjective],
+                                         VariationalObjective] | None = None,
+                    shard: Collectives | None = None
                     ) -> tuple[VariationalObjective, VariationalFit]:
     """Maximise the ELBO over the model and variational parameters (see the module docs).
 
@@ -666,6 +809,9 @@ def fit_variational(problem: Problem, family: Family, module: LinearPredictor, c
     on_trained : callable, optional
         Called with the objective after the networks are trained; returns the objective of
         the refit (the networks frozen into the offset), as the Laplace path does.
+    shard : Collectives, optional
+        A distributed fit (:class:`VariationalObjective`): every process returns the same
+        fit, equal to the one-process fit up to the order of summation.
 
     Returns
     -------
@@ -676,7 +822,7 @@ def fit_variational(problem: Problem, family: Family, module: LinearPredictor, c
     levels = Levels.of(problem)
     params = VariationalParameters(levels, problem.y.dtype, initial_log_sd(levels,
                                                                           problem.y.dtype))
-    obj = VariationalObjective(problem, family, module, params)
+    obj = VariationalObjective(problem, family, module, params, shard=shard)
     full_batch = obj.nobs <= full_batch_max_rows
     max_iter = int(control.max_iter)
     steps = 0
@@ -710,8 +856,7 @@ def fit_variational(problem: Problem, family: Family, module: LinearPredictor, c
         grad = np.full(_flat(model).size, np.nan)
         H = np.full((grad.size, grad.size), np.nan)
         iterations, evaluations, method = steps, steps, "adam"
-    with torch.no_grad():
-        elbo = float(obj())
+    elbo = obj.value()
     return obj, VariationalFit(
         x=_flat(model), elbo=elbo, gradient=grad, hessian=H, iterations=iterations,
         evaluations=evaluations, message=message, converged=converged, method=method,
