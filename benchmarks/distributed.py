@@ -20,6 +20,10 @@ differences of the estimates and of population predictions (networks and fixed e
 
     python benchmarks/distributed.py --sharded --groups 250000 --per-group 20   # 5 x 10^6 rows
     python benchmarks/distributed.py --sharded --groups 5000                    # quick look
+
+``--two-nodes`` runs the two processes as two "machines" on this host instead: two
+``torchrun --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d
+--rdzv_endpoint=127.0.0.1:PORT`` launches (the README's multi-machine command).
 """
 
 from __future__ import annotations
@@ -75,10 +79,13 @@ def main() -> None:
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--sharded", action="store_true",
                     help="an NGMM from a partitioned Parquet dataset, 1 vs 2 torchrun processes")
+    ap.add_argument("--two-nodes", action="store_true",
+                    help="with --sharded: the two processes as two torchrun launches meeting "
+                         "by the c10d rendezvous on localhost")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.sharded:
-        sharded(args.groups, args.per_group)
+        sharded(args.groups, args.per_group, args.two_nodes)
         return
     df = simulate_grouped(n_groups=args.groups, n_per_group=args.per_group,
                           family=args.family, effect="linear", seed=1)
@@ -107,16 +114,34 @@ def main() -> None:
           f"{np.abs(one.theta - dist.theta).max():.2g}")
 
 
-def _run(cmd: list[str]) -> float:
-    """Run ``cmd`` with this checkout on ``PYTHONPATH`` and one thread per process; its wall
-    seconds."""
+def _run(*cmds: list[str]) -> float:
+    """Run the commands side by side with this checkout on ``PYTHONPATH`` and one thread per
+    process; the wall seconds until the last ends."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
     t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    procs = [subprocess.Popen(cmd, env=env) for cmd in cmds]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit(f"a fit failed: {cmds}")
     return time.perf_counter() - t
 
 
-def sharded(groups: int, per_group: int) -> None:
+def _two_processes(job: list[str], two_nodes: bool) -> list[list[str]]:
+    """The command(s) of the two-process fit: one ``torchrun --standalone`` launch, or two
+    launches meeting by the c10d rendezvous on a free localhost port."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if not two_nodes:
+        return [[*run, "--standalone", "--nproc_per_node=2", *job]]
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    node = [*run, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ngmm-bench", *job]
+    return [node, node]
+
+
+def sharded(groups: int, per_group: int, two_nodes: bool = False) -> None:
     """The NGMM read from a partitioned dataset by one process and by two (module docs)."""
     from ngmm_formula.io import write_partitioned
 
@@ -132,13 +157,14 @@ def sharded(groups: int, per_group: int) -> None:
     job = [str(work / "job.py"), str(work / "data"), str(work / "sample.parquet")]
     load0 = os.getloadavg()[0]
     wall = {1: _run([sys.executable, *job, str(work / "one"), "0"]),
-            2: _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     "--nproc_per_node=2", *job, str(work / "two"), "1"])}
+            2: _run(*_two_processes([*job, str(work / "two"), "1"], two_nodes))}
     load1 = os.getloadavg()[0]
     one = json.loads((work / "one.0.json").read_text())
     two = [json.loads((work / f"two.{r}.json").read_text()) for r in range(2)]
     lines = [f"{n_rows:,} rows, {groups:,} groups, `{NEURAL}`, binomial, default Control; "
-             f"load average (1 min) {load0:.2f} before, {load1:.2f} after", "",
+             f"load average (1 min) {load0:.2f} before, {load1:.2f} after"
+             + ("; the two processes as two torchrun launches (c10d rendezvous)"
+                if two_nodes else ""), "",
              "| fit | process | rows read | wall s (fit) | wall s (process) | peak RSS GB "
              "| epochs (best) | logLik |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for name, recs, w in (("one process", [one], wall[1]), ("two processes", two, wall[2])):
@@ -159,9 +185,11 @@ def sharded(groups: int, per_group: int) -> None:
     text = "\n".join(lines)
     print(text)
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "distributed_sharded.md").write_text(
+    name = "distributed_sharded" + ("_two_nodes" if two_nodes else "")
+    (HERE / "results" / f"{name}.md").write_text(
         f"`python benchmarks/distributed.py --sharded --groups {groups} --per-group "
-        f"{per_group}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}\n")
+        f"{per_group}{' --two-nodes' if two_nodes else ''}`, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}\n")
 
 
 if __name__ == "__main__":
