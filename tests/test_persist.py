@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ngmm_formula import cli, persist
 from ngmm_formula.api import ngmm
@@ -89,10 +90,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
-def _same(a: np.ndarray, b: np.ndarray) -> None:
-    """Bit for bit (NaN in the same places)."""
+def _same(a: np.ndarray, b: np.ndarray, rel: float = 0.0) -> None:
+    """Bit for bit (NaN in the same places), or with ``rel`` within ``rel * (1 + |b|)``."""
     assert a.shape == b.shape and a.dtype == b.dtype
-    assert a.tobytes() == b.tobytes()
+    if not rel:
+        assert a.tobytes() == b.tobytes()
+        return
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    ok = ~np.isnan(b)
+    assert np.all(np.abs(a[ok] - b[ok]) <= rel * (1 + np.abs(b[ok])))
 
 
 # ------------------------------------------------------------------------------------------
@@ -592,6 +598,12 @@ def _fixture_module() -> Any:
 
 @pytest.mark.parametrize("kind", ["lmm", "ngmm"])
 def test_v1_fixture_loads_with_trusted(kind: str, tmp_path: Path) -> None:
+    """The committed predictions were computed where the fixtures were written: the linear
+    model's (float64, sums in a fixed order) reproduce bit for bit on any machine; the neural
+    model's float32 network rounds its matrix products differently on CPUs with other vector
+    units (a few float32 ulps per layer; 1.5e-8 measured on another machine), so there within
+    1e-6 relative (persist.CONSISTENT_TOL), far below what a wrongly rebuilt model gives."""
+    rel = persist.CONSISTENT_TOL[torch.float32] if kind == "ngmm" else 0.0
     path = FIXTURES / f"v1_{kind}.ngmm"
     assert persist.read_header(path)["format_version"] == 1
     with pytest.raises(ModelFileError, match="old pickle format"):
@@ -603,12 +615,12 @@ def test_v1_fixture_loads_with_trusted(kind: str, tmp_path: Path) -> None:
     got = make.predictions(fit, kind)
     assert sorted(got) == sorted(expected)
     for key in expected:
-        _same(got[key], expected[key])
+        _same(got[key], expected[key], rel)
     # converting: save again (version 2) and load without trusted
     again = persist.load(persist.save(fit, tmp_path / "converted.ngmm"))
     assert persist.read_header(tmp_path / "converted.ngmm")["format_version"] == 2
     for key, values in make.predictions(again, kind).items():
-        _same(values, expected[key])
+        _same(values, expected[key], rel)
     assert str(again.summary()) == str(fit.summary())
 
 
