@@ -434,7 +434,9 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     validation state is restored in ``module``. Parameters as :func:`train_networks`, and
 
     by_group : RowsByGroup
-        The rows of the groups of ``split_groups`` (:func:`_rows_by_group`).
+        In place of :func:`train_networks`' ``split_groups``: the rows of each of its groups
+        (:func:`_rows_by_group`; after a sharded read, the rows per group of all processes
+        as ``sizes``).
     held : ndarray of bool, shape (n_groups,), optional
         The validation groups (default: a fraction ``control.validation`` drawn by ``rng``).
     schedule : sequence of float, optional
