@@ -360,9 +360,10 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
         # a tight gradient so that runs with the same seed start training from the same
         # point: L-BFGS-B's last bits vary with memory alignment; no Hessian at the end: no
         # standard errors come from it)
+        split = _split_groups(prepared, shard)
         fit_linear_start(pr, fam, training_approximation(prepared.approximation, control),
-                         module, control, shard)
-        history, obj, net_offset = _train(prepared, module, control, seed, shard)
+                         module, control, shard, split)
+        history, obj, net_offset = _train(prepared, module, control, seed, split, shard)
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
                        refit=refit, nets=_nets(module), net_offset=net_offset,
@@ -421,8 +422,21 @@ def _read_own_shard(parsed: ParsedFormula, source: Any, weights: Any, offset: An
     return frame, agreement(world, comm)
 
 
+def _split_groups(prepared: Prepared, shard: Shard | None) -> np.ndarray:
+    """Each row's group for the training's minibatches and validation split (the blocks'
+    groups when the integral factorises, else the first grouping factor's); after a sharded
+    read, this process's groups numbered among all processes' (:meth:`Shard.numbering`)."""
+    design, pr = prepared.design, prepared.problem
+    split = np.asarray(design.re_terms[0].group_index if prepared.approximation.joint
+                       else pr.blocks.block_of_obs.cpu().numpy())
+    if shard is not None and shard.presharded:
+        split = shard.numbering(design.re_terms[0].levels)[split]
+    return split
+
+
 def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: int,
-           shard: Shard | None = None) -> tuple[TrainingHistory, Objective, torch.Tensor]:
+           split: np.ndarray, shard: Shard | None = None
+           ) -> tuple[TrainingHistory, Objective, torch.Tensor]:
     """Train the networks, centre them, and return the objective of the linear refit and the
     networks' outputs (all observations).
 
@@ -430,10 +444,6 @@ def _train(prepared: Prepared, module: LinearPredictor, control: Control, seed: 
     refit and the Hessian concern beta, theta and sigma only (conditional on the networks).
     """
     pr, design, approx = prepared.problem, prepared.design, prepared.approximation
-    split = np.asarray(design.re_terms[0].group_index if approx.joint
-                       else pr.blocks.block_of_obs.cpu().numpy())
-    if shard is not None and shard.presharded:  # this process's groups, numbered among all
-        split = shard.numbering(design.re_terms[0].levels)[split]
     history = train_networks(pr, prepared.family, approx, module, split, control, seed,
                              shard, describe={"formula": design.formula.formula})
     linear, lin_module, net_out = _freeze_networks(prepared, module, shard)

@@ -176,9 +176,28 @@ LINEAR_START_COLUMNS = 64
 ADDITIVE_LR_SCALE = 10.0
 
 
+#: Rows above which the linear starts of a neural fit (:func:`fit_linear_start` and the
+#: refit of the linear part to the training groups) use a subsample of the groups
+#: (:func:`start_groups`): a start needs estimates good to a few percent, not all rows.
+START_MAX_ROWS = 1 << 18
+
+
+def start_groups(sizes: np.ndarray) -> np.ndarray | None:
+    """The groups (``sizes``: rows per group, of all processes) that the linear starts use:
+    None (all) up to :data:`START_MAX_ROWS` rows, else every ``k``-th group by number, ``k``
+    the smallest that leaves about that many rows. The numbers are one process's
+    (:meth:`~ngmm_formula.shards.Shard.numbering` after a sharded read), so a distributed fit
+    starts from the same subsample."""
+    n = int(sizes.sum())
+    if n <= START_MAX_ROWS:
+        return None
+    return np.arange(sizes.size) % -(-n // START_MAX_ROWS) == 0
+
+
 def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
                      module: LinearPredictor, control: Control,
-                     shard: Shard | None = None) -> list[list[int]]:
+                     shard: Shard | None = None,
+                     split_groups: np.ndarray | None = None) -> list[list[int]]:
     r"""Fit the GLMM in which the networks' inputs enter linearly, and start from it.
 
     The fixed-effects matrix is extended by the standardised input columns of every network,
@@ -200,6 +219,9 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     it joins the start as its levels' one-hot dummies (:meth:`~ngmm_formula.networks.MLP.
     linear_columns`), whose coefficients become its per-level scalars, when the networks'
     columns so counted are at most :data:`LINEAR_START_COLUMNS`; else its scalars start at 0.
+
+    With ``split_groups`` (as :func:`train_networks`') the fit uses the rows of
+    :func:`start_groups` only (above :data:`START_MAX_ROWS` rows; the rank check keeps all).
 
     Returns the kept columns of every network's :meth:`~ngmm_formula.networks.MLP.
     linear_columns` (for tests and diagnostics).
@@ -229,6 +251,12 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     owner = np.concatenate([np.full(x.shape[1], k) for k, x in enumerate(blocks)])
     column = np.concatenate([np.arange(x.shape[1]) for x in blocks])
     augmented = dataclasses.replace(problem, Xs=X_all[:, kept], net_X=(), net_noise=())
+    if split_groups is not None:
+        by_group = _rows_by_group(split_groups, shard)
+        use = start_groups(by_group.sizes)
+        if use is not None:  # blocks without rows integrate to 1: the shards stay valid
+            augmented = augmented.subset(torch.as_tensor(
+                np.sort(by_group.rows(np.flatnonzero(use))), device=problem.y.device))
     glmm = linear_part(module, augmented)  # shares theta and sigma with module
     with torch.no_grad():
         glmm.beta = torch.nn.Parameter(torch.cat([
@@ -460,8 +488,10 @@ def train_member(problem: Problem, family: Family, approx: Approximation,
     other = _linear_params(module)
     initial = copy.deepcopy(module.state_dict()) if control.retrain else None
     if schedule is None and val_groups.size:
+        use = start_groups(by_group.sizes)
+        start = train_groups if use is None else train_groups[use[train_groups]]
         _fit_linear_part(problem, family, training_approximation(approx, control), module,
-                         by_group.rows(train_groups), control, shard)
+                         by_group.rows(start), control, shard)
     opt = _optimiser(net_params, other, control, _fast_parameters(module))
     # the embeddings' prior (networks.MLP.penalty) is per training observation
     n_train = [max(1, int(by_group.sizes[train_groups].sum()))]  # all groups' when retraining
