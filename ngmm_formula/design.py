@@ -1004,8 +1004,8 @@ def _encode_net(term: NNTerm, data: pd.DataFrame, agree: Agreement | None = None
                 ) -> NetInput:
     """The input matrix of an ``nn()`` term: numeric inputs standardised by their mean and
     (population) standard deviation, factors over their levels. Under ``agree`` (a sharded
-    read) both are of every process's rows: :func:`_agreed_moments`, :func:`_agreed_levels`,
-    the same collectives in the same order in every process."""
+    read) both are of every process's rows: :meth:`Agreement.moments`,
+    :func:`_agreed_levels`, the same collectives in the same order in every process."""
     encs = []
     for v in term.variables:
         col = data[v]
@@ -1015,8 +1015,11 @@ def _encode_net(term: NNTerm, data: pd.DataFrame, agree: Agreement | None = None
             x = np.asarray(col, dtype=float)
             if not np.isfinite(x).all():
                 raise DataError(f"nn() input '{v}' has infinite values")
-            mean, sd = (float(x.mean()), float(x.std())) if agree is None else (
-                _agreed_moments(x, agree))
+            if agree is None:
+                mean, sd = float(x.mean()), float(x.std())
+            else:
+                means, sds = agree.moments(x[:, None])
+                mean, sd = float(means[0]), float(sds[0])
             encs.append(NetEncoding(v, "numeric", mean, sd if sd > 0 else 1.0))
         else:
             levels = tuple(_factor_levels(col) if agree is None else _agreed_levels(col, agree))
@@ -1053,7 +1056,7 @@ class Agreement:
     - the **standardisation** of the fixed-effects columns (means and standard deviations
       from all-reduced sums, :meth:`ngmm_formula.model.Standardisation.of`);
     - the **inputs of the networks**: the means and standard deviations of numeric inputs
-      (:func:`_agreed_moments`) and the levels of factor inputs (:func:`_agreed_levels`).
+      (:meth:`moments`) and the levels of factor inputs (:func:`_agreed_levels`).
 
     Grouping-factor levels stay local: each process owns whole groups (they are checked to be
     disjoint), and its random-effect blocks are its own.
@@ -1073,6 +1076,14 @@ class Agreement:
     def sum(self, x: Any) -> np.ndarray:
         """The sum of ``x`` over the processes (``x`` itself is never modified)."""
         return np.asarray(self.all_sum(np.array(x, dtype=np.float64, copy=True)))
+
+    def moments(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Column means and population standard deviations of every process's rows of the
+        2-D ``X``: the mean from all-reduced column sums and counts, then the all-reduced
+        sums of squared deviations from it (two passes, as ``X.std``)."""
+        n = self.sum([X.shape[0]])[0]
+        mean = self.sum(X.sum(axis=0)) / n
+        return mean, np.sqrt(self.sum(((X - mean) ** 2).sum(axis=0)) / n)
 
     def max(self, x: Any) -> np.ndarray:
         """The elementwise maximum of ``x`` over the processes."""
@@ -1111,16 +1122,6 @@ def _agree_levels(formula: ParsedFormula, frame: pd.DataFrame,
         union = sorted({v for lv in lists for v in lv}, key=str)
         converted[n] = pd.Categorical(frame[n], categories=union)
     return frame.assign(**converted) if converted else frame
-
-
-def _agreed_moments(x: np.ndarray, agree: Agreement) -> tuple[float, float]:
-    """Mean and population standard deviation of ``x`` over every process's rows: the mean
-    from all-reduced sums and counts, then the all-reduced sum of squared deviations from it
-    (two passes, as ``x.std()``)."""
-    total, n = agree.sum([x.sum(), x.size])
-    mean = total / n
-    ss = agree.sum([np.square(x - mean).sum()])[0]
-    return float(mean), float(np.sqrt(ss / n))
 
 
 def _agreed_levels(col: pd.Series, agree: Agreement) -> list[str]:

@@ -247,9 +247,7 @@ class Standardisation:
             intercept = [j for j in range(p) if const[j] and np.allclose(X[:, j], 1.0)]
             mean = X.mean(axis=0)
         else:
-            n = agree.sum([X.shape[0]])[0]
-            mean = agree.sum(X.sum(axis=0)) / n
-            sd = np.sqrt(agree.sum(((X - mean) ** 2).sum(axis=0)) / n)
+            mean, sd = agree.moments(X)
             peak = agree.max(np.abs(X).max(axis=0) if X.shape[0] else np.zeros(p))
             const = sd < 1e-12 * np.maximum(1.0, peak)
             away = agree.sum([0.0 if np.allclose(X[:, j], 1.0) else 1.0 for j in range(p)])
