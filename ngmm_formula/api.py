@@ -364,7 +364,9 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
         fit_linear_start(pr, fam, training_approximation(prepared.approximation, control),
                          module, control, shard, split)
         history, obj, net_offset = _train(prepared, module, control, seed, split, shard)
-    opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol)
+    # the refit starts at the trained linear part, near its optimum (``warm``)
+    opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol,
+                   warm=bool(module.nets))
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
                        refit=refit, nets=_nets(module), net_offset=net_offset,
                        history=history)
