@@ -868,8 +868,9 @@ WARM_NEWTON_STEPS = 12
 #: Jacobian costs about one evaluation. Below it, nothing changes (the reference models of
 #: the tests with a few parameters). A cold start's L-BFGS-B is not preconditioned: far
 #: from the optimum (loadings of a second factor near 0 at the GLM start) BHHH's matrix is
-#: nearly singular and a poor model of the Hessian, and the preconditioned L-BFGS-B took
-#: 2,000 iterations where the plain one took 320 (an item-response model, 9,000 responses).
+#: nearly singular and a poor model of the Hessian; on a d = 2 item-response model (30,000
+#: responses) the preconditioned L-BFGS-B from the GLM start ended at a lower local maximum
+#: (logLik -17197.89 against the plain one's -17179.70).
 PRECONDITION_MIN_PARAMS = 50
 
 #: The ridge added to the unit-diagonal (Jacobi-scaled) BHHH matrix before its Cholesky
