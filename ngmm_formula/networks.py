@@ -212,25 +212,18 @@ class CentredNetwork(torch.nn.Module, abc.ABC):
         placeholders until a ``state_dict`` is loaded."""
 
 
-#: The input noise the additive part sees, as a multiple of the body's (``Control.input_noise``
-#: draws it). 1: the same noise as the body (the default). A candidate under test on the broad
-#: benchmark (``benchmarks/neural/README.md``, "A fourth confirmation half"): 0.3, since noise
-#: of SD 0.1 on a standardised input fits the truth convolved with that noise, which blurs a
-#: step; at 1 the default path is unchanged bit for bit.
-ADDITIVE_NOISE_SCALE = 1.0
-
-
 def _additive_input(x: torch.Tensor, body_in: torch.Tensor, noise: torch.Tensor | None,
-                    columns: torch.Tensor | None = None) -> torch.Tensor:
-    """The additive part's input: the body's (``x`` plus the noise) unless
-    :data:`ADDITIVE_NOISE_SCALE` scales the noise (``x`` in the weights' dtype; ``columns``:
-    those of the noise that ``x`` holds, all when None)."""
-    if noise is None or ADDITIVE_NOISE_SCALE == 1.0:
+                    scale: float, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """The additive part's input: ``x`` plus ``scale`` times the body's input noise (the
+    body's own input when ``scale`` is 1; ``x`` in the weights' dtype; ``columns``: those of
+    the noise that ``x`` holds, all when None). ``scale``: :attr:`MLP.additive_noise_scale`,
+    set by the trainer (:func:`~ngmm_formula.train.additive_noise_scale`)."""
+    if noise is None or scale == 1.0:
         return body_in
     noise = noise.to(dtype=x.dtype, device=x.device)
     if columns is not None:
         noise = noise.index_select(1, columns.to(noise.device))
-    return x + ADDITIVE_NOISE_SCALE * noise
+    return x + scale * noise
 
 
 #: Bytes of the buffer of pre-activations :class:`_HingeSum` works in: rows are taken in chunks
@@ -445,6 +438,9 @@ class MLP(CentredNetwork):
         torch.nn.init.zeros_(self.linear.weight)
         # built after the body, so a network without it starts from the same weights
         self.additive = Additive([self.numeric[j] for j in dense], int(additive), dtype)
+        #: the additive part's input noise as a multiple of the body's (training only: no
+        #: noise enters a prediction); the trainer sets it by family
+        self.additive_noise_scale = 1.0
 
     @property
     def tables(self) -> list[torch.nn.Embedding]:
@@ -519,6 +515,8 @@ class MLP(CentredNetwork):
                                  persistent=False)
         if "additive" not in self._modules:  # before the additive part: none
             self.additive = Additive([], 0, first.weight.dtype)
+        if not hasattr(self, "additive_noise_scale"):
+            self.additive_noise_scale = 1.0
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -557,7 +555,8 @@ class MLP(CentredNetwork):
             body_in = x if noise is None else x + noise.to(dtype=w.dtype, device=w.device)
             out = self.body(body_in) + self.linear(x)
             if self.additive.units:
-                out = out + self.additive(_additive_input(x, body_in, noise))
+                out = out + self.additive(_additive_input(x, body_in, noise,
+                                                          self.additive_noise_scale))
             return out.squeeze(-1)  # type: ignore[no-any-return]
         dense = x.index_select(1, self.dense_columns)
         codes = x.index_select(1, self.code_columns).round().long()
@@ -567,6 +566,7 @@ class MLP(CentredNetwork):
         out = self.body(torch.cat(parts, dim=1)) + self.linear(dense)
         if self.additive.units:
             out = out + self.additive(_additive_input(dense, body_dense, noise,
+                                                      self.additive_noise_scale,
                                                       self.dense_columns))
         for j, lev in enumerate(self.level_tables):
             out = out + lev(codes[:, j])

@@ -70,6 +70,44 @@ def test_mlp_adds_the_additive_part_of_the_noisy_dense_inputs() -> None:
     assert net.additive.slope.shape == (2, 3)
 
 
+def test_the_additive_part_sees_a_scaled_share_of_the_input_noise() -> None:
+    """With ``additive_noise_scale`` s the additive part's input is ``x + s e`` while the
+    body's stays ``x + e``: at s = 0.3 the network equals the one at s = 1 with the additive
+    part fed ``x + 0.3 e`` by hand (float64, values of order 10: a few ulps, 1e-12 leaves
+    100x); at s = 1 it is the body's input itself."""
+    net = MLP(2, (5,), "relu", 0.0, additive=3)
+    _randomised(net, 2)
+    x = torch.randn(6, 2, dtype=torch.float64)
+    e = 0.1 * torch.randn(6, 2, dtype=torch.float64)
+    assert net.additive_noise_scale == 1.0
+    with torch.no_grad():
+        full = net.raw(x, e)
+        net.additive_noise_scale = 0.3
+        scaled = net.raw(x, e)
+        by_hand = (full - net.additive(x + e).squeeze(-1)
+                   + net.additive(x + 0.3 * e).squeeze(-1))
+    torch.testing.assert_close(scaled, by_hand, rtol=0, atol=1e-12)
+    assert not torch.equal(scaled, full)
+
+
+@pytest.mark.parametrize("family, scale", [("gaussian", 0.3), ("poisson", 0.3),
+                                           ("binomial", 1.0)])
+def test_training_sets_the_additive_noise_scale_by_family(family: str, scale: float) -> None:
+    """The trainer gives the networks the family's scale (train.ADDITIVE_NOISE_SCALE: the
+    body's noise for binomial data, 0.3 of it otherwise); a prediction adds no noise."""
+    rng = np.random.default_rng(1)
+    n = 300
+    df = pd.DataFrame({"x": rng.normal(size=n), "g": (np.arange(n) % 15).astype(str)})
+    eta = np.sin(2 * df.x) + rng.normal(0, 0.5, 15)[np.arange(n) % 15]
+    df["y"] = {"gaussian": eta + rng.normal(0, 0.3, n),
+               "poisson": rng.poisson(np.exp(eta)),
+               "binomial": rng.binomial(1, 1 / (1 + np.exp(-eta)))}[family]
+    fit = ngmm("y ~ nn(x, hidden=(8,)) + (1 | g)", df, family,
+               control=Control(epochs=3, min_steps=0, progress=False), seed=0)
+    (net,) = fit.nets
+    assert isinstance(net, MLP) and net.additive_noise_scale == scale
+
+
 def test_additive_gradients() -> None:
     """``gradcheck`` (float64 finite differences) of the output in the input and in the
     additive part's weights, away from the hinges' kinks (a kink within the step has
