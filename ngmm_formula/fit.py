@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -465,7 +466,11 @@ def _evaluate(obj: Objective, x: np.ndarray) -> tuple[float, np.ndarray]:
     return float(vg[0]), vg[1:]
 
 
-def fd_hessian(value_and_grad: ValueAndGrad, x: np.ndarray, rel_step: float = 1e-4
+#: The relative step of the finite-difference Hessians: ``FD_REL_STEP * max(1, |x_j|)``.
+FD_REL_STEP = 1e-4
+
+
+def fd_hessian(value_and_grad: ValueAndGrad, x: np.ndarray, rel_step: float = FD_REL_STEP
                ) -> np.ndarray:
     """Hessian of the log-likelihood by central differences of the exact gradient."""
     k = x.size
@@ -477,6 +482,67 @@ def fd_hessian(value_and_grad: ValueAndGrad, x: np.ndarray, rel_step: float = 1e
         xm[j] -= h
         H[:, j] = (value_and_grad(xp)[1] - value_and_grad(xm)[1]) / (2 * h)
     return 0.5 * (H + H.T)
+
+
+#: A parameter that enters the rows of at most this share of the blocks (an item's intercept
+#: and loadings: the students who answered it) has its finite-difference column of the
+#: Hessian computed from those blocks alone (:func:`_local_fd_hessian`): the other blocks'
+#: gradients do not depend on it, so their differences are zero.
+LOCAL_FD_MAX_SHARE = 0.5
+
+
+def _local_fd_hessian(obj: Objective) -> Callable[[ValueAndGrad, np.ndarray], np.ndarray] | None:
+    r""":func:`fd_hessian` with each column of a local parameter (:data:`LOCAL_FD_MAX_SHARE`)
+    from the blocks it enters only, or None where no parameter is local or the blocks'
+    dependence is not read off the rows (the conditions of BHHH's information,
+    :func:`_score_information_hessian`: per-group rules, no REML, no dispersion parameter,
+    no networks, one process).
+
+    Parameter :math:`j` enters block :math:`b` when a row of :math:`b` has a non-zero
+    :math:`X_{ij}` (fixed effects) or a non-zero entry of :math:`Z` in a column that
+    :math:`\Lambda`'s entry :math:`j` multiplies; the pattern is :func:`_block_jacobian` of
+    :math:`|X|`, :math:`|Z|` and unit row gradients. The column is the central difference of
+    the gradient of those blocks' log-likelihood (step as :func:`fd_hessian`), on the problem
+    restricted to their rows (:meth:`~ngmm_formula.model.Problem.subset`, parameters sharing
+    a set of blocks share one restriction); on an item-response model each item's columns
+    cost the share of students who answered it instead of a whole evaluation.
+    """
+    pr, m = obj.problem, obj.module
+    if (obj.approx.kind not in ("laplace", "agq", "truncated") or obj.approx.joint or pr.reml
+            or m.log_sigma is not None or len(m.nets) or pr.net_X or obj.shard is not None):
+        return None
+    k, n, n_blocks = _get(m).size, int(pr.y.shape[0]), pr.blocks.n_blocks
+    absolute = dataclasses.replace(pr, Xs=pr.Xs.abs(), Z=tuple(z.abs() for z in pr.Z))
+    pattern = _block_jacobian(absolute, np.ones(n), np.ones((n, sum(pr.dims))), k).tocsc()
+    pattern.eliminate_zeros()
+    blocks_of = [pattern.indices[pattern.indptr[j]:pattern.indptr[j + 1]] for j in range(k)]
+    local = [b.size <= LOCAL_FD_MAX_SHARE * n_blocks for b in blocks_of]
+    if not any(local):
+        return None
+    block_of_obs = pr.blocks.block_of_obs.cpu().numpy()
+
+    def hessian(value_and_grad: ValueAndGrad, x: np.ndarray) -> np.ndarray:
+        H = np.empty((k, k))
+        by_set: dict[bytes, list[int]] = {}
+        for j in range(k):
+            by_set.setdefault(np.sort(blocks_of[j]).tobytes() if local[j] else b"", []).append(j)
+        for key, columns in by_set.items():
+            vg: ValueAndGrad = value_and_grad
+            if key:
+                blocks = np.frombuffer(key, dtype=blocks_of[columns[0]].dtype)
+                rows = np.flatnonzero(np.isin(block_of_obs, blocks))
+                sub = Objective(pr.subset(torch.as_tensor(rows, device=pr.y.device),
+                                          torch.as_tensor(blocks, device=pr.y.device)),
+                                obj.family, obj.approx, m, mode_tol=obj.mode_tol)
+                vg = functools.partial(_evaluate, sub)
+            for j in columns:
+                h = FD_REL_STEP * max(1.0, abs(x[j]))
+                xp, xm = x.copy(), x.copy()
+                xp[j] += h
+                xm[j] -= h
+                H[:, j] = (vg(xp)[1] - vg(xm)[1]) / (2 * h)
+        return 0.5 * (H + H.T)
+    return hessian
 
 
 # --------------------------------------------------------------------------------------------
@@ -759,7 +825,8 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
     opt = _maximise(value_and_grad, x0, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps,
                     final_hessian=final_hessian, warm=warm,
                     hessian=_score_information_hessian(obj, errors=final_hessian),
-                    steer=_score_information_hessian(obj, errors=False))
+                    steer=_score_information_hessian(obj, errors=False),
+                    fd=_local_fd_hessian(obj) or fd_hessian)
     # the module (and, in a distributed fit, every process) at the optimum: already there
     # when the last evaluation was at it
     value, grad = value_and_grad.at(opt.x)
@@ -939,7 +1006,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
               stop_at_gtol: np.ndarray | None = None,
               hessian: Callable[[np.ndarray], np.ndarray] | None = None,
               warm: bool = False,
-              steer: Callable[[np.ndarray], np.ndarray] | None = None) -> Optimum:
+              steer: Callable[[np.ndarray], np.ndarray] | None = None,
+              fd: Callable[[ValueAndGrad, np.ndarray], np.ndarray] = fd_hessian) -> Optimum:
     r"""L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
 
     Newton polishing is the chord method: the finite-difference Hessian at the L-BFGS point
@@ -965,7 +1033,7 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     ``steer`` (BHHH's; :data:`PRECONDITION_MIN_PARAMS`): with ``hessian`` None, the Newton
     steps use it and the finite-difference Hessian is computed once, at the final point. A
     warm start whose Newton steps stop short runs L-BFGS-B preconditioned by their matrix
-    (:class:`_Preconditioner`); a cold start runs it plain.
+    (:class:`_Preconditioner`); a cold start runs it plain. ``fd``: the finite differences.
     """
     if not isinstance(value_and_grad, _LastEvaluation):
         value_and_grad = _LastEvaluation(value_and_grad)
@@ -978,7 +1046,7 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         if by is not None:
             n_hessian += 1
             return by(x)
-        return fd_hessian(vg, x)
+        return fd(vg, x)
     # the gradients of the last evaluations, by point: an iterate whose gradient is already
     # below ``gtol`` (the polish's own criterion) ends L-BFGS-B (``stop_at_gtol``)
     seen: dict[bytes, float] = {}
