@@ -358,9 +358,7 @@ def _block_jacobian(pr: Problem, g_eta: np.ndarray, g_C: np.ndarray, k: int) -> 
     zcols = pr.Zcols or (None,) * len(pr.Z)
     for Z, Zc, q, d, rank in zip(pr.Z, zcols, pr.q, pr.dims, pr.ranks):
         pairs = tril_pairs(q, rank)
-        index = np.full((q, d), -1)
-        for m, (i, j) in enumerate(pairs):
-            index[i, j] = col0 + m
+        index = _lambda_index(q, d, rank, col0)
         Zv = Z.cpu().double().numpy()
         jcol = (np.broadcast_to(np.arange(q), Zv.shape) if Zc is None
                 else Zc.cpu().numpy().astype(np.int64))
@@ -375,6 +373,46 @@ def _block_jacobian(pr: Problem, g_eta: np.ndarray, g_C: np.ndarray, k: int) -> 
         slot += d
     return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                          shape=(pr.blocks.n_blocks, k)).tocsr()
+
+
+def _lambda_index(q: int, d: int, rank: int, col0: int) -> np.ndarray:
+    r"""(q, d): the position among the parameters of each entry of a term's :math:`\Lambda`
+    (its theta entries numbered from ``col0`` in :func:`~ngmm_formula.design.tril_pairs`'
+    order), -1 where the entry is fixed at 0."""
+    index = np.full((q, d), -1)
+    for m, (i, j) in enumerate(tril_pairs(q, rank)):
+        index[i, j] = col0 + m
+    return index
+
+
+def _blocks_of_parameters(pr: Problem, k: int) -> Any:
+    r"""The (n_blocks, k) sparse pattern of which blocks each parameter enters: a row of the
+    block with a non-zero :math:`X_{ij}` (fixed effect j) or a non-zero entry of :math:`Z`
+    in a column that the :math:`\Lambda` entry multiplies (the structure of
+    :func:`_block_jacobian`, from the non-zeros only: memory of their number, not n x k)."""
+    import scipy.sparse as sp
+
+    block = pr.blocks.block_of_obs.cpu().numpy().astype(np.int64)
+    rows, cols = [], []
+    col0 = 0
+    if pr.p:  # fixed effects (no REML here)
+        r, c = np.nonzero(pr.Xs.cpu().numpy())
+        rows.append(block[r])
+        cols.append(c)
+        col0 = pr.p
+    zcols = pr.Zcols or (None,) * len(pr.Z)
+    for Z, Zc, q, d, rank in zip(pr.Z, zcols, pr.q, pr.dims, pr.ranks):
+        index = _lambda_index(q, d, rank, col0)
+        r, e = np.nonzero(Z.cpu().numpy())
+        jcol = e if Zc is None else Zc.cpu().numpy().astype(np.int64)[r, e]
+        for s in range(d):
+            keep = index[jcol, s] >= 0
+            rows.append(block[r[keep]])
+            cols.append(index[jcol[keep], s])
+        col0 += len(tril_pairs(q, rank))
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return sp.coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)),
+                         shape=(pr.blocks.n_blocks, k)).tocsc()
 
 
 def _score_information_hessian(obj: Objective, *, errors: bool = True
@@ -500,8 +538,8 @@ def _local_fd_hessian(obj: Objective) -> Callable[[ValueAndGrad, np.ndarray], np
 
     Parameter :math:`j` enters block :math:`b` when a row of :math:`b` has a non-zero
     :math:`X_{ij}` (fixed effects) or a non-zero entry of :math:`Z` in a column that
-    :math:`\Lambda`'s entry :math:`j` multiplies; the pattern is :func:`_block_jacobian` of
-    :math:`|X|`, :math:`|Z|` and unit row gradients. The column is the central difference of
+    :math:`\Lambda`'s entry :math:`j` multiplies (:func:`_blocks_of_parameters`). The
+    column is the central difference of
     the gradient of those blocks' log-likelihood (step as :func:`fd_hessian`), on the problem
     restricted to their rows (:meth:`~ngmm_formula.model.Problem.subset`, parameters sharing
     a set of blocks share one restriction); on an item-response model each item's columns
@@ -511,10 +549,8 @@ def _local_fd_hessian(obj: Objective) -> Callable[[ValueAndGrad, np.ndarray], np
     if (obj.approx.kind not in ("laplace", "agq", "truncated") or obj.approx.joint or pr.reml
             or m.log_sigma is not None or len(m.nets) or pr.net_X or obj.shard is not None):
         return None
-    k, n, n_blocks = _get(m).size, int(pr.y.shape[0]), pr.blocks.n_blocks
-    absolute = dataclasses.replace(pr, Xs=pr.Xs.abs(), Z=tuple(z.abs() for z in pr.Z))
-    pattern = _block_jacobian(absolute, np.ones(n), np.ones((n, sum(pr.dims))), k).tocsc()
-    pattern.eliminate_zeros()
+    k, n_blocks = _get(m).size, pr.blocks.n_blocks
+    pattern = _blocks_of_parameters(pr, k)
     blocks_of = [pattern.indices[pattern.indptr[j]:pattern.indptr[j + 1]] for j in range(k)]
     local = [b.size <= LOCAL_FD_MAX_SHARE * n_blocks for b in blocks_of]
     if not any(local):
@@ -529,7 +565,7 @@ def _local_fd_hessian(obj: Objective) -> Callable[[ValueAndGrad, np.ndarray], np
         for key, columns in by_set.items():
             vg: ValueAndGrad = value_and_grad
             if key:
-                blocks = np.frombuffer(key, dtype=blocks_of[columns[0]].dtype)
+                blocks = np.frombuffer(key, dtype=blocks_of[columns[0]].dtype).copy()
                 rows = np.flatnonzero(np.isin(block_of_obs, blocks))
                 sub = Objective(pr.subset(torch.as_tensor(rows, device=pr.y.device),
                                           torch.as_tensor(blocks, device=pr.y.device)),
