@@ -30,6 +30,8 @@ from ngmm_formula.assemble import Prepared, make_result, variational_result
 from ngmm_formula.checks import check_separation
 from ngmm_formula.design import (
     Agreement,
+    FixedMatrix,
+    SparseRows,
     build_design,
     check_reduced_rank_response,
     required_columns,
@@ -82,6 +84,14 @@ def load_data(parsed: ParsedFormula, data: Any, weights: Any = None, offset: Any
     return read_data(data, cols)
 
 
+def _nonfinite_columns(X: FixedMatrix) -> list[int]:
+    """The columns of ``X`` with a NaN or infinite value (a :class:`SparseRows` matrix's
+    from its non-zeros)."""
+    if isinstance(X, SparseRows):
+        return sorted(set(X.columns[~np.isfinite(X.values)].tolist()))
+    return [j for j, col in enumerate(X.T) if not np.isfinite(col).all()]
+
+
 def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
             approx: str = "auto", nagq: int | None = None, truncation: float | None = None,
             points: int | None = None, weights: Any = None, offset: Any = None,
@@ -112,9 +122,9 @@ def prepare(formula: str, data: Any, family: str | Family = "gaussian", *,
     fam.check_levels([(t.group, t.n_levels, t.dim) for t in design.re_terms], design.nobs)
     check_reduced_rank_response(design)
     check_separation(design, fam, stacklevel=4)
-    for col, name in zip(design.X.T, design.fixed_names):
-        if not np.isfinite(col).all():
-            raise DataError(f"fixed-effect column '{name}' has NaN or infinite values")
+    for j in _nonfinite_columns(design.X)[:1]:
+        name = design.fixed_names[j]
+        raise DataError(f"fixed-effect column '{name}' has NaN or infinite values")
     n_groups = len(design.grouping_factors)
     block_dim = sum(t.dim for t in design.re_terms)
     gauss_id = fam.name == "gaussian" and fam.link.name == "identity"

@@ -43,12 +43,13 @@ are. Ordinary (not separated) data thus cost one small programme: about 10 ms fo
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.optimize import linprog
 
-from ngmm_formula.design import Design, full_rank_columns
+from ngmm_formula.design import Design, SparseRows, full_rank_columns, full_rank_columns_gram
 from ngmm_formula.errors import SeparationWarning
 from ngmm_formula.scaling import SCALE_RATIO, column_scale_problems
 
@@ -84,18 +85,24 @@ def _solve(A_ub: np.ndarray, A_eq: np.ndarray, total: np.ndarray) -> np.ndarray 
     return np.asarray(res.x[:p] - res.x[p:])
 
 
-def _direction(Xs: np.ndarray, s: np.ndarray, cols: np.ndarray, first: np.ndarray,
+def _direction(Xs: Any, s: np.ndarray, cols: np.ndarray, first: np.ndarray,
                max_rounds: int) -> tuple[np.ndarray | None, np.ndarray]:
     """A separating direction on the columns ``cols`` of the scaled matrix, by constraint
     generation from the rows ``first``; returns it (None: no separation) and the rows used."""
     Xc = Xs[:, cols]
-    A = Xc * s[:, None]
-    total = A.sum(0)  # the normalisation over every row: see the module docstring
-    row_norm = np.linalg.norm(Xc, axis=1)
+    if sp.issparse(Xc):  # a wide factor design: the programmes take the chosen rows dense
+        A = (sp.diags(s) @ Xc).tocsr()
+        total = np.asarray(A.sum(0)).ravel()
+        row_norm = np.sqrt(np.asarray(Xc.multiply(Xc).sum(1)).ravel())
+    else:
+        A = Xc * s[:, None]
+        total = A.sum(0)  # the normalisation over every row: see the module docstring
+        row_norm = np.linalg.norm(Xc, axis=1)
     n = len(s)
     chosen = first
     for _ in range(max_rounds):
-        b = _solve(A[chosen[s[chosen] != 0]], Xc[chosen[s[chosen] == 0]], total)
+        b = _solve(_dense_rows(A, chosen[s[chosen] != 0]), _dense_rows(Xc, chosen[s[chosen] == 0]),
+                   total)
         if b is None:
             return None, chosen
         # HiGHS meets the constraints to about 1e-7: a row of the programme "violated" by
@@ -110,17 +117,24 @@ def _direction(Xs: np.ndarray, s: np.ndarray, cols: np.ndarray, first: np.ndarra
         worst = violated[np.argsort(slack[violated])[:ADD_ROWS]]
         chosen = np.union1d(chosen, worst)
     every = np.arange(n)
-    return _solve(A[s != 0], Xc[s == 0], total), every
+    return _solve(_dense_rows(A, np.flatnonzero(s != 0)), _dense_rows(Xc, np.flatnonzero(s == 0)),
+                  total), every
 
 
-def separating_columns(X: np.ndarray, signs: np.ndarray, *, seed: int = 0,
+def _dense_rows(M: Any, rows: np.ndarray) -> np.ndarray:
+    """Rows of a dense or scipy sparse matrix, as a dense array."""
+    return M[rows].toarray() if sp.issparse(M) else M[rows]
+
+
+def separating_columns(X: Any, signs: np.ndarray, *, seed: int = 0,
                        max_rounds: int = 20) -> list[int] | None:
     r"""The columns of a separating direction of ``X``, or None if the data are not separated.
 
     Parameters
     ----------
-    X : ndarray, shape (n, p)
-        Full-rank fixed-effects model matrix (finite values).
+    X : ndarray or scipy sparse matrix, shape (n, p)
+        Full-rank fixed-effects model matrix (finite values); sparse for a wide factor
+        design (the linear programmes then take the rows they use as dense arrays).
     signs : ndarray, shape (n,)
         :math:`s_i`: +1 where the fitted value may only increase (:math:`x_i^\top b \ge 0`),
         -1 where it may only decrease, 0 where it must stay (:math:`x_i^\top b = 0`), NaN for
@@ -138,16 +152,21 @@ def separating_columns(X: np.ndarray, signs: np.ndarray, *, seed: int = 0,
         pruned greedily -- smallest :math:`|b_j|` first, a column goes when the others still
         separate without it -- so that no named column is superfluous.
     """
-    X = np.asarray(X, dtype=float)
     s = np.asarray(signs, dtype=float)
     keep = np.isfinite(s)
-    X, s = X[keep], s[keep]
+    X = X.tocsr()[keep] if sp.issparse(X) else np.asarray(X, dtype=float)[keep]
+    s = s[keep]
     n, p = X.shape
     if p == 0 or n == 0 or not (s != 0).any():
         return None
-    rms = np.sqrt(np.mean(X * X, axis=0))
-    rms[rms == 0] = 1.0
-    Xs = X / rms
+    if sp.issparse(X):
+        rms = np.sqrt(np.asarray(X.multiply(X).mean(axis=0)).ravel())
+        rms[rms == 0] = 1.0
+        Xs = (X @ sp.diags(1.0 / rms)).tocsc()
+    else:
+        rms = np.sqrt(np.mean(X * X, axis=0))
+        rms[rms == 0] = 1.0
+        Xs = X / rms
     if n <= SUBSET_ROWS:
         first = np.arange(n)
     else:
@@ -169,6 +188,24 @@ def separating_columns(X: np.ndarray, signs: np.ndarray, *, seed: int = 0,
         if b_rest is not None:
             support = rest[np.abs(b_rest) > 1e-6 * float(np.abs(b_rest).max())]
     return [int(j) for j in support]
+
+
+def _checked_columns(design: Design) -> tuple[Any, list[int]]:
+    """The fixed effects and the networks' input columns, of full rank, and their positions
+    among all of them: dense, or scipy's compressed sparse columns for a wide factor design
+    (its rank then from the cross-product, :func:`full_rank_columns_gram`)."""
+    if isinstance(design.X, SparseRows):
+        X = sp.hstack([design.X.csr(), *(sp.csr_matrix(ni.X) for ni in design.nets)]).tocsc()
+        cols = (full_rank_columns_gram(np.asarray((X.T @ X).toarray())) if design.nets
+                else list(range(X.shape[1])))
+        return X[:, cols], cols
+    blocks = [design.X, *(ni.X for ni in design.nets)]
+    X = np.hstack(blocks) if len(blocks) > 1 else design.X
+    cols = list(range(X.shape[1]))
+    if len(blocks) > 1:
+        cols = full_rank_columns(X)
+        X = X[:, cols]
+    return X, cols
 
 
 def check_separation(design: Design, family: Family, *, stacklevel: int = 2) -> list[str]:
@@ -196,15 +233,10 @@ def check_separation(design: Design, family: Family, *, stacklevel: int = 2) -> 
     signs = family.separation_signs(design.y, design.weights)
     if signs is None or design.nobs == 0:
         return []
-    blocks, names = [design.X], list(design.fixed_names)
+    names = list(design.fixed_names)
     for ni in design.nets:
-        blocks.append(ni.X)
         names += [f"{ni.term.label}: input {c}" for c in ni.columns]
-    X = np.hstack(blocks) if len(blocks) > 1 else design.X
-    cols = list(range(X.shape[1]))
-    if len(blocks) > 1:
-        cols = full_rank_columns(X)
-        X = X[:, cols]
+    X, cols = _checked_columns(design)
     found = separating_columns(X, signs)
     if not found:
         return []

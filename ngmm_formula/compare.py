@@ -94,7 +94,7 @@ import scipy.sparse as sp
 import torch
 
 from ngmm_formula.api import Prepared, ngmm, objective_at, prepare
-from ngmm_formula.design import Design, ReTerm, SparseRows, lme4_name, re_effect
+from ngmm_formula.design import Design, ReTerm, SparseRows, lme4_name, matrix_columns, re_effect
 from ngmm_formula.errors import DataError, NGMMError, NGMMWarning
 from ngmm_formula.families import Family
 from ngmm_formula.results import NGMMResult
@@ -481,7 +481,8 @@ def _with_statsmodels(fit: NGMMResult, prefix: str, data: pd.DataFrame,
 
 def _model_key(prepared: Prepared) -> tuple[Any, ...]:
     d, a = prepared.design, prepared.approximation
-    arrays = (d.y, d.weights, d.offset, d.X,
+    arrays = (d.y, d.weights, d.offset,
+              *((d.X.values, d.X.columns) if isinstance(d.X, SparseRows) else (d.X,)),
               *(x for t in d.re_terms for x in ((t.Zraw.values, t.Zraw.columns)
                                                 if isinstance(t.Zraw, SparseRows)
                                                 else (t.Zraw,))),
@@ -604,7 +605,8 @@ def _check_same_data(fit: NGMMResult, design: Design) -> None:
     d = fit.design
     same = design.nobs == d.nobs and np.allclose(design.y, d.y, rtol=1e-10, atol=1e-12)
     if same and not d.nets and design.fixed_names == d.fixed_names:
-        same = np.allclose(design.X, d.X, rtol=1e-10, atol=1e-12)
+        same = all(np.allclose(a, b, rtol=1e-10, atol=1e-12)
+                   for a, b in zip(matrix_columns(design.X), matrix_columns(d.X)))
     if not same:
         raise DataError("data is not the data the fit was made on (the response or the "
                         "model matrix differs): pass the same DataFrame")
@@ -1075,7 +1077,7 @@ def _statsmodels_column(fit: NGMMResult, linear: NGMMResult, prepared: Prepared,
                            call=spec.call(reml), fixef=empty, std_errors=empty, random=empty,
                            ok=False, status=msg)
     # every statsmodels column must be the same column of this package's design
-    ours = dict(zip(design.fixed_names, design.X.T))
+    ours = dict(zip(design.fixed_names, matrix_columns(design.X)))
     mismatch = [n for n, col in zip(res.names, res.X.T) if n not in ours
                 or not np.allclose(col, ours[n][res.rows], rtol=1e-7, atol=1e-9)]
     missing = [n for n in design.fixed_names if n not in res.names]
@@ -1269,7 +1271,7 @@ def _diagnose(res: _SMFit, caught: Sequence[warnings.WarningMessage], *, mixedlm
 def _scale_hint(design: Design) -> str | None:
     """Name the unscaled fixed-effect columns (the usual cause of statsmodels' failures)."""
     big = []
-    for name, col in zip(design.fixed_names, design.X.T):
+    for name, col in zip(design.fixed_names, matrix_columns(design.X)):
         s = float(np.std(col))
         if name != "(Intercept)" and (s > 10 or abs(float(np.mean(col))) > 10 * max(s, 1e-12)):
             big.append(f"{name} (SD {s:.3g})")

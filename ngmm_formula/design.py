@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,7 +49,7 @@ from formulaic.formula import SimpleFormula
 from ngmm_formula.errors import DataError, FormulaError, NewLevelsError, ScaleWarning
 from ngmm_formula.formula import BarTerm, NNTerm, ParsedFormula, parse_formula
 from ngmm_formula.safety import EXTRA_TRANSFORMS, IDENTIFIER, check_python
-from ngmm_formula.scaling import SCALE_RATIO, column_scale_problems
+from ngmm_formula.scaling import SCALE_RATIO, column_scale_problems, sparse_column_scale_problems
 
 __all__ = [
     "Agreement",
@@ -63,6 +63,12 @@ __all__ = [
     "NewData",
     "ReTerm",
     "SparseRows",
+    "FixedMatrix",
+    "WIDE_SPARSE_MAX_DENSITY",
+    "WIDE_SPARSE_MIN_COLUMNS",
+    "wide_and_sparse",
+    "matrix_column",
+    "matrix_columns",
     "ZMatrix",
     "group_labels",
     "re_effect",
@@ -144,6 +150,83 @@ class SparseRows:
         out = np.zeros(self.shape)
         np.add.at(out, (np.arange(self.shape[0])[:, None], self.columns), self.values)
         return out
+
+    def __matmul__(self, v: np.ndarray) -> np.ndarray:
+        """:math:`M v` for a vector ``v`` (q,), by a gather and a sum over each row's
+        entries (fixed order): O(n m)."""
+        return (self.values * np.asarray(v)[self.columns]).sum(axis=1)  # type: ignore[no-any-return]
+
+    def csr(self) -> sp.csr_matrix:
+        """As a scipy CSR matrix (m stored entries per row, padding included)."""
+        n, m = self.values.shape
+        return sp.csr_matrix((self.values.reshape(-1), self.columns.reshape(-1).astype(np.int64),
+                              np.arange(0, n * m + 1, m)), shape=self.shape)
+
+    def gram(self) -> np.ndarray:
+        r""":math:`M^\top M`, dense (q, q)."""
+        M = self.csr()
+        return np.asarray((M.T @ M).toarray())
+
+    def keep_columns(self, kept: list[int] | tuple[int, ...]) -> SparseRows:
+        """The matrix of the columns ``kept`` (in that order), as ``M[:, kept]``: entries in
+        other columns become padding (value 0, column 0)."""
+        new = np.full(self.n_columns, -1, dtype=np.int64)
+        new[list(kept)] = np.arange(len(kept))
+        cols = new[self.columns]
+        gone = cols < 0
+        return SparseRows(_frozen(np.where(gone, 0.0, self.values)),
+                          _frozen(np.where(gone, 0, cols).astype(np.int32)), len(kept))
+
+    def column_sums(self, weights: np.ndarray | None = None, power: int = 1) -> np.ndarray:
+        r""":math:`\sum_i w_i M_{ij}^{power}` per column (w = 1 when None), from the
+        non-zeros."""
+        v = self.values ** power
+        if weights is not None:
+            v = v * weights[:, None]
+        return np.bincount(self.columns.reshape(-1), weights=v.reshape(-1),
+                           minlength=self.n_columns)
+
+
+#: A fixed-effects model matrix of at least this many columns with at most
+#: :data:`WIDE_SPARSE_MAX_DENSITY` of its entries non-zero (the indicator columns of a factor
+#: with many levels: an item-response model's ``0 + item``) is held as :class:`SparseRows`:
+#: memory O(n m) for m non-zeros per row instead of O(n p), ``X beta`` by a gather (the dense
+#: 809,983 x 503 matrix of 10^6 responses was 3.3 GB, and each ``X beta`` made a temporary of
+#: that size). Smaller or denser designs stay dense, bit for bit as before.
+WIDE_SPARSE_MIN_COLUMNS = 50
+WIDE_SPARSE_MAX_DENSITY = 0.1
+
+
+def wide_and_sparse(n_rows: int, n_columns: int, nnz: int) -> bool:
+    """Whether a matrix of this shape and number of non-zeros is held sparse
+    (:data:`WIDE_SPARSE_MIN_COLUMNS`, :data:`WIDE_SPARSE_MAX_DENSITY`)."""
+    return (n_columns >= WIDE_SPARSE_MIN_COLUMNS
+            and nnz <= WIDE_SPARSE_MAX_DENSITY * n_rows * n_columns)
+
+
+#: A fixed-effects model matrix: dense (n, p), or :class:`SparseRows` for a wide factor design
+#: (:func:`wide_and_sparse`).
+FixedMatrix = np.ndarray | SparseRows
+
+
+def matrix_column(X: FixedMatrix, j: int) -> np.ndarray:
+    """Column ``j`` of ``X`` as a dense (n,) array (a :class:`SparseRows` one's from its
+    entries in that column: O(n m))."""
+    if isinstance(X, SparseRows):
+        return (X.values * (X.columns == j)).sum(axis=1)  # type: ignore[no-any-return]
+    return X[:, j]
+
+
+def matrix_columns(X: FixedMatrix) -> Iterator[np.ndarray]:
+    """The columns of ``X`` one at a time, as dense (n,) arrays: ``X.T``'s rows, or a
+    :class:`SparseRows` matrix's columns from its compressed-column form (O(n) memory each,
+    never the (n, p) matrix)."""
+    if isinstance(X, SparseRows):
+        C = X.csr().tocsc()
+        for j in range(X.n_columns):
+            yield np.asarray(C[:, j].toarray()).ravel()
+    else:
+        yield from X.T
 
 
 #: A term's raw model matrix: dense (n, q), or :class:`SparseRows` (reduced-rank terms).
@@ -369,7 +452,7 @@ class NewData:
     says which term saw them); prediction gives those a zero random effect or raises.
     """
 
-    X: np.ndarray
+    X: FixedMatrix
     offset: np.ndarray
     Zraw: tuple[ZMatrix, ...]
     group_index: tuple[np.ndarray, ...]
@@ -441,7 +524,8 @@ class DesignSpec:
                             "drop or impute them before predicting")
         data = self._conform(data, needed)
         X_full = reapply_spec(self.fixed_spec, data, context)
-        X = X_full[:, list(self.kept_columns)]
+        X = (X_full.keep_columns(self.kept_columns) if isinstance(X_full, SparseRows)
+             else X_full[:, list(self.kept_columns)])
         zs, gis, flags = [], [], []
         for (bar, levels), spec in zip(self.re_terms, self.re_specs, strict=True):
             zs.append(reapply_spec(spec, data, context))
@@ -516,7 +600,9 @@ class Design:
     ----------
     formula : ParsedFormula
     y, weights, offset : ndarray, shape (n,)
-    X : ndarray, shape (n, p)
+    X : ndarray, shape (n, p), or SparseRows
+        The fixed-effects model matrix; :class:`SparseRows` for a wide factor design
+        (:func:`wide_and_sparse`: ``0 + item`` of an item-response model).
     fixed_names : tuple of str
         lme4-like column names of ``X`` (``(Intercept)``, ``period2``).
     dropped_columns : tuple of str
@@ -539,7 +625,7 @@ class Design:
     y: np.ndarray
     weights: np.ndarray
     offset: np.ndarray
-    X: np.ndarray
+    X: FixedMatrix
     fixed_names: tuple[str, ...]
     dropped_columns: tuple[str, ...]
     re_terms: tuple[ReTerm, ...]
@@ -1285,7 +1371,7 @@ def build_design(
         y=_frozen(y),
         weights=_frozen(np.asarray(w, dtype=float)),
         offset=_frozen(off),
-        X=_frozen(X),
+        X=X if isinstance(X, SparseRows) else _frozen(X),
         fixed_names=tuple(names_full[j] for j in kept),
         dropped_columns=tuple(names_full[j] for j in range(len(names_full)) if j not in kept),
         re_terms=_named_re_terms(raw_terms),
@@ -1300,7 +1386,7 @@ def build_design(
 
 def _model_matrices(formula: ParsedFormula, frame: pd.DataFrame,
                     context: Mapping[str, Any] | None, agree: Agreement | None
-                    ) -> tuple[Any, np.ndarray, list[str], list[int], list[_RawTerm]]:
+                    ) -> tuple[Any, FixedMatrix, list[str], list[int], list[_RawTerm]]:
     """:func:`_fixed_matrix` and :func:`_random_terms` of ``frame``; under ``agree`` with the
     factor levels and the full-rank columns agreed across processes (the same collectives
     in the same order in every process)."""
@@ -1437,7 +1523,7 @@ def _full_rank(X: np.ndarray, names: list[str]) -> list[int]:
 def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
                   context: Mapping[str, Any] | None,
                   select: Callable[[np.ndarray, list[str]], list[int]] = _full_rank,
-                  ) -> tuple[Any, np.ndarray, list[str], list[int]]:
+                  ) -> tuple[Any, FixedMatrix, list[str], list[int]]:
     """The fixed-effects model matrix, its columns of full rank, and their lme4 names.
 
     Parameters
@@ -1454,8 +1540,10 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
     -------
     spec : formulaic ModelSpec
         Of every column (it re-evaluates them on new data).
-    X : ndarray
-        The columns ``kept``, as floats.
+    X : ndarray or SparseRows
+        The columns ``kept``, as floats; :class:`SparseRows` when the part can be wide
+        (:func:`_may_be_wide`) and is (:func:`wide_and_sparse`), its full-rank columns then
+        by :func:`full_rank_columns_gram` (the QR would need the dense matrix).
     names : list of str
         The lme4 names of every column.
     kept : list of int
@@ -1463,17 +1551,45 @@ def _fixed_matrix(formula: ParsedFormula, frame: pd.DataFrame,
     """
     for name in _formulaic_names(formula.fixed, context):
         _check_finite_numeric(frame[name], name)
+    # a sharded read agrees on dense columns (select is then the processes' choice)
+    sparse = select is _full_rank and _may_be_wide(formula.fixed, frame)
     try:  # formulaic's default ensure_full_rank=True (dropping a reference level)
-        X_full, columns, spec = _term_matrix(formula.fixed, frame, context)
+        X_full, columns, spec = _term_matrix(formula.fixed, frame, context, sparse=sparse)
+        if sparse and not wide_and_sparse(len(frame), X_full.n_columns,
+                                          int(np.count_nonzero(X_full.values))):
+            X_full, columns, spec = _term_matrix(formula.fixed, frame, context)
     except FormulaError:
         raise
     except Exception as exc:
         raise FormulaError(f"formulaic could not build the fixed part '{formula.fixed}': "
                            f"{exc}", formula.formula) from None
     names_full = [lme4_name(c) for c in columns]
+    if isinstance(X_full, SparseRows):
+        _check_sparse_scales(X_full, names_full, "fixed-effect")
+        kept = full_rank_columns_gram(X_full.gram())
+        return spec, X_full.keep_columns(kept), names_full, kept
     _check_scales(X_full, names_full, "fixed-effect")
     kept = select(X_full, names_full) if X_full.shape[1] else []
     return spec, X_full[:, kept], names_full, kept
+
+
+def _may_be_wide(expr: str, frame: pd.DataFrame) -> bool:
+    """Whether the fixed part ``expr`` can have :data:`WIDE_SPARSE_MIN_COLUMNS` columns: the
+    product of its factor columns' numbers of levels, times one more than its other
+    variables, reaches it (a bound: interactions multiply levels). Only such a part is
+    built sparse first (:func:`wide_and_sparse` then decides); every other stays on the
+    dense path it always took."""
+    bound, others = 1, 1
+    for v in _formula_variables(expr):
+        if v not in frame.columns:
+            continue
+        col = frame[v]
+        if (isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(col)
+                or not pd.api.types.is_numeric_dtype(col)):
+            bound *= max(int(col.nunique()), 1)
+        else:
+            others += 1
+    return bound * others >= WIDE_SPARSE_MIN_COLUMNS and bound > 1
 
 
 #: A random-effects term as evaluated: its bar, grouping levels, each row's level, its model
@@ -1508,10 +1624,7 @@ def _random_terms(formula: ParsedFormula, frame: pd.DataFrame,
                                              sparse=bar.rank is not None)
         cnms = tuple(lme4_name(c) for c in columns)
         if isinstance(Z, SparseRows):  # the same check on the nonzeros, column by column
-            peak = np.zeros(Z.n_columns)
-            np.maximum.at(peak, Z.columns.reshape(-1), np.abs(Z.values).reshape(-1))
-            limit = np.sqrt(np.finfo(float).max / max(len(frame), 1))
-            overflow = [c for c, m in zip(cnms, peak) if m > limit]
+            overflow, _ = sparse_column_scale_problems(Z.values, Z.columns, cnms)
         else:
             overflow, _ = column_scale_problems(Z, list(cnms))
         if overflow:
@@ -1653,17 +1766,29 @@ def _overflow_message(columns: list[str], where: str) -> str:
             "their standard deviation or use another unit)")
 
 
+def _check_sparse_scales(X: SparseRows, names: list[str], where: str) -> None:
+    """:func:`_check_scales` of a :class:`SparseRows` matrix, from its non-zeros."""
+    overflow, extreme = sparse_column_scale_problems(X.values, X.columns, names)
+    if overflow:
+        raise DataError(_overflow_message(overflow, where))
+    _warn_extreme(extreme, where)
+
+
+def _warn_extreme(extreme: list[str], where: str) -> None:
+    if extreme:
+        warnings.warn(f"{where} column(s) {extreme} are on a scale more than "
+                      f"{SCALE_RATIO:.0e} times larger or smaller than the other columns': "
+                      "rescale them (e.g. divide by their standard deviation) to keep the fit "
+                      "accurate", ScaleWarning, stacklevel=5)
+
+
 def _check_scales(X: np.ndarray, names: list[str], where: str) -> None:
     """DataError for columns whose squares overflow, :class:`ScaleWarning` for columns on an
     extreme scale (see :func:`ngmm_formula.scaling.column_scale_problems`)."""
     overflow, extreme = column_scale_problems(X, names)
     if overflow:
         raise DataError(_overflow_message(overflow, where))
-    if extreme:
-        warnings.warn(f"{where} column(s) {extreme} are on a scale more than "
-                      f"{SCALE_RATIO:.0e} times larger or smaller than the other columns': "
-                      "rescale them (e.g. divide by their standard deviation) to keep the fit "
-                      "accurate", ScaleWarning, stacklevel=4)
+    _warn_extreme(extreme, where)
 
 
 def _check_groups_survive(formula: ParsedFormula, before: pd.DataFrame, after: pd.DataFrame,

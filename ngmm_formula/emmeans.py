@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from ngmm_formula.design import reapply_spec
+from ngmm_formula.design import matrix_column, reapply_spec
 from ngmm_formula.errors import NGMMError
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def _variables(fit: NGMMResult) -> dict[str, tuple[str, Any]]:
             out[var] = ("factor", [str(c) if not isinstance(c, str) else c
                                    for c in st.get("categories", [])])
         else:
-            mean = float(X[:, kept.index(var)].mean()) if var in kept else None
+            mean = float(matrix_column(X, kept.index(var)).mean()) if var in kept else None
             out[var] = ("numeric", mean)
     for ni in fit.design.nets:
         for e in ni.encodings:

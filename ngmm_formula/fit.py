@@ -41,9 +41,17 @@ from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.approx.profiled import ProfiledLMM
 from ngmm_formula.approx.scalar import scalar_log_marginal, scalar_modes
 from ngmm_formula.control import Control
-from ngmm_formula.design import tril_pairs
+from ngmm_formula.design import WIDE_SPARSE_MIN_COLUMNS, tril_pairs, wide_and_sparse
 from ngmm_formula.families import Family
-from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, lstsq_fixed_order, matvec
+from ngmm_formula.model import (
+    FixedTensor,
+    LinearPredictor,
+    Problem,
+    RowsByGroup,
+    SparseRowsTensor,
+    lstsq_fixed_order,
+    matvec,
+)
 from ngmm_formula.model import optimised_parameters as _params
 
 if TYPE_CHECKING:
@@ -349,13 +357,13 @@ def _block_jacobian(pr: Problem, g_eta: np.ndarray, g_C: np.ndarray, k: int) -> 
     import scipy.sparse as sp
 
     block = pr.blocks.block_of_obs.cpu().numpy().astype(np.int64)
-    n = block.size
     rows, cols, vals = [], [], []
     col0 = 0
     if not pr.reml and pr.p:  # eta = X_s beta + ...
-        rows.append(np.repeat(block, pr.p))
-        cols.append(np.tile(np.arange(pr.p), n))
-        vals.append((pr.Xs.cpu().double().numpy() * g_eta[:, None]).reshape(-1))
+        r, c, v = _fixed_entries(pr)
+        rows.append(block[r])
+        cols.append(c)
+        vals.append(v * g_eta[r])
         col0 = pr.p
     slot = 0
     zcols = pr.Zcols or (None,) * len(pr.Z)
@@ -376,6 +384,19 @@ def _block_jacobian(pr: Problem, g_eta: np.ndarray, g_C: np.ndarray, k: int) -> 
         slot += d
     return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                          shape=(pr.blocks.n_blocks, k)).tocsr()
+
+
+def _fixed_entries(pr: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The entries of :math:`X_s` as (row, column, value) arrays in row-major order: every
+    (n x p) entry of a dense matrix, the stored (n x m) of a sparse-row one."""
+    Xs = pr.Xs
+    if isinstance(Xs, SparseRowsTensor):
+        n, m = Xs.values.shape
+        return (np.repeat(np.arange(n), m), Xs.columns.cpu().numpy().reshape(-1),
+                Xs.values.cpu().double().numpy().reshape(-1))
+    n = Xs.shape[0]
+    return (np.repeat(np.arange(n), pr.p), np.tile(np.arange(pr.p), n),
+            Xs.cpu().double().numpy().reshape(-1))
 
 
 def _lambda_index(q: int, d: int, rank: int | None, col0: int) -> np.ndarray:
@@ -399,9 +420,9 @@ def _blocks_of_parameters(pr: Problem, k: int) -> Any:
     rows, cols = [], []
     col0 = 0
     if pr.p:  # fixed effects (no REML here)
-        r, c = np.nonzero(pr.Xs.cpu().numpy())
-        rows.append(block[r])
-        cols.append(c)
+        r, c, v = _fixed_entries(pr)
+        rows.append(block[r[v != 0]])
+        cols.append(c[v != 0])
         col0 = pr.p
     zcols = pr.Zcols or (None,) * len(pr.Z)
     for Z, Zc, q, d, rank in zip(pr.Z, zcols, pr.q, pr.dims, pr.ranks):
@@ -705,21 +726,27 @@ def _sum_all(v: torch.Tensor, shard: Shard | None) -> torch.Tensor:
     return torch.tensor(float(total[0]), dtype=v.dtype, device=v.device)
 
 
-def _wls(Xs: torch.Tensor, z: torch.Tensor, W: torch.Tensor | None, shard: Shard | None
+def _wls(Xs: FixedTensor, z: torch.Tensor, W: torch.Tensor | None, shard: Shard | None
          ) -> torch.Tensor:
     r"""The weighted least-squares coefficients of ``z`` on ``Xs`` (weights ``W``, None: 1).
 
     One process: :func:`~ngmm_formula.model.lstsq_fixed_order` of the rows scaled by
-    :math:`\sqrt{W}`, as R's ``glm.fit``; a wide, sparse matrix (:func:`_wide_and_sparse`,
-    e.g. ``0 + item`` over many items) by its normal equations (:func:`_wls_sparse`). A
+    :math:`\sqrt{W}`, as R's ``glm.fit``; a sparse-row matrix (a wide factor design), or a
+    dense one that is wide and sparse (:func:`_wide_and_sparse`), by its normal equations
+    (:func:`_wls_sparse`). A
     sharded read: the normal equations
     :math:`X^\top W X \beta = X^\top W z` with both sides all-reduced (sums over rows, so
     they add up over the processes), solved by least squares (a singular cross-product
     gives the minimum-norm solution) and broadcast from rank 0.
     """
+    if isinstance(Xs, SparseRowsTensor):  # a wide factor design (one process)
+        return _wls_sparse(Xs.csr(), z, W).to(dtype=Xs.dtype, device=Xs.device)
     if shard is None:
         if _wide_and_sparse(Xs):
-            return _wls_sparse(Xs, z, W)
+            import scipy.sparse as sp
+
+            return _wls_sparse(sp.csr_matrix(Xs.detach().cpu().double().numpy()), z,
+                               W).to(dtype=Xs.dtype, device=Xs.device)
         if W is None:
             return lstsq_fixed_order(Xs, z)
         sw = W.sqrt().unsqueeze(-1)
@@ -734,26 +761,20 @@ def _wls(Xs: torch.Tensor, z: torch.Tensor, W: torch.Tensor | None, shard: Shard
     return torch.as_tensor(beta, dtype=Xs.dtype, device=Xs.device)
 
 
-#: A fixed-effects matrix of at least this many columns, of which at most
-#: :data:`SPARSE_WLS_MAX_DENSITY` of the entries are non-zero, has its weighted least-squares
-#: problems of the GLM start solved from the normal equations built from its non-zeros
-#: (:func:`_wls_sparse`) instead of by the dense fixed-order Householder QR, whose O(n p^2)
-#: elementwise passes took 4.4 s per solve on an item-response model's 80,884 x 103 matrix
-#: of item indicators and two covariates (seven solves: 31 of the Rasch fit's 45 s).
-SPARSE_WLS_MIN_COLUMNS = 50
-SPARSE_WLS_MAX_DENSITY = 0.1
-
-
 def _wide_and_sparse(Xs: torch.Tensor) -> bool:
-    """Whether ``Xs`` takes the sparse weighted least squares (:data:`SPARSE_WLS_MIN_COLUMNS`,
-    :data:`SPARSE_WLS_MAX_DENSITY`)."""
+    """Whether a dense ``Xs`` takes the sparse weighted least squares (the rule of
+    :func:`~ngmm_formula.design.wide_and_sparse`): a wide design that is dense only because
+    it came another way (a sharded read's, the trainer's augmented columns). The dense
+    fixed-order Householder QR's O(n p^2) elementwise passes took 4.4 s per solve on an
+    item-response model's 80,884 x 103 matrix of item indicators and two covariates (seven
+    solves: 31 of the Rasch fit's 45 s)."""
     n, p = Xs.shape
-    if p < SPARSE_WLS_MIN_COLUMNS or n == 0:
+    if p < WIDE_SPARSE_MIN_COLUMNS or n == 0:
         return False
-    return int(torch.count_nonzero(Xs)) <= SPARSE_WLS_MAX_DENSITY * n * p
+    return wide_and_sparse(n, p, int(torch.count_nonzero(Xs)))
 
 
-def _wls_sparse(Xs: torch.Tensor, z: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
+def _wls_sparse(X: Any, z: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
     r"""Weighted least squares from the normal equations :math:`X^\top W X \beta = X^\top W
     z`, both sides from the non-zeros of :math:`X` (scipy's compressed sparse rows: plain
     loops in a fixed order, so the result does not depend on memory alignment), cost
@@ -764,13 +785,11 @@ def _wls_sparse(Xs: torch.Tensor, z: torch.Tensor, W: torch.Tensor | None) -> to
     orthogonal)."""
     import scipy.sparse as sp
 
-    X = sp.csr_matrix(Xs.detach().cpu().double().numpy())
     w = (np.ones(X.shape[0]) if W is None else W.detach().cpu().double().numpy())
     XtW = (X.T @ sp.diags(w)).tocsr()
     G = (XtW @ X).toarray()
     b = XtW @ z.detach().cpu().double().numpy()
-    beta = lstsq_fixed_order(torch.as_tensor(G), torch.as_tensor(b))
-    return beta.to(dtype=Xs.dtype, device=Xs.device)
+    return lstsq_fixed_order(torch.as_tensor(G), torch.as_tensor(b))
 
 
 _BLAS: list[Any] = []  # threadpoolctl's controller, found once (scanning the libraries: ~1 ms)

@@ -951,7 +951,7 @@ def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
                                   allow_new_input_levels=allow_new_levels)
         X, Zs, gis = nd.X, list(nd.Zraw), list(nd.group_index)
     V = fit.vcov.to_numpy()
-    var = np.einsum("ij,jk,ik->i", X, V, X)
+    var = re_quadratic(X, V)  # x_i' V x_i (a wide factor design's sparse rows: O(n m^2))
     if re_form is None:
         offsets: dict[str, int] = {}
         for t, Z, gi in zip(design.re_terms, Zs, gis):

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -30,9 +31,10 @@ from ngmm_formula.layout import Blocks, Split
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
-__all__ = ["LinearPredictor", "Problem", "RowsByGroup", "Standardisation", "build_problem",
-           "index_dtype", "joint_split", "lambda_blocks", "linear_part", "lstsq_fixed_order",
-           "matvec", "optimised_parameters", "resolve_device"]
+__all__ = ["FixedTensor", "LinearPredictor", "Problem", "RowsByGroup", "SparseRowsTensor",
+           "Standardisation", "build_problem", "dense_fixed", "index_dtype", "joint_split",
+           "lambda_blocks", "linear_part", "lstsq_fixed_order", "matvec",
+           "optimised_parameters", "resolve_device"]
 
 
 
@@ -113,7 +115,84 @@ def index_dtype(largest: int) -> torch.dtype:
     return torch.int32 if largest < 2**31 - 1 else torch.int64
 
 
-def matvec(M: ArrayT, v: ArrayT) -> ArrayT:
+@dataclass(frozen=True)
+class SparseRowsTensor:
+    """:class:`~ngmm_formula.design.SparseRows` as tensors: the standardised fixed-effects
+    matrix of a wide factor design in :class:`Problem` (``m`` (value, column) pairs per row;
+    :func:`matvec` gathers, its gradient in ``v`` is an ``index_add`` over the entries).
+
+    Attributes
+    ----------
+    values : Tensor, shape (n, m)
+    columns : Tensor of int64, shape (n, m)
+        0 for the padding, whose value is 0.
+    n_columns : int
+    """
+
+    values: torch.Tensor
+    columns: torch.Tensor
+    n_columns: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.values.shape[0]), self.n_columns)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def rows(self, take: Callable[[torch.Tensor], torch.Tensor]) -> SparseRowsTensor:
+        """The rows ``take`` selects (``take`` applied to the values and the columns)."""
+        return SparseRowsTensor(take(self.values), take(self.columns), self.n_columns)
+
+    def dense(self) -> torch.Tensor:
+        """The (n, p) matrix (for the Gaussian solvers and small problems: O(n p))."""
+        out = self.values.new_zeros(self.shape)
+        return out.scatter_add_(1, self.columns, self.values)
+
+    def csr(self) -> Any:
+        """As scipy's compressed sparse rows, float64 on the CPU (the padding stored)."""
+        import scipy.sparse as sp
+
+        n, m = self.values.shape
+        return sp.csr_matrix((self.values.detach().cpu().double().numpy().reshape(-1),
+                              self.columns.cpu().numpy().reshape(-1),
+                              np.arange(0, n * m + 1, m)), shape=self.shape)
+
+    def with_columns(self, extra: torch.Tensor) -> SparseRowsTensor:
+        """The matrix with the dense columns ``extra`` (n, k) appended as columns p..p+k-1."""
+        n, k = extra.shape
+        cols = torch.arange(self.n_columns, self.n_columns + k, device=self.device)
+        return SparseRowsTensor(torch.cat([self.values, extra.to(self.dtype)], dim=1),
+                                torch.cat([self.columns, cols.expand(n, k)], dim=1),
+                                self.n_columns + k)
+
+    def keep_columns(self, kept: torch.Tensor) -> SparseRowsTensor:
+        """The columns ``kept`` (sorted positions), as ``M[:, kept]``."""
+        new = torch.full((self.n_columns,), -1, dtype=torch.int64, device=self.device)
+        new[kept] = torch.arange(kept.numel(), device=self.device)
+        cols = new[self.columns]
+        gone = cols < 0
+        return SparseRowsTensor(torch.where(gone, 0.0, self.values).to(self.dtype),
+                                torch.where(gone, 0, cols), int(kept.numel()))
+
+
+#: The standardised fixed-effects matrix of a :class:`Problem`.
+FixedTensor = torch.Tensor | SparseRowsTensor
+
+
+def dense_fixed(Xs: FixedTensor) -> torch.Tensor:
+    """``Xs`` as a dense (n, p) tensor: the Gaussian solvers' cross-products
+    (:mod:`~ngmm_formula.approx.profiled`, :mod:`~ngmm_formula.approx.blocked`) and REML's
+    slot values take the dense matrix (O(n p) memory, as before sparse rows existed)."""
+    return Xs.dense() if isinstance(Xs, SparseRowsTensor) else Xs
+
+
+def matvec(M: ArrayT | SparseRows | SparseRowsTensor, v: ArrayT) -> ArrayT:
     """``M @ v`` with a fixed summation order (numpy arrays or torch tensors, differentiable).
 
     BLAS kernels pick code paths by memory alignment (with or without fused multiply-add), so
@@ -124,6 +203,8 @@ def matvec(M: ArrayT, v: ArrayT) -> ArrayT:
     instead, so that a seed reproduces a fit bit for bit. Elementwise products followed by a
     reduction over the contiguous last axis are summed in an order fixed by the shape alone.
     """
+    if isinstance(M, (SparseRows, SparseRowsTensor)):  # a wide factor design: gather, O(n m)
+        return (M.values * v[M.columns]).sum(axis=1)  # type: ignore[no-any-return, call-overload]
     return (M * v[None, :]).sum(axis=1)  # type: ignore[no-any-return, call-overload]
 
 
@@ -260,6 +341,30 @@ class Standardisation:
                 A[intercept[0], j] = -mean[j] / sd[j]
         return cls(A)
 
+    @classmethod
+    def of_sparse(cls, X: SparseRows) -> Standardisation:
+        r"""The standardisation of a :class:`~ngmm_formula.design.SparseRows` matrix: the
+        non-constant columns scaled to unit standard deviation, none centred (centring
+        against an intercept would fill every row; the scaling is what conditions the
+        optimiser, and :math:`\beta = A \beta_s` is exact either way). Moments from the
+        non-zeros in two passes (mean, then squared deviations, the zeros' included)."""
+        n, p = X.shape
+        mean = X.column_sums() / max(n, 1)
+        stored = np.bincount(X.columns.reshape(-1), (X.values != 0).reshape(-1), minlength=p)
+        dev = np.bincount(X.columns.reshape(-1),
+                          np.where(X.values != 0, (X.values - mean[X.columns]) ** 2,
+                                   0.0).reshape(-1), minlength=p)
+        sd = np.sqrt((dev + (n - stored) * mean ** 2) / max(n, 1))
+        peak = np.zeros(p)
+        np.maximum.at(peak, X.columns.reshape(-1), np.abs(X.values).reshape(-1))
+        scale = np.where(sd < 1e-12 * np.maximum(1.0, peak), 1.0, 1.0 / np.where(sd > 0, sd, 1.0))
+        return cls(np.diag(scale))
+
+    def scaled(self, X: SparseRows) -> SparseRows:
+        """:math:`X A` for the diagonal :math:`A` of :meth:`of_sparse`: each entry times its
+        column's scale."""
+        return SparseRows(X.values * np.diag(self.A)[X.columns], X.columns, X.n_columns)
+
     @property
     def log_abs_det(self) -> float:
         return float(np.linalg.slogdet(self.A)[1])
@@ -272,7 +377,8 @@ class Problem:
     y: torch.Tensor
     w: torch.Tensor
     offset: torch.Tensor
-    Xs: torch.Tensor
+    # X A (n, p): dense, or SparseRowsTensor for a wide factor design (design.SparseRows)
+    Xs: FixedTensor
     Z: tuple[torch.Tensor, ...]
     q: tuple[int, ...]
     n_levels: tuple[int, ...]
@@ -334,7 +440,8 @@ class Problem:
                             slot_pos=take(b.slot_pos), prior_precision=b.prior_precision,
                             split=b.split)
         return Problem(
-            y=take(self.y), w=take(self.w), offset=take(self.offset), Xs=take(self.Xs),
+            y=take(self.y), w=take(self.w), offset=take(self.offset),
+            Xs=self.Xs.rows(take) if isinstance(self.Xs, SparseRowsTensor) else take(self.Xs),
             Z=tuple(take(z) for z in self.Z), q=self.q, n_levels=self.n_levels,
             blocks=sub_blocks, standardisation=self.standardisation, reml=self.reml,
             net_X=tuple(take(x) for x in self.net_X), log_const=take(self.log_const),
@@ -349,7 +456,9 @@ class Problem:
         cut = slice(lo, hi)
         b = self.blocks
         return dataclasses.replace(
-            self, y=self.y[cut], w=self.w[cut], offset=self.offset[cut], Xs=self.Xs[cut],
+            self, y=self.y[cut], w=self.w[cut], offset=self.offset[cut],
+            Xs=(self.Xs.rows(lambda x: x[cut]) if isinstance(self.Xs, SparseRowsTensor)
+                else self.Xs[cut]),
             Z=tuple(z[cut] for z in self.Z), net_X=tuple(x[cut] for x in self.net_X),
             log_const=self.log_const[cut], net_noise=tuple(e[cut] for e in self.net_noise),
             Zcols=tuple(None if c is None else c[cut] for c in self.Zcols),
@@ -376,8 +485,13 @@ def build_problem(design: Design, family: Family, approx: BlockChoice, *,
     ``net_dtype`` (default ``dtype``). Index tensors are int32 for one block per group when
     every flat index of the engine (up to ``n_blocks * D * D``) fits, else int64.
     """
-    std = Standardisation.of(design.X, agree)
-    Xs = design.X @ std.A
+    Xs: np.ndarray | SparseRows
+    if isinstance(design.X, SparseRows):
+        std = Standardisation.of_sparse(design.X)
+        Xs = std.scaled(design.X)
+    else:
+        std = Standardisation.of(design.X, agree)
+        Xs = design.X @ std.A
 
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.tensor(np.asarray(a), dtype=dtype, device=device)
@@ -426,7 +540,10 @@ def build_problem(design: Design, family: Family, approx: BlockChoice, *,
     nd = dtype if net_dtype is None else net_dtype
     sparse = [isinstance(tm.Zraw, SparseRows) for tm in terms]
     return Problem(
-        y=t(design.y), w=t(design.weights), offset=t(design.offset), Xs=t(Xs),
+        y=t(design.y), w=t(design.weights), offset=t(design.offset),
+        Xs=(SparseRowsTensor(t(Xs.values), torch.tensor(Xs.columns, dtype=torch.long,
+                                                       device=device), Xs.n_columns)
+            if isinstance(Xs, SparseRows) else t(Xs)),
         Z=tuple(t(tm.Zraw.values if isinstance(tm.Zraw, SparseRows) else tm.Zraw)
                 for tm in terms), q=q,
         n_levels=tuple(tm.n_levels for tm in terms), blocks=blocks, standardisation=std,
@@ -579,7 +696,7 @@ class LinearPredictor(torch.nn.Module):
                  for Z, c, L in zip(problem.Z, cols,
                                     lambda_blocks(self.theta, self.q, self.rank))]
         if self.reml:
-            parts.append(problem.Xs)
+            parts.append(dense_fixed(problem.Xs))
         return torch.cat(parts, dim=1)
 
 

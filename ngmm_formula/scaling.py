@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SCALE_RATIO", "column_scale_problems"]
+__all__ = ["SCALE_RATIO", "column_scale_problems", "sparse_column_scale_problems"]
 
 #: A column whose root mean square differs from the median of the others' by more than this
 #: factor is reported as on an extreme scale.
@@ -44,13 +44,48 @@ def column_scale_problems(X: np.ndarray, names: list[str] | tuple[str, ...]
     if n == 0 or p == 0:
         return [], []
     peak = np.abs(X).max(axis=0)
-    limit = np.sqrt(np.finfo(float).max / max(n, 1))
-    overflow = [names[j] for j in range(p) if peak[j] > limit]
     safe = np.where(peak > 0, peak, 1.0)
     with np.errstate(over="ignore", under="ignore"):
         rms = safe * np.sqrt(np.mean((X / safe) ** 2, axis=0))  # no overflow in the squares
+    return _scale_problems(n, peak, rms, np.ptp(X, axis=0) == 0, names)
+
+
+def sparse_column_scale_problems(values: np.ndarray, columns: np.ndarray,
+                                 names: list[str] | tuple[str, ...]
+                                 ) -> tuple[list[str], list[str]]:
+    """:func:`column_scale_problems` of a matrix given by its rows' non-zeros: ``values``
+    (n, m) in ``columns`` (n, m) (a :class:`~ngmm_formula.design.SparseRows`), the other
+    entries 0; O(n m), never the (n, p) matrix."""
+    n, p = values.shape[0], len(names)
+    if n == 0 or p == 0:
+        return [], []
+    cols, v = columns.reshape(-1), np.asarray(values, dtype=float).reshape(-1)
+    peak = np.zeros(p)
+    np.maximum.at(peak, cols, np.abs(v))
+    safe = np.where(peak > 0, peak, 1.0)
+    with np.errstate(over="ignore", under="ignore"):
+        rms = safe * np.sqrt(np.bincount(cols, (v / safe[cols]) ** 2, minlength=p) / n)
+    stored = np.bincount(cols, v != 0, minlength=p)
+    high, low = np.zeros(p), np.zeros(p)  # a column with fewer than n non-zeros holds a 0
+    np.maximum.at(high, cols, v)
+    np.minimum.at(low, cols, v)
+    full = stored == n
+    if full.any():
+        high[full], low[full] = -np.inf, np.inf
+        at = full[cols] & (v != 0)
+        np.maximum.at(high, cols[at], v[at])
+        np.minimum.at(low, cols[at], v[at])
+    return _scale_problems(n, peak, rms, high == low, names)
+
+
+def _scale_problems(n: int, peak: np.ndarray, rms: np.ndarray, constant: np.ndarray,
+                    names: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The decision of :func:`column_scale_problems` from each column's largest absolute
+    value, root mean square and constancy."""
+    p = len(names)
+    limit = np.sqrt(np.finfo(float).max / max(n, 1))
+    overflow = [names[j] for j in range(p) if peak[j] > limit]
     rms = np.where(peak > 0, rms, 0.0)
-    constant = np.ptp(X, axis=0) == 0
     finite = rms[rms > 0]
     if finite.size < 2:
         return overflow, []

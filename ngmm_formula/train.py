@@ -96,7 +96,14 @@ from ngmm_formula.design import full_rank_columns, full_rank_columns_gram
 from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.fit import Control, Objective, optimise, piece_bounds
-from ngmm_formula.model import LinearPredictor, Problem, RowsByGroup, linear_part
+from ngmm_formula.model import (
+    FixedTensor,
+    LinearPredictor,
+    Problem,
+    RowsByGroup,
+    SparseRowsTensor,
+    linear_part,
+)
 from ngmm_formula.networks import MLP, CentredNetwork, Ensemble
 
 if TYPE_CHECKING:
@@ -262,17 +269,25 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
                              ) if blocks else np.zeros(0, dtype=bool)
     candidates = (np.arange(numeric.size) if numeric.size <= LINEAR_START_COLUMNS
                   else np.flatnonzero(numeric))
-    X_all = torch.cat([problem.Xs, *blocks], dim=1)
     # every column of X is kept (the design's rank check already dropped aliased ones)
     columns = np.concatenate([np.arange(p), p + candidates])
-    X_cand = X_all[:, columns].cpu().numpy()
-    rank_ok = (full_rank_columns(X_cand) if shard is None or not shard.presharded
-               else full_rank_columns_gram(shard.all_sum(X_cand.T @ X_cand)))  # all rows'
-    extra = [int(columns[j]) for j in rank_ok if j >= p]
-    kept = list(range(p)) + extra
+    Xs_aug: FixedTensor
+    if isinstance(problem.Xs, SparseRowsTensor):  # a wide factor design stays sparse
+        net_cols = torch.cat(blocks, dim=1)
+        cand = problem.Xs.with_columns(net_cols[:, torch.as_tensor(candidates)]).csr()
+        rank_ok = full_rank_columns_gram(np.asarray((cand.T @ cand).toarray()))
+        extra = [int(columns[j]) for j in rank_ok if j >= p]
+        Xs_aug = problem.Xs.with_columns(net_cols[:, [k - p for k in extra]])
+    else:
+        X_all = torch.cat([problem.Xs, *blocks], dim=1)
+        X_cand = X_all[:, columns].cpu().numpy()
+        rank_ok = (full_rank_columns(X_cand) if shard is None or not shard.presharded
+                   else full_rank_columns_gram(shard.all_sum(X_cand.T @ X_cand)))  # all rows'
+        extra = [int(columns[j]) for j in rank_ok if j >= p]
+        Xs_aug = X_all[:, list(range(p)) + extra]
     owner = np.concatenate([np.full(x.shape[1], k) for k, x in enumerate(blocks)])
     column = np.concatenate([np.arange(x.shape[1]) for x in blocks])
-    augmented = dataclasses.replace(problem, Xs=X_all[:, kept], net_X=(), net_noise=())
+    augmented = dataclasses.replace(problem, Xs=Xs_aug, net_X=(), net_noise=())
     if split_groups is not None:
         by_group = _rows_by_group(split_groups, shard)
         use = start_groups(by_group.sizes)
@@ -1073,7 +1088,9 @@ def fingerprint(problem: Problem, family: Family, approx: Approximation,
     not the fit), ``checkpoint`` and ``checkpoint_every``.
     """
     digest = hashlib.sha256()
-    for t in (problem.y, problem.w, problem.offset, problem.Xs, *problem.net_X,
+    Xs = problem.Xs
+    X_parts = (Xs.values, Xs.columns) if isinstance(Xs, SparseRowsTensor) else (Xs,)
+    for t in (problem.y, problem.w, problem.offset, *X_parts, *problem.net_X,
               torch.as_tensor(np.asarray(split_groups, dtype=np.int64))):
         digest.update(str(tuple(t.shape)).encode())
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())

@@ -80,7 +80,7 @@ from ngmm_formula.approx.profiled import (
 )
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
-from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
+from ngmm_formula.model import Problem, dense_fixed, lstsq_fixed_order, matvec
 
 __all__ = ["BlockedLMM", "profiled_objective"]
 
@@ -182,7 +182,7 @@ class BlockedLMM:
         pos = problem.w > 0
         if not bool(pos.all()):
             problem = problem.subset(torch.nonzero(pos).squeeze(-1))
-        y, w, Xs = problem.y, problem.w, problem.Xs
+        y, w, Xs = problem.y, problem.w, dense_fixed(problem.Xs)
         q, levels = problem.q, problem.n_levels
         n, p = int(y.numel()), problem.p
         if problem.reml and n <= p:

@@ -77,7 +77,7 @@ from ngmm_formula.approx.conditional import LOG_2PI, Blocks, gradient, neg_hessi
 from ngmm_formula.approx.factor import ConditionalFactor, DenseFactor, Factor
 from ngmm_formula.design import tril_pairs
 from ngmm_formula.errors import NGMMError
-from ngmm_formula.model import Problem, lstsq_fixed_order, matvec
+from ngmm_formula.model import Problem, dense_fixed, lstsq_fixed_order, matvec
 
 #: Joint blocks of up to this many random effects keep the dense factorisation (with its
 #: analytic gradient) even when the full objective splits them: on ScotsSec's crossed model
@@ -215,7 +215,7 @@ class ProfiledLMM:
         pos = problem.w > 0
         if not bool(pos.all()):  # zero weights drop out of the likelihood (as Objective)
             problem = problem.subset(torch.nonzero(pos).squeeze(-1))
-        y, w, Xs = problem.y, problem.w, problem.Xs
+        y, w, Xs = problem.y, problem.w, dense_fixed(problem.Xs)
         blocks, terms, per_group = _u_layout(problem)
         n, p = int(y.numel()), problem.p
         if problem.reml and n <= p:
