@@ -326,6 +326,13 @@ def _varcorr(design: Design, Ls: list[np.ndarray], residual_sd: float | None) ->
     return pd.DataFrame(rows, columns=["group", "var1", "var2", "vcov", "sdcor"])
 
 
+#: The most entries (levels x q^2) of a reduced-rank term's conditional covariances of
+#: :math:`b = \Lambda u` that ``ranef``'s ``postVar`` holds (400 MB); above, its grouping
+#: factor has no ``postVar`` and the tools take the factored form
+#: :math:`\Lambda \operatorname{Var}(u \mid y) \Lambda^\top` from ``fit.reduced_rank``.
+POSTVAR_MAX_ENTRIES = 50_000_000
+
+
 def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
            factor: Factor, given: torch.Tensor, L_fit: list[np.ndarray]
            ) -> tuple[dict[str, pd.DataFrame], list[np.ndarray],
@@ -338,7 +345,7 @@ def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
     only one does). Also returns, per term, the modes :math:`u` and their conditional
     covariances (the factor scores of a reduced-rank term)."""
     coefs: list[np.ndarray] = []
-    condvar: list[np.ndarray] = []
+    condvar: list[np.ndarray | None] = []
     scores: list[tuple[np.ndarray, np.ndarray]] = []
     start = 0
     D = pr.blocks.dim
@@ -357,7 +364,10 @@ def _ranef(design: Design, pr: Problem, approx: Approximation, v: np.ndarray,
             Vu = factor.inverse_blocks(torch.as_tensor(idx, device=given.device), given
                                        ).cpu().double().numpy()  # (levels, q, q)
         coefs.append(u @ L.T)
-        condvar.append(np.einsum("ij,gjk,lk->gil", L, Vu, L))
+        # a reduced-rank term's (levels, q, q) can be far too large (30,000 students x 500^2
+        # items: 60 GB): its factored form (Lambda, Vu) is in the fit's reduced_rank
+        small = t.rank is None or t.n_levels * t.q ** 2 <= POSTVAR_MAX_ENTRIES
+        condvar.append(np.einsum("ij,gjk,lk->gil", L, Vu, L) if small else None)
         scores.append((u, Vu))
     return _ranef_frames(design, coefs, condvar), coefs, scores
 
@@ -387,12 +397,12 @@ def _reduced_rank(design: Design, Ls: list[np.ndarray], L_fit: list[np.ndarray],
     return tuple(out)
 
 
-def _ranef_frames(design: Design, coefs: list[np.ndarray], condvar: list[np.ndarray]
+def _ranef_frames(design: Design, coefs: list[np.ndarray], condvar: list[np.ndarray | None]
                   ) -> dict[str, pd.DataFrame]:
     """lme4's ``ranef``: one frame per grouping factor (the terms of a factor side by side)
     with the conditional variances of each level as ``attrs["postVar"]`` (q, q, levels)."""
     ranef: dict[str, pd.DataFrame] = {}
-    postvar: dict[str, list[np.ndarray]] = {}
+    postvar: dict[str, list[np.ndarray | None]] = {}
     parts: dict[str, list[tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]]] = {}
     for t, b, V in zip(design.re_terms, coefs, condvar):
         parts.setdefault(t.group, []).append((b, t.cnms, t.levels))
@@ -401,7 +411,10 @@ def _ranef_frames(design: Design, coefs: list[np.ndarray], condvar: list[np.ndar
         ranef[g] = pd.DataFrame(np.hstack([b for b, _, _ in terms]),
                                 index=pd.Index(terms[0][2], name=g),
                                 columns=[c for _, cnms, _ in terms for c in cnms])
-    for g, Vs in postvar.items():
+    for g, maybe in postvar.items():
+        Vs = [V for V in maybe if V is not None]
+        if len(Vs) < len(maybe):  # a large reduced-rank term: see _ranef
+            continue
         q = sum(V.shape[1] for V in Vs)
         P = np.zeros((q, q, Vs[0].shape[0]))
         k = 0

@@ -68,6 +68,7 @@ __all__ = [
     "WIDE_SPARSE_MIN_COLUMNS",
     "wide_and_sparse",
     "matrix_column",
+    "re_loaded",
     "matrix_columns",
     "ZMatrix",
     "group_labels",
@@ -231,6 +232,14 @@ def matrix_columns(X: FixedMatrix) -> Iterator[np.ndarray]:
 
 #: A term's raw model matrix: dense (n, q), or :class:`SparseRows` (reduced-rank terms).
 ZMatrix = np.ndarray | SparseRows
+
+
+def re_loaded(Z: ZMatrix, L: np.ndarray) -> np.ndarray:
+    r""":math:`Z_i \Lambda` per row (n, d) for a (q, d) matrix ``L``: a reduced-rank term's
+    rows in the coordinates of its factor scores (never n x q for :class:`SparseRows`)."""
+    if isinstance(Z, SparseRows):
+        return (Z.values[:, :, None] * L[Z.columns]).sum(1)  # type: ignore[no-any-return]
+    return np.asarray(Z) @ L
 
 
 def re_effect(Z: ZMatrix, group_index: np.ndarray, b: np.ndarray) -> np.ndarray:

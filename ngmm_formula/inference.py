@@ -54,7 +54,7 @@ import torch
 from scipy.stats import norm
 
 from ngmm_formula.approx import Approximation
-from ngmm_formula.design import re_quadratic, tril_pairs
+from ngmm_formula.design import re_loaded, re_quadratic, tril_pairs
 from ngmm_formula.errors import ConvergenceWarning, DataError, NGMMError
 from ngmm_formula.fit import Control, Objective, torch_threads
 from ngmm_formula.model import LinearPredictor, build_problem
@@ -957,6 +957,10 @@ def predict_se(fit: NGMMResult, newdata: pd.DataFrame | None = None,
         for t, Z, gi in zip(design.re_terms, Zs, gis):
             start = offsets.get(t.group, 0)
             offsets[t.group] = start + t.q
+            if t.rank is not None:  # (Z Lambda) Var(u | y) (Z Lambda)': d x d per level
+                rr = next(r for r in fit.reduced_rank if r.name == t.name)
+                var += re_quadratic(re_loaded(Z, rr.loadings), rr.scores_cov, gi)
+                continue
             P = fit.ranef[t.group].attrs.get("postVar")
             if P is None:
                 raise DataError(f"the fit has no conditional variances for '{t.group}'")

@@ -83,6 +83,11 @@ def caterpillar(fit: NGMMResult, group: str | None = None, *, level: float = 0.9
     for r, g in enumerate(groups):
         re = fit.ranef[g]
         P = re.attrs.get("postVar")
+        if P is None and any(t.group == g and t.rank is not None for t in fit.design.re_terms):
+            raise NGMMError(f"'{g}' has a reduced-rank term too large for per-level "
+                            "conditional variances of every column (assemble."
+                            "POSTVAR_MAX_ENTRIES): plot its factor scores (fit.scores()) "
+                            "instead")
         order = np.argsort(re.iloc[:, 0].to_numpy(), kind="stable")
         pos = np.arange(len(order))
         first = None

@@ -164,6 +164,12 @@ def _posterior_eta(fit: NGMMResult, rng: np.random.Generator) -> np.ndarray:
     for t, b in zip(fit.design.re_terms, fit.random_coef):
         start = offsets.get(t.group, 0)
         offsets[t.group] = start + t.q
+        if t.rank is not None:  # draw the factor scores u ~ N(u_hat, Var(u | y)), b = Lambda u
+            rr = next(r for r in fit.reduced_rank if r.name == t.name)
+            L = np.linalg.cholesky(rr.scores_cov + 1e-12 * np.eye(rr.d)[None])
+            ustar = rr.scores + np.einsum("lij,lj->li", L, rng.standard_normal(rr.scores.shape))
+            eta += re_effect(t.Zraw, t.group_index, ustar @ rr.loadings.T)
+            continue
         P = fit.ranef[t.group].attrs.get("postVar")
         if P is None:
             raise NGMMError(f"the fit has no conditional variances for '{t.group}'")

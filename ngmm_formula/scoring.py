@@ -24,14 +24,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 import torch
 
 from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.adaptive import log_marginal
 from ngmm_formula.approx.conditional import find_mode
-from ngmm_formula.design import SparseRows, group_labels, re_effect
+from ngmm_formula.design import group_labels, re_effect, re_loaded
 from ngmm_formula.errors import DataError
 from ngmm_formula.layout import Blocks
 
@@ -62,8 +61,7 @@ def score_newdata(fit: NGMMResult, rr: ReducedRank, newdata: pd.DataFrame) -> pd
     d = rr.d
     Z = nd.Zraw[k]
     L = rr.loadings
-    C = ((Z.values[:, :, None] * L[Z.columns]).sum(1) if isinstance(Z, SparseRows)
-         else np.asarray(Z) @ L)
+    C = re_loaded(Z, L)
     blocks = Blocks(n_blocks=len(levels), dim=d,
                     block_of_obs=torch.as_tensor(codes, dtype=torch.long),
                     slot_pos=torch.arange(d).repeat(len(codes), 1),

@@ -247,6 +247,36 @@ def test_loadings_have_a_positive_diagonal_and_standard_errors(irt_fit) -> None:
     np.testing.assert_allclose(vc["vcov"].to_numpy(), est**2, rtol=1e-12)
 
 
+def test_prediction_errors_from_the_factored_conditional_covariance(  # type: ignore[no-untyped-def]
+        irt_fit, monkeypatch) -> None:
+    """predict_se and the posterior draws of a reduced-rank term take
+    (Z Lambda) Var(u | y) (Z Lambda)', which equals z' postVar z (postVar = Lambda Var(u | y)
+    Lambda'); above POSTVAR_MAX_ENTRIES the fit stores no postVar and still gives them."""
+    import ngmm_formula.assemble as assemble
+    from ngmm_formula.residuals import simulate_residuals
+
+    fit, _, _ = irt_fit
+    df, _, _ = irt_data(n_students=400, n_items=6, d=1, seed=5)
+    P = fit.ranef["id"].attrs["postVar"]  # (q, q, levels)
+    t = fit.design.re_terms[0]
+    Z = t.Zraw.dense()
+    X = fit.design.X
+    explicit = np.einsum("ij,jk,ik->i", X, fit.vcov.to_numpy(), X) + np.einsum(
+        "ij,ijk,ik->i", Z, np.transpose(P, (2, 0, 1))[t.group_index], Z)
+    # the same quadratic forms in another order: float64 rounding of sums of 6^2 terms
+    np.testing.assert_allclose(fit.predict_se(), np.sqrt(explicit), rtol=1e-12)
+    monkeypatch.setattr(assemble, "POSTVAR_MAX_ENTRIES", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = ngmm("y ~ 0 + item + rr(0 + item | id, d = 1)", df, "binomial",
+                   approx="laplace")
+    assert "postVar" not in big.ranef["id"].attrs
+    np.testing.assert_allclose(big.predict_se(), fit.predict_se(), rtol=1e-12)
+    assert simulate_residuals(big, nsim=20).residuals.shape == (len(df),)
+    with pytest.raises(NGMMError, match="reduced-rank term too large"):
+        big.plot_caterpillar()
+
+
 def test_scores_and_new_students(irt_fit) -> None:  # type: ignore[no-untyped-def]
     fit, _, _ = irt_fit
     sc = fit.scores()
