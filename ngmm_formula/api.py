@@ -45,6 +45,7 @@ from ngmm_formula.fit import (
     Control,
     Objective,
     glm_start,
+    loadings_start,
     optimise,
     profiled,
     theta_start,
@@ -355,6 +356,7 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
     glmm_obj = (Objective(pr, fam, prepared.approximation, linear_part(module, pr),
                           shard=shard)
                 if module.nets else obj)
+    near = False  # the start is near the optimum (reduced-rank loadings: loadings_start)
     if not profiled(obj):  # lmer's profiled fit starts at relative theta = 1 and needs no more
         glm_start(pr, fam, module, shard=shard if agree is not None else None)
         if prepared.approximation.kind == "exact" and module.log_sigma is not None:
@@ -362,6 +364,9 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
                 module.theta.mul_(module.log_sigma.exp())
         if shard is not None:  # rank 0's start for every process (the IRLS bits may differ)
             shard.sync(module)
+        # a reduced-rank term's loadings from the moments of the GLM's residuals; the fits
+        # from there start with Newton steps (BHHH's matrix, ``warm``)
+        near = loadings_start(glmm_obj)
         theta_start(glmm_obj)
     history = None
     net_offset = None
@@ -372,11 +377,11 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
         # standard errors come from it)
         split = _split_groups(prepared, shard)
         fit_linear_start(pr, fam, training_approximation(prepared.approximation, control),
-                         module, control, shard, split)
+                         module, control, shard, split, warm=near)
         history, obj, net_offset = _train(prepared, module, control, seed, split, shard)
     # the refit starts at the trained linear part, near its optimum (``warm``)
     opt = optimise(obj, max_iter=control.max_iter if control.refit else 1, gtol=control.gtol,
-                   warm=bool(module.nets))
+                   warm=bool(module.nets) or near)
     return make_result(prepared, obj, opt, control, formula=formula, data_name=data_name,
                        refit=refit, nets=_nets(module), net_offset=net_offset,
                        history=history)

@@ -226,7 +226,8 @@ def start_groups(sizes: np.ndarray) -> np.ndarray | None:
 def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
                      module: LinearPredictor, control: Control,
                      shard: Shard | None = None,
-                     split_groups: np.ndarray | None = None) -> list[list[int]]:
+                     split_groups: np.ndarray | None = None, *, warm: bool = False
+                     ) -> list[list[int]]:
     r"""Fit the GLMM in which the networks' inputs enter linearly, and start from it.
 
     The fixed-effects matrix is extended by the standardised input columns of every network,
@@ -251,6 +252,10 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
 
     With ``split_groups`` (as :func:`train_networks`') the fit uses the rows of
     :func:`start_groups` only (above :data:`START_MAX_ROWS` rows; the rank check keeps all).
+
+    ``warm``: the linear part starts near its optimum (:func:`~ngmm_formula.fit.
+    loadings_start`): Newton steps with BHHH's matrix come first (:func:`~ngmm_formula.fit.
+    optimise`'s ``warm``).
 
     Returns the kept columns of every network's :meth:`~ngmm_formula.networks.MLP.
     linear_columns` (for tests and diagnostics).
@@ -299,7 +304,7 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
         glmm.beta = torch.nn.Parameter(torch.cat([
             module.beta.detach(), module.beta.new_zeros(len(extra))]))
     optimise(Objective(augmented, family, approx, glmm, shard=shard),
-             max_iter=control.max_iter, gtol=1e-10, final_hessian=False)
+             max_iter=control.max_iter, gtol=1e-10, final_hessian=False, warm=warm)
     kept_by_net: list[list[int]] = [[] for _ in nets]
     gammas = [torch.zeros(b.shape[1], dtype=b.dtype) for b in blocks]
     with torch.no_grad():
