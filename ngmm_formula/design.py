@@ -178,13 +178,9 @@ class SparseRows:
         return SparseRows(_frozen(np.where(gone, 0.0, self.values)),
                           _frozen(np.where(gone, 0, cols).astype(np.int32)), len(kept))
 
-    def column_sums(self, weights: np.ndarray | None = None, power: int = 1) -> np.ndarray:
-        r""":math:`\sum_i w_i M_{ij}^{power}` per column (w = 1 when None), from the
-        non-zeros."""
-        v = self.values ** power
-        if weights is not None:
-            v = v * weights[:, None]
-        return np.bincount(self.columns.reshape(-1), weights=v.reshape(-1),
+    def column_sums(self) -> np.ndarray:
+        r""":math:`\sum_i M_{ij}` per column, from the non-zeros."""
+        return np.bincount(self.columns.reshape(-1), weights=self.values.reshape(-1),
                            minlength=self.n_columns)
 
 

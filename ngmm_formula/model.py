@@ -5,7 +5,8 @@ r"""Model layer: the one place that combines the linear, network and random part
     \eta = \text{offset} + X\beta + \sum_k f_k(x^{(k)}; w_k) + Z \Lambda(\theta) u .
 
 :class:`Problem` holds the design as tensors (with the fixed-effects columns standardised
-internally, :class:`Standardisation`) and the block layout of the integrated coordinates;
+internally, :class:`Standardisation`; a wide factor design's as :class:`SparseRowsTensor`,
+whose ``X beta`` gathers) and the block layout of the integrated coordinates;
 :class:`LinearPredictor` holds the parameters -- ``beta`` (standardised scale), ``theta``
 (lme4's relative Cholesky factors, column-major lower triangles; unconstrained: the likelihood
 is even in the sign of each column of :math:`\Lambda`, and signs are made positive when the fit
@@ -170,15 +171,6 @@ class SparseRowsTensor:
         return SparseRowsTensor(torch.cat([self.values, extra.to(self.dtype)], dim=1),
                                 torch.cat([self.columns, cols.expand(n, k)], dim=1),
                                 self.n_columns + k)
-
-    def keep_columns(self, kept: torch.Tensor) -> SparseRowsTensor:
-        """The columns ``kept`` (sorted positions), as ``M[:, kept]``."""
-        new = torch.full((self.n_columns,), -1, dtype=torch.int64, device=self.device)
-        new[kept] = torch.arange(kept.numel(), device=self.device)
-        cols = new[self.columns]
-        gone = cols < 0
-        return SparseRowsTensor(torch.where(gone, 0.0, self.values).to(self.dtype),
-                                torch.where(gone, 0, cols), int(kept.numel()))
 
 
 #: The standardised fixed-effects matrix of a :class:`Problem`.
