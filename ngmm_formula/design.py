@@ -108,9 +108,10 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SparseRows:
-    """A random-effects model matrix with few nonzeros per row, as ``m`` (value, column) pairs
-    per row: the indicator columns of a factor (``rr(0 + item | id)`` has one nonzero in each
-    row, whatever the number of items), in O(n m) memory instead of O(n q).
+    """A model matrix with few nonzeros per row, as ``m`` (value, column) pairs per row: the
+    indicator columns of a factor (``rr(0 + item | id)`` has one nonzero in each row,
+    whatever the number of items), in O(n m) memory instead of O(n q). A reduced-rank
+    term's Z, and the fixed-effects X of a wide factor design (:func:`wide_and_sparse`).
 
     Attributes
     ----------
