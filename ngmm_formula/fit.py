@@ -1087,13 +1087,6 @@ def _newton_polish(vg: ValueAndGrad, x: np.ndarray, value: float, grad: np.ndarr
 #: L-BFGS-B: with BHHH's Hessian the steps converge linearly, about 100x a step on the
 #: linear starts of a neural fit (``benchmarks/README.md``).
 WARM_NEWTON_STEPS = 12
-#: The same for a steered fit (:data:`PRECONDITION_MIN_PARAMS`), whose L-BFGS-B is then
-#: preconditioned by the steps' matrix: BHHH's chord converges linearly, by halvings, and the
-#: preconditioned L-BFGS-B does better sooner. Item-response fits at 10^5 responses from the
-#: moment start (``irt.py``'s rr2, 301 parameters / rr1, 202), evaluations before the final
-#: Hessian with 12 / 4 / 2 / 1 / 0 steps: 48 / 35 / 36 / 34 / 35 and 32 / - / 29 / 33 / -,
-#: the same log-likelihoods.
-STEERED_WARM_NEWTON_STEPS = 2
 
 
 #: Fits with at least this many parameters are steered by BHHH's information where it
@@ -1247,9 +1240,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         x_hessian = np.asarray(x0, dtype=float)
         value, grad = vg(x_hessian)
         H = curvature(x_hessian, step_matrix)
-        x, value, grad, moved = _newton_polish(
-            vg, x_hessian, value, grad, H, gtol,
-            STEERED_WARM_NEWTON_STEPS if steered else WARM_NEWTON_STEPS)
+        x, value, grad, moved = _newton_polish(vg, x_hessian, value, grad, H, gtol,
+                                               WARM_NEWTON_STEPS)
         done = bool(np.abs(grad).max(initial=0.0) < gtol)
         if not done and x.size >= PRECONDITION_MIN_PARAMS:
             pre = _Preconditioner.of(x, -H)  # near the optimum: BHHH's is close to -H
