@@ -740,7 +740,7 @@ def _wls(Xs: FixedTensor, z: torch.Tensor, W: torch.Tensor | None, shard: Shard 
     gives the minimum-norm solution) and broadcast from rank 0.
     """
     if isinstance(Xs, SparseRowsTensor):  # a wide factor design (one process)
-        return _wls_sparse(Xs.csr(), z, W).to(dtype=Xs.dtype, device=Xs.device)
+        return _wls_sparse(Xs.on_host().csr(), z, W).to(dtype=Xs.dtype, device=Xs.device)
     if shard is None:
         if _wide_and_sparse(Xs):
             import scipy.sparse as sp

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -155,14 +155,11 @@ class SparseRowsTensor:
         out = self.values.new_zeros(self.shape)
         return out.scatter_add_(1, self.columns, self.values)
 
-    def csr(self) -> Any:
-        """As scipy's compressed sparse rows, float64 on the CPU (the padding stored)."""
-        import scipy.sparse as sp
-
-        n, m = self.values.shape
-        return sp.csr_matrix((self.values.detach().cpu().double().numpy().reshape(-1),
-                              self.columns.cpu().numpy().reshape(-1),
-                              np.arange(0, n * m + 1, m)), shape=self.shape)
+    def on_host(self) -> SparseRows:
+        """As :class:`~ngmm_formula.design.SparseRows` (float64 numpy arrays on the CPU), for
+        its scipy forms (``csr``, ``gram``)."""
+        return SparseRows(self.values.detach().cpu().double().numpy(),
+                          self.columns.cpu().numpy(), self.n_columns)
 
     def with_columns(self, extra: torch.Tensor) -> SparseRowsTensor:
         """The matrix with the dense columns ``extra`` (n, k) appended as columns p..p+k-1."""

@@ -279,8 +279,8 @@ def fit_linear_start(problem: Problem, family: Family, approx: Approximation,
     Xs_aug: FixedTensor
     if isinstance(problem.Xs, SparseRowsTensor):  # a wide factor design stays sparse
         net_cols = torch.cat(blocks, dim=1)
-        cand = problem.Xs.with_columns(net_cols[:, torch.as_tensor(candidates)]).csr()
-        rank_ok = full_rank_columns_gram(np.asarray((cand.T @ cand).toarray()))
+        cand = problem.Xs.with_columns(net_cols[:, torch.as_tensor(candidates)])
+        rank_ok = full_rank_columns_gram(cand.on_host().gram())
         extra = [int(columns[j]) for j in rank_ok if j >= p]
         Xs_aug = problem.Xs.with_columns(net_cols[:, [k - p for k in extra]])
     else:

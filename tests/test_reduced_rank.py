@@ -271,6 +271,8 @@ def test_prediction_errors_from_the_factored_conditional_covariance(  # type: ig
         big = ngmm("y ~ 0 + item + rr(0 + item | id, d = 1)", df, "binomial",
                    approx="laplace")
     assert "postVar" not in big.ranef["id"].attrs
+    # the same fit (the stored postVar does not enter it) and the same factored arithmetic:
+    # equal bits on any machine; 1e-12 leaves room for nothing but that
     np.testing.assert_allclose(big.predict_se(), fit.predict_se(), rtol=1e-12)
     assert simulate_residuals(big, nsim=20).residuals.shape == (len(df),)
     with pytest.raises(NGMMError, match="reduced-rank term too large"):
