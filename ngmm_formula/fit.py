@@ -37,6 +37,7 @@ from ngmm_formula.approx import Approximation
 from ngmm_formula.approx.adaptive import log_marginal
 from ngmm_formula.approx.blocked import profiled_objective
 from ngmm_formula.approx.conditional import FIXED_STEP_TOL, ConditionalMode, find_mode
+from ngmm_formula.approx.curvature import laplace_hessian_parts
 from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.approx.profiled import ProfiledLMM
 from ngmm_formula.approx.scalar import scalar_log_marginal, scalar_modes
@@ -351,6 +352,37 @@ ValueAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
 SCORE_INFORMATION_MIN_WORK = 2e7
 
 
+def _row_entries(pr: Problem) -> list[tuple[int | None, np.ndarray, np.ndarray, np.ndarray]]:
+    r"""How the parameters enter the rows: a list of ``(slot, row, column, value)`` arrays,
+    one per fixed part (``slot`` None: :math:`\partial \eta_i / \partial \beta_j = X_{ij}`,
+    unless REML integrates beta) and per slot of each term
+    (:math:`\partial C_{is} / \partial \Lambda_{js} = Z_{ij}`: ``column`` the position of
+    :math:`\Lambda_{js}` among the parameters, :func:`_lambda_index`; fixed zeros left out).
+    Shared by the per-block scores (:func:`_block_jacobian`) and the exact Laplace Hessian
+    (:func:`laplace_hessian`)."""
+    out: list[tuple[int | None, np.ndarray, np.ndarray, np.ndarray]] = []
+    col0 = 0
+    if not pr.reml and pr.p:  # eta = X_s beta + ...
+        r, c, v = _fixed_entries(pr)
+        out.append((None, r, c, v))
+        col0 = pr.p
+    slot = 0
+    zcols = pr.Zcols or (None,) * len(pr.Z)
+    for Z, Zc, q, d, rank in zip(pr.Z, zcols, pr.q, pr.dims, pr.ranks):
+        index = _lambda_index(q, d, rank, col0)
+        Zv = Z.cpu().double().numpy()
+        jcol = (np.broadcast_to(np.arange(q), Zv.shape) if Zc is None
+                else Zc.cpu().numpy().astype(np.int64))
+        rows = np.broadcast_to(np.arange(Zv.shape[0])[:, None], Zv.shape)
+        for t in range(d):
+            idx = index[jcol, t]
+            keep = idx >= 0
+            out.append((slot + t, rows[keep], idx[keep], Zv[keep]))
+        col0 += len(tril_pairs(q, rank))
+        slot += d
+    return out
+
+
 def _block_jacobian(pr: Problem, g_eta: np.ndarray, g_C: np.ndarray, k: int) -> Any:
     """The per-block scores (n_blocks, k) as a sparse matrix, from the rows' gradients in
     their linear predictor and slot values (:meth:`Objective.score_information`)."""
@@ -358,30 +390,10 @@ def _block_jacobian(pr: Problem, g_eta: np.ndarray, g_C: np.ndarray, k: int) -> 
 
     block = pr.blocks.block_of_obs.cpu().numpy().astype(np.int64)
     rows, cols, vals = [], [], []
-    col0 = 0
-    if not pr.reml and pr.p:  # eta = X_s beta + ...
-        r, c, v = _fixed_entries(pr)
+    for slot, r, c, v in _row_entries(pr):
         rows.append(block[r])
         cols.append(c)
-        vals.append(v * g_eta[r])
-        col0 = pr.p
-    slot = 0
-    zcols = pr.Zcols or (None,) * len(pr.Z)
-    for Z, Zc, q, d, rank in zip(pr.Z, zcols, pr.q, pr.dims, pr.ranks):
-        pairs = tril_pairs(q, rank)
-        index = _lambda_index(q, d, rank, col0)
-        Zv = Z.cpu().double().numpy()
-        jcol = (np.broadcast_to(np.arange(q), Zv.shape) if Zc is None
-                else Zc.cpu().numpy().astype(np.int64))
-        # dC_is / dLambda[j, s] = Z_ij: every (row, entry of Z, slot) pair
-        idx = index[jcol[:, :, None], np.arange(d)[None, None, :]]
-        contrib = Zv[:, :, None] * g_C[:, None, slot:slot + d]
-        keep = idx >= 0
-        rows.append(np.broadcast_to(block[:, None, None], idx.shape)[keep])
-        cols.append(idx[keep])
-        vals.append(contrib[keep])
-        col0 += len(pairs)
-        slot += d
+        vals.append(v * (g_eta[r] if slot is None else g_C[r, slot]))
     return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                          shape=(pr.blocks.n_blocks, k)).tocsr()
 
@@ -418,22 +430,9 @@ def _blocks_of_parameters(pr: Problem, k: int) -> Any:
 
     block = pr.blocks.block_of_obs.cpu().numpy().astype(np.int64)
     rows, cols = [], []
-    col0 = 0
-    if pr.p:  # fixed effects (no REML here)
-        r, c, v = _fixed_entries(pr)
+    for _, r, c, v in _row_entries(pr):
         rows.append(block[r[v != 0]])
         cols.append(c[v != 0])
-        col0 = pr.p
-    zcols = pr.Zcols or (None,) * len(pr.Z)
-    for Z, Zc, q, d, rank in zip(pr.Z, zcols, pr.q, pr.dims, pr.ranks):
-        index = _lambda_index(q, d, rank, col0)
-        r, e = np.nonzero(Z.cpu().numpy())
-        jcol = e if Zc is None else Zc.cpu().numpy().astype(np.int64)[r, e]
-        for s in range(d):
-            keep = index[jcol, s] >= 0
-            rows.append(block[r[keep]])
-            cols.append(index[jcol[keep], s])
-        col0 += len(tril_pairs(q, rank))
     r, c = np.concatenate(rows), np.concatenate(cols)
     return sp.coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)),
                          shape=(pr.blocks.n_blocks, k)).tocsc()
@@ -614,6 +613,130 @@ def _local_fd_hessian(obj: Objective) -> Callable[[ValueAndGrad, np.ndarray], np
                 H[:, j] = _fd_column(vg, x, j, FD_REL_STEP)
         return 0.5 * (H + H.T)
     return hessian
+
+
+#: Entries that :func:`laplace_hessian` holds at once per batch of blocks: their dense
+#: Hessians over the parameters they touch (blocks x width^2) and a table of positions
+#: (blocks x parameters), 4e6 x 8 bytes = 32 MB each.
+LAPLACE_HESSIAN_BATCH_ENTRIES = 4_000_000
+
+
+def laplace_hessian(obj: Objective) -> Callable[[np.ndarray], np.ndarray] | None:
+    r"""The exact Hessian of the Laplace approximation, in one pass over the rows, where the
+    parameters enter per-group blocks through the rows only (:func:`_rows_carry_the_parameters`
+    with the Laplace rule, no split); None elsewhere (finite differences).
+
+    The Hessian in the rows' local coordinates (:mod:`~ngmm_formula.approx.curvature`: a
+    row-diagonal part :math:`P_i` and a part :math:`Y_b^\top \Omega_b Y_b` of small rank per
+    block) is carried to the parameters by the rows' Jacobian :math:`J_i`
+    (:func:`_row_entries`): :math:`\sum_i J_i^\top P_i J_i + \sum_b U_b^\top \Omega_b
+    U_b` with :math:`U_b = \sum_{i \in b} Y_i J_i`; each block's term is a dense product over
+    the parameters its rows touch (an item-response student: the intercepts and loadings of
+    the items answered, and the covariates' coefficients), scattered into the whole. It
+    replaces the ``2 dim(x)`` gradient evaluations of finite differences (on an
+    item-response model at 10^6 responses, 1,501 parameters: 76 % of the fit) and is exact
+    where those carry an error of about the step squared.
+    """
+    pr = obj.problem
+    if not _rows_carry_the_parameters(obj, ("laplace",)) or pr.blocks.split is not None:
+        return None
+
+    def hessian(x: np.ndarray) -> np.ndarray:
+        _set(obj.module, x)
+        k = x.size
+        H = np.zeros((k, k))
+        for piece in obj.chunks():
+            H += _laplace_hessian_of(piece, k)
+        return 0.5 * (H + H.T)
+    return hessian
+
+
+def _laplace_hessian_of(piece: Objective, k: int) -> np.ndarray:
+    """:func:`laplace_hessian`'s sum over the blocks of one piece."""
+    import scipy.sparse as sp
+
+    pr, m = piece.problem, piece.module
+    with torch.no_grad():
+        eta, C = m.eta_fixed(pr), m.slot_values(pr)
+    start = piece.mode.v if piece.mode is not None else None
+    piece.mode = find_mode(piece.family, pr.y, pr.w, eta, None, C, pr.blocks, start,
+                           tol=piece.mode_tol)
+    parts = laplace_hessian_parts(piece.family, pr.y.double(), pr.w.double(), eta.double(),
+                                  C.double(), pr.blocks, piece.mode.v.double())
+    n, D = C.shape[0], pr.blocks.dim
+    block = pr.blocks.block_of_obs.cpu().numpy().astype(np.int64)
+    # J: (n (1 + D), k), row i (1 + D) + 0 for eta_i, + 1 + pos(i, s) for slot s
+    pos = pr.blocks.slot_pos.cpu().numpy()
+    rows, cols, vals = [], [], []
+    for slot, r, c, v in _row_entries(pr):
+        keep = v != 0
+        rows.append(r[keep] * (1 + D) + (0 if slot is None else 1 + pos[r[keep], slot]))
+        cols.append(c[keep])
+        vals.append(v[keep])
+    J = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(n * (1 + D), k))
+    P = sp.bsr_matrix((parts.row.cpu().numpy(), np.arange(n), np.arange(n + 1)),
+                      shape=(n * (1 + D), n * (1 + D)))
+    H = (J.T @ (P @ J)).toarray()
+    # the blocks' low-rank parts: U = Y J (n_blocks r x k)
+    Y = parts.low_rank.cpu().numpy()
+    r_ = Y.shape[1]
+    yr = (block[:, None, None] * r_ + np.arange(r_)[None, :, None]).repeat(1 + D, 2)
+    yc = (np.arange(n)[:, None, None] * (1 + D) + np.arange(1 + D)[None, None, :]).repeat(r_, 1)
+    n_blocks = pr.blocks.n_blocks
+    U = (sp.csr_matrix((Y.ravel(), (yr.ravel(), yc.ravel())),
+                       shape=(n_blocks * r_, n * (1 + D))) @ J).tocsr()
+    U.sum_duplicates()
+    return H + _low_rank_blocks(U, parts.middle.cpu().numpy(), r_, k)
+
+
+def _low_rank_blocks(U: Any, middle: np.ndarray, r: int, k: int) -> np.ndarray:
+    r""":math:`\sum_b U_b^\top \Omega_b U_b` for ``U`` (n_blocks r x k, canonical CSR; block
+    b's rows ``b r .. b r + r - 1``) and ``middle`` (n_blocks, r, r): per block, a dense
+    product over the parameters the block touches, scattered into the (k, k) sum; blocks of
+    similar width in batches of :data:`LAPLACE_HESSIAN_BATCH_ENTRIES`."""
+    import scipy.sparse as sp
+
+    n_blocks = middle.shape[0]
+    # each block's parameters (sorted): the pattern of its r rows summed
+    rows = np.arange(n_blocks * r)
+    pattern = (sp.csr_matrix((np.ones(rows.size), (rows // r, rows)),
+                             shape=(n_blocks, n_blocks * r))
+               @ sp.csr_matrix((np.ones(U.nnz), U.indices, U.indptr), shape=U.shape))
+    pattern.sort_indices()
+    width, start, params = np.diff(pattern.indptr), pattern.indptr, pattern.indices
+    entries = U.tocoo()
+    b, kk, col, val = entries.row // r, entries.row % r, entries.col, entries.data
+    order = np.argsort(width, kind="stable")
+    rank = np.empty(n_blocks, dtype=np.int64)
+    rank[order] = np.arange(n_blocks)
+    by_rank = np.argsort(rank[b], kind="stable")
+    entry_rank = rank[b][by_rank]
+    flat = np.zeros((k + 1) * (k + 1))
+    lo = 0
+    while lo < n_blocks:
+        hi = lo + 1
+        while hi < n_blocks and (hi + 1 - lo) * max(int(width[order[hi]]) ** 2, k) \
+                <= LAPLACE_HESSIAN_BATCH_ENTRIES:
+            hi += 1
+        w = max(int(width[order[hi - 1]]), 1)
+        blocks = order[lo:hi]
+        # the batch's parameters, padded with k; an entry's position among its block's
+        cols = np.full((hi - lo, w), k)
+        mask = np.arange(w)[None, :] < width[blocks][:, None]
+        cols[mask] = params[(start[blocks][:, None] + np.arange(w)[None, :])[mask]]
+        position = np.zeros((hi - lo, k + 1), dtype=np.int64)
+        position[np.arange(hi - lo)[:, None], cols] = np.arange(w)[None, :]
+        e0, e1 = np.searchsorted(entry_rank, [lo, hi])
+        e = by_rank[e0:e1]
+        Ud = np.zeros((hi - lo, r, w))
+        Ud[rank[b[e]] - lo, kk[e], position[rank[b[e]] - lo, col[e]]] = val[e]
+        Ut = torch.from_numpy(Ud)
+        Hb = torch.bmm(Ut.transpose(1, 2), torch.bmm(torch.from_numpy(middle[blocks]), Ut))
+        idx = cols[:, :, None] * (k + 1) + cols[:, None, :]
+        flat += np.bincount(idx.ravel(), Hb.numpy().ravel(), minlength=flat.size)
+        lo = hi
+    return flat.reshape(k + 1, k + 1)[:k, :k]
 
 
 # --------------------------------------------------------------------------------------------
@@ -976,11 +1099,14 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
         return opt
 
     value_and_grad = _LastEvaluation(lambda x: _value_and_grad(obj, x))
+    exact = laplace_hessian(obj)
+    fd = ((lambda _, x: exact(x)) if exact is not None
+          else _local_fd_hessian(obj) or fd_hessian)
     opt = _maximise(value_and_grad, x0, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps,
                     final_hessian=final_hessian, warm=warm,
                     hessian=_score_information_hessian(obj, errors=final_hessian),
                     steer=_score_information_hessian(obj, errors=False),
-                    fd=_local_fd_hessian(obj) or fd_hessian)
+                    fd=fd, exact=exact is not None)
     # the module (and, in a distributed fit, every process) at the optimum: already there
     # when the last evaluation was at it
     value, grad = value_and_grad.at(opt.x)
@@ -1169,7 +1295,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
               hessian: Callable[[np.ndarray], np.ndarray] | None = None,
               warm: bool = False,
               steer: Callable[[np.ndarray], np.ndarray] | None = None,
-              fd: Callable[[ValueAndGrad, np.ndarray], np.ndarray] = fd_hessian) -> Optimum:
+              fd: Callable[[ValueAndGrad, np.ndarray], np.ndarray] = fd_hessian,
+              exact: bool = False) -> Optimum:
     r"""L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
 
     Newton polishing is the chord method: the finite-difference Hessian at the L-BFGS point
@@ -1178,24 +1305,23 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     Convergence as lme4's ``check.conv.grad``: the gradient scaled by the Cholesky factor of
     the Hessian, max(min(|scaled|, |raw|)) < 0.002.
 
-    ``stop_at_gtol`` (a mask of the parameters that are the diagonals of lme4's
-    :math:`\Lambda_k`) ends L-BFGS-B at the first iterate whose gradient is below ``gtol``
-    (the polish's criterion, which then takes no step) instead of at its own round-off
+    ``stop_at_gtol`` (a mask of the diagonals of lme4's :math:`\Lambda_k`) ends L-BFGS-B at
+    the first iterate whose gradient is below ``gtol`` instead of at its own round-off
     stagnation, unless one of those diagonals is below :data:`NEAR_BOUNDARY` in absolute
-    value: a fit heading for a singular boundary, where the gradient can be small far from
-    it, runs to stagnation as before.
+    value (a fit heading for a singular boundary, where the gradient can be small far from
+    it).
 
-    ``hessian``: a function giving the (approximate) Hessian at a point in one evaluation
-    (BHHH's, :func:`_score_information_hessian`) instead of finite differences.
-
-    ``warm`` (with ``hessian``): ``x0`` is near the optimum (a refit from a nearby fit's):
-    up to :data:`WARM_NEWTON_STEPS` Newton steps with ``hessian`` at ``x0`` come first, and
-    L-BFGS-B runs only if they stop short of ``gtol``.
-
-    ``steer`` (BHHH's; :data:`PRECONDITION_MIN_PARAMS`): with ``hessian`` None, the Newton
-    steps use it and the finite-difference Hessian is computed once, at the final point. A
-    warm start whose Newton steps stop short runs L-BFGS-B preconditioned by their matrix
-    (:class:`_Preconditioner`); a cold start runs it plain. ``fd``: the finite differences.
+    ``hessian``: the (approximate) Hessian in one evaluation (BHHH's,
+    :func:`_score_information_hessian`) instead of ``fd``. ``warm`` (with ``hessian`` or
+    ``steer``): ``x0`` is near the optimum; up to :data:`WARM_NEWTON_STEPS` Newton steps
+    come first, L-BFGS-B only if they stop short of ``gtol``. ``steer`` (BHHH's;
+    :data:`PRECONDITION_MIN_PARAMS`): with ``hessian`` None, the Newton steps use it and
+    ``fd`` is computed once, at the final point; a warm start whose Newton steps stop short
+    runs L-BFGS-B preconditioned by their matrix (:class:`_Preconditioner`), a cold start
+    plain. ``exact``: ``fd`` is the exact Hessian in one pass over the rows
+    (:func:`laplace_hessian`), and the polish after L-BFGS-B takes it instead of
+    ``steer``'s (a warm start's first steps keep BHHH's, positive definite far from the
+    maximum where the Hessian need not be).
     """
     if not isinstance(value_and_grad, _LastEvaluation):
         value_and_grad = _LastEvaluation(value_and_grad)
@@ -1205,12 +1331,9 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     def curvature(x: np.ndarray, by: Callable[[np.ndarray], np.ndarray] | None = hessian
                   ) -> np.ndarray:
         nonlocal n_hessian
-        if by is not None:
-            n_hessian += 1
-            return by(x)
-        return fd(vg, x)
-    # the gradients of the last evaluations, by point: an iterate whose gradient is already
-    # below ``gtol`` (the polish's own criterion) ends L-BFGS-B (``stop_at_gtol``)
+        n_hessian += by is not None or exact  # one pass each; finite differences count their own
+        return by(x) if by is not None else fd(vg, x)
+    # the gradients of the last evaluations, by point (``stop_at_gtol``)
     seen: dict[bytes, float] = {}
 
     def f(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -1235,7 +1358,7 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     step_matrix = steer if steered else hessian
     done = False  # a warm start's Newton steps reached gtol: no L-BFGS-B
     iterations, message = 0, "CONVERGENCE: NEWTON STEPS FROM A WARM START"
-    pre = None
+    pre, from_fd = None, False  # from_fd: H is fd's (the Hessian reported), not steer's
     if warm and (hessian is not None or steered):
         x_hessian = np.asarray(x0, dtype=float)
         value, grad = vg(x_hessian)
@@ -1253,9 +1376,10 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
             message = f"CONVERGENCE: MAX|GRADIENT| < {gtol:g}"
         x = x_hessian = vg.snap(x_lbfgs)
         value, grad = vg(x)
-        H = curvature(x, step_matrix)
+        from_fd = exact or step_matrix is None
+        H = curvature(x, None if from_fd else step_matrix)
         x, value, grad, moved = _newton_polish(vg, x, value, grad, H, gtol, newton_steps)
-    if steered and final_hessian:
+    if steered and final_hessian and not from_fd:
         H = curvature(x)  # the reported Hessian, once, at the final point
     elif moved and final_hessian and not _within(x, x_hessian, REUSE_HESSIAN_MOVE):
         H = curvature(x)

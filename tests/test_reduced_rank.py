@@ -457,26 +457,29 @@ def test_large_per_group_fits_take_the_score_information(monkeypatch) -> None:  
                                rtol=0.05)
 
 
-def test_many_parameter_laplace_fits_are_steered_by_bhhh(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A Laplace fit of 74 parameters (25 items, d = 2) is steered by BHHH's information
-    (its Newton polish; the finite-difference Hessian once, at the end) and ends where the
-    unsteered fit ends: both stop at a gradient below 1e-6 at a strictly concave maximum, so
-    the log-likelihoods agree to second order in it (measured 3e-10) and the standard
-    errors, from finite-difference Hessians of points within about 1e-6 of each other, to
-    about 1e-6 relative (measured 6e-7; asserted 1e-4), with fewer evaluations (346
-    against 481). (200 students are too few for 74 parameters: an item's loading runs off
-    to a near-deterministic step and neither fit converges.) Both from the default start of
-    the loadings (the moment start is tested below)."""
+def test_many_parameter_quadrature_fits_are_steered_by_bhhh(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A 9-node AGQ fit of 74 parameters (25 items, d = 2), below the size where BHHH's
+    information replaces its Hessian, is steered by BHHH's information (its Newton polish;
+    the finite-difference Hessian once, at the end) and ends where the unsteered fit ends:
+    both stop at a gradient below 1e-6 at a strictly concave maximum, so the
+    log-likelihoods agree to second order in it (measured 6e-11) and the standard errors,
+    from finite-difference Hessians of points within about 1e-6 of each other, to about
+    1e-6 relative (measured 1.6e-6; asserted 1e-4), with fewer evaluations (330 against
+    478). (Laplace fits take the exact Hessian in one pass over the rows instead of finite
+    differences: ``tests/test_laplace_hessian.py``.) (200 students are too few for 74
+    parameters: an item's loading runs off to a near-deterministic step and neither fit
+    converges.) Both from the default start of the loadings (the moment start is tested
+    below)."""
     import ngmm_formula.api as api_module
     import ngmm_formula.fit as fit_module
 
     monkeypatch.setattr(api_module, "loadings_start", lambda obj: False)
     df, _, _ = irt_data(n_students=400, n_items=25, d=2, seed=5)
     formula = "y ~ 0 + item + rr(0 + item | id, d = 2)"
-    steered = ngmm(formula, df, "binomial", approx="laplace")
+    steered = ngmm(formula, df, "binomial", approx="agq", nagq=3)
     assert steered.fixef.size + 49 >= fit_module.PRECONDITION_MIN_PARAMS
     monkeypatch.setattr(fit_module, "PRECONDITION_MIN_PARAMS", 10**9)
-    plain = ngmm(formula, df, "binomial", approx="laplace")
+    plain = ngmm(formula, df, "binomial", approx="agq", nagq=3)
     assert steered.diagnostics.converged and plain.diagnostics.converged
     assert steered.loglik == pytest.approx(plain.loglik, abs=1e-6)
     np.testing.assert_allclose(np.sqrt(np.diag(steered.vcov.to_numpy())),

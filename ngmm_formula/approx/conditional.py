@@ -105,10 +105,8 @@ def neg_hessian(W: torch.Tensor, C: torch.Tensor, blocks: Blocks) -> torch.Tenso
         flat = C.new_zeros(blocks.n_blocks).index_add(0, blocks.block_of_obs, W * c * c)
         return flat.reshape(blocks.n_blocks, 1, 1) + torch.diag(blocks.prior_precision)
     D = blocks.dim
-    pos = blocks.slot_pos
-    idx = (blocks.block_of_obs[:, None, None] * D * D + pos[:, :, None] * D + pos[:, None, :])
     vals = W[:, None, None] * C[:, :, None] * C[:, None, :]
-    flat = C.new_zeros(blocks.n_blocks * D * D).index_add(0, idx.reshape(-1), vals.reshape(-1))
+    flat = C.new_zeros(blocks.n_blocks * D * D).index_add(0, blocks.pair_index, vals.reshape(-1))
     return flat.reshape(blocks.n_blocks, D, D) + torch.diag(blocks.prior_precision)
 
 
