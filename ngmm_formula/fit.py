@@ -10,7 +10,9 @@ as the warm start of the next.
 scale, ``theta``, ``log_sigma``) in float64, started from a GLM fit; L-BFGS (scipy's
 L-BFGS-B, whose line search satisfies the strong Wolfe conditions) until the gradient is small,
 then Newton steps with the Hessian from central differences of the exact gradient, which is
-also the Hessian used for standard errors (as lme4 does for ``glmer``). A linear Gaussian
+also the Hessian used for standard errors (as lme4 does for ``glmer``); per-group Laplace
+fits of families without a dispersion parameter take the exact Hessian instead, in one pass
+over the rows (:func:`laplace_hessian`). A linear Gaussian
 model (exact integral, no networks) is fitted as ``lmer`` fits it: over lme4's relative
 theta alone, on the profiled objective (beta and sigma in closed form given theta, standard
 errors of beta from the same factorisation): the same optimiser with the analytic gradient
@@ -1088,7 +1090,9 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
     process; any size), fits of at least :data:`PRECONDITION_MIN_PARAMS` parameters are
     steered by it (:func:`_maximise`'s ``steer``): their Newton steps use it, a warm start
     that needs L-BFGS-B runs it preconditioned by it, and a reported finite-difference
-    Hessian is computed once, at the final point.
+    Hessian is computed once, at the final point. Where the exact Hessian applies
+    (:func:`laplace_hessian`) it replaces the finite differences everywhere, and the Newton
+    steps after L-BFGS-B and those of a warm start (where it is negative definite) use it.
     """
     if profiled(obj):
         return _optimise_profiled(obj, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps)
@@ -1213,6 +1217,11 @@ def _newton_polish(vg: ValueAndGrad, x: np.ndarray, value: float, grad: np.ndarr
 #: L-BFGS-B: with BHHH's Hessian the steps converge linearly, about 100x a step on the
 #: linear starts of a neural fit (``benchmarks/README.md``).
 WARM_NEWTON_STEPS = 12
+
+#: With the exact Hessian (:func:`laplace_hessian`) a warm start's 12 Newton steps come in
+#: this many rounds, each with a fresh matrix (:func:`_warm_matrix`): Newton's convergence
+#: instead of the chord's.
+WARM_EXACT_ROUNDS = 3
 
 
 #: Fits with at least this many parameters are steered by BHHH's information where it
@@ -1360,11 +1369,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     iterations, message = 0, "CONVERGENCE: NEWTON STEPS FROM A WARM START"
     pre, from_fd = None, False  # from_fd: H is fd's (the Hessian reported), not steer's
     if warm and (hessian is not None or steered):
-        x_hessian = np.asarray(x0, dtype=float)
-        value, grad = vg(x_hessian)
-        H = curvature(x_hessian, step_matrix)
-        x, value, grad, moved = _newton_polish(vg, x_hessian, value, grad, H, gtol,
-                                               WARM_NEWTON_STEPS)
+        x, value, grad, H, x_hessian, moved, from_fd = _warm_newton(
+            vg, np.asarray(x0, dtype=float), curvature, step_matrix, exact, gtol)
         done = bool(np.abs(grad).max(initial=0.0) < gtol)
         if not done and x.size >= PRECONDITION_MIN_PARAMS:
             pre = _Preconditioner.of(x, -H)  # near the optimum: BHHH's is close to -H
@@ -1385,6 +1391,43 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         H = curvature(x)
     return _checked(x, value, grad, H, iterations=iterations,
                     evaluations=vg.evaluations + n_hessian, message=message)
+
+
+def _warm_newton(vg: ValueAndGrad, x: np.ndarray, curvature: Callable[..., np.ndarray],
+                 step_matrix: Callable[[np.ndarray], np.ndarray] | None, exact: bool,
+                 gtol: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, np.ndarray,
+                                       bool, bool]:
+    """A warm start's Newton steps (:func:`_maximise`): :data:`WARM_NEWTON_STEPS` with
+    ``step_matrix``'s matrix, or with the exact Hessian in :data:`WARM_EXACT_ROUNDS` rounds of
+    a fresh matrix each (:func:`_warm_matrix`). Returns the point, its value and gradient,
+    the last matrix, the point it was taken at, whether the last round moved and whether the
+    matrix is the exact Hessian."""
+    value, grad = vg(x)
+    rounds = WARM_EXACT_ROUNDS if exact else 1
+    for _ in range(rounds):
+        x_hessian = x
+        H, from_fd = _warm_matrix(curvature, x, step_matrix, exact)
+        x, value, grad, moved = _newton_polish(vg, x, value, grad, H, gtol,
+                                               WARM_NEWTON_STEPS // rounds)
+        if np.abs(grad).max(initial=0.0) < gtol or not moved:
+            break
+    return x, value, grad, H, x_hessian, moved, from_fd
+
+
+def _warm_matrix(curvature: Callable[..., np.ndarray], x: np.ndarray,
+                 step_matrix: Callable[[np.ndarray], np.ndarray] | None, exact: bool
+                 ) -> tuple[np.ndarray, bool]:
+    """The matrix of a warm start's Newton steps (:func:`_maximise`) and whether it is the
+    exact Hessian: that one where there is one (``exact``) and it is negative definite at
+    ``x``, else ``step_matrix``'s (BHHH's)."""
+    if exact:
+        H = curvature(x, None)
+        try:
+            np.linalg.cholesky(-H)
+            return H, True
+        except np.linalg.LinAlgError:
+            pass
+    return curvature(x, step_matrix), False
 
 
 def _checked(x: np.ndarray, value: float, grad: np.ndarray, H: np.ndarray, *,
