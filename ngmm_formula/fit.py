@@ -1092,7 +1092,8 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
     that needs L-BFGS-B runs it preconditioned by it, and a reported finite-difference
     Hessian is computed once, at the final point. Where the exact Hessian applies
     (:func:`laplace_hessian`) it replaces the finite differences everywhere, and the Newton
-    steps after L-BFGS-B and those of a warm start (where it is negative definite) use it.
+    steps after L-BFGS-B and those of a warm start use it (a warm start's in Greenstadt's
+    modification where it is not negative definite, :func:`_warm_matrix`).
     """
     if profiled(obj):
         return _optimise_profiled(obj, max_iter=max_iter, gtol=gtol, newton_steps=newton_steps)
@@ -1328,9 +1329,8 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     ``fd`` is computed once, at the final point; a warm start whose Newton steps stop short
     runs L-BFGS-B preconditioned by their matrix (:class:`_Preconditioner`), a cold start
     plain. ``exact``: ``fd`` is the exact Hessian in one pass over the rows
-    (:func:`laplace_hessian`), and the polish after L-BFGS-B takes it instead of
-    ``steer``'s (a warm start's first steps keep BHHH's, positive definite far from the
-    maximum where the Hessian need not be).
+    (:func:`laplace_hessian`); the polish after L-BFGS-B and a warm start's Newton steps
+    (:func:`_warm_newton`) take it instead of ``steer``'s.
     """
     if not isinstance(value_and_grad, _LastEvaluation):
         value_and_grad = _LastEvaluation(value_and_grad)
