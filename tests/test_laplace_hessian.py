@@ -72,6 +72,23 @@ def test_the_exact_laplace_hessian_equals_finite_differences(formula: str, famil
     np.testing.assert_allclose(exact(x), H, rtol=0, atol=1e-6 * np.abs(H).max())
 
 
+def test_prior_weights_and_offsets() -> None:
+    """Binomial totals as prior weights (cbpp) and a Poisson offset: measured 3e-9 and 3e-8
+    of the largest entry."""
+    from ngmm_formula import datasets
+
+    cases = [("cbind(incidence, size - incidence) ~ period + (1 | herd)",
+              datasets.load("cbpp"), "binomial")]
+    df = datasets.simulate_grouped(n_groups=60, n_per_group=20, family="poisson", seed=1)
+    cases.append(("y ~ x1 + offset(off) + (1 + x1 | g)", df.assign(off=0.3 * df["x2"]),
+                  "poisson"))
+    for formula, data, family in cases:
+        obj, x = _objective(formula, data, family)
+        H = fit_module.fd_hessian(lambda z, obj=obj: fit_module._evaluate(obj, z), x)
+        np.testing.assert_allclose(fit_module.laplace_hessian(obj)(x),  # type: ignore[misc]
+                                   H, rtol=0, atol=1e-6 * np.abs(H).max())
+
+
 def test_pieces_add_up(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """An objective evaluated in pieces of whole blocks (``fit.CHUNK_ROWS``) gives the same
     Hessian as in one piece: each block's part belongs to its piece (sums in another order:
