@@ -91,8 +91,9 @@ def test_prior_weights_and_offsets() -> None:
 
 def test_pieces_add_up(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """An objective evaluated in pieces of whole blocks (``fit.CHUNK_ROWS``) gives the same
-    Hessian as in one piece: each block's part belongs to its piece (sums in another order:
-    measured 1e-15 relative)."""
+    Hessian as in one piece: each block's part belongs to its piece (float64 sums in another
+    order: measured 1e-15 relative, asserted 1e-12 of the largest entry, a margin of 1,000
+    that no machine's rounding of these few hundred terms per entry approaches)."""
     df = _students()
     formula = "y ~ 0 + item + x + rr(0 + item | id, d = 2)"
     obj, x = _objective(formula, df, "binomial")
@@ -106,7 +107,9 @@ def test_pieces_add_up(monkeypatch) -> None:  # type: ignore[no-untyped-def]
 
 def test_a_batch_holds_blocks_of_different_widths(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Students answering 2 to 9 items touch different numbers of parameters; tiny batches
-    (``LAPLACE_HESSIAN_BATCH_ENTRIES``) split them by width: the same Hessian."""
+    (``LAPLACE_HESSIAN_BATCH_ENTRIES``) split them by width: the same Hessian (each entry the
+    same float64 terms summed in another order: rounding of about 1e-16 per term times a
+    few hundred terms, far below the asserted 1e-12 of the largest entry)."""
     rng = np.random.default_rng(3)
     df, _, _ = irt_data(n_students=120, n_items=10, d=2, seed=3)
     keep = np.concatenate([rng.choice(10, rng.integers(2, 10), replace=False) + 10 * s
@@ -122,8 +125,10 @@ def test_a_batch_holds_blocks_of_different_widths(monkeypatch) -> None:  # type:
 def test_fits_with_the_exact_hessian_end_where_finite_differences_end(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The fit's Newton polish and standard errors from the exact Hessian against those of
     finite differences (the exact one switched off): both end below the gradient tolerance
-    at a strictly concave maximum, so the log-likelihoods agree to second order (measured
-    6e-12) and the standard errors to the differences' error (measured 1.1e-8 relative;
+    at a strictly concave maximum, so the log-likelihoods agree to second order in the
+    gradients (measured 6e-12; asserted 1e-8, a margin that another machine's optimiser
+    path, stopping anywhere below the same gradient tolerance, keeps) and the standard
+    errors to the differences' error (measured 1.1e-8 relative;
     asserted 1e-6); the exact one took 71 evaluations, the other 222 (two Hessians of
     finite differences). 400 students answering all of 25 items: fewer items per student
     let an item's loadings run off (a warning) to maxima that differ between paths."""

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ngmm_formula.approx.conditional import Blocks, block_sum
+from ngmm_formula.approx.conditional import Blocks, block_sum, neg_hessian, random_part
 from ngmm_formula.families import Family
 
 __all__ = ["LaplaceHessianParts", "eta_derivatives_to_fourth", "laplace_hessian_parts"]
@@ -102,12 +102,11 @@ def laplace_hessian_parts(family: Family, y: torch.Tensor, w: torch.Tensor,
     b = blocks.block_of_obs
     c = C.new_zeros(n, D).scatter_add_(1, blocks.slot_pos, C)  # c_i at its coordinates
     vb = v[b]
-    eta = eta_fixed + (c * vb).sum(1)
+    eta = eta_fixed + random_part(C, v, blocks)
     f1, f2, f3, f4 = eta_derivatives_to_fourth(family, y, eta, w)
     eye = torch.eye(D, dtype=C.dtype, device=C.device)
     cc = c[:, :, None] * c[:, None, :]
-    A = block_sum(-f2[:, None, None] * cc, blocks) + eye
-    R = torch.cholesky_inverse(torch.linalg.cholesky(A))
+    R = torch.cholesky_inverse(torch.linalg.cholesky(neg_hessian(-f2, C, blocks)))  # A^-1
     Rb = R[b]
     Rc = (Rb @ c[:, :, None])[..., 0]
     h = (c * Rc).sum(1)
