@@ -39,7 +39,7 @@ import torch
 
 from ngmm_formula.approx.factor import DenseFactor, Factor, SchurFactor
 from ngmm_formula.families import Family
-from ngmm_formula.layout import Blocks
+from ngmm_formula.layout import Blocks, sum_rows
 
 __all__ = ["Blocks", "ConditionalMode", "block_sum", "factorise", "find_mode", "log_integrand",
            "neg_hessian", "gradient"]
@@ -49,8 +49,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 def block_sum(values: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """Sum per-observation values (n, ...) into blocks (n_blocks, ...)."""
-    out = values.new_zeros((blocks.n_blocks, *values.shape[1:]))
-    return out.index_add(0, blocks.block_of_obs, values)
+    return sum_rows(values, blocks.block_of_obs, blocks.n_blocks)
 
 
 def _scalar(C: torch.Tensor, blocks: Blocks) -> bool:

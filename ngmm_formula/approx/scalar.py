@@ -71,6 +71,7 @@ import torch
 from ngmm_formula.approx.conditional import FIXED_STEP_TOL
 from ngmm_formula.approx.rules import Rule
 from ngmm_formula.families import Family
+from ngmm_formula.layout import sum_rows
 
 __all__ = ["EXTRA_STEPS", "scalar_log_marginal", "scalar_modes"]
 
@@ -83,7 +84,7 @@ EXTRA_STEPS = 4
 
 def _group_sum(values: torch.Tensor, block: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """Sum rows (n, ...) into groups (n_blocks, ...)."""
-    return values.new_zeros((n_blocks, *values.shape[1:])).index_add_(0, block, values)
+    return sum_rows(values, block, n_blocks)
 
 
 def _no_dispersion(family: Family) -> None:
@@ -201,7 +202,8 @@ class _ScalarQuadrature(torch.autograd.Function):
         ll = _group_sum(family.log_kernel(y.unsqueeze(-1), eta_k, None, w.unsqueeze(-1)),
                         block, n_blocks)
         a = logw + ll - 0.5 * v_k * v_k + 0.5 * t * t
-        value = torch.logsumexp(a, dim=-1) - 0.5 * torch.log(H)
+        # one node: the log-sum-exp of one term is the term (the same bits)
+        value = (a[:, 0] if laplace else torch.logsumexp(a, dim=-1)) - 0.5 * torch.log(H)
         ctx.save_for_backward(eta, c, v, t, y, w, block, d1, d2, H, eta_k, v_k, a)
         ctx.family, ctx.n_blocks, ctx.laplace = family, n_blocks, laplace
         ctx.mark_non_differentiable(H)
@@ -216,24 +218,26 @@ class _ScalarQuadrature(torch.autograd.Function):
         def rows(x: torch.Tensor) -> torch.Tensor:  # per group -> per row
             return x.index_select(0, block)
 
-        pi = torch.softmax(a, dim=-1)  # (n_blocks, K)
-        # the score at every node, weighted by the node's share: pd[i, k] = pi_k l'_i(e_ik)
-        if ctx.laplace:
-            d1_k = d1.unsqueeze(-1)
+        if ctx.laplace:  # one node, pi = 1 and t = 0: G1 = h'(v), G2 = 0, P = l'(e)
+            G1, P, pd = _group_sum(d1 * c, block, n_blocks) - v, d1, None
+            Q = 0.5 / H
         else:
+            pi = torch.softmax(a, dim=-1)  # (n_blocks, K)
+            # the score at every node, weighted by the node's share: pd[i, k] = pi_k l'_i(e_ik)
             d1_k = family.dlogp(y.unsqueeze(-1), eta_k, None, w.unsqueeze(-1))
             if not bool(torch.isfinite(a).all()):
                 # a node outside the family's support has weight 0 (and no finite score)
                 d1_k = torch.where(torch.isfinite(d1_k) & (rows(pi) > 0), d1_k, 0.0)
-        pd = rows(pi) * d1_k
-        h1 = _group_sum(d1_k * c.unsqueeze(-1), block, n_blocks) - v_k  # h'(v_k)
-        G1, G2 = (pi * h1).sum(-1), (pi * h1 * t).sum(-1)
-        P = pd.sum(-1)  # sum_k pi_k l'_i(e_ik)
+            pd = rows(pi) * d1_k
+            h1 = _group_sum(d1_k * c.unsqueeze(-1), block, n_blocks) - v_k  # h'(v_k)
+            G1, G2 = (pi * h1).sum(-1), (pi * h1 * t).sum(-1)
+            P = pd.sum(-1)  # sum_k pi_k l'_i(e_ik)
+            Q = 0.5 / H + 0.5 * G2 * H.pow(-1.5)
         d3 = family.d3logp(y, eta, None, w)
         c2 = c * c
         T = _group_sum(d3 * c2 * c, block, n_blocks)
         H_r, T_r, G1_r = rows(H), rows(T), rows(G1)
-        Q_r = rows(0.5 / H + 0.5 * G2 * H.pow(-1.5))
+        Q_r = rows(Q)
         g_r = rows(grad)
         dv_de = d2 * c / H_r
         dH_de = -d3 * c2 - T_r * dv_de
@@ -244,6 +248,6 @@ class _ScalarQuadrature(torch.autograd.Function):
             dv_dc = (d1 + d2 * c * v_r) / H_r
             dH_dc = -d3 * c2 * v_r - 2.0 * d2 * c - T_r * dv_dc
             # sum_k pi_k l'_i(e_ik) v_k, with v_k = v + t_k s
-            R = v_r * P if ctx.laplace else v_r * P + rows(H.rsqrt()) * (pd @ t)
+            R = v_r * P if pd is None else v_r * P + rows(H.rsqrt()) * (pd @ t)
             d_c = g_r * (R + G1_r * dv_dc - Q_r * dH_dc)
         return d_eta, d_c, None, None, None, None, None, None, None, None
