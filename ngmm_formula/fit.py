@@ -1111,7 +1111,8 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
                     final_hessian=final_hessian, warm=warm,
                     hessian=_score_information_hessian(obj, errors=final_hessian),
                     steer=_score_information_hessian(obj, errors=False),
-                    fd=fd, exact=exact is not None)
+                    fd=fd, exact=exact is not None,
+                    handoff=_diagonals(obj.module) if warm else None)
     # the module (and, in a distributed fit, every process) at the optimum: already there
     # when the last evaluation was at it
     value, grad = value_and_grad.at(opt.x)
@@ -1299,6 +1300,55 @@ def _lbfgs(f: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray, 
     return pre.x(res.x), int(res.nit), str(res.message), res.status
 
 
+#: Where a warm start's polish takes the finite-difference or exact Hessian
+#: (:func:`_maximise`'s ``handoff``), L-BFGS-B ends at the first iterate whose gradient is
+#: below this, and Newton's steps finish. At a large sum the log-likelihood's rounding hides
+#: the last decreases from L-BFGS-B's line search: on the final refit of a neural fit at
+#: 10^6 rows (11 nodes; 3 parameters) it reached max|gradient| 8e-6 at its 9th evaluation
+#: and spent 7 more on points equal to 12 digits, where the polish's one Newton step went
+#: from 8e-6 to 4e-12 (``benchmarks/README.md``). Stopping earlier moves the polish farther,
+#: and past :data:`REUSE_HESSIAN_MOVE` costs a second Hessian: 1e-3 is far below what one
+#: Newton step with the Hessian corrects.
+HANDOFF_GTOL = 1e-3
+
+
+class _GradientStop:
+    r"""L-BFGS-B's objective (minimised: minus the log-likelihood) and its callback that ends
+    it at the first iterate whose max|gradient| is below ``gtol``, unless a diagonal of
+    lme4's :math:`\Lambda_k` (``mask``) is below :data:`NEAR_BOUNDARY` in absolute value
+    (:func:`_maximise`'s ``stop_at_gtol`` and ``handoff``)."""
+
+    def __init__(self, vg: ValueAndGrad, mask: np.ndarray, gtol: float) -> None:
+        self.vg, self.mask, self.gtol = vg, mask, gtol
+        self.seen: dict[bytes, float] = {}  # the gradients of the last evaluations, by point
+
+    @staticmethod
+    def minimised(vg: ValueAndGrad) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+        """Minus ``vg`` (a point where it is not finite: a large value, no gradient)."""
+        def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+            v, g = vg(x)
+            if not math.isfinite(v):
+                return 1e300, np.zeros_like(x)
+            return -v, -g
+        return f
+
+    def f(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """:meth:`minimised`, remembering the gradient at ``x``."""
+        v, g = self.vg(x)
+        if not math.isfinite(v):
+            return 1e300, np.zeros_like(x)
+        if len(self.seen) > 64:
+            self.seen.clear()
+        self.seen[np.asarray(x, dtype=float).tobytes()] = float(np.abs(g).max(initial=0.0))
+        return -v, -g
+
+    def stop(self, intermediate_result: scipy.optimize.OptimizeResult) -> None:
+        x = np.asarray(intermediate_result.x, dtype=float)
+        if (self.seen.get(x.tobytes(), np.inf) < self.gtol
+                and bool((np.abs(x[self.mask]) > NEAR_BOUNDARY).all())):
+            raise StopIteration
+
+
 def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gtol: float,
               newton_steps: int, final_hessian: bool = True,
               stop_at_gtol: np.ndarray | None = None,
@@ -1306,7 +1356,7 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
               warm: bool = False,
               steer: Callable[[np.ndarray], np.ndarray] | None = None,
               fd: Callable[[ValueAndGrad, np.ndarray], np.ndarray] = fd_hessian,
-              exact: bool = False) -> Optimum:
+              exact: bool = False, handoff: np.ndarray | None = None) -> Optimum:
     r"""L-BFGS-B to a small gradient, Newton polishing, the Hessian and the convergence check.
 
     Newton polishing is the chord method: the finite-difference Hessian at the L-BFGS point
@@ -1330,7 +1380,10 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
     runs L-BFGS-B preconditioned by their matrix (:class:`_Preconditioner`), a cold start
     plain. ``exact``: ``fd`` is the exact Hessian in one pass over the rows
     (:func:`laplace_hessian`); the polish after L-BFGS-B and a warm start's Newton steps
-    (:func:`_warm_newton`) take it instead of ``steer``'s.
+    (:func:`_warm_newton`) take it instead of ``steer``'s. ``handoff`` (the mask of
+    ``stop_at_gtol``, for a ``warm`` start whose polish takes ``fd`` or the exact Hessian):
+    L-BFGS-B ends at the first iterate whose gradient is below :data:`HANDOFF_GTOL` and the
+    polish's Newton steps take it to ``gtol``.
     """
     if not isinstance(value_and_grad, _LastEvaluation):
         value_and_grad = _LastEvaluation(value_and_grad)
@@ -1342,29 +1395,14 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         nonlocal n_hessian
         n_hessian += by is not None or exact  # one pass each; finite differences count their own
         return by(x) if by is not None else fd(vg, x)
-    # the gradients of the last evaluations, by point (``stop_at_gtol``)
-    seen: dict[bytes, float] = {}
-
-    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
-        v, g = vg(x)
-        if not math.isfinite(v):
-            return 1e300, np.zeros_like(x)
-        if stop_at_gtol is not None:
-            if len(seen) > 64:
-                seen.clear()
-            seen[np.asarray(x, dtype=float).tobytes()] = float(np.abs(g).max(initial=0.0))
-        return -v, -g
-
-    def stop(intermediate_result: scipy.optimize.OptimizeResult) -> None:
-        x = np.asarray(intermediate_result.x, dtype=float)
-        if (seen.get(x.tobytes(), np.inf) < gtol
-                and bool((np.abs(x[stop_at_gtol]) > NEAR_BOUNDARY).all())):
-            raise StopIteration
-
     # the matrix of the Newton steps: BHHH's where it steers
     steered = (hessian is None and steer is not None and stop_at_gtol is None
                and np.asarray(x0).size >= PRECONDITION_MIN_PARAMS)
     step_matrix = steer if steered else hessian
+    # where L-BFGS-B ends at a gradient tolerance instead of its own stagnation
+    early = (_GradientStop(vg, stop_at_gtol, gtol) if stop_at_gtol is not None
+             else _GradientStop(vg, handoff, max(gtol, HANDOFF_GTOL))
+             if handoff is not None and warm and (exact or step_matrix is None) else None)
     done = False  # a warm start's Newton steps reached gtol: no L-BFGS-B
     iterations, message = 0, "CONVERGENCE: NEWTON STEPS FROM A WARM START"
     pre, from_fd = None, False  # from_fd: H is fd's (the Hessian reported), not steer's
@@ -1377,9 +1415,11 @@ def _maximise(value_and_grad: ValueAndGrad, x0: np.ndarray, *, max_iter: int, gt
         x0 = x
     if not done:
         x_lbfgs, iterations, message, status = _lbfgs(
-            f, x0, max_iter=max_iter, callback=None if stop_at_gtol is None else stop, pre=pre)
-        if status == 99:
-            message = f"CONVERGENCE: MAX|GRADIENT| < {gtol:g}"
+            early.f if early is not None else _GradientStop.minimised(vg), x0,
+            max_iter=max_iter, callback=None if early is None else early.stop, pre=pre)
+        if status == 99 and early is not None:
+            message = (f"CONVERGENCE: MAX|GRADIENT| < {early.gtol:g}"
+                       + (", THEN NEWTON STEPS" if early.gtol > gtol else ""))
         x = x_hessian = vg.snap(x_lbfgs)
         value, grad = vg(x)
         from_fd = exact or step_matrix is None
@@ -1457,6 +1497,15 @@ def _checked(x: np.ndarray, value: float, grad: np.ndarray, H: np.ndarray, *,
         evaluations=evaluations, converged=max_grad < 0.002, message=message,
         hessian_pd=hessian_pd,
     )
+
+
+def _diagonals(module: LinearPredictor) -> np.ndarray:
+    r"""Which of the optimised parameters (:func:`_params`' order) are diagonals of lme4's
+    :math:`\Lambda_k` (of a reduced-rank term's loadings too)."""
+    diag = [i == j for k, d in zip(module.q, module.rank or (None,) * len(module.q))
+            for i, j in tril_pairs(k, d)]
+    return np.concatenate([np.zeros(p.numel(), dtype=bool) if p is not module.theta
+                           else np.array(diag, dtype=bool) for p in _params(module)])
 
 
 def theta_lower(q: tuple[int, ...]) -> np.ndarray:
