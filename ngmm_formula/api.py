@@ -478,11 +478,17 @@ def _freeze_networks(prepared: Prepared, module: LinearPredictor, shard: Shard |
     intercept = [j for j, n in enumerate(design.fixed_names) if n == "(Intercept)"]
     all_sum = shard.all_sum if shard is not None and shard.presharded else None
     with torch.no_grad():
-        for net, x in zip(_nets(module), pr.net_X):
-            if intercept:  # centre on the training data; the intercept absorbs the shift
-                shift = net.centre(x, all_sum)
+        # the networks' outputs on every row, summed as module.network_output sums them;
+        # a centred network's from the pass that centres it
+        net_out = torch.zeros_like(pr.y)
+        for net, x in zip(module.nets, pr.net_X):
+            if intercept and isinstance(net, CentredNetwork):
+                # centre on the training data; the intercept absorbs the shift
+                shift, out = net.centre(x, all_sum)
                 module.beta[intercept[0]] += shift
-        net_out = module.network_output(pr)
+            else:
+                out = net(x)
+            net_out = net_out + out
     module.nets.requires_grad_(False)
     linear = pr.with_offset(net_out)
     lin_module = LinearPredictor(linear, prepared.family.has_dispersion)

@@ -592,3 +592,26 @@ def test_steps_per_epoch_at_least_a_pass_is_the_same_fit(binary: pd.DataFrame) -
     assert (base.history.steps, base.history.pass_steps) == (72, 6)
     assert "24 epochs (12.0 passes)" in repr(cut.history)
     assert cut.history.validation != base.history.validation
+
+
+def test_centre_returns_the_centred_output_of_its_own_pass() -> None:
+    """:meth:`~ngmm_formula.networks.CentredNetwork.centre` returns the shift and the
+    centred output on its rows from the one pass that finds the shift: exactly what the
+    network gives afterwards in evaluation mode (the same operations on the same rows), with
+    mean 0 to the output's precision (float32 here: 1e-6 of its scale), and the shift is the
+    mean of the output before."""
+    torch.manual_seed(0)
+    net = MLP(3, (16, 16), "relu", 0.1, torch.float32)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(500, 3, dtype=torch.float64)
+    net.eval()
+    before = net(x).double()
+    net.train()
+    shift, out = net.centre(x)
+    assert net.training  # the mode is restored
+    assert shift == pytest.approx(float(before.mean()), rel=1e-12)
+    net.eval()
+    assert torch.equal(out, net(x))
+    assert abs(float(out.double().mean())) < 1e-6 * float(out.abs().mean())
