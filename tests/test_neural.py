@@ -607,7 +607,8 @@ def test_centre_returns_the_centred_output_of_its_own_pass() -> None:
             p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(500, 3, dtype=torch.float64)
     net.eval()
-    before = net(x).double()
+    with torch.no_grad():
+        before = net(x).double()
     net.train()
     shift, out = net.centre(x)
     assert net.training  # the mode is restored
