@@ -66,6 +66,7 @@ from ngmm_formula.shards import Shard, agreement, connect, shard_groups, shard_l
 from ngmm_formula.train import (
     TrainingHistory,
     fit_linear_start,
+    start_problem,
     train_networks,
     training_approximation,
 )
@@ -357,8 +358,12 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
                           shard=shard)
                 if module.nets else obj)
     near = False  # the start is near the optimum (reduced-rank loadings: loadings_start)
+    # a neural fit's split of the rows into groups, and the rows its starts use (a
+    # subsample of the groups on large data: train.start_problem)
+    split = _split_groups(prepared, shard) if module.nets else None
+    start_pr = pr if split is None else start_problem(pr, split, shard)
     if not profiled(obj):  # lmer's profiled fit starts at relative theta = 1 and needs no more
-        glm_start(pr, fam, module, shard=shard if agree is not None else None)
+        glm_start(start_pr, fam, module, shard=shard if agree is not None else None)
         if prepared.approximation.kind == "exact" and module.log_sigma is not None:
             with torch.no_grad():  # lme4 starts at relative theta = 1, i.e. absolute sigma
                 module.theta.mul_(module.log_sigma.exp())
@@ -367,15 +372,15 @@ def _ngmm(formula: str, data: Any, family: str | Family, *, approx: str,
         # a reduced-rank term's loadings from the moments of the GLM's residuals; the fits
         # from there start with Newton steps (BHHH's matrix, ``warm``)
         near = loadings_start(glmm_obj)
-        theta_start(glmm_obj)
+        theta_start(glmm_obj if start_pr is pr else Objective(
+            start_pr, fam, prepared.approximation, linear_part(module, start_pr), shard=shard))
     history = None
     net_offset = None
-    if module.nets:
+    if split is not None:  # a neural fit
         # start the networks from the GLMM with their inputs entering linearly (polished to
         # a tight gradient so that runs with the same seed start training from the same
         # point: L-BFGS-B's last bits vary with memory alignment; no Hessian at the end: no
         # standard errors come from it)
-        split = _split_groups(prepared, shard)
         fit_linear_start(pr, fam, training_approximation(prepared.approximation, control),
                          module, control, shard, split, warm=near)
         history, obj, net_offset = _train(prepared, module, control, seed, split, shard)

@@ -616,3 +616,40 @@ def test_centre_returns_the_centred_output_of_its_own_pass() -> None:
     net.eval()
     assert torch.equal(out, net(x))
     assert abs(float(out.double().mean())) < 1e-6 * float(out.abs().mean())
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_large_fits_start_on_a_subsample_and_score_with_the_training_rule(
+        monkeypatch: pytest.MonkeyPatch, large: bool) -> None:
+    """Above :data:`~ngmm_formula.train.START_MAX_ROWS` rows a neural fit's GLM start and
+    theta's scale use the linear starts' subsample of groups (:func:`~ngmm_formula.train.
+    start_problem`: every k-th group), and above :data:`~ngmm_formula.train.
+    VALIDATION_TRAINING_RULE_ROWS` its validation score takes the training rule (one node)
+    instead of the fit's 11 nodes; below them, all rows and the fit's rule (the thresholds
+    lowered here to a data set of 2,400 rows)."""
+    import ngmm_formula.api as api
+    from ngmm_formula import train
+
+    if large:
+        monkeypatch.setattr(train, "START_MAX_ROWS", 500)
+        monkeypatch.setattr(train, "VALIDATION_TRAINING_RULE_ROWS", 500)
+    starts: list[int] = []
+    glm_start = api.glm_start
+    monkeypatch.setattr(api, "glm_start", lambda pr, *a, **k: (
+        starts.append(int(pr.y.shape[0])), glm_start(pr, *a, **k))[1])
+    scored: set[str] = set()
+    objective = train.Objective
+
+    def spy(problem, family, approx, *a, **k):  # type: ignore[no-untyped-def]
+        if not torch.is_grad_enabled():
+            scored.add(approx.kind)
+        return objective(problem, family, approx, *a, **k)
+    monkeypatch.setattr(train, "Objective", spy)
+    df = simulate_grouped(120, 20, "binomial", effect="sine", seed=2)
+    fit = ngmm("y ~ nn(x1, x2, hidden=(8,)) + x3 + (1 | g)", df, "binomial",
+               control=Control(epochs=2, progress=False), seed=0)
+    assert np.isfinite(fit.loglik)
+    if large:  # every 5th group: 24 groups of 20 rows
+        assert starts == [480] and scored == {"laplace"}
+    else:
+        assert starts == [2400] and scored == {"agq"}
