@@ -1323,24 +1323,24 @@ class _GradientStop:
         self.seen: dict[bytes, float] = {}  # the gradients of the last evaluations, by point
 
     @staticmethod
+    def _minus(x: np.ndarray, v: float, g: np.ndarray) -> tuple[float, np.ndarray]:
+        """Minus the value and gradient (where the value is not finite: a large value and
+        no gradient)."""
+        return (-v, -g) if math.isfinite(v) else (1e300, np.zeros_like(x))
+
+    @staticmethod
     def minimised(vg: ValueAndGrad) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
-        """Minus ``vg`` (a point where it is not finite: a large value, no gradient)."""
-        def f(x: np.ndarray) -> tuple[float, np.ndarray]:
-            v, g = vg(x)
-            if not math.isfinite(v):
-                return 1e300, np.zeros_like(x)
-            return -v, -g
-        return f
+        """Minus ``vg``, for L-BFGS-B without a stop."""
+        return lambda x: _GradientStop._minus(x, *vg(x))
 
     def f(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        """:meth:`minimised`, remembering the gradient at ``x``."""
+        """Minus ``vg``, remembering the gradient at ``x`` (where the value is finite)."""
         v, g = self.vg(x)
-        if not math.isfinite(v):
-            return 1e300, np.zeros_like(x)
-        if len(self.seen) > 64:
-            self.seen.clear()
-        self.seen[np.asarray(x, dtype=float).tobytes()] = float(np.abs(g).max(initial=0.0))
-        return -v, -g
+        if math.isfinite(v):
+            if len(self.seen) > 64:
+                self.seen.clear()
+            self.seen[np.asarray(x, dtype=float).tobytes()] = float(np.abs(g).max(initial=0.0))
+        return self._minus(x, v, g)
 
     def stop(self, intermediate_result: scipy.optimize.OptimizeResult) -> None:
         x = np.asarray(intermediate_result.x, dtype=float)
