@@ -33,7 +33,11 @@ input beside the joint network), which that MLP lacks, the table also trains *th
 network without random effects*: a copy of the fitted NGMM's network module (body, linear
 path and additive part, as ``nn()`` built it) with an intercept and x3, the same loss,
 optimiser and minibatches ("same network"). With ``--nn "additive=0"`` the two networks
-are the same architecture. Each size runs in a fresh
+are the same architecture. The two baselines run interleaved with the NGMM's training: one
+epoch of each before every pass of the NGMM over its training groups (outside its timers,
+and subtracted from its loop), so that a drift of the machine's speed during the run
+reaches both sides of each ratio alike (between separate processes of one run the plain
+MLP's epoch was seen to vary by up to 30 %). Each size runs in a fresh
 subprocess pinned to one thread. Beside the wall-clock seconds the table gives the process's
 CPU seconds per epoch of both loops (``time.process_time``; with one thread it is the
 wall-clock time of an idle machine, and far less sensitive to other jobs on a shared one) and
@@ -81,8 +85,8 @@ torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 df = simulate_grouped(n_groups=groups, n_per_group=rows // groups, family="binomial",
                       effect="sine", seed=seed)
 parts = {k: 0.0 for k in ("assembly", "network fwd", "per_block", "backward", "optimiser",
-                          "validation", "linear start", "train")}
-cpu = {"linear start": 0.0, "train": 0.0}  # process CPU time (one thread: robust to load)
+                          "validation", "linear start", "train", "baselines")}
+cpu = {"linear start": 0.0, "train": 0.0, "baselines": 0.0}  # process CPU time (one thread)
 
 def timed(name, fn, when=lambda: True):
     def wrapper(*args, **kwargs):
@@ -126,36 +130,18 @@ def stage(name, fn, inside_value):  # time fn (wall, CPU) as name; epoch timers 
 train._fit_linear_part = stage("linear start", train._fit_linear_part, False)
 train.train_member = stage("train", train.train_member, True)
 
-control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
+# the baselines, on the same rows, interleaved with the NGMM's training: one epoch of each
+# before every pass of the NGMM over its training groups (paired against the machine's
+# drift), outside the NGMM's timers and subtracted from its loop
+batch = Control().batch_size
+columns = ["x1", "x2", *noise_inputs, "x3"]
 for k, name in enumerate(noise_inputs):
     df[name] = np.random.default_rng([seed, k]).standard_normal(len(df))
-inputs = ", ".join(filter(None, ["x1, x2", *noise_inputs, "hidden=(64, 64)", nn_options]))
-fit = ngmm(f"y ~ nn({inputs}) + x3 + (1 | g)", df, "binomial",
-           approx=approx, control=control, seed=seed)
-n_epochs = len(fit.history.train)
-loop = parts["train"] - parts["linear start"]
-# Problem.subset runs before Objective.per_block; the integral is per_block minus the network
-ngmm = {
-    "assembly": parts["assembly"],
-    "network fwd": parts["network fwd"],
-    "integral fwd": parts["per_block"] - parts["network fwd"],
-    "backward": parts["backward"],
-    "optimiser": parts["optimiser"],
-    "validation": parts["validation"],
-}
-ngmm["other"] = loop - sum(ngmm.values())
-# per pass over the training groups: with Control.steps_per_epoch an epoch can be part of
-# a pass, its validation scores and bookkeeping then come several times a pass (all counted)
-passes = fit.history.passes
-ngmm = {k: v / passes for k, v in ngmm.items()}
-
-# the plain MLP on the same rows
-batch = control.batch_size
-columns = ["x1", "x2", *noise_inputs, "x3"]
 x = torch.as_tensor(df[columns].to_numpy(), dtype=torch.float32)
 x = (x - x.mean(0)) / x.std(0)
 y = torch.as_tensor(df.y.to_numpy(), dtype=torch.float32)
 torch.manual_seed(seed)
+# the plain MLP of the issue
 mlp = torch.nn.Sequential(torch.nn.Linear(len(columns), 64), torch.nn.ReLU(),
                           torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
 opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
@@ -175,23 +161,11 @@ def mlp_epoch():
         t3 = time.perf_counter()
         fwd += t1 - t; bwd += t2 - t1; st += t3 - t2
     return fwd, bwd, st
-mlp_epoch()  # warm-up
-t, c = time.perf_counter(), time.process_time(); sums = np.zeros(3)
-for _ in range(epochs):
-    sums += mlp_epoch()
-mlp_total = (time.perf_counter() - t) / epochs
-mlp_cpu = (time.process_time() - c) / epochs
-sums /= epochs
-
-# the same network without random effects: the NGMM's own network module (its body, linear
-# path and additive part, as nn() built it), plus the intercept and x3, on the same rows
-net = copy.deepcopy(fit.nets[0]).train()
-net.requires_grad_(True)
-head = torch.nn.Linear(1, 1)
-net_x = x[:, :len(columns) - 1].to(net.linear.weight.dtype)
-x3 = x[:, -1:]
-opt_same = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=1e-3)
+# the same network without random effects: a copy of the NGMM's own network module (its
+# body, linear path and additive part, as nn() built it) plus the intercept and x3
+same = {}
 def same_epoch():
+    net, head, opt_same, net_x, x3 = (same[k] for k in ("net", "head", "opt", "x", "x3"))
     order = torch.randperm(rows)
     for s in range(0, rows, batch):
         idx = order[s:s + batch]
@@ -200,12 +174,61 @@ def same_epoch():
         opt_same.zero_grad(set_to_none=True)
         loss.backward()
         opt_same.step()
-same_epoch()  # warm-up
-t, c = time.perf_counter(), time.process_time()
-for _ in range(epochs):
-    same_epoch()
-same_total = (time.perf_counter() - t) / epochs
-same_cpu = (time.process_time() - c) / epochs
+base = {"mlp": [], "same": [], "mlp_parts": []}
+def timed_epoch(fn):
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return (time.perf_counter() - t, time.process_time() - c), out
+def baselines(module):
+    if not same:  # built from the NGMM's module at its first pass, warmed up once each
+        net = copy.deepcopy(module.nets[0]).train()
+        net.requires_grad_(True)
+        head = torch.nn.Linear(1, 1)
+        same.update(net=net, head=head, x=x[:, :len(columns) - 1].to(net.linear.weight.dtype),
+                    x3=x[:, -1:], opt=torch.optim.Adam([*net.parameters(),
+                                                        *head.parameters()], lr=1e-3))
+        mlp_epoch(); same_epoch()
+    times, parts_mlp = timed_epoch(mlp_epoch)
+    base["mlp"].append(times); base["mlp_parts"].append(parts_mlp)
+    base["same"].append(timed_epoch(same_epoch)[0])
+baselines = stage("baselines", baselines, False)
+current = {}
+loop_fn = train._train_with_early_stopping
+def loop_capturing_module(module, *args, **kwargs):
+    current["module"] = module
+    return loop_fn(module, *args, **kwargs)
+train._train_with_early_stopping = loop_capturing_module
+next_epoch = train._Epochs.next
+def next_with_baselines(self):
+    if not self._pending:  # a pass of the NGMM begins
+        baselines(current["module"])
+    return next_epoch(self)
+train._Epochs.next = next_with_baselines
+
+control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
+inputs = ", ".join(filter(None, ["x1, x2", *noise_inputs, "hidden=(64, 64)", nn_options]))
+fit = ngmm(f"y ~ nn({inputs}) + x3 + (1 | g)", df, "binomial",
+           approx=approx, control=control, seed=seed)
+n_epochs = len(fit.history.train)
+loop = parts["train"] - parts["linear start"] - parts["baselines"]
+# Problem.subset runs before Objective.per_block; the integral is per_block minus the network
+ngmm = {
+    "assembly": parts["assembly"],
+    "network fwd": parts["network fwd"],
+    "integral fwd": parts["per_block"] - parts["network fwd"],
+    "backward": parts["backward"],
+    "optimiser": parts["optimiser"],
+    "validation": parts["validation"],
+}
+ngmm["other"] = loop - sum(ngmm.values())
+# per pass over the training groups: with Control.steps_per_epoch an epoch can be part of
+# a pass, its validation scores and bookkeeping then come several times a pass (all counted)
+passes = fit.history.passes
+ngmm = {k: v / passes for k, v in ngmm.items()}
+
+mlp_total, mlp_cpu = np.mean(base["mlp"], axis=0)
+same_total, same_cpu = np.mean(base["same"], axis=0)
+sums = np.mean(base["mlp_parts"], axis=0)
 print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs, "passes": passes,
                   "setting": ",".join(filter(None, [approx if approx != "auto" else "",
                                                     sys.argv[6],
@@ -216,7 +239,8 @@ print(json.dumps({"rows": rows, "groups": groups, "epochs": n_epochs, "passes": 
                   "ngmm": ngmm, "ngmm_epoch": loop / passes,
                   "mlp_epoch": mlp_total, "mlp_cpu": mlp_cpu,
                   "same_epoch": same_total, "same_cpu": same_cpu,
-                  "ngmm_cpu": (cpu["train"] - cpu["linear start"]) / passes,
+                  "ngmm_cpu": (cpu["train"] - cpu["linear start"] - cpu["baselines"]) / passes,
+                  "baseline_epochs": len(base["mlp"]),
                   "mlp_fwd": sums[0], "mlp_bwd": sums[1],
                   "mlp_step": sums[2], "threads": torch.get_num_threads()}))
 """
