@@ -133,7 +133,8 @@ train.train_member = stage("train", train.train_member, True)
 # the baselines, on the same rows, interleaved with the NGMM's training: one epoch of each
 # before every pass of the NGMM over its training groups (paired against the machine's
 # drift), outside the NGMM's timers and subtracted from its loop
-batch = Control().batch_size
+control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
+batch = control.batch_size  # the NGMM's minibatch rows
 columns = ["x1", "x2", *noise_inputs, "x3"]
 for k, name in enumerate(noise_inputs):
     df[name] = np.random.default_rng([seed, k]).standard_normal(len(df))
@@ -205,7 +206,6 @@ def next_with_baselines(self):
     return next_epoch(self)
 train._Epochs.next = next_with_baselines
 
-control = Control(progress=False, epochs=epochs, min_steps=10**9, refit=False, **settings)
 inputs = ", ".join(filter(None, ["x1, x2", *noise_inputs, "hidden=(64, 64)", nn_options]))
 fit = ngmm(f"y ~ nn({inputs}) + x3 + (1 | g)", df, "binomial",
            approx=approx, control=control, seed=seed)
