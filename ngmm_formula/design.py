@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +55,7 @@ __all__ = [
     "Agreement",
     "Design",
     "tril_pairs",
+    "theta_diagonals",
     "reapply_spec",
     "DesignSpec",
     "EMBED_MIN_LEVELS",
@@ -94,6 +95,14 @@ def tril_pairs(q: int, d: int | None = None) -> tuple[tuple[int, int], ...]:
     reduced-rank term) the lower triangle of the q x d loading matrix in the same order,
     glmmTMB's order for ``rr()``."""
     return tuple((i, j) for j in range(q if d is None else d) for i in range(j, q))
+
+
+def theta_diagonals(q: Sequence[int], ranks: Sequence[int | None] = ()) -> np.ndarray:
+    """Which entries of theta (terms of sizes ``q``, reduced to rank ``ranks[k]`` where not
+    None; empty: none is) are diagonals of lme4's :math:`\\Lambda_k`, in
+    :func:`tril_pairs`' order: the entries bounded below by 0 and started at 1."""
+    return np.array([i == j for k, d in zip(q, ranks or (None,) * len(q))
+                     for i, j in tril_pairs(k, d)], dtype=bool)
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -657,8 +666,8 @@ class Design:
     @property
     def theta_lower(self) -> np.ndarray:
         """Lower bounds of theta: 0 for diagonal entries, -inf off the diagonal (lme4)."""
-        return np.array([0.0 if i == j else -np.inf
-                         for t in self.re_terms for i, j in tril_pairs(t.q, t.rank)])
+        return np.where(theta_diagonals([t.q for t in self.re_terms],
+                                        [t.rank for t in self.re_terms]), 0.0, -np.inf)
 
     @property
     def theta_start(self) -> np.ndarray:

@@ -44,7 +44,12 @@ from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.approx.profiled import ProfiledLMM
 from ngmm_formula.approx.scalar import scalar_log_marginal, scalar_modes
 from ngmm_formula.control import Control
-from ngmm_formula.design import WIDE_SPARSE_MIN_COLUMNS, tril_pairs, wide_and_sparse
+from ngmm_formula.design import (
+    WIDE_SPARSE_MIN_COLUMNS,
+    theta_diagonals,
+    tril_pairs,
+    wide_and_sparse,
+)
 from ngmm_formula.families import Family
 from ngmm_formula.model import (
     FixedTensor,
@@ -1502,15 +1507,14 @@ def _checked(x: np.ndarray, value: float, grad: np.ndarray, H: np.ndarray, *,
 def _diagonals(module: LinearPredictor) -> np.ndarray:
     r"""Which of the optimised parameters (:func:`_params`' order) are diagonals of lme4's
     :math:`\Lambda_k` (of a reduced-rank term's loadings too)."""
-    diag = [i == j for k, d in zip(module.q, module.rank or (None,) * len(module.q))
-            for i, j in tril_pairs(k, d)]
     return np.concatenate([np.zeros(p.numel(), dtype=bool) if p is not module.theta
-                           else np.array(diag, dtype=bool) for p in _params(module)])
+                           else theta_diagonals(module.q, module.rank)
+                           for p in _params(module)])
 
 
 def theta_lower(q: tuple[int, ...]) -> np.ndarray:
     """lme4's lower bounds of theta: 0 on the diagonals of the :math:`\\Lambda_k`, none below."""
-    return np.array([0.0 if i == j else -np.inf for k in q for i, j in tril_pairs(k)])
+    return np.where(theta_diagonals(q), 0.0, -np.inf)
 
 
 #: nlopt's BOBYQA as lme4's ``nloptwrap`` sets it (absolute tolerances 1e-8 on theta and

@@ -26,7 +26,14 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from ngmm_formula.design import Agreement, Design, ReTerm, SparseRows, tril_pairs
+from ngmm_formula.design import (
+    Agreement,
+    Design,
+    ReTerm,
+    SparseRows,
+    theta_diagonals,
+    tril_pairs,
+)
 from ngmm_formula.families import Family
 from ngmm_formula.layout import Blocks, Split
 
@@ -650,8 +657,7 @@ class LinearPredictor(torch.nn.Module):
         self.rank = problem.rank
         self.reml = problem.reml
         self.beta = torch.nn.Parameter(torch.zeros(problem.p, dtype=dtype, device=device))
-        start = [1.0 if i == j else 0.0 for k, d in zip(problem.q, problem.ranks)
-                 for i, j in tril_pairs(k, d)]
+        start = np.where(theta_diagonals(problem.q, problem.ranks), 1.0, 0.0)
         self.theta = torch.nn.Parameter(torch.tensor(start, dtype=dtype, device=device))
         self.log_sigma = (torch.nn.Parameter(torch.zeros((), dtype=dtype, device=device))
                           if has_dispersion else None)

@@ -82,11 +82,6 @@ __all__ = ["EXTRA_STEPS", "scalar_log_marginal", "scalar_modes"]
 EXTRA_STEPS = 4
 
 
-def _group_sum(values: torch.Tensor, block: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """Sum rows (n, ...) into groups (n_blocks, ...)."""
-    return sum_rows(values, block, n_blocks)
-
-
 def _no_dispersion(family: Family) -> None:
     if family.has_dispersion:
         raise ValueError("the fused scalar integrals are for families without dispersion")
@@ -132,8 +127,8 @@ def scalar_modes(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: to
         move, H = float("inf"), torch.ones_like(v)  # both set by the first step
         for taken in range(1, max(steps, 1) + EXTRA_STEPS + 1):
             d1, d2 = family.eta_derivatives(y, ef + cd * v.index_select(0, block), None, w)
-            H = 1.0 - _group_sum(d2 * c2, block, n_blocks)
-            step = (_group_sum(d1 * cd, block, n_blocks) - v) / H
+            H = 1.0 - sum_rows(d2 * c2, block, n_blocks)
+            step = (sum_rows(d1 * cd, block, n_blocks) - v) / H
             v = v + step
             move = float(step.abs().max()) if step.numel() else 0.0
             # Newton's error after a step is about the square of the step: a move below
@@ -175,7 +170,7 @@ def scalar_log_marginal(family: Family, y: torch.Tensor, w: torch.Tensor,
     if not bool(torch.isfinite(value).all()):
         return None
     if log_const is not None:
-        value = value + _group_sum(log_const, block, n_blocks)
+        value = value + sum_rows(log_const, block, n_blocks)
     return value, H
 
 
@@ -189,7 +184,7 @@ class _ScalarQuadrature(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         eta = eta_fixed + c * v.index_select(0, block)
         d1, d2 = family.eta_derivatives(y, eta, None, w)
-        H = 1.0 - _group_sum(d2 * c * c, block, n_blocks)
+        H = 1.0 - sum_rows(d2 * c * c, block, n_blocks)
         s = H.rsqrt()
         laplace = t.numel() == 1 and not bool(t.any())
         if laplace:  # one node at the mode: no (n, K) temporaries
@@ -199,8 +194,8 @@ class _ScalarQuadrature(torch.autograd.Function):
             ts = s.unsqueeze(-1) * t  # (n_blocks, K)
             eta_k = eta.unsqueeze(-1) + c.unsqueeze(-1) * ts.index_select(0, block)
             v_k = v.unsqueeze(-1) + ts
-        ll = _group_sum(family.log_kernel(y.unsqueeze(-1), eta_k, None, w.unsqueeze(-1)),
-                        block, n_blocks)
+        ll = sum_rows(family.log_kernel(y.unsqueeze(-1), eta_k, None, w.unsqueeze(-1)),
+                      block, n_blocks)
         a = logw + ll - 0.5 * v_k * v_k + 0.5 * t * t
         # one node: the log-sum-exp of one term is the term (the same bits)
         value = (a[:, 0] if laplace else torch.logsumexp(a, dim=-1)) - 0.5 * torch.log(H)
@@ -219,7 +214,7 @@ class _ScalarQuadrature(torch.autograd.Function):
             return x.index_select(0, block)
 
         if ctx.laplace:  # one node, pi = 1 and t = 0: G1 = h'(v), G2 = 0, P = l'(e)
-            G1, P, pd = _group_sum(d1 * c, block, n_blocks) - v, d1, None
+            G1, P, pd = sum_rows(d1 * c, block, n_blocks) - v, d1, None
             Q = 0.5 / H
         else:
             pi = torch.softmax(a, dim=-1)  # (n_blocks, K)
@@ -229,13 +224,13 @@ class _ScalarQuadrature(torch.autograd.Function):
                 # a node outside the family's support has weight 0 (and no finite score)
                 d1_k = torch.where(torch.isfinite(d1_k) & (rows(pi) > 0), d1_k, 0.0)
             pd = rows(pi) * d1_k
-            h1 = _group_sum(d1_k * c.unsqueeze(-1), block, n_blocks) - v_k  # h'(v_k)
+            h1 = sum_rows(d1_k * c.unsqueeze(-1), block, n_blocks) - v_k  # h'(v_k)
             G1, G2 = (pi * h1).sum(-1), (pi * h1 * t).sum(-1)
             P = pd.sum(-1)  # sum_k pi_k l'_i(e_ik)
             Q = 0.5 / H + 0.5 * G2 * H.pow(-1.5)
         d3 = family.d3logp(y, eta, None, w)
         c2 = c * c
-        T = _group_sum(d3 * c2 * c, block, n_blocks)
+        T = sum_rows(d3 * c2 * c, block, n_blocks)
         H_r, T_r, G1_r = rows(H), rows(T), rows(G1)
         Q_r = rows(Q)
         g_r = rows(grad)
