@@ -74,7 +74,10 @@ def test_the_exact_laplace_hessian_equals_finite_differences(formula: str, famil
 
 def test_prior_weights_and_offsets() -> None:
     """Binomial totals as prior weights (cbpp) and a Poisson offset: measured 3e-9 and 3e-8
-    of the largest entry."""
+    of the largest entry, against 1e-6 asserted. The gap is the central differences'
+    truncation error (step 1e-4); another machine's rounding of these float64 sums moves
+    either side by about 1e-16 relative, 1e-12 after the differences' division by the step,
+    far inside the margin."""
     from ngmm_formula import datasets
 
     cases = [("cbind(incidence, size - incidence) ~ period + (1 | herd)",
@@ -166,7 +169,11 @@ def test_where_the_exact_hessian_does_not_apply(formula: str, family: str, appro
 def test_warm_steps_turn_away_from_a_saddle() -> None:
     """Greenstadt's modification (``fit._warm_matrix``) of an indefinite Hessian keeps its
     eigenvectors and the absolute values of its eigenvalues (floored), so the Newton step
-    ascends; a negative definite Hessian is used as it is (and reported as exact)."""
+    ascends; a negative definite Hessian is used as it is (and reported as exact). The
+    eigenvalues are compared to 1e-9 relative plus 1e-13 absolute: an eigensolver's absolute
+    error is a few times machine epsilon times the matrix's norm (5), about 1e-15 on any
+    machine (measured 4e-17 here), which for the floored 5e-6 is up to about 1e-9 relative,
+    so that one needs the absolute term."""
     rng = np.random.default_rng(0)
     V, _ = np.linalg.qr(rng.normal(size=(4, 4)))
     H = (V * np.array([-5.0, -1.0, 0.5, -1e-12])) @ V.T  # one direction curves up
@@ -177,7 +184,7 @@ def test_warm_steps_turn_away_from_a_saddle() -> None:
     M, exact = fit_module._warm_matrix(curvature, np.zeros(4), None, True)
     assert not exact
     lam = np.sort(np.linalg.eigvalsh(-M))
-    np.testing.assert_allclose(lam, [5e-6, 0.5, 1.0, 5.0], rtol=1e-9)
+    np.testing.assert_allclose(lam, [5e-6, 0.5, 1.0, 5.0], rtol=1e-9, atol=1e-13)
     g = rng.normal(size=4)
     assert g @ np.linalg.solve(-M, g) > 0  # an ascent direction
     D = -(V * np.array([5.0, 1.0, 0.5, 2.0])) @ V.T
