@@ -170,6 +170,7 @@ class Objective:
         apply (a curvature that is not positive: the general route takes over)."""
         pr, fam = self.problem, self.family
         block, n_blocks = pr.blocks.block_of_obs, pr.blocks.n_blocks
+        offsets = pr.blocks.row_offsets  # segment sums where groups' rows are consecutive
         v = mode = None
         # from the warm modes: training's fixed steps, or (a linear fit's outer optimiser)
         # Newton steps until the last moves no mode by more than FIXED_STEP_TOL ** 2 (a mode
@@ -182,13 +183,14 @@ class Objective:
         if first is not None:
             v = scalar_modes(fam, pr.y, pr.w, eta_fixed, c, block, n_blocks, first,
                              self.mode_steps or 1,
-                             settle=FIXED_STEP_TOL if self.mode_steps else FIXED_STEP_TOL ** 2)
+                             settle=FIXED_STEP_TOL if self.mode_steps else FIXED_STEP_TOL ** 2,
+                             offsets=offsets)
         if v is None:
             mode = find_mode(fam, pr.y, pr.w, eta_fixed, None, c.unsqueeze(-1), pr.blocks,
                              start, tol=self.mode_tol)
             v = mode.v[:, 0]
         out = scalar_log_marginal(fam, pr.y, pr.w, eta_fixed, c, block, n_blocks, v,
-                                  self.rule, pr.log_const)
+                                  self.rule, pr.log_const, offsets)
         if out is None:
             return None
         ll, H = out

