@@ -123,11 +123,15 @@ class Control:
         -0.01 / +0.06 points on binomial (known / new groups; standard error of the paired
         difference 0.11 / 0.12, of today's mean 0.9 / 1.0) and 0.00 / 0.00 on poisson.
     train_mode_steps : int
-        k > 0 (default 3): the conditional modes of a training step's groups take exactly k
-        undamped Newton steps from their last visit's modes, falling back to the damped
+        k > 0 (default 3): the conditional modes of a training step's groups take k
+        undamped Newton steps from their last visit's modes (one scalar effect per group in
+        a family without dispersion, :mod:`~ngmm_formula.approx.scalar`: up to 4 more while
+        the last moves a mode by more than 1e-3), falling back to the damped
         search when the last step still moves a mode by more than 1e-3 (a group's first
         visit, a jump of the weights); 0: the damped search to convergence (tolerance 1e-7) every
-        time. Validation and every reported number keep the search. The search took 4
+        time. The validation score takes the same steps (a mode within about 1e-6, where
+        the value, stationary in it, is within about 1e-12); every reported number keeps
+        the search. The search took 4
         iterations (3-6) per step at 10^5 rows, each with step halving tests that evaluate
         the log-likelihood over all rows; with the Laplace training integral k = 3 brought
         the binomial epoch from 0.148 to 0.125 CPU s and left the synthetic benchmark's gap
