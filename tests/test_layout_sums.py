@@ -94,3 +94,8 @@ def test_segment_sums_are_differentiable_twice_and_need_laid_out_rows() -> None:
     shuffled = Blocks(4, 1, index.flip(0), torch.zeros(6, 1, dtype=torch.long),
                       torch.ones(1, dtype=torch.float64))
     assert shuffled.row_offsets is None
+    empty = Blocks(3, 1, index[:0], torch.zeros(0, 1, dtype=torch.long),
+                   torch.ones(1, dtype=torch.float64))
+    assert empty.row_offsets is not None and empty.row_offsets.tolist() == [0, 0, 0, 0]
+    assert torch.equal(sum_rows(torch.zeros(0, 1, dtype=torch.float64), index[:0], 3,
+                                empty.row_offsets), torch.zeros(3, 1, dtype=torch.float64))
