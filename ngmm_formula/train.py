@@ -902,7 +902,8 @@ def _input_noise_sampler(
     -------
     callable or None
         ``sample(groups, own)``: the noise of the rows of the sorted groups ``own`` among
-        those of the minibatch ``groups``, one tensor per network.
+        those of the minibatch ``groups``, one tensor per network (an MLP's in its weights'
+        dtype).
     """
     # SD per input column of every network (0 for one-hot columns), in the dtype of the
     # network's weights (float32 by default), to which its input is cast: drawn in it
