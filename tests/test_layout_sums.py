@@ -57,11 +57,12 @@ def _laid_out(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     return index, values, groups
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (3,), (2, 4)])
+@pytest.mark.parametrize("shape", [(), (1,), (3,), (2, 4), (15,), (4, 5)])
 @pytest.mark.parametrize("seed", range(5))
 def test_segment_sums_are_index_add_bit_for_bit(shape: tuple[int, ...], seed: int) -> None:
     """With rows laid out group by group, :attr:`Blocks.row_offsets` makes :func:`sum_rows`
-    sum by segments: the same additions in the same order (from 0, row after row), so the
+    sum by segments (up to ``SEGMENT_MAX_ENTRIES`` entries a row; wider rows, here 20, keep
+    ``index_add``): the same additions in the same order (from 0, row after row), so the
     same bits, NaN and the sign of zero included."""
     index, values, groups = _laid_out(seed, shape)
     blocks = Blocks(groups, 1, index, torch.zeros(index.numel(), 1, dtype=torch.long),
