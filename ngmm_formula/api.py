@@ -483,17 +483,16 @@ def _freeze_networks(prepared: Prepared, module: LinearPredictor, shard: Shard |
     intercept = [j for j, n in enumerate(design.fixed_names) if n == "(Intercept)"]
     all_sum = shard.all_sum if shard is not None and shard.presharded else None
     with torch.no_grad():
-        # the networks' outputs on every row, summed as module.network_output sums them;
-        # a centred network's from the pass that centres it
-        net_out = torch.zeros_like(pr.y)
+        # a centred network's output from the pass that centres it
+        centred: list[torch.Tensor | None] = []
         for net, x in zip(module.nets, pr.net_X):
+            out = None
             if intercept and isinstance(net, CentredNetwork):
                 # centre on the training data; the intercept absorbs the shift
                 shift, out = net.centre(x, all_sum)
                 module.beta[intercept[0]] += shift
-            else:
-                out = net(x)
-            net_out = net_out + out
+            centred.append(out)
+        net_out = module.network_output(pr, centred)
     module.nets.requires_grad_(False)
     linear = pr.with_offset(net_out)
     lin_module = LinearPredictor(linear, prepared.family.has_dispersion)

@@ -125,8 +125,9 @@ class Control:
     train_mode_steps : int
         k > 0 (default 3): the conditional modes of a training step's groups take k
         undamped Newton steps from their last visit's modes (one scalar effect per group in
-        a family without dispersion, :mod:`~ngmm_formula.approx.scalar`: up to 4 more while
-        the last moves a mode by more than 1e-3), falling back to the damped
+        a family without dispersion, :mod:`~ngmm_formula.approx.scalar`: up to
+        :data:`~ngmm_formula.approx.scalar.EXTRA_STEPS` more while the last moves a mode by
+        more than 1e-3), falling back to the damped
         search when the last step still moves a mode by more than 1e-3 (a group's first
         visit, a jump of the weights); 0: the damped search to convergence (tolerance 1e-7) every
         time. The validation score takes the same steps (a mode within about 1e-6, where

@@ -51,12 +51,13 @@ def sum_rows(values: torch.Tensor, index: torch.Tensor, n: int,
     (:class:`_SegmentSum`; torch's own is not differentiable twice). A training step of a
     random-intercept NGMM makes about a dozen, an evaluation of the 11-node rule a few.
     """
-    if offsets is not None and math.prod(values.shape[1:]) <= SEGMENT_MAX_ENTRIES:
+    entries = math.prod(values.shape[1:])  # per row
+    if offsets is not None and entries <= SEGMENT_MAX_ENTRIES:
         if torch.is_grad_enabled() and values.requires_grad:
             return _SegmentSum.apply(values, index, offsets)  # type: ignore[no-any-return]
         return torch.segment_reduce(values, "sum", offsets=offsets, axis=0)
     out = values.new_zeros((n, *values.shape[1:]))
-    if math.prod(values.shape[1:]) == 1:
+    if entries == 1:
         return out.view(-1).index_add(0, index, values.reshape(-1)).view(out.shape)
     return out.index_add(0, index if index.dtype == torch.int64 else index.long(), values)
 

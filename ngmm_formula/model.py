@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -674,12 +674,16 @@ class LinearPredictor(torch.nn.Module):
             eta = eta + net(x, e)
         return eta
 
-    def network_output(self, problem: Problem) -> torch.Tensor:
+    def network_output(self, problem: Problem,
+                       outputs: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
         """Sum of the networks' outputs on ``problem``'s rows (zeros without networks): the
-        known offset of fits in which the networks are held fixed."""
+        known offset of fits in which the networks are held fixed. ``outputs``: a network's
+        output on these rows where the caller has it already (None: computed here), summed
+        in the same order."""
         out = torch.zeros_like(problem.y)
-        for net, x in zip(self.nets, problem.net_X):
-            out = out + net(x)
+        known = list(outputs) or [None] * len(self.nets)
+        for net, x, given in zip(self.nets, problem.net_X, known):
+            out = out + (net(x) if given is None else given)
         return out
 
     def slot_values(self, problem: Problem) -> torch.Tensor:
