@@ -50,6 +50,7 @@ from ngmm_formula.design import (
     tril_pairs,
     wide_and_sparse,
 )
+from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import (
     FixedTensor,
@@ -248,13 +249,22 @@ class Objective:
 
     def value_and_grad(self, params: list[torch.nn.Parameter]
                        ) -> tuple[float, list[torch.Tensor]]:
-        """This process's log-likelihood and its gradient in ``params``, piece by piece
+        r"""This process's log-likelihood and its gradient in ``params``, piece by piece
         (:meth:`chunks`); the pieces are summed in a fixed order (reproducible bit for
-        bit)."""
+        bit).
+
+        Where a group's conditional mode cannot be computed -- its log-integrand is not
+        finite, e.g. :math:`\exp(\eta)` beyond float64's range under a log link at a trial
+        point of a line search -- the value is :math:`-\infty` (gradient zero): the
+        optimisers step back from such points (:class:`_GradientStop`) as from any other
+        non-finite value, and :func:`optimise` refuses to end at one."""
         value = 0.0
         total: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
         for piece in self.chunks():
-            ll = piece()
+            try:
+                ll = piece()
+            except torch.linalg.LinAlgError:  # find_mode: a factor not positive definite
+                return -math.inf, [torch.zeros_like(p) for p in params]
             grads = torch.autograd.grad(ll, params, allow_unused=True)
             value += float(ll.detach())
             total = [t if g is None else t + g for t, g in zip(total, grads)]
@@ -1123,6 +1133,12 @@ def optimise(obj: Objective, *, max_iter: int = 2000, gtol: float = 1e-6,
     # the module (and, in a distributed fit, every process) at the optimum: already there
     # when the last evaluation was at it
     value, grad = value_and_grad.at(opt.x)
+    if not math.isfinite(value):
+        raise NGMMError(
+            "the log-likelihood is not finite at the optimiser's last point (a group's "
+            "conditional mode could not be computed: the linear predictor overflows the "
+            "family's mean); check the scale of the covariates and the response, or start "
+            "from other values")
     opt = dataclasses.replace(opt, loglik=value, gradient=grad,
                               evaluations=value_and_grad.evaluations)
     if obj.shard is not None:

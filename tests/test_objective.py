@@ -33,6 +33,8 @@ parameters; the analytic gradient gets it from the one differentiable Newton ste
 from __future__ import annotations
 
 import dataclasses
+import json
+import warnings
 from typing import Any
 
 import numpy as np
@@ -40,12 +42,14 @@ import pandas as pd
 import pytest
 import torch
 
+from ngmm_formula import ngmm
 from ngmm_formula.api import Prepared, objective_at, prepare
 from ngmm_formula.design import tril_pairs
+from ngmm_formula.errors import NGMMError
 from ngmm_formula.families import get_family
-from ngmm_formula.fit import Objective
+from ngmm_formula.fit import Objective, optimise
 from ngmm_formula.model import LinearPredictor, joint_split
-from tests.references import LMER, REFS, SLEEP, dataset
+from tests.references import LMER, REF_DIR, REFS, SLEEP, dataset
 
 RTOL = 1e-6
 POINTS = ("optimum", "perturbed")
@@ -480,6 +484,77 @@ def test_objective_does_not_depend_on_history() -> None:
     with torch.no_grad():
         again = float(obj())
     assert again == pytest.approx(first, rel=1e-10)
+
+
+def _poisson_slope() -> tuple[pd.DataFrame, dict[str, Any]]:
+    """``tests/reference/poisson_slope.csv`` (200 groups of 20 counts, up to 141) and lme4's
+    Laplace fit of ``y ~ t1 + x3 + (1 + x3 | g)`` to it (``make_poisson_slope_ref.R``)."""
+    return (pd.read_csv(REF_DIR / "poisson_slope.csv"),
+            json.loads((REF_DIR / "poisson_slope_ref.json").read_text()))
+
+
+def _set_standardised(module: LinearPredictor, beta_s: np.ndarray, theta: np.ndarray) -> None:
+    with torch.no_grad():
+        module.beta.copy_(torch.as_tensor(beta_s, dtype=module.beta.dtype))
+        module.theta.copy_(torch.as_tensor(theta, dtype=module.theta.dtype))
+
+
+def test_a_warm_start_whose_curvature_is_singular_restarts_from_zero() -> None:
+    """Regression test: a line search's trial point (the one L-BFGS-B reached on this data
+    set, slope SD 15.6) warm-started from the optimum's modes puts a group's eta at 89.5,
+    where exp(eta) ~ 1e38 makes the group's I + C'WC singular to round-off, and the mode
+    search raised a LinAlgError. It now restarts from u = 0: the value is the one a fresh
+    objective finds there, to 1e-10 relative (both searches end at the same mode to their
+    tolerance, 1e-10 on the step)."""
+    df, ref = _poisson_slope()
+    p = prepare("y ~ t1 + x3 + (1 + x3 | g)", df, "poisson")  # 7 x 7 adaptive nodes
+    module = LinearPredictor(p.problem, False)
+    obj = Objective(p.problem, p.family, p.approximation, module)
+    _set_standardised(module, np.linalg.solve(p.problem.standardisation.A, ref["fixef"]),
+                      np.array(ref["theta"]))
+    far = (np.array([-7.324, 0.808, -0.722]), np.array([0.297, 0.362, -15.608]))
+    with torch.no_grad():
+        obj()  # the optimum: its modes are the next search's warm start
+        _set_standardised(module, *far)
+        warm = float(obj())
+    fresh_module = LinearPredictor(p.problem, False)
+    _set_standardised(fresh_module, *far)
+    with torch.no_grad():
+        fresh = float(Objective(p.problem, p.family, p.approximation, fresh_module)())
+    assert np.isfinite(warm) and warm == pytest.approx(fresh, rel=1e-10)
+
+
+def test_a_point_whose_modes_cannot_be_computed_has_minus_infinite_value() -> None:
+    """Where no mode can be found (an intercept of 800: exp(eta) overflows at u = 0 already)
+    the objective's value is -inf with a zero gradient, which the optimisers step back from,
+    instead of the mode search's LinAlgError."""
+    df, _ = _poisson_slope()
+    p = prepare("y ~ t1 + x3 + (1 + x3 | g)", df, "poisson")
+    module = LinearPredictor(p.problem, False)
+    _set_standardised(module, np.array([800.0, 0.0, 0.0]), np.array([1.0, 0.0, 1.0]))
+    params = [module.beta, module.theta]
+    obj = Objective(p.problem, p.family, p.approximation, module)
+    value, grads = obj.value_and_grad(params)
+    assert value == -np.inf and all(bool((g == 0).all()) for g in grads)
+    # an optimiser that can leave no such point ends with a clear error, not an estimate
+    with pytest.raises(NGMMError, match="not finite"):
+        optimise(obj)
+
+
+def test_poisson_random_slope_after_a_long_line_search_step() -> None:
+    """The fits of this data set end converged, without warnings: the default (adaptive
+    quadrature, 7 x 7 nodes, whose line search passes the point above) and Laplace, whose
+    log-likelihood is lme4's to 1e-3 and not below it (lme4 stops 6.2e-4 lower, at its own
+    tolerance; ours is at max|gradient| < 1e-6, and equals lme4's deviance function where
+    both evaluate the same point: ``test_glmer_devfun``)."""
+    df, ref = _poisson_slope()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConvergenceWarning
+        fit = ngmm("y ~ t1 + x3 + (1 + x3 | g)", df, "poisson")
+        laplace = ngmm("y ~ t1 + x3 + (1 + x3 | g)", df, "poisson", approx="laplace")
+    assert fit.diagnostics.converged and laplace.diagnostics.converged
+    assert ref["loglik"] - 1e-6 <= laplace.loglik <= ref["loglik"] + 1e-3
+    np.testing.assert_allclose(laplace.fixef.to_numpy(), ref["fixef"], atol=1e-3)
 
 
 def test_objective_at_is_repeatable() -> None:

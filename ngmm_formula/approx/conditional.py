@@ -201,9 +201,20 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
             d1 = family.dlogp(y, eta, ls, w)
             W = family.fisher_weight(eta, ls, w)
             factor = curvature.detach() if curvature is not None else factorise(W, C, blocks)
-            g = gradient(d1, C, v, blocks)
             if not factor.ok:
-                factor = _checked(factorise(W, C, blocks, jitter=1e-8))
+                factor = factorise(W, C, blocks, jitter=1e-8)
+            if not factor.ok and it == 1 and bool(v.any()):
+                # the warm start's curvature cannot be factorised: after a line search's jump
+                # of the parameters its eta can reach exp(eta) ~ 1e38, and a block's
+                # I + C'WC, dominated by one row, is singular to round-off; from u = 0
+                v = torch.zeros_like(v)
+                eta = eta_fixed + random_part(C, v, blocks)
+                h = log_integrand(family, y, w, eta, ls, v, blocks)
+                d1 = family.dlogp(y, eta, ls, w)
+                W = family.fisher_weight(eta, ls, w)
+                factor = factorise(W, C, blocks, jitter=1e-8)
+            factor = _checked(factor)
+            g = gradient(d1, C, v, blocks)
             step = factor.solve(g)
             scale = torch.ones(blocks.n_blocks, 1, dtype=v.dtype, device=v.device)
             for _ in range(40):
