@@ -45,7 +45,12 @@ Methods, side by side in one run (``--methods``):
   rounds by ``gpb.cv``), if installed;
 - ``lightgbm``: gradient boosting without groups, rounds by 4-fold CV, if installed;
 - ``mlp``: a plain torch MLP (2 x 64, ReLU, Adam, early stopping on 20 % of the rows) on the
-  same inputs and x3, without random effects.
+  same inputs and x3, without random effects;
+- ``known_shape``: the GLMM that knows the shape: the terms of f as columns (``KNOWN_TERMS``,
+  e.g. sin(1.5 x1) and x2^2 for ``smooth``; the factor ``h`` as fixed levels, as in
+  ``glmm``), their coefficients, x3's and the variances estimated. No method that has to
+  find f can expect to beat it; its gap closed is the ceiling that a cell's figure is read
+  against (``ceiling.py``).
 
 Scores (``vignettes/_common.py``, the same for every method): held-out log-likelihood per
 observation, conditional on the predicted random effect for known groups and marginal over
@@ -88,7 +93,7 @@ import _common as C  # noqa: E402
 from ngmm_formula import Control, ngmm  # noqa: E402
 
 FAMILIES = ("gaussian", "binomial", "poisson")
-METHODS = ("ngmm", "glmm", "oracle", "gpboost", "lightgbm", "mlp")
+METHODS = ("ngmm", "glmm", "oracle", "gpboost", "lightgbm", "mlp", "known_shape")
 HALVES = {"dev": 0, "confirm": 1000, "confirm2": 2000, "confirm3": 3000, "confirm4": 4000,
           "confirm5": 5000}
 RESULTS = HERE / "results"
@@ -245,6 +250,36 @@ def _features(shape: Shape, d: pd.DataFrame) -> np.ndarray:
     return np.column_stack(cols)
 
 
+#: per shape, the terms of f as columns (the shape's f is a linear combination of them):
+#: ``known_shape``'s fixed effects
+KNOWN_TERMS: dict[str, Callable[[pd.DataFrame], dict[str, np.ndarray]]] = {
+    "smooth": lambda d: {"t1": np.sin(1.5 * d.x1), "t2": d.x2**2},
+    "step": lambda d: {"t1": np.sign(d.x1 - 0.3), "t2": (d.x2 > 1).astype(float)},
+    "interaction": lambda d: {"t1": np.sin(1.2 * d.x1) * d.x2},
+    "sparse20": lambda d: {"t1": np.sin(2 * d.x1), "t2": d.x2 * np.abs(d.x2)},
+    "factor": lambda d: {"t1": np.cos(2 * d.x1)},
+    "slope": lambda d: {"t1": np.abs(d.x1)},
+    "threshold": lambda d: {"t1": ((d.x1 > 0) & (d.x2 > 0)).astype(float), "t2": d.x1},
+    "linear": lambda d: {"t1": d.x1, "t2": d.x2},
+}
+for _name in ("irrelevant", "small", "imbalance", "noisy"):
+    KNOWN_TERMS[_name] = KNOWN_TERMS["smooth"]
+
+
+def fit_known_shape(shape: Shape, train: pd.DataFrame, family: str, seed: int
+                    ) -> tuple[C.Estimates, dict]:
+    terms = KNOWN_TERMS[shape.name]
+    cols = list(terms(train.head(1)))
+    if shape.factor_levels:
+        cols.append("h")
+    fit = _quiet_fit(f"y ~ {' + '.join(cols)} + x3 + {shape.bar}",
+                     train.assign(**terms(train)), family, seed)
+    est = _estimates(fit)
+    on_columns = est.eta_fixed
+    est.eta_fixed = lambda d: on_columns(d.assign(**terms(d)))  # the terms added to the rows
+    return est, {}
+
+
 def fit_gpboost(shape: Shape, train: pd.DataFrame, family: str, seed: int
                 ) -> tuple[C.Estimates, dict]:
     return C.fit_gpboost(train, family, seed, lambda d: _features(shape, d))
@@ -262,7 +297,7 @@ def fit_mlp(shape: Shape, train: pd.DataFrame, family: str, seed: int
 
 
 FITTERS = {"ngmm": fit_ngmm, "glmm": fit_glmm, "oracle": fit_oracle, "gpboost": fit_gpboost,
-           "lightgbm": fit_lightgbm, "mlp": fit_mlp}
+           "lightgbm": fit_lightgbm, "mlp": fit_mlp, "known_shape": fit_known_shape}
 
 
 def available(method: str) -> bool:
