@@ -186,9 +186,7 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
         if start is not None and not bool(torch.isfinite(h).all()):
             # a warm start outside the family's support (e.g. eta <= 0 for an inverse link):
             # restart those blocks from u = 0
-            v = torch.where(torch.isfinite(h)[:, None], v, torch.zeros_like(v))
-            eta = eta_fixed + random_part(C, v, blocks)
-            h = log_integrand(family, y, w, eta, ls, v, blocks)
+            v, eta, h = _restart(family, y, w, eta_fixed, ls, C, blocks, v, torch.isfinite(h))
         converged = False
         # where Fisher scoring is Newton's method (family.newton_scoring), after a full step
         # of size s the error is about s^2, so a full step below FIXED_STEP_TOL ** 2 leaves
@@ -207,11 +205,9 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
                 # the warm start's curvature cannot be factorised: after a line search's jump
                 # of the parameters its eta can reach exp(eta) ~ 1e38, and a block's
                 # I + C'WC, dominated by one row, is singular to round-off; from u = 0
-                v = torch.zeros_like(v)
-                eta = eta_fixed + random_part(C, v, blocks)
-                h = log_integrand(family, y, w, eta, ls, v, blocks)
-                d1 = family.dlogp(y, eta, ls, w)
-                W = family.fisher_weight(eta, ls, w)
+                none = torch.zeros_like(h, dtype=torch.bool)
+                v, eta, h = _restart(family, y, w, eta_fixed, ls, C, blocks, v, none)
+                d1, W = family.dlogp(y, eta, ls, w), family.fisher_weight(eta, ls, w)
                 factor = factorise(W, C, blocks, jitter=1e-8)
             factor = _checked(factor)
             g = gradient(d1, C, v, blocks)
@@ -247,6 +243,16 @@ def find_mode(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch
         if not factor.ok:
             factor = _checked(factorise(family.fisher_weight(eta, ls, w), C, blocks))
     return ConditionalMode(v=v, factor=factor, iterations=it, converged=converged)
+
+
+def _restart(family: Family, y: torch.Tensor, w: torch.Tensor, eta_fixed: torch.Tensor,
+             log_sigma: torch.Tensor | None, C: torch.Tensor, blocks: Blocks, v: torch.Tensor,
+             keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`find_mode`'s iterate with the blocks not in ``keep`` (bool, per block) back at
+    u = 0: ``(v, eta, h)``."""
+    v = torch.where(keep[:, None], v, torch.zeros_like(v))
+    eta = eta_fixed + random_part(C, v, blocks)
+    return v, eta, log_integrand(family, y, w, eta, log_sigma, v, blocks)
 
 
 #: Largest move of the last of :func:`find_mode`'s fixed ``steps`` that is accepted as
