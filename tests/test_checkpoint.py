@@ -167,7 +167,7 @@ def test_checkpoint_in_the_middle_of_a_pass_resumes_that_pass(
     groups in minibatches of 8: 5 steps a pass, epochs of 2, 2 and 1 steps); a fit that
     crashes after the checkpoint of epoch 10 (the first epoch of the fourth pass) resumes
     the rest of that pass and ends where the uninterrupted fit ended, bit for bit."""
-    options = dict(epochs=20, steps_per_epoch=2)
+    options = dict(epochs=20, steps_per_epoch=2, folds=1)  # one loop, one split
     reference = fit(**options)
     path = tmp_path / "fit.ckpt"
     write = ckpt.Checkpoints.write

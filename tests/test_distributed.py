@@ -48,7 +48,9 @@ SLEEP = "Reaction ~ Days + (Days | Subject)"
 NEURAL = "y ~ nn(x1, x2, hidden=(8, 8)) + x3 + (1 | g)"
 # small batches (4 of 40 groups): many batches hold groups of one process only, so the
 # other process contributes a zero gradient to the all-reduce
-NEURAL_CONTROL = dict(epochs=10, patience=5, batch_groups=4, progress=False)
+# one validation split: a distributed fit trains with one (train.folds_for), and the one-process
+# fit it is compared with must too
+NEURAL_CONTROL = dict(epochs=10, patience=5, batch_groups=4, progress=False, folds=1)
 CROSSED = "y ~ x + (1 | a) + (1 | b)"
 # crossed binomial item response, variational: full-batch L-BFGS (linear) and minibatches of
 # students (with a network: the stochastic fit, then the full-batch refit of the linear part)

@@ -16,7 +16,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from ngmm_formula import Control, DataError, FormulaError, NGMMError, get_family, ngmm
+from ngmm_formula import Control, DataError, FormulaError, NGMMError, get_family, ngmm, train
 from ngmm_formula.api import _module, prepare
 from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.datasets import simulate_grouped
@@ -171,7 +171,7 @@ def test_ensemble_averages_its_members(binary_fit, binary) -> None:  # type: ign
     assert len(h.members) == 2 and h.members[0].train == h.train
     assert h.members[0].validation != h.members[1].validation
     single = ngmm("y ~ nn(x1, x2, hidden=(16, 16)) + x3 + (1 | g)", binary, "binomial",
-                  control=Control(epochs=3, progress=False, ensemble=1), seed=1)
+                  control=Control(epochs=3, progress=False, ensemble=1, folds=1), seed=1)
     assert isinstance(single.nets[0], MLP) and single.history.members == ()
 
 
@@ -197,7 +197,8 @@ def test_retrain_is_training_on_all_groups_for_the_selected_epochs() -> None:
     fit from the start of the stream."""
     data = simulate_grouped(n_groups=60, n_per_group=40, family="binomial", effect="sine",
                             seed=3)
-    ctl = Control(epochs=60, patience=30, min_steps=0, lr=0.03, progress=False, input_noise=0)
+    ctl = Control(epochs=60, patience=30, min_steps=0, lr=0.03, progress=False, input_noise=0,
+                  folds=1)
     # Without the additive part: at 10x the learning rate, Adam's normalised steps turn the
     # warm starts' 1e-7 differences in near-zero gradients into full-size steps, and the
     # two trainings drift apart (0.07 on a probability, measured); the schedule logic tested
@@ -238,6 +239,36 @@ def test_folds_pool_validation_curves_then_retrain(binary) -> None:  # type: ign
     assert np.isfinite(fit.loglik)
     with pytest.raises(NGMMError, match="folds"):
         Control(folds=3, ensemble=2)
+
+
+@pytest.mark.parametrize(("options", "rows", "distributed", "expected"), [
+    ({}, 900, False, 5),                          # the default on little data: 5 folds
+    ({}, train.AUTO_FOLDS_MAX_ROWS, False, 5),    # up to the limit
+    ({}, train.AUTO_FOLDS_MAX_ROWS + 1, False, 1),  # above it: one split
+    ({"folds": 1}, 900, False, 1),                # a number given is kept
+    ({"folds": 3}, 10**6, False, 3),
+    ({"ensemble": 3}, 900, False, 1),             # an ensemble has its own splits
+    ({"validation": 0.0}, 900, False, 1),         # no early stopping
+    ({}, 900, True, 1),                           # a distributed fit: one split
+])
+def test_folds_by_default_on_little_data(options: dict, rows: int, distributed: bool,
+                                         expected: int) -> None:
+    """``Control.folds = None`` (the default): ``train.AUTO_FOLDS`` folds of early stopping
+    on at most ``train.AUTO_FOLDS_MAX_ROWS`` training rows, for one network in one process
+    with a validation split; else one split; an explicit number is kept."""
+    control = Control(progress=False, **options)
+    assert train.folds_for(control, rows, distributed=distributed) == expected
+
+
+def test_a_default_fit_of_little_data_trains_five_folds(binary) -> None:  # type: ignore[no-untyped-def]
+    """The default Control on 900 rows trains 5 fold networks and one on all groups; with
+    ``folds=1`` the same fit trains one network on 90 % of the groups."""
+    quick = {"epochs": 12, "min_steps": 0, "patience": 3, "progress": False}
+    fit = ngmm(FORMULA, binary, "binomial", control=Control(**quick), seed=1)
+    assert len(fit.history.members) == train.AUTO_FOLDS
+    assert sum(m.n_validation_groups for m in fit.history.members) == 60
+    one = ngmm(FORMULA, binary, "binomial", control=Control(folds=1, **quick), seed=1)
+    assert one.history.members == () and one.history.n_validation_groups == 6
 
 
 def test_predict_new_data_uses_stored_standardisation(binary_fit, binary) -> None:  # type: ignore[no-untyped-def]
@@ -580,7 +611,8 @@ def test_steps_per_epoch_at_least_a_pass_is_the_same_fit(binary: pd.DataFrame) -
     """Where a pass has no more minibatches than ``steps_per_epoch``, the epochs are the
     passes and the fit is the same bit for bit; with fewer the validation score is taken
     more often (one value per epoch of at most that many steps)."""
-    ctl = Control(epochs=12, patience=5, progress=False, batch_groups=10)  # 6 steps a pass
+    ctl = Control(epochs=12, patience=5, progress=False, batch_groups=10,
+                  folds=1)  # 6 steps a pass, one validation split
     base = ngmm(FORMULA, binary, "binomial", control=ctl, seed=1)
     same = ngmm(FORMULA, binary, "binomial", control=replace(ctl, steps_per_epoch=6), seed=1)
     assert same.history.validation == base.history.validation

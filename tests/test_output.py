@@ -31,7 +31,7 @@ def _last_bar(err: str) -> str:
 
 def test_progress_bar_ends_at_100_percent_on_early_stopping(
         capsys: pytest.CaptureFixture[str]) -> None:
-    fit = _neural(progress=True, epochs=200, patience=2, min_steps=1)
+    fit = _neural(progress=True, epochs=200, patience=2, min_steps=1, folds=1)
     h = fit.history
     assert h.stopped_early and h.epochs < 200
     last = _last_bar(capsys.readouterr().err)
@@ -39,14 +39,28 @@ def test_progress_bar_ends_at_100_percent_on_early_stopping(
     assert f"early stopping at epoch {h.epochs} (best {h.best_epoch})" in last
 
 
+def test_progress_bars_of_the_folds(capsys: pytest.CaptureFixture[str]) -> None:
+    """The default on little data trains five folds, then one network on all groups: a bar
+    for each, named, each ending at 100 % (the last at the epochs the folds chose)."""
+    fit = _neural(progress=True, epochs=200, patience=2, min_steps=1)
+    h = fit.history
+    bars = [s for s in re.split(r"[\r\n]", capsys.readouterr().err) if s.strip()]
+    for k in range(1, 6):
+        ends = [b for b in bars if b.startswith(f"ngmm fold {k}/5:")]
+        assert ends and "100%" in ends[-1], bars
+    last = _last_bar("\n".join(bars))
+    assert last.startswith("ngmm, all groups:") and "100%" in last, last
+    assert f" {h.best_epoch}/{h.best_epoch} " in last, last
+
+
 def test_progress_bar_without_early_stopping(capsys: pytest.CaptureFixture[str]) -> None:
-    _neural(progress=True, epochs=3, min_steps=1000)
+    _neural(progress=True, epochs=3, min_steps=1000, folds=1)
     last = _last_bar(capsys.readouterr().err)
     assert "100%" in last and " 3/3 " in last and "early stopping" not in last
 
 
 def test_training_history_repr_is_short() -> None:
-    h = _neural(progress=False, epochs=200, patience=2, min_steps=1).history
+    h = _neural(progress=False, epochs=200, patience=2, min_steps=1, folds=1).history
     text = repr(h)
     assert len(text) < 300, text
     assert text.startswith(f"<TrainingHistory: {h.epochs} epochs, stopped early, best epoch "
