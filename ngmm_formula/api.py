@@ -266,7 +266,10 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
         (started from ``torchrun``'s environment if not yet initialised; gloo on the CPU, nccl
         on CUDA): each process evaluates a contiguous range of the groups and values and
         gradients are all-reduced, so every process returns the same result, equal to the
-        one-process fit up to the order of summation. Call it on every process with the
+        one-process fit up to the order of summation (with ``Control.folds`` given: the
+        default trains one validation split in a distributed fit, five folds in one process
+        on up to 10,000 training rows, :func:`~ngmm_formula.train.folds_for`). Call it on
+        every process with the
         same arguments; models with one grouping factor, or crossed and nested ones with
         ``approx="variational"`` (each process evaluates the rows of a range of the largest
         factor's levels; see :mod:`ngmm_formula.shards`, and

@@ -30,7 +30,9 @@ number of observations), and a sum all-reduce gives every process the same :math
   the AdamW step (:meth:`Shard.all_sum_grads`); the training and validation scores are
   all-reduced too (so early stopping decides alike everywhere), and rank 0's weights are
   broadcast when training ends. With the same seed the fit equals the single-process one up
-  to the order of summation.
+  to the order of summation (a fit of up to 10,000 training rows with ``Control(folds=1)``:
+  by default one process trains five folds there, and a distributed fit one split,
+  :func:`~ngmm_formula.train.folds_for`).
 
 An explicit all-reduce rather than :class:`torch.nn.parallel.DistributedDataParallel`: the
 loss is not a module's ``forward`` (a batched Newton search for the modes runs between the
