@@ -269,10 +269,9 @@ def ngmm(formula: str, data: Any, family: str | Family = "gaussian", *,
         one-process fit up to the order of summation (with ``Control.folds`` given: the
         default trains one validation split in a distributed fit, five folds in one process
         on up to 10,000 training rows, :func:`~ngmm_formula.train.folds_for`). Call it on
-        every process with the
-        same arguments; models with one grouping factor, or crossed and nested ones with
-        ``approx="variational"`` (each process evaluates the rows of a range of the largest
-        factor's levels; see :mod:`ngmm_formula.shards`, and
+        every process with the same arguments; models with one grouping factor, or crossed
+        and nested ones with ``approx="variational"`` (each process evaluates the rows of a
+        range of the largest factor's levels; see :mod:`ngmm_formula.shards`, and
         :func:`ngmm_formula.fit_distributed` for local worker processes and the
         ``torchrun`` commands for several machines). With ``data`` the path of a Parquet
         file or dataset (e.g. written by :func:`ngmm_formula.io.write_partitioned`) a model

@@ -428,9 +428,8 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
     by_group = _rows_by_group(split_groups, shard)
     folds = folds_for(control, int(by_group.sizes.sum()), distributed=shard is not None)
     if folds > 1 and np.count_nonzero(by_group.sizes) >= 2 * folds:
-        return _train_folds(problem, family, approx, module, by_group,
-                            dataclasses.replace(control, folds=folds), seed, shard, start, t0,
-                            checkpoints)
+        return _train_folds(problem, family, approx, module, by_group, control, folds, seed,
+                            shard, start, t0, checkpoints)
     histories: list[TrainingHistory] = []
     members: list[list[CentredNetwork]] = [[] for _ in module.nets]
     linear: list[list[torch.Tensor]] = []
@@ -496,11 +495,12 @@ def folds_for(control: Control, n_rows: int, *, distributed: bool = False) -> in
 
 def _train_folds(problem: Problem, family: Family, approx: Approximation,
                  module: LinearPredictor, by_group: RowsByGroup, control: Control,
-                 seed: int, shard: Shard | None, start: dict, t0: float,
+                 n_folds: int, seed: int, shard: Shard | None, start: dict, t0: float,
                  checkpoints: Checkpoints | None = None) -> TrainingHistory:
     r"""K-fold early stopping over groups, then one network trained on all groups.
 
-    The groups are dealt into ``K = control.folds`` disjoint folds; fold ``k``'s network
+    The groups are dealt into ``K = n_folds`` disjoint folds (:func:`folds_for`); fold
+    ``k``'s network
     starts from the same weights (``start``) and is trained with fold ``k`` as validation
     groups. The number of epochs is the maximiser of the pooled validation curve
 
@@ -518,7 +518,6 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
     present = np.flatnonzero(rows > 0)
     rng = np.random.default_rng(seed)
     fold = np.full(rows.size, -1)
-    n_folds = int(control.folds or 1)  # folds_for's, set by train_networks
     fold[rng.permutation(present)] = np.arange(present.size) % n_folds
     histories, weights = [], []
     for k in range(n_folds):
