@@ -106,6 +106,10 @@ class Control:
         sine benchmark and the real data sets within their standard errors or above
         (benchmarks/neural/README.md, "Five folds of early stopping on little data").
         Not combined with ``ensemble``.
+    average_folds : bool
+        With K > 1 folds: the networks of the fit average the K fold networks (each at its
+        own best validation epoch) and the network trained on all groups
+        (:class:`~ngmm_formula.networks.Ensemble` of K + 1 members) instead of the last alone.
     refit : bool
         Refit the linear and variance parameters by L-BFGS after training.
     train_approx : {"laplace", "fit"}
@@ -182,6 +186,7 @@ class Control:
     ensemble: int = 1
     retrain: bool = False
     folds: int | None = None
+    average_folds: bool = False
     refit: bool = True
     train_approx: str = "laplace"
     train_mode_steps: int = 3

@@ -88,7 +88,7 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -520,6 +520,7 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
     fold = np.full(rows.size, -1)
     fold[rng.permutation(present)] = np.arange(present.size) % n_folds
     histories, weights = [], []
+    members: list[list[CentredNetwork]] = [[] for _ in module.nets]
     for k in range(n_folds):
         module.load_state_dict(start)
         histories.append(train_member(problem, family, approx, module, by_group, control,
@@ -527,6 +528,8 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
                                       held=fold == k, checkpoints=checkpoints,
                                       label=f"ngmm fold {k + 1}/{n_folds}"))
         weights.append(float(rows[fold == k].sum()))
+        for j, net in enumerate(module.nets):
+            members[j].append(copy.deepcopy(cast(CentredNetwork, net)))
     length = min(len(h.validation) for h in histories)
     curves = np.array([h.validation[:length] for h in histories])
     w = np.array(weights)[:, None]
@@ -536,6 +539,10 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
     module.load_state_dict(start)
     final = train_member(problem, family, approx, module, by_group, control, rng, shard,
                          schedule=schedule, label="ngmm")
+    if control.average_folds:
+        module.nets = torch.nn.ModuleList(
+            Ensemble([*fold_nets, cast(CentredNetwork, net)])
+            for fold_nets, net in zip(members, module.nets))
     return TrainingHistory(
         train=histories[0].train[:length], validation=tuple(float(v) for v in pooled),
         best_epoch=best, stopped_early=all(h.stopped_early for h in histories),

@@ -95,7 +95,7 @@ from ngmm_formula import Control, ngmm  # noqa: E402
 FAMILIES = ("gaussian", "binomial", "poisson")
 METHODS = ("ngmm", "glmm", "oracle", "gpboost", "lightgbm", "mlp", "known_shape")
 HALVES = {"dev": 0, "confirm": 1000, "confirm2": 2000, "confirm3": 3000, "confirm4": 4000,
-          "confirm5": 5000}
+          "confirm5": 5000, "confirm6": 6000}
 RESULTS = HERE / "results"
 
 
