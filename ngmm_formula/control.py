@@ -209,6 +209,7 @@ class Control:
                 and not isinstance(self.steps_per_epoch, bool) and self.steps_per_epoch >= 1)),
             ("folds", self.folds is None
              or (self.folds >= 1 and (self.folds == 1 or self.ensemble == 1))),
+            ("average_folds", isinstance(self.average_folds, bool)),
             ("na_action", self.na_action in ("omit", "raise")),
             ("train_approx", self.train_approx in ("fit", "laplace")),
             ("train_mode_steps", self.train_mode_steps >= 0),

@@ -64,7 +64,10 @@ the fold's observations), and one network is trained on all groups for :math:`e^
 By default (``Control.folds = None``) a fit of little data trains this way with
 :data:`AUTO_FOLDS` folds, and one of more data with one split (:func:`folds_for`): where an
 epoch is one full-batch step and 10 % of the groups are a few dozen Bernoulli responses, the
-epoch chosen on one split is noise.
+epoch chosen on one split is noise. With ``Control.average_folds`` the fit's network is the
+average of the K fold networks (each at its own best epoch) and the one trained on all groups
+(an :class:`~ngmm_formula.networks.Ensemble` of K + 1 members): no more training, K + 1
+network evaluations where the fit is used.
 
 When training ends the networks are centred on the training data (the intercept absorbs the
 shift) and frozen, and the linear and variance parameters are refitted on all the data by

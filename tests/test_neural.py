@@ -16,7 +16,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from ngmm_formula import Control, DataError, FormulaError, NGMMError, get_family, ngmm, train
+from ngmm_formula import Control, DataError, FormulaError, NGMMError, get_family, load, ngmm, train
 from ngmm_formula.api import _module, prepare
 from ngmm_formula.approx.factor import DenseFactor
 from ngmm_formula.datasets import simulate_grouped
@@ -271,6 +271,33 @@ def test_a_default_fit_of_little_data_trains_five_folds(binary) -> None:  # type
     assert one.history.members == () and one.history.n_validation_groups == 6
 
 
+def test_average_folds_averages_the_fold_networks_and_the_last(binary, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``Control.average_folds``: the fit's network is the centred average of the K fold
+    networks and the network retrained on all groups; training is that of the fit without
+    it (the same seed trains the same networks, so the last member equals that fit's network
+    bit for bit), and the averaged fit saves and loads with its members. With one split
+    there is nothing to average and the fit is the plain one."""
+    quick = {"epochs": 12, "min_steps": 0, "patience": 3, "progress": False, "folds": 3}
+    plain = ngmm(FORMULA, binary, "binomial", control=Control(**quick), seed=1)
+    fit = ngmm(FORMULA, binary, "binomial", control=Control(average_folds=True, **quick),
+               seed=1)
+    net = fit.nets[0]
+    assert isinstance(net, Ensemble) and len(net.members) == 3 + 1
+    assert fit.history.best_epoch == plain.history.best_epoch
+    last = net.members[-1].state_dict()
+    for name, value in plain.nets[0].state_dict().items():
+        if name != "centre_value":  # each network is centred where it is used
+            assert torch.equal(last[name], value), name
+    assert not np.allclose(fit.fitted, plain.fitted)
+    back = load(fit.save(tmp_path / "averaged.ngmm"))
+    np.testing.assert_array_equal(back.predict(binary), fit.predict(binary))
+    one = dict(quick, folds=1)
+    np.testing.assert_array_equal(
+        ngmm(FORMULA, binary, "binomial", control=Control(average_folds=True, **one),
+             seed=1).fitted,
+        ngmm(FORMULA, binary, "binomial", control=Control(**one), seed=1).fitted)
+
+
 def test_predict_new_data_uses_stored_standardisation(binary_fit, binary) -> None:  # type: ignore[no-untyped-def]
     # predicting the training rows as new data reproduces the fitted values
     np.testing.assert_allclose(binary_fit.predict(binary), binary_fit.fitted, rtol=1e-10)
@@ -409,6 +436,8 @@ def test_bad_input() -> None:
         Control(lr=-1.0)
     with pytest.raises(NGMMError, match="ensemble"):
         Control(ensemble=0)
+    with pytest.raises(NGMMError, match="average_folds"):
+        Control(average_folds="yes")  # type: ignore[arg-type]
 
 
 def test_training_starts_from_the_glmm_of_the_training_groups() -> None:
