@@ -45,7 +45,7 @@ from ngmm_formula.design import Design, re_effect
 from ngmm_formula.errors import DataError, NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import matvec
-from ngmm_formula.networks import additive_label, input_label
+from ngmm_formula.networks import additive_label, input_label, members_label
 from ngmm_formula.registry import RESULT_METHODS
 
 __all__ = ["NGMMResult", "Diagnostics", "ReducedRank"]
@@ -275,7 +275,8 @@ class NGMMResult:
                                 "1"])
             out.append({
                 "label": ni.term.label, "inputs": ", ".join(ni.term.variables),
-                "architecture": f"{arch} ({ni.term.activation}) + linear{additive_label(net)}",
+                "architecture": (f"{arch} ({ni.term.activation}) + linear{additive_label(net)}"
+                                 f"{members_label(net)}"),
                 "n_weights": int(net.n_weights),
                 "variance_share": float(np.var(f)) / var_eta if var_eta > 0 else float("nan"),
             })

@@ -283,6 +283,8 @@ def test_average_folds_averages_the_fold_networks_and_the_last(binary, tmp_path)
                seed=1)
     net = fit.nets[0]
     assert isinstance(net, Ensemble) and len(net.members) == 3 + 1
+    assert fit.nn_terms[0]["architecture"].endswith(", average of 4")
+    assert "average" not in plain.nn_terms[0]["architecture"]
     assert fit.history.best_epoch == plain.history.best_epoch
     last = net.members[-1].state_dict()
     for name, value in plain.nets[0].state_dict().items():
