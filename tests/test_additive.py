@@ -19,7 +19,14 @@ from ngmm_formula import Control, networks, ngmm
 from ngmm_formula.adamw import AdamW, Plateau
 from ngmm_formula.errors import FormulaError
 from ngmm_formula.formula import parse_formula
-from ngmm_formula.networks import MLP, Additive, _HingeSum, network_from_data, network_to_data
+from ngmm_formula.networks import (
+    MLP,
+    Additive,
+    Ensemble,
+    _HingeSum,
+    network_from_data,
+    network_to_data,
+)
 from ngmm_formula.train import ADDITIVE_LR_SCALE, _optimiser, _train_on_schedule
 
 
@@ -94,7 +101,8 @@ def test_the_additive_part_sees_a_scaled_share_of_the_input_noise() -> None:
                                            ("binomial", 1.0)])
 def test_training_sets_the_additive_noise_scale_by_family(family: str, scale: float) -> None:
     """The trainer gives the networks the family's scale (train.ADDITIVE_NOISE_SCALE: the
-    body's noise for binomial data, 0.3 of it otherwise); a prediction adds no noise."""
+    body's noise for binomial data, 0.3 of it otherwise), every fold network of the
+    default's average too; a prediction adds no noise."""
     rng = np.random.default_rng(1)
     n = 300
     df = pd.DataFrame({"x": rng.normal(size=n), "g": (np.arange(n) % 15).astype(str)})
@@ -105,7 +113,8 @@ def test_training_sets_the_additive_noise_scale_by_family(family: str, scale: fl
     fit = ngmm("y ~ nn(x, hidden=(8,)) + (1 | g)", df, family,
                control=Control(epochs=3, min_steps=0, progress=False), seed=0)
     (net,) = fit.nets
-    assert isinstance(net, MLP) and net.additive_noise_scale == scale
+    assert isinstance(net, Ensemble) and len(net.members) == 6  # 5 folds and all groups
+    assert all(isinstance(m, MLP) and m.additive_noise_scale == scale for m in net.members)
 
 
 def test_additive_gradients() -> None:
@@ -302,7 +311,7 @@ def test_fit_with_and_without_the_additive_part() -> None:
                        "g": (np.arange(n) % 20).astype(str)})
     df["y"] = np.sin(2 * df.x1) + rng.normal(0, 0.5, 20)[np.arange(n) % 20] + rng.normal(
         0, 0.3, n)
-    quick = Control(epochs=5, min_steps=0, progress=False)
+    quick = Control(epochs=5, min_steps=0, progress=False, average_folds=False)  # one network
     fit = ngmm("y ~ nn(x1, x2, f, hidden=(8,)) + (1 | g)", df, control=quick, seed=0)
     (net,) = fit.nets
     assert isinstance(net, MLP) and net.additive.slope.shape == (2, 32)

@@ -25,7 +25,8 @@ from ngmm_formula.networks import (
 )
 from ngmm_formula.train import fit_linear_start
 
-QUICK = Control(epochs=15, patience=5, min_steps=0, progress=False)
+# one network per fit (no average of the fold networks): these tests look inside its tables
+QUICK = Control(epochs=15, patience=5, min_steps=0, progress=False, average_folds=False)
 
 
 def _factor_data(levels: int, rows: int, seed: int = 0, sd: float = 1.0,
@@ -203,7 +204,7 @@ def test_training_learns_level_effects_outside_the_glmm_start() -> None:
     df, a = _factor_data(100, 3000, seed=3)
     fit = ngmm("y ~ nn(x1, h, hidden=(16,)) + (1 | g)", df, "gaussian",
                control=Control(epochs=25, min_steps=0, patience=10, batch_size=256,
-                               progress=False), seed=2)
+                               progress=False, average_folds=False), seed=2)
     net = fit.nets[0]
     assert net.tables[0].weight.abs().sum() > 0
     pdp = fit.partial_dependence(0, "h")

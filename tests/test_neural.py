@@ -46,7 +46,8 @@ def test_fit_has_networks_and_counts_their_weights(binary_fit) -> None:  # type:
     # linear path's 2 and the additive part's 2 inputs x 32 units x 3, twice (an ensemble of
     # two networks)
     assert term["n_weights"] == 2 * (338 + 192)
-    assert term["architecture"] == "2 -> 16 -> 16 -> 1 (relu) + linear + additive 2x32"
+    assert term["architecture"] == ("2 -> 16 -> 16 -> 1 (relu) + linear + additive 2x32, "
+                                    "average of 2")
     assert binary_fit.npar == 2 + 1 + 2 * (338 + 192)
     assert 0 < term["variance_share"] < 1
     assert binary_fit.history.best_epoch >= 1
@@ -272,15 +273,15 @@ def test_a_default_fit_of_little_data_trains_five_folds(binary) -> None:  # type
 
 
 def test_average_folds_averages_the_fold_networks_and_the_last(binary, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """``Control.average_folds``: the fit's network is the centred average of the K fold
-    networks and the network retrained on all groups; training is that of the fit without
-    it (the same seed trains the same networks, so the last member equals that fit's network
-    bit for bit), and the averaged fit saves and loads with its members. With one split
-    there is nothing to average and the fit is the plain one."""
+    """``Control.average_folds`` (the default): the fit's network is the centred average of
+    the K fold networks and the network retrained on all groups; training is that of the fit
+    without it (the same seed trains the same networks, so the last member equals that fit's
+    network bit for bit), and the averaged fit saves and loads with its members. With one
+    split there is nothing to average and the fit is the plain one."""
     quick = {"epochs": 12, "min_steps": 0, "patience": 3, "progress": False, "folds": 3}
-    plain = ngmm(FORMULA, binary, "binomial", control=Control(**quick), seed=1)
-    fit = ngmm(FORMULA, binary, "binomial", control=Control(average_folds=True, **quick),
-               seed=1)
+    plain = ngmm(FORMULA, binary, "binomial", control=Control(average_folds=False, **quick),
+                 seed=1)
+    fit = ngmm(FORMULA, binary, "binomial", control=Control(**quick), seed=1)  # the default
     net = fit.nets[0]
     assert isinstance(net, Ensemble) and len(net.members) == 3 + 1
     assert fit.nn_terms[0]["architecture"].endswith(", average of 4")
@@ -295,9 +296,9 @@ def test_average_folds_averages_the_fold_networks_and_the_last(binary, tmp_path)
     np.testing.assert_array_equal(back.predict(binary), fit.predict(binary))
     one = dict(quick, folds=1)
     np.testing.assert_array_equal(
-        ngmm(FORMULA, binary, "binomial", control=Control(average_folds=True, **one),
-             seed=1).fitted,
-        ngmm(FORMULA, binary, "binomial", control=Control(**one), seed=1).fitted)
+        ngmm(FORMULA, binary, "binomial", control=Control(**one), seed=1).fitted,
+        ngmm(FORMULA, binary, "binomial", control=Control(average_folds=False, **one),
+             seed=1).fitted)
 
 
 def test_predict_new_data_uses_stored_standardisation(binary_fit, binary) -> None:  # type: ignore[no-untyped-def]
