@@ -120,7 +120,7 @@ from ngmm_formula.formula import NNTerm
 
 __all__ = ["MLP", "Additive", "CentredNetwork", "Ensemble", "NETWORKS",
            "EMBEDDING_PRIOR_PRECISION", "additive_label", "embedding_dim", "input_label",
-           "members_label", "make_network", "network_from_data", "network_to_data"]
+           "make_network", "network_from_data", "network_to_data"]
 
 #: Precision of the Gaussian prior on every entry of an embedding table (module docs).
 EMBEDDING_PRIOR_PRECISION = 1.0
@@ -738,12 +738,6 @@ def additive_label(net: torch.nn.Module) -> str:
     if not isinstance(net, MLP) or not net.additive.units:
         return ""
     return f" + additive {int(net.additive.columns.numel())}x{net.additive.units}"
-
-
-def members_label(net: torch.nn.Module) -> str:
-    """How many networks an ``nn()`` term averages, for summaries: ``", average of 6"`` for
-    an :class:`Ensemble` of 6 (``Control.ensemble``, ``Control.average_folds``), else ``""``."""
-    return f", average of {len(net.members)}" if isinstance(net, Ensemble) else ""
 
 
 def make_network(term: NNTerm, in_features: int, dtype: torch.dtype = torch.float64,

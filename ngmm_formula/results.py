@@ -45,7 +45,7 @@ from ngmm_formula.design import Design, re_effect
 from ngmm_formula.errors import DataError, NGMMError
 from ngmm_formula.families import Family
 from ngmm_formula.model import matvec
-from ngmm_formula.networks import additive_label, input_label, members_label
+from ngmm_formula.networks import Ensemble, additive_label, input_label
 from ngmm_formula.registry import RESULT_METHODS
 
 __all__ = ["NGMMResult", "Diagnostics", "ReducedRank"]
@@ -265,8 +265,10 @@ class NGMMResult:
 
     @property
     def nn_terms(self) -> list[dict[str, Any]]:
-        """One record per ``nn()`` term: label, inputs, architecture, number of weights and the
-        share of the linear predictor's variance (on the training data) the term explains."""
+        """One record per ``nn()`` term: label, inputs, architecture, number of weights (of all
+        the networks it averages: ``networks``, 1 for a single network; ``Control.ensemble``,
+        ``Control.average_folds``) and the share of the linear predictor's variance (on the
+        training data) the term explains."""
         out = []
         var_eta = float(np.var(self.eta))
         for ni, net, f in zip(self.design.nets, self.nets, self._net_outputs(
@@ -275,9 +277,9 @@ class NGMMResult:
                                 "1"])
             out.append({
                 "label": ni.term.label, "inputs": ", ".join(ni.term.variables),
-                "architecture": (f"{arch} ({ni.term.activation}) + linear{additive_label(net)}"
-                                 f"{members_label(net)}"),
+                "architecture": f"{arch} ({ni.term.activation}) + linear{additive_label(net)}",
                 "n_weights": int(net.n_weights),
+                "networks": len(net.members) if isinstance(net, Ensemble) else 1,
                 "variance_share": float(np.var(f)) / var_eta if var_eta > 0 else float("nan"),
             })
         return out

@@ -102,10 +102,12 @@ class Summary:
     show_correlation : bool
         Whether the correlation table is printed (default: ``p <= 12``, as lme4).
     neural_terms : pandas.DataFrame or None
-        ``Term, Inputs, Architecture, Weights, Share of var(eta)`` per ``nn()`` term (the
-        share of the variance of the linear predictor explained by the network), or None.
+        ``Term, Inputs, Architecture, Weights, Networks, Share of var(eta)`` per ``nn()``
+        term (the weights of all the networks the term averages, their number, and the
+        share of the variance of the linear predictor explained by the term), or None.
         Printed as ``Term, Architecture, Weights, Var share`` (the inputs are in the term's
-        label), or one line per term when that table would pass the width.
+        label; the weights as ``k x n`` for an average of k networks of n weights), or one
+        line per term when that table would pass the width.
     notes : tuple of str
         Notes printed after the neural-terms table.
     warnings : tuple of str
@@ -344,12 +346,17 @@ def _neural_terms_table(nn: list[dict[str, Any]], fixef_names: list[str]
             "Inputs": ", ".join(inputs_list),
             "Architecture": str(t.get("architecture", "")),
             "Weights": int(t["n_weights"]),
+            "Networks": int(t.get("networks", 1)),
             "Share of var(eta)": float(t.get("variance_share", np.nan)),
         })
     table = pd.DataFrame(rows, columns=["Term", "Inputs", "Architecture", "Weights",
-                                        "Share of var(eta)"])
+                                        "Networks", "Share of var(eta)"])
     notes.append("Var share: the term's share of var(eta), the variance of the linear "
                  "predictor on the training data.")
+    if any(r["Networks"] > 1 for r in rows):
+        notes.append("Weights k x n: the term averages k networks of n weights each (the "
+                     "fold networks and the one trained on all groups: Control.average_folds; "
+                     "or Control.ensemble).")
     for inputs_list, r in zip(inputs_lists, rows):
         both = [v for v in inputs_list
                 if v and any(_coef_uses(name, v) for name in fixef_names)]
@@ -438,7 +445,8 @@ def _neural_terms_lines(nt: pd.DataFrame, width: int) -> list[str]:
     if not labelled:
         terms = [f"{t} [{i}]" for t, i in zip(terms, nt["Inputs"])]
     arch = [str(v) for v in nt["Architecture"]]
-    weights = [f"{int(v):,}" for v in nt["Weights"]]
+    weights = [f"{int(v):,}" if k == 1 else f"{int(k)} x {int(v) // int(k):,}"
+               for v, k in zip(nt["Weights"], nt["Networks"])]
     share = [c.strip() for c in r_format(list(nt["Share of var(eta)"]), 3)]
     rows = [list(r) for r in zip(terms, arch, weights, share)]
     lines = _matrix_lines(rows, [""] * len(rows), ["Term", "Architecture", "Weights",

@@ -81,7 +81,11 @@ def test_neural_summary_counts_weights_apart_and_fits_80_columns() -> None:
     i = text.splitlines().index("Neural terms:")
     header, row = text.splitlines()[i + 1:i + 3]
     assert header.split() == ["Term", "Architecture", "Weights", "Var", "share"]
-    assert row.startswith(" nn(x1, x2) 2 -> 8 -> 1 (relu) + linear")
+    # the default on 200 rows: the average of 5 fold networks and one on all groups
+    per_network = fit.n_weights // 6
+    assert re.match(r" nn\(x1, x2\) 2 -> 8 -> 1 \(relu\) \+ linear \+ additive 2x32 +"
+                    rf"6 x {per_network:,} ", row), row
+    assert "Weights k x n: the term averages k networks of n weights each" in text
 
 
 def test_user_facing_reprs_are_compact() -> None:

@@ -480,7 +480,7 @@ def test_neural_terms_block_and_warnings() -> None:
     s = summarize(f)
     assert s.neural_terms is not None
     assert list(s.neural_terms.columns) == ["Term", "Inputs", "Architecture", "Weights",
-                                            "Share of var(eta)"]
+                                            "Networks", "Share of var(eta)"]
     lines = str(s).splitlines()
     i = lines.index("Neural terms:")
     assert lines[i - 1] == ""
