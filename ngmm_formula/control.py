@@ -92,19 +92,20 @@ class Control:
         not help (gap closed 91.5% / 91.2% vs 92.3% / 92.1%; benchmarks/neural/README.md).
     folds : int or None
         K > 1: K-fold early stopping over groups; the number of epochs maximises the pooled
-        validation curve of K networks (each with one fold of the groups held out, all from
-        the same initial weights), then one network is trained on all groups for that many
-        epochs (K + 1 trainings). 1: one validation split (``validation``). None (the
-        default): 5 folds where the training groups hold at most 10,000 rows (one network,
-        one process: :func:`~ngmm_formula.train.folds_for`), 1 above, where one split holds
-        enough groups and the cost would grow with the data (at 10,000 rows a binomial
-        fit takes 9.5-9.9 s of CPU with five folds, 1.4-1.5 s with one split). Measured
-        on the broad benchmark's fifth confirmation half (36 cells x 10 seeds, the rule
-        written before the run): gap closed +2.0 / +1.8 points pooled over the nonlinear
-        cells (SE 0.5; known / new groups), no cell below two paired standard errors,
-        the worst cell 37 / 53 -> 66 / 65 % (small binomial: 30 groups of 10 rows); the
-        sine benchmark and the real data sets within their standard errors or above
-        (benchmarks/neural/README.md, "Five folds of early stopping on little data").
+        validation curve of K networks (each with one fold of the groups held out, all from the
+        same initial weights), then one network is trained on all groups for that many epochs
+        (K + 1 trainings; the fit averages the K + 1 networks: ``average_folds``). 1: one
+        validation split (``validation``). None (the default): 5 folds where the training groups
+        hold at most 10,000 rows (one network, one process:
+        :func:`~ngmm_formula.train.folds_for`), 1 above, where one split holds enough groups and
+        the cost would grow with the data (at 10,000 rows a binomial fit takes 9.5-9.9 s of CPU
+        with five folds, 1.4-1.5 s with one split). Measured on the broad benchmark's fifth
+        confirmation half (36 cells x 10 seeds, the rule written before the run): gap closed
+        +2.0 / +1.8 points pooled over the nonlinear cells (SE 0.5; known / new groups), no cell
+        below two paired standard errors, the worst cell 37 / 53 -> 66 / 65 % (small binomial:
+        30 groups of 10 rows); the sine benchmark and the real data sets within their standard
+        errors or above (benchmarks/neural/README.md, "Five folds of early stopping on little
+        data").
         Not combined with ``ensemble``.
     average_folds : bool
         With K > 1 folds (``folds``; by default on up to 10,000 training rows): each
