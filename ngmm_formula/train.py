@@ -537,7 +537,7 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
                                       held=fold == k, checkpoints=checkpoints,
                                       label=f"ngmm fold {k + 1}/{n_folds}"))
         weights.append(float(rows[fold == k].sum()))
-        for j, net in enumerate(module.nets):
+        for j, net in enumerate(module.nets if control.average_folds else ()):
             members[j].append(copy.deepcopy(cast(CentredNetwork, net)))
     length = min(len(h.validation) for h in histories)
     curves = np.array([h.validation[:length] for h in histories])
