@@ -93,7 +93,7 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -450,9 +450,7 @@ def train_networks(problem: Problem, family: Family, approx: Approximation,
             problem, family, approx, module, by_group, control, rng, shard,
             checkpoints=checkpoints,
             label="ngmm" if control.ensemble == 1 else f"ngmm {k + 1}/{control.ensemble}"))
-        for j, net in enumerate(module.nets):
-            assert isinstance(net, CentredNetwork)
-            members[j].append(copy.deepcopy(net))
+        _keep_networks(module, members)
         linear.append([p.detach().clone() for p in _linear_params(module)])
     if control.ensemble > 1:
         module.nets = torch.nn.ModuleList(Ensemble(m) for m in members)
@@ -537,8 +535,8 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
                                       held=fold == k, checkpoints=checkpoints,
                                       label=f"ngmm fold {k + 1}/{n_folds}"))
         weights.append(float(rows[fold == k].sum()))
-        for j, net in enumerate(module.nets if control.average_folds else ()):
-            members[j].append(copy.deepcopy(cast(CentredNetwork, net)))
+        if control.average_folds:
+            _keep_networks(module, members)
     length = min(len(h.validation) for h in histories)
     curves = np.array([h.validation[:length] for h in histories])
     w = np.array(weights)[:, None]
@@ -549,15 +547,24 @@ def _train_folds(problem: Problem, family: Family, approx: Approximation,
     final = train_member(problem, family, approx, module, by_group, control, rng, shard,
                          schedule=schedule, label="ngmm")
     if control.average_folds:
-        module.nets = torch.nn.ModuleList(
-            Ensemble([*fold_nets, cast(CentredNetwork, net)])
-            for fold_nets, net in zip(members, module.nets))
+        _keep_networks(module, members)
+        module.nets = torch.nn.ModuleList(Ensemble(m) for m in members)
     return TrainingHistory(
         train=histories[0].train[:length], validation=tuple(float(v) for v in pooled),
         best_epoch=best, stopped_early=all(h.stopped_early for h in histories),
         seconds=time.perf_counter() - t0, n_validation_groups=int(present.size),
         lr=tuple(schedule), members=tuple(histories), retrained_steps=final.retrained_steps,
         steps=histories[0].steps, pass_steps=histories[0].pass_steps)
+
+
+def _keep_networks(module: LinearPredictor, members: list[list[CentredNetwork]]) -> None:
+    """Append a copy of each of ``module``'s networks, as trained so far, to its ``nn()``
+    term's list in ``members``: the members of an ensemble (``Control.ensemble``) or of the
+    folds' average (``Control.average_folds``), made into
+    :class:`~ngmm_formula.networks.Ensemble` once all are trained."""
+    for kept, net in zip(members, module.nets):
+        assert isinstance(net, CentredNetwork)
+        kept.append(copy.deepcopy(net))
 
 
 def _fast_parameters(module: LinearPredictor) -> list[torch.nn.Parameter]:
